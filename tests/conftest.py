@@ -1,0 +1,20 @@
+"""Test set-up: 8 simulated CPU devices and the XLA flags from DESIGN.md, before jax is imported."""
+
+import os
+
+_FLAGS = ("--xla_force_host_platform_device_count=8",
+          "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
+# Tests run on CPU unless asked otherwise (e.g. TOKENSPARSE_TEST_PLATFORM=gpu on a GPU machine).
+os.environ["JAX_PLATFORMS"] = os.environ.get("TOKENSPARSE_TEST_PLATFORM", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import jax  # noqa: E402
+
+# Exact fp32 matmuls everywhere (TF32 on GPUs would break the tight tolerances).
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import hypothesis  # noqa: E402
+
+hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+hypothesis.settings.load_profile("ci")

@@ -1,0 +1,198 @@
+"""Frozen, validated configuration dataclasses and named presets.
+
+Configs are plain data: hashable (usable as static jit arguments), comparable, and round-trip through
+``to_dict`` / ``from_dict`` so experiments can write them next to checkpoints. Validation happens in
+``__post_init__`` and every message says which field to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_KINDS = ("none", "linear", "llama3")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE frequencies are adapted to a longer context.
+
+    ``none`` keeps the base frequencies; ``linear`` divides positions by ``factor`` (position
+    interpolation, what LeMo fine-tuning uses); ``llama3`` rescales only the low frequencies, as in
+    Llama 3.1, using ``low_freq_factor``, ``high_freq_factor`` and ``original_max_positions``.
+    """
+
+    kind: Literal["none", "linear", "llama3"] = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def __post_init__(self):
+        _check(
+            self.kind in ROPE_KINDS,
+            f"RopeScaling.kind={self.kind!r} is not supported; use one of {ROPE_KINDS}.",
+        )
+        _check(self.factor >= 1.0, f"RopeScaling.factor={self.factor} must be >= 1.0.")
+        if self.kind == "llama3":
+            _check(
+                self.high_freq_factor > self.low_freq_factor > 0,
+                "RopeScaling(kind='llama3') needs high_freq_factor > low_freq_factor > 0, got "
+                f"{self.high_freq_factor} and {self.low_freq_factor}.",
+            )
+            _check(
+                self.original_max_positions > 0,
+                "RopeScaling.original_max_positions must be positive.",
+            )
+
+    @classmethod
+    def linear(cls, factor: float) -> RopeScaling:
+        return cls(kind="none" if factor == 1.0 else "linear", factor=float(factor))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_positions: int = 4096
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "ffn_dim", "max_positions"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0,
+                   f"ModelConfig.{name}={value!r} must be a positive integer.")
+        _check(
+            self.n_heads % self.n_kv_heads == 0,
+            f"ModelConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads} "
+            "(grouped-query attention shares each kv head among n_heads/n_kv_heads query heads).",
+        )
+        _check(self.head_dim % 2 == 0,
+               f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings.")
+        _check(self.rms_eps > 0, f"ModelConfig.rms_eps={self.rms_eps} must be positive.")
+        _check(self.rope_theta > 0, f"ModelConfig.rope_theta={self.rope_theta} must be positive.")
+        _check(isinstance(self.rope_scaling, RopeScaling),
+               "ModelConfig.rope_scaling must be a RopeScaling (use RopeScaling.linear(f)).")
+        for name in ("dtype", "param_dtype"):
+            _check(getattr(self, name) in DTYPES,
+                   f"ModelConfig.{name}={getattr(self, name)!r} is not supported; use one of {DTYPES}.")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count of the dense model (no adapters), computed from shapes."""
+        d = self.d_model
+        attn = d * self.q_dim * 2 + d * self.kv_dim * 2
+        mlp = 3 * d * self.ffn_dim
+        block = attn + mlp + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * block + d + head
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_context(self, seq_len: int) -> ModelConfig:
+        """This config with linear RoPE scaling by ceil(seq_len / max_positions), LeMo's recipe."""
+        factor = max(1, -(-seq_len // self.max_positions))
+        if factor == 1:
+            return self
+        return self.replace(rope_scaling=RopeScaling.linear(factor),
+                            max_positions=self.max_positions * factor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        _check(not unknown, f"Unknown ModelConfig keys {sorted(unknown)}.")
+        if isinstance(data.get("rope_scaling"), dict):
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters: W x + (alpha / rank) * B A x on the target projections."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+    def __post_init__(self):
+        _check(isinstance(self.rank, int) and self.rank > 0,
+               f"LoRAConfig.rank={self.rank!r} must be a positive integer.")
+        _check(0.0 <= self.dropout < 1.0, f"LoRAConfig.dropout={self.dropout} must be in [0, 1).")
+        _check(len(self.targets) > 0, "LoRAConfig.targets is empty; name at least one projection.")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not bad, f"LoRAConfig.targets has unknown projections {bad}; choose from {LORA_TARGETS}.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+_PRESETS: dict[str, ModelConfig] = {
+    # Test-sized: compiles in ~2 s, steps in milliseconds on CPU.
+    "tiny": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        head_dim=16, ffn_dim=128, max_positions=1024),
+    # ~9.4M parameters with the default 8192-token BPE: CPU experiments.
+    "small": ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,
+                         head_dim=32, ffn_dim=768, max_positions=2048),
+    "llama2-7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+                             n_kv_heads=32, head_dim=128, ffn_dim=11008, rms_eps=1e-5,
+                             rope_theta=10000.0, max_positions=4096),
+    "llama3-8b": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                             n_kv_heads=8, head_dim=128, ffn_dim=14336, rms_eps=1e-5,
+                             rope_theta=500000.0, max_positions=8192),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named model shape, optionally with fields replaced (``preset("small", n_layers=4)``)."""
+    if name not in _PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; available: {sorted(_PRESETS)}.")
+    return _PRESETS[name].replace(**overrides) if overrides else _PRESETS[name]
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)

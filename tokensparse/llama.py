@@ -1,0 +1,214 @@
+"""The dense Llama-family decoder (NNX), with a token-routed attention sub-layer.
+
+Modules own parameters; the math is in pure functions (:func:`swiglu`, ``rope``, ``attention``). The
+decoder block's attention sub-layer optionally takes a :class:`~tokensparse.routing.Selection`: it
+then runs only on the selected tokens (at their original positions) and adds its output back into
+the residual at those rows; unselected tokens pass through unchanged. This is the hook LeMo and
+SUBLLM build on. With the selection of all tokens it is exactly the dense block.
+
+Weights use the ``[in, out]`` layout; :mod:`tokensparse.hf` transposes Hugging Face's ``[out, in]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from tokensparse import routing
+from tokensparse.attention import attention
+from tokensparse.config import ModelConfig
+from tokensparse.rope import apply_rope, inverse_frequencies
+from tokensparse.routing import Selection
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """Bias-free ``x @ kernel`` with an optional additive ``adapter`` (e.g. LoRA) on the same input."""
+
+    def __init__(self, in_features: int, out_features: int, *, std: float, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, param_dtype))
+        self.adapter = nnx.data(None)
+        self.dtype = dtype
+
+    def __call__(self, x: Float[Array, "... i"]) -> Float[Array, "... o"]:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.adapter is not None:
+            y = y + self.adapter(x).astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab_size: int, dim: int, *, std: float, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_normal(rngs, (vocab_size, dim), std, param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        """Tied output head: logits against the embedding table."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+def swiglu(x, gate_proj, up_proj, down_proj):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the projections are callables."""
+    return down_proj(jax.nn.silu(gate_proj(x)) * up_proj(x))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, layer: int, rngs: nnx.Rngs):
+        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        std = config.init_std
+        self.gate_proj = Linear(config.d_model, config.ffn_dim, std=std, **kw)
+        self.up_proj = Linear(config.d_model, config.ffn_dim, std=std, **kw)
+        self.down_proj = Linear(config.ffn_dim, config.d_model, std=_out_std(config, layer), **kw)
+
+    def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def _out_std(config: ModelConfig, layer: int) -> float:
+    """Residual-branch output projections start smaller with depth (GPT-2 / OLMo-style scaling)."""
+    return config.init_std / (2 * (layer + 1)) ** 0.5
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE at explicit positions."""
+
+    def __init__(self, config: ModelConfig, *, layer: int, attention_backend: str = "auto",
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+        std = config.init_std
+        self.q_proj = Linear(config.d_model, config.q_dim, std=std, **kw)
+        self.k_proj = Linear(config.d_model, config.kv_dim, std=std, **kw)
+        self.v_proj = Linear(config.d_model, config.kv_dim, std=std, **kw)
+        self.o_proj = Linear(config.q_dim, config.d_model, std=_out_std(config, layer), **kw)
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.n_heads, config.n_kv_heads,
+                                                        config.head_dim)
+        self.rope_theta = config.rope_theta
+        self.rope_scaling = config.rope_scaling
+        self.backend = attention_backend
+
+    def project_qkv(self, u: Float[Array, "b t d"], positions: Int[Array, "b t"]):
+        """q, k (rotated at ``positions``) and v, shaped [B, T, heads, head_dim]."""
+        b, t, _ = u.shape
+        q = self.q_proj(u).reshape(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(u).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(u).reshape(b, t, self.n_kv_heads, self.head_dim)
+        inv_freq = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def __call__(self, u: Float[Array, "b t d"], positions: Int[Array, "b t"],
+                 segment_ids: Int[Array, "b t"] | None = None) -> Float[Array, "b t d"]:
+        """Self-attention over the tokens in ``u`` (already normed, possibly a compacted subset)."""
+        q, k, v = self.project_qkv(u, positions)
+        out = attention(q, k, v, q_positions=positions, kv_positions=positions,
+                        q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+                        backend=self.backend)
+        b, t = u.shape[:2]
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm block: h = x + attn(norm(x)); y = h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, *, layer: int, attention_backend: str = "auto",
+                 rngs: nnx.Rngs):
+        kw = dict(eps=config.rms_eps, dtype=config.compute_dtype, param_dtype=config.weight_dtype)
+        self.input_norm = RMSNorm(config.d_model, **kw)
+        self.attn = Attention(config, layer=layer, attention_backend=attention_backend, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.d_model, **kw)
+        self.mlp = MLP(config, layer=layer, rngs=rngs)
+
+    def attend(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"],
+               segment_ids: Int[Array, "b t"] | None = None,
+               selection: Selection | None = None) -> Float[Array, "b t d"]:
+        """The attention half: x plus attention output, on all tokens or only the selected ones."""
+        u = self.input_norm(x)
+        if selection is None:
+            return x + checkpoint_name(self.attn(u, positions, segment_ids), "attn_out")
+        if segment_ids is None:
+            segment_ids = jnp.zeros(positions.shape, jnp.int32)
+        out = self.attn(routing.gather(u, selection), routing.gather(positions, selection),
+                        routing.gather(segment_ids, selection, fill_value=-1))
+        return routing.scatter_add(x, selection, checkpoint_name(out, "attn_out"))
+
+    def feed_forward(self, h: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        return h + checkpoint_name(self.mlp(self.post_attn_norm(h)), "mlp_out")
+
+    def __call__(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"],
+                 segment_ids: Int[Array, "b t"] | None = None,
+                 selection: Selection | None = None) -> Float[Array, "b t d"]:
+        x = checkpoint_name(x, "block_in")
+        return self.feed_forward(self.attend(x, positions, segment_ids, selection))
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama: ``model(tokens, positions=None, segment_ids=None) -> logits [B, T, V]``.
+
+    ``segment_ids`` confine attention to each packed document (negative ids mark padding).
+    ``selections`` (one entry per layer, ``None`` for dense) routes each layer's attention through
+    a token subset. ``attention_backend`` is passed to :func:`tokensparse.attention.attention`.
+    """
+
+    def __init__(self, config: ModelConfig, *, attention_backend: str = "auto", rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype)
+        self.embed = Embed(config.vocab_size, config.d_model, std=config.init_std, rngs=rngs, **kw)
+        self.layers = nnx.List([
+            DecoderBlock(config, layer=i, attention_backend=attention_backend, rngs=rngs)
+            for i in range(config.n_layers)
+        ])
+        self.final_norm = RMSNorm(config.d_model, eps=config.rms_eps, **kw)
+        self.lm_head = nnx.data(None) if config.tie_embeddings else Linear(
+            config.d_model, config.vocab_size, std=config.init_std, rngs=rngs, **kw)
+
+    def hidden_states(
+        self,
+        tokens: Int[Array, "b t"],
+        positions: Int[Array, "b t"] | None = None,
+        segment_ids: Int[Array, "b t"] | None = None,
+        *,
+        selections: list[Selection | None] | None = None,
+    ) -> Float[Array, "b t d"]:
+        """Final-normed hidden states (before the LM head); the loss can chunk the head over them."""
+        positions = default_positions(tokens) if positions is None else positions
+        if selections is not None and len(selections) != len(self.layers):
+            raise ValueError(f"selections has {len(selections)} entries; the model has "
+                             f"{len(self.layers)} layers (use None for dense layers).")
+        h = self.embed(tokens)
+        for i, block in enumerate(self.layers):
+            h = block(h, positions, segment_ids, None if selections is None else selections[i])
+        return self.final_norm(h)
+
+    def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        """LM head: hidden states → vocabulary logits (tied to the embedding when configured)."""
+        return self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, selections=None):
+        return self.head(self.hidden_states(tokens, positions, segment_ids, selections=selections))
+
+
+def default_positions(tokens: Int[Array, "b t"]) -> Int[Array, "b t"]:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)

@@ -1,0 +1,97 @@
+"""LoRA adapters on a Llama model: attach, train only them, merge for export.
+
+Adapters live in :class:`tokensparse.llama.Linear`'s ``adapter`` slot, so the base model code is
+unchanged. Their parameters are :class:`LoRAParam` (a subclass of ``nnx.Param``): pass
+``wrt=LoRAParam`` to ``nnx.Optimizer`` / ``nnx.grad`` (or use :data:`TRAINABLE`) to train only them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tokensparse.config import LoRAConfig
+from tokensparse.llama import Linear, Llama
+
+
+class LoRAParam(nnx.Param):
+    """A trainable low-rank adapter weight."""
+
+
+TRAINABLE = LoRAParam
+
+_TARGET_PATHS = {
+    "q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"),
+    "o": ("attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+    "down": ("mlp", "down_proj"),
+}
+
+
+class LoRA(nnx.Module):
+    """``scale * dropout(x) @ a @ b``; ``b`` starts at zero so an untrained adapter changes nothing."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, *,
+                 param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_features)  # Kaiming-uniform(a=sqrt(5)), as PEFT initialises A.
+        self.a = LoRAParam(jax.random.uniform(rngs.params(), (in_features, config.rank),
+                                              jnp.float32, -bound, bound).astype(param_dtype))
+        self.b = LoRAParam(jnp.zeros((config.rank, out_features), param_dtype))
+        self.scale = config.scale
+        self.dtype = dtype
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return jnp.dot(jnp.dot(x, self.a[...].astype(self.dtype)),
+                       self.b[...].astype(self.dtype)) * self.scale
+
+    def delta(self) -> jax.Array:
+        """The dense weight update ``scale * a @ b`` in ``[in, out]`` layout."""
+        return self.scale * jnp.dot(self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32))
+
+
+def target_linears(model: Llama, targets) -> list[tuple[str, Linear]]:
+    """(path, Linear) for every targeted projection in every layer."""
+    out = []
+    for i, block in enumerate(model.layers):
+        for name in targets:
+            part, proj = _TARGET_PATHS[name]
+            out.append((f"layers.{i}.{part}.{proj}", getattr(getattr(block, part), proj)))
+    return out
+
+
+def add_lora(model: Llama, config: LoRAConfig = LoRAConfig(), *, rngs: nnx.Rngs) -> Llama:
+    """Attach fresh adapters to ``config.targets`` in every layer (in place; returns ``model``)."""
+    for path, linear in target_linears(model, config.targets):
+        if linear.adapter is not None:
+            raise ValueError(f"{path} already has an adapter; merge_lora() or build a fresh model.")
+        d_in, d_out = linear.kernel.shape
+        linear.adapter = LoRA(d_in, d_out, config, param_dtype=jnp.float32, dtype=linear.dtype,
+                              rngs=rngs)
+    return model
+
+
+def has_lora(model: Llama) -> bool:
+    return any(isinstance(linear.adapter, LoRA)
+               for _, linear in target_linears(model, tuple(_TARGET_PATHS)))
+
+
+def lora_state(model: Llama) -> nnx.State:
+    """Only the adapter parameters: what a LoRA checkpoint saves."""
+    return nnx.state(model, LoRAParam)
+
+
+def merge_lora(model: Llama) -> Llama:
+    """Fold every adapter into its base kernel and remove it (in place), e.g. before HF export."""
+    for _, linear in target_linears(model, tuple(_TARGET_PATHS)):
+        if isinstance(linear.adapter, LoRA):
+            kernel = linear.kernel[...]
+            linear.kernel[...] = (kernel.astype(jnp.float32) + linear.adapter.delta()).astype(
+                kernel.dtype)
+            linear.adapter = None
+    return model

@@ -1,0 +1,167 @@
+"""Static-capacity token routing: pick K of N tokens, compute on them, merge back.
+
+XLA needs K at compile time, so every selection rule here is "top-k at a static capacity plus a
+``valid`` mask": threshold rules and padding mark surplus slots invalid instead of changing shapes.
+Indices inside a :class:`Selection` are ascending, so causal order on the compacted sequence equals
+causal order on the original positions.
+
+Selection is discrete: the scores passed to the ``*_select`` functions receive **no gradient** from
+here. Methods that learn their scores (SUBLLM's weights, LeMo's predictors) add their own paths.
+``gather`` and ``scatter_add`` are differentiable in the gathered / scattered values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+
+class Selection(NamedTuple):
+    """K chosen positions per row. ``indices`` ascending per row; ``valid`` False for padding slots."""
+
+    indices: Int[Array, "b k"]
+    valid: Bool[Array, "b k"]
+
+    @property
+    def capacity(self) -> int:
+        return self.indices.shape[-1]
+
+
+def capacity(n: int, keep_ratio: float, *, multiple: int = 1, rounding: str = "ceil") -> int:
+    """Static number of kept items out of ``n`` at ``keep_ratio``, rounded up to ``multiple`` (≤ n).
+
+    ``rounding="ceil"`` is SUBLLM's rule, ``"floor"`` LeMo's; at least one item is always kept.
+    """
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio={keep_ratio} must be in (0, 1].")
+    if n <= 0:
+        raise ValueError(f"n={n} must be positive.")
+    if multiple <= 0:
+        raise ValueError(f"multiple={multiple} must be positive.")
+    if rounding not in ("ceil", "floor"):
+        raise ValueError(f"rounding={rounding!r} must be 'ceil' or 'floor'.")
+    exact = n * keep_ratio
+    # Guard against 0.64 * 4096 = 2621.4400000000001-style float noise before rounding.
+    k = math.ceil(exact - 1e-9) if rounding == "ceil" else math.floor(exact + 1e-9)
+    k = max(1, k)
+    k = -(-k // multiple) * multiple
+    return min(k, n)
+
+
+def _check_capacity(k: int, n: int, what: str) -> None:
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{what}={k!r} must be a Python int (a static capacity), not a traced value.")
+    if k <= 0 or k > n:
+        raise ValueError(f"{what}={k} must satisfy 0 < {what} <= {n} (the number of candidates).")
+
+
+def _sorted_selection(indices: Int[Array, "b k"], valid: Bool[Array, "b k"]) -> Selection:
+    order = jnp.argsort(indices, axis=-1)
+    return Selection(
+        indices=jnp.take_along_axis(indices, order, axis=-1).astype(jnp.int32),
+        valid=jnp.take_along_axis(valid, order, axis=-1),
+    )
+
+
+def topk_select(
+    scores: Float[Array, "b n"], capacity: int, valid: Bool[Array, "b n"] | None = None
+) -> Selection:
+    """The ``capacity`` highest-scoring positions per row, returned in ascending position order.
+
+    Positions with ``valid=False`` are never chosen while valid ones remain; slots that had to be
+    filled with them are marked invalid. Ties break towards the lower position (deterministic).
+    """
+    n = scores.shape[-1]
+    _check_capacity(capacity, n, "capacity")
+    scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+    if valid is None:
+        valid = jnp.ones(scores.shape, bool)
+    ranked = jnp.where(valid, scores, -jnp.inf)
+    _, indices = jax.lax.top_k(ranked, capacity)
+    return _sorted_selection(indices, jnp.take_along_axis(valid, indices, axis=-1))
+
+
+def threshold_select(
+    scores: Float[Array, "b n"],
+    capacity: int,
+    threshold: float = 0.0,
+    valid: Bool[Array, "b n"] | None = None,
+) -> Selection:
+    """Every position with ``score > threshold``, first-come up to ``capacity``.
+
+    Overflow keeps the earliest positions, so the decision for token t depends only on tokens ≤ t: the
+    rule is causal and token-by-token decoding reproduces it exactly.
+    """
+    n = scores.shape[-1]
+    _check_capacity(capacity, n, "capacity")
+    keep = jax.lax.stop_gradient(scores) > threshold
+    if valid is not None:
+        keep = keep & valid
+    position = jnp.arange(n, dtype=jnp.float32)
+    # Earliest kept positions rank highest; unkept positions fill the remaining slots as invalid.
+    _, indices = jax.lax.top_k(jnp.where(keep, -position, -position - 2 * n), capacity)
+    return _sorted_selection(indices, jnp.take_along_axis(keep, indices, axis=-1))
+
+
+def expand_blocks(block_selection: Selection, block_size: int) -> Selection:
+    """Block-level selection → token-level selection (each block expands to its ``block_size`` tokens)."""
+    offsets = jnp.arange(block_size, dtype=jnp.int32)
+    indices = block_selection.indices[..., :, None] * block_size + offsets
+    valid = jnp.broadcast_to(block_selection.valid[..., :, None], indices.shape)
+    b = indices.shape[0]
+    return Selection(indices.reshape(b, -1), valid.reshape(b, -1))
+
+
+def block_topk_select(
+    block_scores: Float[Array, "b nb"],
+    block_size: int,
+    capacity_blocks: int,
+    valid_blocks: Bool[Array, "b nb"] | None = None,
+) -> Selection:
+    """Top ``capacity_blocks`` blocks by score, expanded to ascending token indices.
+
+    The token capacity is ``capacity_blocks * block_size``; a chosen block that was not valid (e.g. a
+    padding block) is invalid in all its token slots.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size={block_size} must be positive.")
+    blocks = topk_select(block_scores, capacity_blocks, valid_blocks)
+    return expand_blocks(blocks, block_size)
+
+
+def _take_rows(x: Array, indices: Int[Array, "b k"]) -> Array:
+    return jax.vmap(lambda row, idx: row[idx])(x, indices)
+
+
+def gather(x: Array, sel: Selection, *, fill_value=None) -> Array:
+    """``x[b, sel.indices[b]]`` for arrays shaped [B, N, ...] (tokens, positions, segment ids).
+
+    With ``fill_value`` set, invalid slots read it instead of their (meaningless) gathered row; use it
+    for segment ids (fill -1: the slot attends to nothing).
+    """
+    out = _take_rows(x, sel.indices)
+    if fill_value is not None:
+        mask = sel.valid.reshape(sel.valid.shape + (1,) * (out.ndim - 2))
+        out = jnp.where(mask, out, jnp.asarray(fill_value, out.dtype))
+    return out
+
+
+def scatter_add(base: Array, sel: Selection, values: Array) -> Array:
+    """``base`` with ``values`` added at the selected rows; invalid slots write nothing.
+
+    Rows that were not selected come back bit-for-bit unchanged.
+    """
+    # Invalid slots point past the end and are dropped, so they cannot touch any row.
+    indices = jnp.where(sel.valid, sel.indices, base.shape[1])
+    values = values.astype(base.dtype)
+    return jax.vmap(lambda row, idx, val: row.at[idx].add(val, mode="drop"))(base, indices, values)
+
+
+def all_tokens(batch: int, n: int) -> Selection:
+    """The selection of every position: routing through it equals the dense computation."""
+    indices = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+    return Selection(indices, jnp.ones((batch, n), bool))
