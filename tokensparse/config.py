@@ -196,3 +196,54 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 def preset_names() -> list[str]:
     return sorted(_PRESETS)
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping for a training run (shared by pretraining and fine-tuning)."""
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # after warm-up: constant, or cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    remat: str = "none"  # none | full | dots | names (tokensparse.remat)
+    remat_names: tuple[str, ...] = ("attn_out", "mlp_out")
+    loss_segment: int = 0  # > 0: LM head + CE in checkpointed chunks of this many positions
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        from tokensparse.remat import REMAT_POLICIES
+
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "eval_batches"):
+            _check(getattr(self, name) >= 1, f"TrainConfig.{name}={getattr(self, name)} must be >= 1.")
+        _check(self.seq_len >= 2, f"TrainConfig.seq_len={self.seq_len} must be >= 2 (next-token "
+               "prediction needs an input and a target).")
+        _check(self.lr > 0, f"TrainConfig.lr={self.lr} must be positive.")
+        _check(self.warmup_steps >= 0, f"TrainConfig.warmup_steps={self.warmup_steps} must be >= 0.")
+        _check(self.schedule in SCHEDULES,
+               f"TrainConfig.schedule={self.schedule!r} must be one of {SCHEDULES}.")
+        _check(0 <= self.min_lr_ratio <= 1, "TrainConfig.min_lr_ratio must be in [0, 1].")
+        _check(self.remat in REMAT_POLICIES,
+               f"TrainConfig.remat={self.remat!r} must be one of {REMAT_POLICIES}.")
+        _check(self.loss_segment >= 0, "TrainConfig.loss_segment must be >= 0 (0 disables).")
+        _check(self.eval_every >= 0, "TrainConfig.eval_every must be >= 0 (0: only at the end).")
+        _check(self.grad_clip >= 0, "TrainConfig.grad_clip must be >= 0 (0 disables).")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

@@ -20,6 +20,7 @@ from jaxtyping import Array, Float, Int
 from tokensparse import routing
 from tokensparse.attention import attention
 from tokensparse.config import ModelConfig
+from tokensparse.remat import check_remat, remat_policy
 from tokensparse.rope import apply_rope, inverse_frequencies
 from tokensparse.routing import Selection
 
@@ -170,10 +171,16 @@ class Llama(nnx.Module):
     ``segment_ids`` confine attention to each packed document (negative ids mark padding).
     ``selections`` (one entry per layer, ``None`` for dense) routes each layer's attention through
     a token subset. ``attention_backend`` is passed to :func:`tokensparse.attention.attention`.
+    ``remat`` (see :mod:`tokensparse.remat`) checkpoints each block; it changes memory, not values.
     """
 
-    def __init__(self, config: ModelConfig, *, attention_backend: str = "auto", rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, attention_backend: str = "auto",
+                 remat: str = "none", remat_names: tuple[str, ...] = ("attn_out", "mlp_out"),
+                 rngs: nnx.Rngs):
+        check_remat(remat)
         self.config = config
+        self.remat = remat
+        self.remat_names = tuple(remat_names)
         kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype)
         self.embed = Embed(config.vocab_size, config.d_model, std=config.init_std, rngs=rngs, **kw)
         self.layers = nnx.List([
@@ -198,9 +205,20 @@ class Llama(nnx.Module):
             raise ValueError(f"selections has {len(selections)} entries; the model has "
                              f"{len(self.layers)} layers (use None for dense layers).")
         h = self.embed(tokens)
+        run_block = self.block_runner()
         for i, block in enumerate(self.layers):
-            h = block(h, positions, segment_ids, None if selections is None else selections[i])
+            h = run_block(block, h, positions, segment_ids,
+                          None if selections is None else selections[i])
         return self.final_norm(h)
+
+    def block_runner(self):
+        """``f(block, h, positions, segment_ids, selection)``, rematerialised per ``self.remat``."""
+        def run(block, h, positions, segment_ids, selection):
+            return block(h, positions, segment_ids, selection)
+
+        if self.remat == "none":
+            return run
+        return nnx.remat(run, policy=remat_policy(self.remat, self.remat_names))
 
     def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """LM head: hidden states → vocabulary logits (tied to the embedding when configured)."""

@@ -1,0 +1,195 @@
+"""Losses, optimizers, train/eval step factories and perplexity evaluation.
+
+The loss is next-token cross-entropy with padding and document boundaries masked, normalised by the
+number of valid targets. Its segmented form runs the LM head and the CE in checkpointed chunks under
+``lax.map`` so the full [T, V] logits never exist at once: in backward each chunk's logits are
+recomputed (LeMo §2.7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from tokensparse.config import TrainConfig
+from tokensparse.llama import Llama
+
+
+def next_token_targets(tokens: Int[Array, "b t"], segment_ids: Int[Array, "b t"] | None = None):
+    """Targets (token t+1 at position t) and 0/1 weights; the last position and cross-document or
+    padding pairs get weight 0. Shapes stay [B, T]."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] >= 0)
+    weights = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+    return targets, weights.astype(jnp.float32)
+
+
+def cross_entropy_sum(logits: Float[Array, "b t v"], targets, weights) -> Float[Array, ""]:
+    """Σ weight · CE in fp32."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * weights)
+
+
+def segmented_cross_entropy_sum(hidden: Float[Array, "b t d"], head: Callable[[Array], Array],
+                                targets, weights, segment_len: int) -> Float[Array, ""]:
+    """Σ weight · CE with the head applied ``segment_len`` positions at a time, each recomputed in
+    backward; equals ``cross_entropy_sum(head(hidden), ...)`` in value and gradient."""
+    b, t, d = hidden.shape
+    n_seg = -(-t // segment_len)
+    pad = n_seg * segment_len - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+
+    def chunks(x):
+        return jnp.moveaxis(x.reshape(b, n_seg, segment_len, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(args):
+        h, tgt, w = args
+        return cross_entropy_sum(head(h), tgt, w)
+
+    return jnp.sum(jax.lax.map(one, (chunks(hidden), chunks(targets), chunks(weights))))
+
+
+def head_function(model: Llama) -> Callable[[Array], Array]:
+    """The LM head as a pure function of hidden states (closes over the head weight array)."""
+    dtype = model.config.compute_dtype
+    if model.lm_head is None:
+        weight = model.embed.embedding[...].astype(dtype).T
+    else:
+        weight = model.lm_head.kernel[...].astype(dtype)
+    return lambda h: jnp.dot(h.astype(dtype), weight)
+
+
+def lm_loss(model: Llama, batch, *, loss_segment: int = 0, selections=None):
+    """Mean next-token CE over valid targets, and aux metrics (``tokens``: the number of targets)."""
+    targets, weights = next_token_targets(batch.tokens, batch.segment_ids)
+    if getattr(batch, "loss_mask", None) is not None:
+        weights = weights * batch.loss_mask
+    hidden = model.hidden_states(batch.tokens, batch.positions, batch.segment_ids,
+                                 selections=selections)
+    if loss_segment and loss_segment < hidden.shape[1]:
+        total = segmented_cross_entropy_sum(hidden, head_function(model), targets, weights,
+                                            loss_segment)
+    else:
+        total = cross_entropy_sum(model.head(hidden), targets, weights)
+    count = jnp.sum(weights)
+    return total / jnp.maximum(count, 1.0), {"tokens": count}
+
+
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+    warmup = optax.linear_schedule(0.0, tc.lr, max(tc.warmup_steps, 1))
+    if tc.schedule == "constant":
+        after = optax.constant_schedule(tc.lr)
+    else:
+        after = optax.cosine_decay_schedule(tc.lr, max(tc.steps - tc.warmup_steps, 1),
+                                            alpha=tc.min_lr_ratio)
+    return optax.join_schedules([warmup, after], [tc.warmup_steps])
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only (not norms' scales)."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then constant or cosine, and global-norm clipping."""
+    adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2,
+                        weight_decay=tc.weight_decay, mask=_decay_mask)
+    if tc.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
+    return adamw
+
+
+def make_train_step(loss_fn: Callable, wrt=nnx.Param) -> Callable:
+    """``step(model, optimizer, batch) -> metrics``: one jitted update of the ``wrt`` parameters.
+
+    ``loss_fn(model, batch) -> (loss, aux)``. Pass ``wrt=tokensparse.lora.LoRAParam`` for LoRA-only
+    training: base weights then get no gradient and stay bit-for-bit unchanged.
+    """
+
+    def objective(model, batch):  # nnx transforms reject keyword-only parameters: wrap them away
+        return loss_fn(model, batch)
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)
+        (loss, aux), grads = grad_fn(model, batch)
+        optimizer.update(model, grads)
+        return {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return step
+
+
+def make_eval_step(loss_fn: Callable) -> Callable:
+    """``eval_step(model, batch) -> (Σ CE, number of targets)`` for exact corpus-level averages."""
+
+    @nnx.jit
+    def step(model, batch):
+        loss, aux = loss_fn(model, batch)
+        return loss * aux["tokens"], aux["tokens"]
+
+    return step
+
+
+class ScoredWindow(NamedTuple):
+    """An evaluation window whose ``loss_mask`` selects the targets it is responsible for."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    loss_mask: np.ndarray
+
+
+def sliding_windows(docs: Iterable[np.ndarray], seq_len: int, stride: int | None = None
+                    ) -> Iterator[ScoredWindow]:
+    """Sliding-window evaluation (the LongLoRA / HF protocol): windows of ``seq_len`` tokens every
+    ``stride``; each target is scored exactly once, in the first window where it has the most
+    context. ``stride=None`` means back-to-back windows (sharing one token). Yields batch-size-1 windows."""
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride={stride} must be in (0, seq_len={seq_len}].")
+    stride = min(stride, seq_len - 1)  # consecutive windows share a token so no target is lost
+    for doc in docs:
+        doc = np.asarray(doc, np.int32)
+        scored_until = 0  # targets (predictions of token i+1 from i) < scored_until are done
+        for start in range(0, max(len(doc) - 1, 1), stride):
+            window = doc[start:start + seq_len]
+            if len(window) < 2:
+                break
+            n = len(window)
+            mask = np.zeros(seq_len, np.float32)
+            first = max(scored_until - start, 0)
+            mask[first:n - 1] = 1.0
+            scored_until = start + n - 1
+            pad = seq_len - n
+            yield ScoredWindow(
+                tokens=np.pad(window, (0, pad))[None],
+                positions=np.arange(seq_len, dtype=np.int32)[None],
+                segment_ids=np.pad(np.zeros(n, np.int32), (0, pad), constant_values=-1)[None],
+                loss_mask=mask[None])
+            if start + seq_len >= len(doc):
+                break
+
+
+def evaluate(eval_step: Callable, model, batches: Iterable) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over ``batches``."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        s, n = eval_step(model, batch)
+        total, count = total + float(s), count + float(n)
+    if count == 0:
+        raise ValueError("evaluation saw no target tokens; check the split and seq_len.")
+    loss = total / count
+    return {"loss": loss, "ppl": float(np.exp(loss)), "tokens": count}
