@@ -81,7 +81,8 @@ def reference_attention(
                           causal=causal)[:, None, None]
     row_max = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+    # Mask before exp: a large masked logit must not overflow (inf * 0 = NaN in the gradient).
+    weights = jnp.exp(jnp.where(mask, logits - row_max, -jnp.inf))
     denom = jnp.sum(weights, axis=-1, keepdims=True)
     probs = weights / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(jnp.float32))

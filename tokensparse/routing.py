@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 
@@ -52,11 +53,14 @@ def capacity(n: int, keep_ratio: float, *, multiple: int = 1, rounding: str = "c
     return min(k, n)
 
 
-def _check_capacity(k: int, n: int, what: str) -> None:
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"{what}={k!r} must be a Python int (a static capacity), not a traced value.")
+def _check_capacity(k: int, n: int, what: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise TypeError(f"{what}={k!r} must be a static integer (a Python or NumPy int known at "
+                        f"trace time), got {type(k).__name__}.")
+    k = int(k)
     if k <= 0 or k > n:
         raise ValueError(f"{what}={k} must satisfy 0 < {what} <= {n} (the number of candidates).")
+    return k
 
 
 def _sorted_selection(indices: Int[Array, "b k"], valid: Bool[Array, "b k"]) -> Selection:
@@ -76,11 +80,14 @@ def topk_select(
     filled with them are marked invalid. Ties break towards the lower position (deterministic).
     """
     n = scores.shape[-1]
-    _check_capacity(capacity, n, "capacity")
+    capacity = _check_capacity(capacity, n, "capacity")
     scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
     if valid is None:
         valid = jnp.ones(scores.shape, bool)
-    ranked = jnp.where(valid, scores, -jnp.inf)
+    # Valid scores (even -inf or NaN, which rank lowest among them) always outrank invalid slots.
+    lowest = jnp.finfo(jnp.float32).min
+    finite = jnp.nan_to_num(scores, nan=lowest, neginf=lowest)
+    ranked = jnp.where(valid, finite, -jnp.inf)
     _, indices = jax.lax.top_k(ranked, capacity)
     return _sorted_selection(indices, jnp.take_along_axis(valid, indices, axis=-1))
 
@@ -97,7 +104,7 @@ def threshold_select(
     rule is causal and token-by-token decoding reproduces it exactly.
     """
     n = scores.shape[-1]
-    _check_capacity(capacity, n, "capacity")
+    capacity = _check_capacity(capacity, n, "capacity")
     keep = jax.lax.stop_gradient(scores) > threshold
     if valid is not None:
         keep = keep & valid
