@@ -40,3 +40,72 @@ def compiled_memory(fn, *args, **kwargs) -> CompiledCost:
         alias_bytes=int(mem.alias_size_in_bytes),
         flops=float((cost or {}).get("flops", 0.0)),
     )
+
+
+def block(tree):
+    """Wait for every array in ``tree`` (timings must not stop the clock before the work is done)."""
+    return jax.block_until_ready(tree)
+
+
+def median_seconds(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn(*args)`` after ``warmup`` calls (compile excluded), blocking each."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        block(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class JsonlLogger:
+    """Appends one JSON object per call to a file (``metrics.jsonl``), flushed immediately."""
+
+    def __init__(self, path):
+        import pathlib
+
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        import json
+
+        clean = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+class Progress:
+    """A one-line progress display on stderr: step, loss, tokens/s and ETA (quiet when not a TTY
+    unless ``force``; then it prints a plain line every ``every`` updates)."""
+
+    def __init__(self, total: int, *, start: int = 0, every: int = 10, force: bool = False):
+        import sys
+        import time
+
+        self.total, self.start, self.every = total, start, every
+        self.t0 = time.perf_counter()
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty() or force
+
+    def update(self, step: int, **values: float) -> None:
+        import time
+
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4g}" for k, v in values.items()]
+        line = "  ".join(parts) + f"  eta {eta:,.0f}s"
+        if self.tty:
+            self.stream.write("\r" + line + " " * 8)
+            self.stream.flush()
+        elif step % self.every == 0 or step == self.total:
+            self.stream.write(line + "\n")
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")

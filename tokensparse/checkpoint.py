@@ -1,0 +1,243 @@
+"""One thin wrapper over ``orbax.checkpoint.CheckpointManager``: save / restore / latest_step.
+
+Each step directory holds two items: ``state`` (a pytree of arrays, Orbax StandardSave) and
+``metadata`` (a JSON dict: step, data position, configs), so the config can be checked before the
+model is built. Saving is synchronous: when ``save`` returns, the step is finalised (Orbax writes
+into a temporary directory and renames it), so a process exiting right after never leaves a partial
+checkpoint as the latest one; unfinished temporary directories are never listed and are cleaned up.
+
+PRNG keys: typed keys (``jax.random.key``) are stored as their raw ``uint32`` key data. ``restore``
+re-wraps them when the abstract target holds a typed key (same impl), and returns raw data when the
+target holds raw data, so callers may convert themselves (``jax.random.key_data``) or not.
+
+Restores are checked against the stored tree metadata first: Orbax silently casts dtypes and
+reports shape errors without naming the leaf, and a resumed run must never continue on garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+_MAX_LISTED = 10  # mismatching leaves named in one error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unreadable, or does not match the requested state."""
+
+
+def _is_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(x):
+    """The PRNG impl of a typed key, concrete or abstract (``key_impl`` rejects abstract ones)."""
+    if isinstance(x, jax.Array):
+        return jax.random.key_impl(x)
+    box = []
+    jax.eval_shape(lambda k: box.append(jax.random.key_impl(k)), x)
+    return box[0]
+
+
+def _storable(tree):
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_storable(tree):
+    """Target pytree of ShapeDtypeStructs (typed keys → their key data) carrying the shardings."""
+
+    def leaf(x):
+        shape, dtype = tuple(x.shape), x.dtype
+        if _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+            shape, dtype = data.shape, data.dtype
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(leaf, tree)
+
+
+def _path_str(path) -> str:
+    """'opt/opt_state/0/mu/embed/value': the same string for a dict key, attribute or index."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _specs(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves}
+
+
+def _describe_mismatch(stored: dict, target: dict) -> list[str]:
+    problems = []
+    for path in sorted(set(stored) | set(target)):
+        if path not in stored:
+            t_shape, t_dtype = target[path]
+            problems.append(f"{path}: not in checkpoint (target {t_shape} {t_dtype})")
+        elif path not in target:
+            problems.append(f"{path}: in checkpoint {stored[path][0]} {stored[path][1]}, "
+                            "missing from target")
+        elif stored[path] != target[path]:
+            (s_shape, s_dtype), (t_shape, t_dtype) = stored[path], target[path]
+            problems.append(f"{path}: checkpoint {s_shape} {s_dtype}, target {t_shape} {t_dtype}")
+    return problems
+
+
+def _unreadable(where: str, e: Exception, limit: int = 400) -> CheckpointError:
+    """The cause in one line (TensorStore errors run to pages; the exception chain keeps them)."""
+    cause = f"{type(e).__name__}: {e}".replace("\n", " ")
+    cause = cause if len(cause) <= limit else cause[:limit] + " ..."
+    return CheckpointError(f"cannot read {where} (corrupt or incomplete?): {cause}")
+
+
+class Checkpointer:
+    """Saves every ``save_every`` steps into ``directory/<step>``, keeping the ``keep`` latest."""
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"Checkpointer needs save_every >= 1 and keep >= 1, got save_every="
+                             f"{save_every}, keep={keep}.")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "metadata": ocp.JsonCheckpointHandler()})
+
+    def should_save(self, step: int) -> bool:
+        return step % self.save_every == 0
+
+    def save(self, step: int, state, metadata: dict, *, force: bool = False) -> bool:
+        """Save when ``should_save(step)`` or ``force``; a step already on disk is left unchanged.
+
+        Returns whether a checkpoint was written; it is complete on disk when this returns.
+        """
+        if not (force or self.should_save(step)) or step in self.all_steps():
+            return False
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}; "
+                            "store configs as dicts (e.g. config.to_dict()).") from e
+        self._manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_storable(state)),
+            metadata=ocp.args.JsonSave(metadata)))
+        self._manager.wait_until_finished()
+        return True
+
+    def all_steps(self) -> list[int]:
+        """Finalised steps, ascending (re-read from disk: another process may have written)."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _resolve(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}.")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                                  f"available steps: {steps}.")
+        return step
+
+    def restore_metadata(self, step: int | None = None) -> dict:
+        """Only the JSON metadata: cheap, e.g. to check the saved config before building a model."""
+        step = self._resolve(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise _unreadable(f"metadata of checkpoint step {step} in {self.directory}", e) from e
+        return dict(restored["metadata"])
+
+    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
+        """Restore ``step`` (default: latest) into the structure, dtypes and shardings of
+        ``abstract_state`` (ShapeDtypeStructs or arrays). Returns ``(state, metadata)``."""
+        step = self._resolve(step)
+        where = f"checkpoint step {step} in {self.directory}"
+        target = _abstract_storable(abstract_state)
+        try:
+            stored = self._manager.item_metadata(step)["state"]
+            stored_specs = _specs(stored)
+        except Exception as e:
+            raise _unreadable(where, e) from e
+        problems = _describe_mismatch(stored_specs, _specs(target))
+        if problems:
+            listed = problems[:_MAX_LISTED] + (
+                [f"... {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else [])
+            raise CheckpointError(f"{where} does not match the target state "
+                                  f"({len(problems)} leaves differ):\n  " + "\n  ".join(listed))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise _unreadable(where, e) from e
+        state = jax.tree.map(
+            lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x,
+            restored["state"], abstract_state)
+        return state, dict(restored["metadata"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InterruptGuard:
+    """Turns SIGTERM / SIGINT into a flag so the training loop can save and exit between steps.
+
+    Preemptions (SIGTERM) and Ctrl-C mid-step would otherwise lose everything since the last
+    checkpoint. A second SIGINT raises ``KeyboardInterrupt`` so a stuck run can still be stopped.
+    Previous handlers come back on exit. Outside the main thread (where Python cannot install
+    handlers) the guard does nothing and ``requested`` stays False.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()

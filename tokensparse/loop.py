@@ -1,0 +1,162 @@
+"""The training loop: resumable, interruptible, and loud about divergence.
+
+State saved at each checkpoint: the trained parameters (all, or only LoRA), the optimizer state, the
+model's RNG streams, and metadata (step, data position, configs). Batches are a pure function of the
+step (``batches.batch(step)``), so resuming at step s continues the exact same sequence of batches:
+N steps straight and N/2 + N/2 across a process restart give identical losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
+from tokensparse.config import TrainConfig
+from tokensparse.metrics import JsonlLogger, Progress
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left as the latest."""
+
+
+@dataclasses.dataclass
+class LoopResult:
+    step: int  # the number of completed steps
+    interrupted: bool
+    history: list[dict[str, Any]]
+
+
+def _to_storable(tree):
+    """Typed PRNG keys → raw uint32 key data (Orbax stores plain arrays)."""
+    return jax.tree.map(
+        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+        tree)
+
+
+def _from_storable(tree, like):
+    return jax.tree.map(
+        lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+        if jnp.issubdtype(ref.dtype, jax.dtypes.prng_key) else x, tree, like)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=getattr(x, "sharding", None)), tree)
+
+
+def _check_same_model(saved: dict, current: dict, directory) -> None:
+    if saved.get("model") != current.get("model"):
+        diffs = sorted(k for k in set(saved.get("model", {})) | set(current.get("model", {}))
+                       if saved.get("model", {}).get(k) != current.get("model", {}).get(k))
+        raise CheckpointError(
+            f"checkpoint in {directory} was written for another model (fields differ: {diffs}); "
+            "use a fresh --workdir or the matching config.")
+
+
+def check_resumable(workdir: str | pathlib.Path, metadata: dict[str, Any]) -> int | None:
+    """The step a run in ``workdir`` would resume from (None: fresh), after checking that its
+    checkpoint was written for the same model; call it before writing anything into ``workdir``."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    with Checkpointer(directory, save_every=1) as checkpointer:
+        step = checkpointer.latest_step()
+        if step is not None:
+            _check_same_model(checkpointer.restore_metadata(), metadata, directory)
+    return step
+
+
+def train_loop(
+    *,
+    workdir: str | pathlib.Path,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    train_step: Callable,
+    batches,
+    tc: TrainConfig,
+    wrt=nnx.Param,
+    metadata: dict[str, Any] | None = None,
+    eval_fn: Callable[[nnx.Module], dict[str, float]] | None = None,
+    progress: bool = True,
+) -> LoopResult:
+    """Train to ``tc.steps``, resuming from ``workdir/checkpoints`` when it holds a checkpoint.
+
+    ``wrt`` selects the trained (and checkpointed) parameters. ``metadata`` (JSON-able; include the
+    model config under ``"model"``) is saved with every checkpoint and checked on resume.
+    SIGTERM / Ctrl-C save a checkpoint at the current step before returning ``interrupted=True``.
+    """
+    workdir = pathlib.Path(workdir)
+    metadata = dict(metadata or {})
+    checkpointer = Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
+                                keep=tc.keep_checkpoints)
+    logger = JsonlLogger(workdir / "metrics.jsonl")
+
+    def state_now():
+        return _to_storable({"params": nnx.state(model, wrt), "opt": nnx.state(optimizer),
+                             "rng": nnx.state(model, nnx.RngState)})
+
+    def save(step: int, force: bool) -> None:
+        checkpointer.save(step, state_now(), {**metadata, "step": step, "data_step": step},
+                          force=force)
+
+    start = 0
+    if checkpointer.latest_step() is not None:
+        saved_meta = checkpointer.restore_metadata()
+        _check_same_model(saved_meta, metadata, workdir / "checkpoints")
+        like = {"params": nnx.state(model, wrt), "opt": nnx.state(optimizer),
+                "rng": nnx.state(model, nnx.RngState)}
+        restored, saved_meta = checkpointer.restore(_abstract(_to_storable(like)))
+        restored = _from_storable(restored, like)
+        nnx.update(model, restored["params"], restored["rng"])
+        nnx.update(optimizer, restored["opt"])
+        start = int(saved_meta["data_step"])
+
+    history: list[dict[str, Any]] = []
+    bar = Progress(tc.steps, start=start, every=tc.log_every) if progress else None
+    tokens_since, t_since = 0, time.perf_counter()
+    interrupted = False
+    completed = start
+    with InterruptGuard() as guard:
+        for step in range(start, tc.steps):
+            batch = batches.batch(step)
+            metrics = train_step(model, optimizer, batch)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                last = checkpointer.latest_step()
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {step}; not saving. The last good checkpoint is step "
+                    f"{last} in {workdir / 'checkpoints'} (lower the learning rate or enable "
+                    "grad_clip and resume from it).")
+            tokens_since += int(batch.tokens.size)
+            done = completed = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                elapsed = time.perf_counter() - t_since
+                record = {"step": done, "loss": loss,
+                          "grad_norm": float(metrics["grad_norm"]),
+                          "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
+                if eval_fn is not None and tc.eval_every and done % tc.eval_every == 0:
+                    record.update({f"val_{k}": v for k, v in eval_fn(model).items()})
+                logger.log(record)
+                history.append(record)
+                tokens_since, t_since = 0, time.perf_counter()
+            if bar is not None:
+                bar.update(done, loss=loss)
+            if guard.requested:
+                save(done, force=True)
+                interrupted = True
+                break
+            if checkpointer.should_save(done) or done == tc.steps:
+                save(done, force=True)
+    if bar is not None:
+        bar.close()
+    checkpointer.close()
+    return LoopResult(step=completed, interrupted=interrupted, history=history)
