@@ -36,7 +36,7 @@ def _randomise_adapters(model, seed=0):
     leaves, tree = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     nnx.update(model, jax.tree.unflatten(
-        tree, [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+        tree, [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]))
 
 
 def test_zero_initialised_adapters_leave_logits_unchanged():
