@@ -1,0 +1,133 @@
+"""LeMo's SwiGLU MLP: exact forward, channel-sparse backward (spec §2.6).
+
+The forward runs on every token and every channel, so outputs are exactly the dense MLP's. The
+backward flows only through the ``keep`` intermediate channels with the largest
+r_c = ‖silu(g)[:, c]‖₂ + ‖v[:, c]‖₂, so only g and v on those channels are saved: the MLP's saved
+activations shrink from 2·I to 2·C values per token (the point of the method). dx is approximate
+and lower layers' LoRA gradients are biased accordingly; with ``keep = I`` it is exact.
+
+**Frozen MLP weights only.** The custom VJP returns *zero* gradients for ``w_gate``, ``w_up`` and
+``w_down``: it is only correct when the MLP is not trained (LeMo's recipe: LoRA on q, k, v, o).
+:func:`sparse_backward_mlp` refuses MLPs that carry adapters.
+
+Channels are ranked over all B·T tokens of the call together (one channel set per batch, as the
+artifact does), not per row; padding tokens take part in the ranking.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from tokensparse import routing
+from tokensparse.llama import MLP
+
+
+def keep_channels(ffn_dim: int, drop_fraction: float = 0.8) -> int:
+    """C = floor(I · (1 − p)), at least 1: channels kept in backward when dropping fraction p."""
+    if not 0.0 <= drop_fraction < 1.0:
+        raise ValueError(f"drop_fraction={drop_fraction} must be in [0, 1) (use a dense MLP to "
+                         f"keep every channel's gradient, i.e. drop_fraction=0).")
+    return routing.capacity(ffn_dim, 1.0 - drop_fraction, rounding="floor")
+
+
+def _silu_grad(g):
+    s = jax.nn.sigmoid(g)
+    return s * (1.0 + g * (1.0 - s))
+
+
+def _rank_channels(a, v, keep: int) -> Int[Array, " c"]:
+    """The ``keep`` channels with the largest ‖a_c‖₂ + ‖v_c‖₂ over all tokens, ascending."""
+    a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
+    v = v.reshape(-1, v.shape[-1]).astype(jnp.float32)
+    r = jnp.linalg.norm(a, axis=0) + jnp.linalg.norm(v, axis=0)
+    _, idx = jax.lax.top_k(r, keep)
+    return jnp.sort(idx)
+
+
+def _forward(x, w_gate, w_up, w_down):
+    g = jnp.dot(x, w_gate)
+    v = jnp.dot(x, w_up)
+    a = jax.nn.silu(g)
+    return jnp.dot(a * v, w_down), g, v, a
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def channel_sparse_swiglu(
+    x: Float[Array, "... d"],
+    w_gate: Float[Array, "d i"],
+    w_up: Float[Array, "d i"],
+    w_down: Float[Array, "i d"],
+    keep: int,
+) -> Float[Array, "... d"]:
+    """``(silu(x @ w_gate) * (x @ w_up)) @ w_down`` with a backward through ``keep`` channels.
+
+    ``keep`` (C) is a static Python int in [1, I]. Weights use the [in, out] layout. Weight
+    gradients are zeros: use only with frozen MLP weights (see the module docstring).
+    """
+    _check_keep(keep, w_gate.shape[-1])
+    return _forward(x, w_gate, w_up, w_down)[0]
+
+
+def _check_keep(keep, ffn_dim: int) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or not 1 <= keep <= ffn_dim:
+        raise ValueError(f"keep={keep!r} must be a static int in [1, {ffn_dim}] (the MLP width); "
+                         f"see keep_channels().")
+
+
+def _fwd(x, w_gate, w_up, w_down, keep):
+    _check_keep(keep, w_gate.shape[-1])
+    out, g, v, a = _forward(x, w_gate, w_up, w_down)
+    if keep == w_gate.shape[-1]:  # every channel: exact backward, nothing to rank or gather
+        idx = jnp.arange(keep, dtype=jnp.int32)
+        g_c, v_c = g, v
+    else:
+        idx = _rank_channels(a, v, keep)
+        g_c, v_c = jnp.take(g, idx, axis=-1), jnp.take(v, idx, axis=-1)
+    # Residuals: g and v on the kept channels only; the weights are arguments, not activations.
+    # The empty array carries x's dtype, which dx must have.
+    return out, (g_c, v_c, idx, w_gate, w_up, w_down, jnp.zeros((0,), x.dtype))
+
+
+def _bwd(keep, residuals, grad_out):
+    g_c, v_c, idx, w_gate, w_up, w_down, x_proto = residuals
+    wg_c, wu_c, wd_c = w_gate, w_up, w_down
+    if keep != w_gate.shape[-1]:
+        wg_c, wu_c = jnp.take(w_gate, idx, axis=1), jnp.take(w_up, idx, axis=1)
+        wd_c = jnp.take(w_down, idx, axis=0)
+    delta = jnp.dot(grad_out, wd_c.T)  # [..., C]
+    grad_g = delta * v_c * _silu_grad(g_c)
+    grad_v = delta * jax.nn.silu(g_c)
+    dx = jnp.dot(grad_g, wg_c.T) + jnp.dot(grad_v, wu_c.T)
+    return (dx.astype(x_proto.dtype), jnp.zeros_like(w_gate), jnp.zeros_like(w_up),
+            jnp.zeros_like(w_down))
+
+
+channel_sparse_swiglu.defvjp(_fwd, _bwd)
+
+
+def sparse_backward_mlp(mlp: MLP, x: Float[Array, "b t d"], keep: int) -> Float[Array, "b t d"]:
+    """``mlp(x)`` exactly, with the channel-sparse backward, for a frozen ``llama.MLP``.
+
+    Computes in the module's compute dtype, like the module itself. Raises ``ValueError`` if any of
+    its projections carries an adapter: adapter weights would get no gradient.
+    """
+    projections = {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj,
+                   "down_proj": mlp.down_proj}
+    adapted = [name for name, linear in projections.items() if linear.adapter is not None]
+    if adapted:
+        raise ValueError(f"MLP projections {adapted} carry adapters; the channel-sparse backward "
+                         f"gives no weight gradients and needs frozen MLP weights. Use a dense MLP "
+                         f"(mlp_mode='dense') or drop the MLP LoRA targets.")
+    dtype = mlp.gate_proj.dtype
+    return channel_sparse_swiglu(
+        x.astype(dtype),
+        mlp.gate_proj.kernel[...].astype(dtype),
+        mlp.up_proj.kernel[...].astype(dtype),
+        mlp.down_proj.kernel[...].astype(dtype),
+        keep,
+    )
