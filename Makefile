@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run demo test lint bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "tokensparse needs Python >= 3.12, found " + sys.version.split()[0] + "; set PYTHON=/path/to/python3.12")'
@@ -14,7 +14,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-run: $(STAMP)  ## the main job
+WORKDIR ?= workdirs/pretrain_small
+
+run: $(STAMP)  ## the main job: pretrain `small` briefly on the corpus (resumes if WORKDIR exists)
+	$(BIN)/python -m experiments.pretrain --config=experiments/configs/pretrain_small.py \
+		--workdir=$(WORKDIR)
+
+demo: $(STAMP)  ## seconds: random tiny Llama, forward + LoRA steps, compiled memory
 	$(BIN)/python -m experiments.demo
 
 test: $(STAMP)  ## lint + the whole test suite (CPU)

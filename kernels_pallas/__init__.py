@@ -1,0 +1,16 @@
+"""Pallas kernels for tokensparse, each with a custom_vjp and a dense reference to test against.
+
+``tokensparse.attention`` registers ``register.pallas_attention`` as its ``"pallas"`` backend; importing
+this package never fails on CPU (the backend then declines and the dispatcher falls back to ``"xla"``).
+"""
+
+from kernels_pallas.register import (
+    INTERPRET_ENV,
+    interpret_forced,
+    pallas_attention,
+    supports,
+)
+from kernels_pallas.segment_attention import default_config, segment_attention
+
+__all__ = ["INTERPRET_ENV", "default_config", "interpret_forced", "pallas_attention",
+           "segment_attention", "supports"]

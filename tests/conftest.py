@@ -6,7 +6,8 @@ _FLAGS = ("--xla_force_host_platform_device_count=8",
           "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
 # Tests run on CPU unless asked otherwise (e.g. TOKENSPARSE_TEST_PLATFORM=gpu on a GPU machine).
-os.environ["JAX_PLATFORMS"] = os.environ.get("TOKENSPARSE_TEST_PLATFORM", "cpu")
+_PLATFORM = os.environ.get("TOKENSPARSE_TEST_PLATFORM", "cpu")
+os.environ["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(_PLATFORM, _PLATFORM)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import jax  # noqa: E402

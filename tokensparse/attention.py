@@ -172,3 +172,15 @@ def attention(
     return impl.fn(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
                    q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal,
                    scale=scale)
+
+
+def _register_pallas() -> None:
+    """Adds the Pallas kernels as backend ``"pallas"``; they decline where they cannot run."""
+    try:
+        from kernels_pallas.register import pallas_attention, supports
+    except ImportError:  # a build without the kernels package
+        return
+    register_backend("pallas", Backend(pallas_attention, supports=supports, priority=10))
+
+
+_register_pallas()

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m experiments.bench.<name> --out FILE`` (see BENCHMARKS.md)."""
