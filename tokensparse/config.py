@@ -247,3 +247,59 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+LEMO_SCHEDULES = ("half", "profile", "all")
+LEMO_SELECTORS = ("oracle", "predictor")
+LEMO_MLP_MODES = ("channel_sparse_bwd", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeMoConfig:
+    """Contextual token elimination (LeMo spec §2): which layers are sparse and how much they keep.
+
+    ``schedule="half"``: layers L/2-1 ... L-2 keep ``keep_ratio`` of their 64-token blocks, the rest
+    are dense (the artifact's end-to-end setting). ``"all"``: every layer keeps ``keep_ratio``.
+    ``"profile"``: ``profile[l]`` is layer l's keep ratio (1.0 = dense).
+    """
+
+    block_size: int = 64
+    keep_ratio: float = 0.4
+    schedule: str = "half"
+    profile: tuple[float, ...] | None = None
+    selector: str = "oracle"
+    mlp_mode: str = "channel_sparse_bwd"
+    mlp_drop: float = 0.8  # fraction of MLP channels dropped in backward
+    keep_first_block: bool = False
+
+    def __post_init__(self):
+        _check(self.block_size > 0, f"LeMoConfig.block_size={self.block_size} must be positive.")
+        _check(0.0 < self.keep_ratio <= 1.0,
+               f"LeMoConfig.keep_ratio={self.keep_ratio} must be in (0, 1].")
+        _check(self.schedule in LEMO_SCHEDULES,
+               f"LeMoConfig.schedule={self.schedule!r} must be one of {LEMO_SCHEDULES}.")
+        _check((self.schedule == "profile") == (self.profile is not None),
+               "LeMoConfig.profile must be given exactly when schedule='profile'.")
+        if self.profile is not None:
+            bad = [r for r in self.profile if not 0.0 < r <= 1.0]
+            _check(not bad, f"LeMoConfig.profile has keep ratios outside (0, 1]: {bad}.")
+        _check(self.selector in LEMO_SELECTORS,
+               f"LeMoConfig.selector={self.selector!r} must be one of {LEMO_SELECTORS}.")
+        _check(self.mlp_mode in LEMO_MLP_MODES,
+               f"LeMoConfig.mlp_mode={self.mlp_mode!r} must be one of {LEMO_MLP_MODES}.")
+        _check(0.0 <= self.mlp_drop < 1.0, f"LeMoConfig.mlp_drop={self.mlp_drop} must be in [0, 1).")
+
+    def keep_ratios(self, n_layers: int) -> tuple[float, ...]:
+        """Per-layer keep ratio (1.0 = dense layer) for a model with ``n_layers`` layers."""
+        if self.schedule == "profile":
+            _check(len(self.profile) == n_layers,
+                   f"LeMoConfig.profile has {len(self.profile)} entries; the model has {n_layers} "
+                   "layers.")
+            return tuple(float(r) for r in self.profile)
+        if self.schedule == "all":
+            return (self.keep_ratio,) * n_layers
+        first, last = n_layers // 2 - 1, n_layers - 2
+        return tuple(self.keep_ratio if first <= i <= last else 1.0 for i in range(n_layers))
+
+    def replace(self, **changes: Any) -> LeMoConfig:
+        return dataclasses.replace(self, **changes)

@@ -146,7 +146,10 @@ class DecoderBlock(nnx.Module):
                segment_ids: Int[Array, "b t"] | None = None,
                selection: Selection | None = None) -> Float[Array, "b t d"]:
         """The attention half: x plus attention output, on all tokens or only the selected ones."""
-        u = self.input_norm(x)
+        return self.attend_normed(x, self.input_norm(x), positions, segment_ids, selection)
+
+    def attend_normed(self, x, u, positions, segment_ids=None, selection: Selection | None = None):
+        """:meth:`attend` given ``u = input_norm(x)`` (callers that score ``u`` reuse it)."""
         if selection is None:
             return x + checkpoint_name(self.attn(u, positions, segment_ids), "attn_out")
         if segment_ids is None:

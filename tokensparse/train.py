@@ -72,13 +72,19 @@ def head_function(model: Llama) -> Callable[[Array], Array]:
     return lambda h: jnp.dot(h.astype(dtype), weight)
 
 
-def lm_loss(model: Llama, batch, *, loss_segment: int = 0, selections=None):
-    """Mean next-token CE over valid targets, and aux metrics (``tokens``: the number of targets)."""
+def lm_loss(model: Llama, batch, *, loss_segment: int = 0, selections=None, hidden_fn=None):
+    """Mean next-token CE over valid targets, and aux metrics (``tokens``: the number of targets).
+
+    ``hidden_fn(model, tokens, positions, segment_ids)`` replaces the dense forward (e.g. LeMo's).
+    """
     targets, weights = next_token_targets(batch.tokens, batch.segment_ids)
     if getattr(batch, "loss_mask", None) is not None:
         weights = weights * batch.loss_mask
-    hidden = model.hidden_states(batch.tokens, batch.positions, batch.segment_ids,
-                                 selections=selections)
+    if hidden_fn is None:
+        hidden = model.hidden_states(batch.tokens, batch.positions, batch.segment_ids,
+                                     selections=selections)
+    else:
+        hidden = hidden_fn(model, batch.tokens, batch.positions, batch.segment_ids)
     if loss_segment and loss_segment < hidden.shape[1]:
         total = segmented_cross_entropy_sum(hidden, head_function(model), targets, weights,
                                             loss_segment)

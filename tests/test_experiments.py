@@ -1,0 +1,143 @@
+"""The experiment CLIs end to end: outputs, exact resume, SIGTERM, fine-tuning, bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from ml_collections import config_dict
+
+from experiments.configs import finetune_tiny, pretrain_tiny
+from tokensparse import runs
+from tokensparse.checkpoint import CheckpointError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _cli(module, workdir, *overrides, config=None, wait=True):
+    cmd = [sys.executable, "-m", f"experiments.{module}", f"--workdir={workdir}",
+           "--config.progress=False", *overrides]
+    if config:
+        cmd.insert(3, f"--config={ROOT / 'experiments/configs' / config}")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _losses(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pretrain")
+    done = _cli("pretrain", workdir, "--config.train.steps=12", "--config.train.log_every=1",
+                "--config.train.checkpoint_every=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, done
+
+
+def test_pretrain_writes_its_outputs(pretrained):
+    workdir, done = pretrained
+    assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 64
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, 13))
+    assert losses[12] < losses[1]
+    assert (workdir / "checkpoints").is_dir() and (workdir / "hf" / "config.json").exists()
+    assert "val_loss" in done.stdout and "activation_bytes" in done.stdout
+
+
+def test_resume_across_processes_gives_identical_losses(pretrained, tmp_path):
+    straight, _ = pretrained
+    first = _cli("pretrain", tmp_path, "--config.train.steps=6", "--config.train.log_every=1",
+                 "--config.train.checkpoint_every=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Continue the same run to 12 steps in a new process (resumes from the step-6 checkpoint).
+    rest = _cli("pretrain", tmp_path, "--config.train.steps=12", "--config.train.log_every=1",
+                "--config.train.checkpoint_every=4")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert _losses(tmp_path) == _losses(straight)
+
+
+def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
+    proc = _cli("pretrain", tmp_path, "--config.train.steps=100000", "--config.train.log_every=1",
+                "--config.train.checkpoint_every=100000", wait=False)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or
+                                      len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and 3 <= steps[-1] < 100000
+    again = _cli("pretrain", tmp_path, f"--config.train.steps={steps[-1] + 2}",
+                 "--config.train.log_every=1", "--config.train.checkpoint_every=100000")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert max(_losses(tmp_path)) == steps[-1] + 2
+
+
+def test_finetune_from_our_pretraining(pretrained, tmp_path):
+    workdir, _ = pretrained
+    done = _cli("finetune", tmp_path, f"--config.base={workdir}", config="finetune_tiny.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert saved["rope_scaling"] == {**saved["rope_scaling"], "kind": "linear", "factor": 2.0}
+    assert sorted(_losses(tmp_path)) == [5, 10]
+
+
+def test_unknown_config_key_fails_before_compiling(tmp_path):
+    done = _cli("pretrain", tmp_path, "--config.train.stepz=3")
+    assert done.returncode != 0 and "stepz" in done.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _tiny(**train):
+    c = pretrain_tiny.get_config()
+    c.progress = False
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def test_bad_inputs_fail_with_clear_errors(tmp_path, pretrained):
+    with pytest.raises(ValueError, match="seq_len"):
+        runs.pretrain(_tiny(seq_len=1), tmp_path / "a")
+    c = _tiny()
+    c.model.overrides.vocab_size = 300
+    with pytest.raises(ValueError, match="vocab_size"):
+        runs.pretrain(c, tmp_path / "b")
+    c = _tiny()
+    c.data.source = str(tmp_path / "no_such_corpus")
+    with pytest.raises((ValueError, FileNotFoundError), match="no_such_corpus"):
+        runs.pretrain(c, tmp_path / "c")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    c.data.source = str(empty)
+    with pytest.raises(ValueError, match="empty"):
+        runs.pretrain(c, tmp_path / "d")
+    # A checkpoint written for another model shape is refused.
+    workdir, _ = pretrained
+    c = _tiny(steps=13)
+    c.model.overrides.d_model = 32
+    with pytest.raises(CheckpointError, match="d_model"):
+        runs.pretrain(c, workdir)
+    with pytest.raises(ValueError, match="base"):
+        ft = finetune_tiny.get_config()
+        runs.finetune(ft, tmp_path / "e")
+
+
+def test_config_dicts_expose_every_model_field():
+    c = runs.model_config_dict("tiny")
+    assert isinstance(c, config_dict.ConfigDict)
+    c.overrides.n_layers = 3
+    assert runs.build_model_config(c).n_layers == 3

@@ -1,0 +1,102 @@
+"""LeMo forward pass: per-layer contextual token elimination on a LoRA-adapted Llama (spec §2.5).
+
+In a sparse layer l the attention sub-layer runs only on the top ``floor(ρ_l · n_b)`` 64-token blocks
+(scored from the layer's own normed input, under stop_gradient), at their original positions; the
+other tokens pass through on the residual (h = x exactly). The MLP runs on every token, with an exact
+forward and, by default, a backward through only the top 20% channels (spec §2.6). The next layer
+re-scores all tokens: elimination is per layer, not permanent. Evaluation is dense (the plain model
+with the trained LoRA).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from tokensparse import lora, routing, train
+from tokensparse.config import LeMoConfig
+from tokensparse.lemo import scoring
+from tokensparse.lemo.mlp import keep_channels, sparse_backward_mlp
+from tokensparse.llama import DecoderBlock, Llama, default_positions
+from tokensparse.remat import remat_policy
+
+
+def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...]:
+    """Validate a LeMo run before compiling; returns the per-layer keep ratios."""
+    if seq_len % lemo.block_size:
+        raise ValueError(f"LeMo needs the sequence length ({seq_len}) to be a multiple of the block "
+                         f"size ({lemo.block_size}); change train.seq_len or lemo.block_size.")
+    if not lora.has_lora(model):
+        raise ValueError("LeMo fine-tunes LoRA adapters, but the model has none: call "
+                         "tokensparse.lora.add_lora(model, ...) first.")
+    if lemo.selector != "oracle":
+        raise ValueError(f"LeMoConfig.selector={lemo.selector!r} needs trained predictors, which are "
+                         "not available yet; use selector='oracle'.")
+    if lemo.mlp_mode == "channel_sparse_bwd":
+        for i, block in enumerate(model.layers):
+            if any(getattr(block.mlp, p).adapter is not None
+                   for p in ("gate_proj", "up_proj", "down_proj")):
+                raise ValueError(f"layer {i} has LoRA on its MLP; LeMo's channel-sparse MLP backward "
+                                 "needs frozen MLP weights (use lemo.mlp_mode='dense').")
+    return lemo.keep_ratios(len(model.layers))
+
+
+def oracle_block_scores(block: DecoderBlock, u: Float[Array, "b t d"],
+                        opts: scoring.ScoreOptions) -> Float[Array, "b nb"]:
+    """Column block scores from the layer's own pre-RoPE q, k (with its current LoRA), no gradient."""
+    u = jax.lax.stop_gradient(u)
+    b, t, _ = u.shape
+    attn = block.attn
+    q = attn.q_proj(u).reshape(b, t, attn.n_heads, attn.head_dim)
+    k = attn.k_proj(u).reshape(b, t, attn.n_kv_heads, attn.head_dim)
+    return scoring.block_scores(q, k, opts)
+
+
+def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig
+                    ) -> routing.Selection:
+    scores = oracle_block_scores(block, u, scoring.ScoreOptions(block_size=lemo.block_size))
+    if lemo.keep_first_block:
+        scores = scores.at[:, 0].set(jax.numpy.inf)
+    return scoring.select_blocks(scores, keep_ratio, lemo.block_size)
+
+
+def lemo_block(block: DecoderBlock, h, positions, segment_ids, *, keep_ratio: float,
+               lemo: LeMoConfig, mlp_keep: int):
+    """One decoder layer with LeMo's attention elimination and MLP backward."""
+    h = checkpoint_name(h, "block_in")
+    if keep_ratio < 1.0:
+        u = block.input_norm(h)
+        h = block.attend_normed(h, u, positions, segment_ids,
+                                layer_selection(block, u, keep_ratio, lemo))
+    else:
+        h = block.attend(h, positions, segment_ids)
+    if mlp_keep >= block.mlp.gate_proj.kernel.shape[1]:
+        return block.feed_forward(h)
+    out = sparse_backward_mlp(block.mlp, block.post_attn_norm(h), mlp_keep)
+    return h + checkpoint_name(out, "mlp_out")
+
+
+def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,
+                       *, lemo: LeMoConfig) -> Float[Array, "b t d"]:
+    """Final-normed hidden states of the LeMo forward (the loss applies the head)."""
+    ratios = check_lemo(model, lemo, tokens.shape[1])
+    positions = default_positions(tokens) if positions is None else positions
+    ffn_dim = model.config.ffn_dim
+    mlp_keep = ffn_dim if lemo.mlp_mode == "dense" else keep_channels(ffn_dim, lemo.mlp_drop)
+    h = model.embed(tokens)
+    for block, ratio in zip(model.layers, ratios, strict=True):
+        run = functools.partial(lemo_block, keep_ratio=ratio, lemo=lemo, mlp_keep=mlp_keep)
+        if model.remat != "none":
+            run = nnx.remat(run, policy=remat_policy(model.remat, model.remat_names))
+        h = run(block, h, positions, segment_ids)
+    return model.final_norm(h)
+
+
+def lemo_loss(model: Llama, batch, *, lemo: LeMoConfig, loss_segment: int = 0):
+    """:func:`tokensparse.train.lm_loss` with the LeMo forward."""
+    hidden_fn = functools.partial(lemo_hidden_states, lemo=lemo)
+    return train.lm_loss(model, batch, loss_segment=loss_segment, hidden_fn=hidden_fn)
