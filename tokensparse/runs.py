@@ -7,6 +7,7 @@ validated here *before* anything is compiled, with errors that name the config k
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import pathlib
 from typing import Any
@@ -115,6 +116,7 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     check_resumable(workdir, {"model": model_config.to_dict()})
     train_docs = data.encode_documents(tokenizer, corpus.train)
     val_docs = data.encode_documents(tokenizer, corpus.validation)
+    data.check_tokens(np.concatenate(train_docs + val_docs), model_config.vocab_size)
     batches = data.PackedBatches(train_docs, batch_size=tc.batch_size, seq_len=tc.seq_len,
                                  seed=tc.seed)
     val = data.PackedBatches(val_docs, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=0)
@@ -132,7 +134,8 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     step_fn = train.make_train_step(loss_fn)
     evaluate = _eval_fn(eval_batches, loss_fn)
     result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
-                        batches=batches, tc=tc, metadata={"model": model_config.to_dict()},
+                        batches=batches, tc=tc,
+                        metadata={"model": model_config.to_dict(), "experiment": c.to_dict()},
                         eval_fn=evaluate, progress=c.progress)
     summary = _summary(model, optimizer, step_fn, batches.batch(0), result, evaluate(model))
     summary["unigram_entropy"] = unigram_entropy(train_docs)
@@ -180,9 +183,11 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
     train_docs = data.encode_documents(tokenizer, corpus.train)
     val_docs = data.encode_documents(tokenizer, corpus.validation)
+    data.check_tokens(np.concatenate(train_docs + val_docs), model_config.vocab_size)
     batches = data.WindowBatches(train_docs, batch_size=tc.batch_size, seq_len=tc.seq_len,
                                  seed=tc.seed)
-    eval_batches = list(train.sliding_windows(val_docs, tc.seq_len))[:tc.eval_batches]
+    eval_batches = list(itertools.islice(data.eval_windows(val_docs, seq_len=tc.seq_len),
+                                         tc.eval_batches))
     _write_json(workdir / "config.json", {"experiment": c.to_dict(),
                                           "model": model_config.to_dict()})
     optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
@@ -194,8 +199,8 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     evaluate = _eval_fn(eval_batches, loss_fn)
     result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
                         batches=batches, tc=tc, wrt=lora.LoRAParam,
-                        metadata={"model": model_config.to_dict()}, eval_fn=evaluate,
-                        progress=c.progress)
+                        metadata={"model": model_config.to_dict(), "experiment": c.to_dict()},
+                        eval_fn=evaluate, progress=c.progress)
     summary = _summary(model, optimizer, step_fn, batches.batch(0), result, evaluate(model))
     _write_json(workdir / "summary.json", summary)
     return summary

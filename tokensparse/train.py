@@ -8,8 +8,7 @@ recomputed (LeMo §2.7).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -147,46 +146,6 @@ def make_eval_step(loss_fn: Callable) -> Callable:
         return loss * aux["tokens"], aux["tokens"]
 
     return step
-
-
-class ScoredWindow(NamedTuple):
-    """An evaluation window whose ``loss_mask`` selects the targets it is responsible for."""
-
-    tokens: np.ndarray
-    positions: np.ndarray
-    segment_ids: np.ndarray
-    loss_mask: np.ndarray
-
-
-def sliding_windows(docs: Iterable[np.ndarray], seq_len: int, stride: int | None = None
-                    ) -> Iterator[ScoredWindow]:
-    """Sliding-window evaluation (the LongLoRA / HF protocol): windows of ``seq_len`` tokens every
-    ``stride``; each target is scored exactly once, in the first window where it has the most
-    context. ``stride=None`` means back-to-back windows (sharing one token). Yields batch-size-1 windows."""
-    stride = seq_len if stride is None else stride
-    if not 0 < stride <= seq_len:
-        raise ValueError(f"stride={stride} must be in (0, seq_len={seq_len}].")
-    stride = min(stride, seq_len - 1)  # consecutive windows share a token so no target is lost
-    for doc in docs:
-        doc = np.asarray(doc, np.int32)
-        scored_until = 0  # targets (predictions of token i+1 from i) < scored_until are done
-        for start in range(0, max(len(doc) - 1, 1), stride):
-            window = doc[start:start + seq_len]
-            if len(window) < 2:
-                break
-            n = len(window)
-            mask = np.zeros(seq_len, np.float32)
-            first = max(scored_until - start, 0)
-            mask[first:n - 1] = 1.0
-            scored_until = start + n - 1
-            pad = seq_len - n
-            yield ScoredWindow(
-                tokens=np.pad(window, (0, pad))[None],
-                positions=np.arange(seq_len, dtype=np.int32)[None],
-                segment_ids=np.pad(np.zeros(n, np.int32), (0, pad), constant_values=-1)[None],
-                loss_mask=mask[None])
-            if start + seq_len >= len(doc):
-                break
 
 
 def evaluate(eval_step: Callable, model, batches: Iterable) -> dict[str, float]:
