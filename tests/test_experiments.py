@@ -86,9 +86,11 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
     assert max(_losses(tmp_path)) == steps[-1] + 2
 
 
-def test_finetune_from_our_pretraining(pretrained, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "lemo"])
+def test_finetune_from_our_pretraining(pretrained, tmp_path, method):
     workdir, _ = pretrained
-    done = _cli("finetune", tmp_path, f"--config.base={workdir}", config="finetune_tiny.py")
+    done = _cli("finetune", tmp_path, f"--config.base={workdir}", f"--config.method={method}",
+                "--config.lemo.block_size=32", config="finetune_tiny.py")
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     assert saved["rope_scaling"] == {**saved["rope_scaling"], "kind": "linear", "factor": 2.0}

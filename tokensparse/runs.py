@@ -17,7 +17,8 @@ from flax import nnx
 from ml_collections import config_dict
 
 from tokensparse import data, hf, lora, train
-from tokensparse.config import LoRAConfig, ModelConfig, TrainConfig, preset
+from tokensparse.config import LeMoConfig, LoRAConfig, ModelConfig, TrainConfig, preset
+from tokensparse.lemo.model import check_lemo, lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.loop import LoopResult, check_resumable, train_loop
 from tokensparse.metrics import compiled_memory
@@ -50,6 +51,21 @@ def build_train_config(c: config_dict.ConfigDict) -> TrainConfig:
         return TrainConfig(**values)
     except ValueError as e:
         raise ValueError(f"config.train: {e}") from None
+
+
+def lemo_config_dict(**changes: Any) -> config_dict.ConfigDict:
+    values = dataclasses.asdict(LeMoConfig(**changes))
+    values["profile"] = list(values["profile"] or [])
+    return config_dict.ConfigDict(values)
+
+
+def build_lemo_config(c: config_dict.ConfigDict) -> LeMoConfig:
+    values = c.to_dict()
+    values["profile"] = tuple(values["profile"]) or None
+    try:
+        return LeMoConfig(**values)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.lemo: {e}") from None
 
 
 def build_model_config(c: config_dict.ConfigDict, *, vocab_size: int | None = None) -> ModelConfig:
@@ -167,8 +183,9 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     tc = build_train_config(c.train)
     lora_config = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
                              targets=tuple(c.lora.targets))
-    if c.method != "lora":
-        raise ValueError(f"config.method={c.method!r} is not available yet; use 'lora'.")
+    if c.method not in ("lora", "lemo"):
+        raise ValueError(f"config.method={c.method!r} must be 'lora' or 'lemo'.")
+    lemo_config = build_lemo_config(c.lemo) if c.method == "lemo" else None
     workdir.mkdir(parents=True, exist_ok=True)
     model, base_config, base_tokenizer = load_base(c.base, attention_backend=c.attention_backend)
     corpus = data.load_corpus(c.data.source)
@@ -192,10 +209,17 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
                                           "model": model_config.to_dict()})
     optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch):  # evaluation is always dense (LeMo spec §2.9)
         return train.lm_loss(model, batch, loss_segment=tc.loss_segment)
 
-    step_fn = train.make_train_step(loss_fn, wrt=lora.LoRAParam)
+    def train_loss_fn(model, batch):
+        if lemo_config is None:
+            return loss_fn(model, batch)
+        return lemo_loss(model, batch, lemo=lemo_config, loss_segment=tc.loss_segment)
+
+    if lemo_config is not None:
+        check_lemo(model, lemo_config, tc.seq_len)
+    step_fn = train.make_train_step(train_loss_fn, wrt=lora.LoRAParam)
     evaluate = _eval_fn(eval_batches, loss_fn)
     result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
                         batches=batches, tc=tc, wrt=lora.LoRAParam,

@@ -7,13 +7,14 @@ directory.
 
 from ml_collections import config_dict
 
-from tokensparse.runs import train_config_dict
+from tokensparse.runs import lemo_config_dict, train_config_dict
 
 
 def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.base = ""
-    c.method = "lora"
+    c.method = "lora"  # or "lemo": contextual token elimination (c.lemo)
+    c.lemo = lemo_config_dict()
     c.lora = config_dict.ConfigDict({"rank": 8, "alpha": 16.0, "dropout": 0.0,
                                      "targets": ["q", "k", "v", "o"]})
     c.data = config_dict.ConfigDict({"source": "shakespeare", "vocab_size": 8192})
