@@ -25,3 +25,15 @@ def print_summary(summary: dict) -> None:
     for key, value in summary.items():
         shown = f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
         print(f"{key:<{width}}  {shown}")
+
+
+def main_for(run, config, workdir):
+    """An absl ``main`` that runs ``run(config, workdir)`` and prints its summary."""
+    from absl import logging
+
+    def main(argv):
+        del argv
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+        print_summary(run(config.value, workdir.value))
+
+    return main
