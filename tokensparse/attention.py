@@ -6,8 +6,8 @@ packed documents, compacted token subsets (LeMo, SUBLLM) and padding (segment id
 by nothing). A query row with no visible key returns zeros.
 
 Backends: ``"reference"`` (plain einsum, fp32 softmax: the definition every kernel is tested
-against), ``"xla"`` (``jax.nn.dot_product_attention``), and whatever ``kernels_pallas`` registers
-(``"pallas"``). ``"auto"`` picks the best registered backend that supports the platform and shapes,
+against), ``"xla"`` (``jax.nn.dot_product_attention``), ``"chunked"`` (online softmax over key chunks
+in plain JAX: flash-like memory everywhere), and whatever ``kernels_pallas`` registers (``"pallas"``). ``"auto"`` picks the best registered backend that supports the platform and shapes,
 falling back to ``"xla"``.
 """
 
@@ -113,9 +113,17 @@ class Backend:
     priority: int = 0
 
 
+def _chunked(q, k, v, **kwargs):
+    from tokensparse.chunked_attention import chunked_attention
+
+    return chunked_attention(q, k, v, **kwargs)
+
+
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(reference_attention, priority=-1),
     "xla": Backend(xla_attention, priority=0),
+    # O(T·chunk) memory on any platform; pick it explicitly for long contexts without a kernel.
+    "chunked": Backend(_chunked, priority=-1),
 }
 _WARNED: set[tuple[str, str]] = set()
 

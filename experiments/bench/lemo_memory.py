@@ -5,7 +5,8 @@
 Nothing is allocated: the step is lowered on abstract (shape-only) parameters and XLA reports its
 buffer assignment, so 7B shapes at 8K work on a CPU. ``temp_bytes`` is activations + workspace;
 ``arg_bytes`` is parameters + LoRA + batch. Both methods share dtype (bf16), remat policy and the
-segmented loss; the ratio is LoRA / LeMo (larger is better).
+segmented loss and attention backend (default ``chunked``: no [T, T] matrices, as with a flash
+kernel on a GPU); the ratio is LoRA / LeMo (larger is better).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from tokensparse.llama import Llama  # noqa: E402
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192"], "Sequence lengths.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy for both methods.")
+_ATTENTION = flags.DEFINE_string("attention", "chunked", "Attention backend for both methods "
+                                 "(chunked: flash-like memory on any platform).")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON.")
 
 
@@ -43,7 +46,8 @@ class Batch(NamedTuple):
 
 def step_cost(config, seq_len: int, method: str, remat: str) -> dict:
     def build():
-        model = Llama(config.with_context(seq_len), remat=remat, rngs=nnx.Rngs(0))
+        model = Llama(config.with_context(seq_len), attention_backend=_ATTENTION.value, remat=remat,
+                      rngs=nnx.Rngs(0))
         return lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
 
     graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
@@ -59,6 +63,7 @@ def step_cost(config, seq_len: int, method: str, remat: str) -> dict:
     compiled = jax.jit(jax.grad(loss)).lower(lora_state, rest, Batch(ints, ints, ints)).compile()
     mem = compiled.memory_analysis()
     return {"preset": _PRESET.value, "seq_len": seq_len, "method": method, "remat": remat,
+            "attention": _ATTENTION.value,
             "temp_bytes": int(mem.temp_size_in_bytes), "arg_bytes": int(mem.argument_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes)}
 
