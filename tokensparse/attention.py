@@ -7,7 +7,8 @@ by nothing). A query row with no visible key returns zeros.
 
 Backends: ``"reference"`` (plain einsum, fp32 softmax: the definition every kernel is tested
 against), ``"xla"`` (``jax.nn.dot_product_attention``), ``"chunked"`` (online softmax over key chunks
-in plain JAX: flash-like memory everywhere), and whatever ``kernels_pallas`` registers (``"pallas"``). ``"auto"`` picks the best registered backend that supports the platform and shapes,
+in plain JAX: flash-like memory everywhere), and whatever ``kernels_pallas`` registers
+(``"pallas"``). ``"auto"`` picks the best registered backend that supports the platform and shapes,
 falling back to ``"xla"``.
 """
 

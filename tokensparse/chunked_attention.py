@@ -42,7 +42,7 @@ def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, chunk):
     b, tq, hkv, g, d = q.shape
 
     def body(carry, kv):
-        m, l, acc = carry
+        m, total, acc = carry
         kc, vc, pc, sc = kv
         s = _logits(q, kc, scale)
         mask = _mask(q_pos, q_seg, pc, sc, causal)
@@ -50,16 +50,16 @@ def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, chunk):
         safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(jnp.where(mask, s - safe[..., None], -jnp.inf))
         alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
-        l = l * alpha + p.sum(-1)
+        total = total * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, vc.astype(jnp.float32))
-        return (m_new, l, acc), None
+        return (m_new, total, acc), None
 
     init = (jnp.full((b, hkv, g, tq), -jnp.inf), jnp.zeros((b, hkv, g, tq)),
             jnp.zeros((b, hkv, g, tq, d)))
-    (m, l, acc), _ = jax.lax.scan(body, init, tuple(_chunks(x, chunk) for x in (k, v, k_pos, k_seg)))
-    visible = l > 0
-    out = jnp.where(visible[..., None], acc / jnp.where(visible, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(visible, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(visible, l, 1.0)),
+    (m, total, acc), _ = jax.lax.scan(body, init, tuple(_chunks(x, chunk) for x in (k, v, k_pos, k_seg)))
+    visible = total > 0
+    out = jnp.where(visible[..., None], acc / jnp.where(visible, total, 1.0)[..., None], 0.0)
+    lse = jnp.where(visible, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(visible, total, 1.0)),
                     jnp.inf)  # rows with no visible key: exp(s - inf) = 0 in backward
     out = jnp.moveaxis(out, 3, 1).astype(q.dtype)  # [b, tq, hkv, g, d]
     return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse)
