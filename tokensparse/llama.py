@@ -11,6 +11,8 @@ Weights use the ``[in, out]`` layout; :mod:`tokensparse.hf` transposes Hugging F
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -53,9 +55,16 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        xf = x.astype(jnp.float32)
-        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        return rms_norm(x, self.scale[...], self.eps, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def rms_norm(x, scale, eps: float, dtype):
+    """RMSNorm in fp32. Rematerialised: backward keeps only ``x`` (not its fp32 copies), which
+    matters for long contexts where each saved [T, D] fp32 tensor costs as much as several bf16 ones."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(dtype)
 
 
 class Embed(nnx.Module):
@@ -74,7 +83,13 @@ class Embed(nnx.Module):
 
 def swiglu(x, gate_proj, up_proj, down_proj):
     """SwiGLU: down(silu(gate(x)) * up(x)); the projections are callables."""
-    return down_proj(jax.nn.silu(gate_proj(x)) * up_proj(x))
+    return down_proj(gated(gate_proj(x), up_proj(x)))
+
+
+@jax.checkpoint
+def gated(g, u):
+    """silu(g) * u, rematerialised: backward keeps g and u only (not silu's intermediates)."""
+    return jax.nn.silu(g) * u
 
 
 class MLP(nnx.Module):
