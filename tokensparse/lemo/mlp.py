@@ -103,8 +103,8 @@ def _bwd(keep, residuals, grad_out):
     grad_g = delta * v_c * _silu_grad(g_c)
     grad_v = delta * jax.nn.silu(g_c)
     dx = jnp.dot(grad_g, wg_c.T) + jnp.dot(grad_v, wu_c.T)
-    return (dx.astype(x_proto.dtype), jnp.zeros_like(w_gate), jnp.zeros_like(w_up),
-            jnp.zeros_like(w_down))
+    # None = symbolic zero: frozen weights get no cotangent buffers at all.
+    return dx.astype(x_proto.dtype), None, None, None
 
 
 channel_sparse_swiglu.defvjp(_fwd, _bwd)
