@@ -5,6 +5,8 @@ Spec: ``reference/subllm.md``.
 - :mod:`~tokensparse.subllm.modules`: schedules, scorer, training / inference selection, upsampling,
   bypass and its gradient-side limit.
 - :mod:`~tokensparse.subllm.balancer`: the Balancer, a custom gradient on the scores.
+- :mod:`~tokensparse.subllm.structure`: structure strings, :class:`SubLLMConfig` and presets.
+- :mod:`~tokensparse.subllm.model`: the :class:`SubLLM` model.
 """
 
 from tokensparse.subllm.balancer import (
@@ -15,6 +17,7 @@ from tokensparse.subllm.balancer import (
     balancer_penalty,
     balancer_stats,
 )
+from tokensparse.subllm.model import SubLLM, hidden_fn
 from tokensparse.subllm.modules import (
     BYPASS_LIMIT_PROB,
     BYPASS_MAX,
@@ -33,6 +36,15 @@ from tokensparse.subllm.modules import (
     train_select,
     upsample,
 )
+from tokensparse.subllm.structure import (
+    Op,
+    Structure,
+    SubLLMConfig,
+    dense_twin,
+    parse_structure,
+    subllm_preset,
+    subllm_preset_names,
+)
 
 __all__ = [
     "BYPASS_LIMIT_PROB",
@@ -42,6 +54,10 @@ __all__ = [
     "BypassParam",
     "Scorer",
     "ScorerParam",
+    "Op",
+    "Structure",
+    "SubLLM",
+    "SubLLMConfig",
     "balance",
     "balancer_bands",
     "balancer_correction",
@@ -51,10 +67,15 @@ __all__ = [
     "bypass",
     "bypass_min",
     "coin",
+    "dense_twin",
+    "hidden_fn",
     "infer_select",
     "limit_grad",
+    "parse_structure",
     "piecewise_linear",
     "score",
+    "subllm_preset",
+    "subllm_preset_names",
     "train_select",
     "upsample",
 ]

@@ -1,0 +1,218 @@
+"""SUBLLM structure parsing and the model forward (spec §2.2, §2.5, §2.8, §5)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tokensparse import routing
+from tokensparse.data import Batch
+from tokensparse.llama import Llama
+from tokensparse.subllm.model import SubLLM, hidden_fn
+from tokensparse.subllm.structure import dense_twin, parse_structure, subllm_preset
+from tokensparse.train import lm_loss
+
+S24 = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
+N = 32  # every forward uses [2, N] tokens so the jitted forward compiles once per config
+
+
+def _config(**changes):
+    """subllm-tiny cut to 4 layers (levels 0, 1, 2, 1): compile time dominates these tests."""
+    base = subllm_preset("subllm-tiny")
+    return base.replace(model=base.model.replace(n_layers=4), structure="T(T(T)T)", **changes)
+
+
+def _tokens(key, shape=(2, N), vocab=256):
+    return jax.random.randint(jax.random.key(key), shape, 0, vocab)
+
+
+@functools.partial(nnx.jit, static_argnames=("mode", "unit"))
+def _jit_forward(model, tokens, positions, segment_ids, key, *, mode, unit):
+    h, aux = model.forward(tokens, positions, segment_ids, mode=mode, rng=key, force_unit_weights=unit)
+    return model.head(h), aux
+
+
+def _forward(model, tokens, positions=None, segment_ids=None, key=None, *, mode, unit=False):
+    """Jitted (logits, aux); defaults filled outside jit so calls share one compilation."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
+    key = jax.random.key(0) if key is None else key
+    return _jit_forward(model, tokens, positions, segment_ids, key, mode=mode, unit=unit)
+
+
+def _n_params(model) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return SubLLM(_config(), rngs=nnx.Rngs(0))
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def test_parse_24_layer_structure():
+    s = parse_structure(S24)
+    assert s.n_layers == 24
+    assert s.levels == (0,) * 5 + (1,) * 5 + (2,) * 4 + (1,) * 5 + (0,) * 5
+    assert s.n_subsamplers == 2 and s.depth == 2
+    kinds = [op.kind for op in s.ops]
+    assert kinds.count("down") == 2 and kinds.count("up") == 2
+    downs = [op for op in s.ops if op.kind == "down"]
+    assert [(op.index, op.level, op.keep) for op in downs] == [(0, 1, 0.64), (1, 2, 0.64)]
+    ups = [op for op in s.ops if op.kind == "up"]
+    assert [(op.index, op.level) for op in ups] == [(1, 1), (0, 0)]  # inner closes first
+
+
+def test_parse_per_level_ratios_and_dense():
+    assert parse_structure(S24, keep=[0.5, 0.8]).keep == (0.5, 0.8)
+    dense = parse_structure("T" * 6)
+    assert dense.n_subsamplers == 0 and dense.levels == (0,) * 6
+    siblings = parse_structure("T(T)T(T)T")
+    assert siblings.n_subsamplers == 2 and siblings.depth == 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("TT(T", "unclosed"), ("T)T(", "unmatched"), ("T(T))", "unmatched"), ("T()T", "empty"),
+    ("TxT", "only"), ("", "non-empty"), ("()", "empty"),
+])
+def test_parse_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_structure(bad)
+
+
+@pytest.mark.parametrize("keep", [[0.64], [0.5, 0.5, 0.5], [0.0, 0.5], [0.5, 1.5], 0.0, -0.1, 1.01])
+def test_parse_bad_ratios(keep):
+    with pytest.raises(ValueError, match="keep"):
+        parse_structure(S24, keep=keep)
+
+
+def test_config_validation():
+    cfg = subllm_preset("subllm-tiny")
+    with pytest.raises(ValueError, match="layers"):
+        cfg.replace(structure="T(T)T")
+    with pytest.raises(ValueError, match="level_positions"):
+        cfg.replace(level_positions="absolute")
+    with pytest.raises(ValueError, match="infer_capacity"):
+        cfg.replace(infer_capacity=0.0)
+    assert dense_twin(cfg).structure == "TTTTTT"
+    assert subllm_preset("subllm-small").parsed.levels == (0,) * 3 + (1,) * 2 + (2,) * 2 + (1,) * 2 + (0,) * 3
+
+
+def test_param_difference_1p3b_is_8192():
+    cfg = subllm_preset("subllm-1.3b")
+    sub = nnx.eval_shape(lambda: SubLLM(cfg, rngs=nnx.Rngs(0)))
+    dense = nnx.eval_shape(lambda: SubLLM(dense_twin(cfg), rngs=nnx.Rngs(0)))
+    d = cfg.model.d_model
+    assert _n_params(sub) - _n_params(dense) == 2 * d + 2 * d == 8192
+    assert _n_params(dense) == cfg.model.num_params() == 1_345_423_360
+
+
+# --- forward -------------------------------------------------------------------------------------
+
+
+def test_dense_reduction():
+    """keep=1, unit weights, c=1: SUBLLM equals the dense Llama with the same weights."""
+    cfg = _config(keep=1.0)
+    sub = SubLLM(cfg, rngs=nnx.Rngs(0))
+    for bp in sub.bypasses:
+        bp.scale[...] = jnp.ones_like(bp.scale[...])
+    dense = Llama(cfg.model, rngs=nnx.Rngs(1))
+    for name in ("embed", "final_norm", "lm_head"):
+        nnx.update(getattr(dense, name), nnx.state(getattr(sub, name)))
+    for block_d, block_s in zip(dense.layers, sub.layers, strict=True):
+        nnx.update(block_d, nnx.state(block_s))
+    tokens = _tokens(0)
+    want = nnx.jit(lambda m, t: m(t))(dense, tokens)
+    got, _ = _forward(sub, tokens, key=jax.random.key(3), mode="train", unit=True)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    twin = SubLLM(dense_twin(cfg), rngs=nnx.Rngs(5))
+    nnx.update(twin, nnx.state(dense))
+    np.testing.assert_allclose(_forward(twin, tokens, mode="infer")[0], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_inner_positions_are_original_positions(tiny, mode):
+    tokens = _tokens(1)
+    positions = 100 + jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), tokens.shape)
+    _, aux = _forward(tiny, tokens, positions, mode=mode)
+    sel1, sel2 = aux["selections"]
+    pos1, pos2 = aux["positions"]
+    np.testing.assert_array_equal(pos1, routing.gather(positions, sel1))
+    original = jax.vmap(lambda i1, i2: i1[i2])(sel1.indices, sel2.indices)
+    np.testing.assert_array_equal(pos2, 100 + original)
+    assert np.all(np.diff(np.asarray(pos2), axis=-1) >= 0)
+    if mode == "train":  # capacities ceil(0.64·32)=21, ceil(0.64·21)=14
+        assert pos1.shape == (2, 21) and pos2.shape == (2, 14)
+
+
+def test_parent_positions_option():
+    model = SubLLM(_config(level_positions="parent"), rngs=nnx.Rngs(0))
+    _, aux = _forward(model, _tokens(1), mode="train")
+    np.testing.assert_array_equal(aux["positions"][1], aux["selections"][1].indices)
+
+
+@pytest.mark.parametrize("capacity", [1.0, 0.5])
+def test_infer_mode_is_causal(capacity):
+    model = SubLLM(_config(infer_capacity=capacity), rngs=nnx.Rngs(2))
+    def fwd(t):
+        return _forward(model, t, mode="infer")[0]
+
+    tokens = _tokens(2)
+    base = fwd(tokens)
+    for t in (3, 11, 20):
+        changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 256)
+        out = fwd(changed)
+        np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-6, rtol=1e-6)
+        assert not np.allclose(out[:, t + 1:], base[:, t + 1:])
+
+
+def test_scorer_gets_gradient_in_train_mode(tiny):
+    """Through train.lm_loss with the SUBLLM hidden_fn: the weights carry gradient to the scorers."""
+    tokens = _tokens(3)
+    batch = Batch(tokens, jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), tokens.shape),
+                  jnp.zeros(tokens.shape, jnp.int32))
+    fn = hidden_fn(mode="train", step=10, rng=jax.random.key(4))
+
+    def loss(model):
+        return lm_loss(model, batch, hidden_fn=fn)[0]
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(tiny)
+    assert np.isfinite(float(value))
+    for i in range(2):
+        assert np.any(np.asarray(grads["scorers"][i]["weight"][...]) != 0.0)
+        assert np.any(np.asarray(grads["bypasses"][i]["scale"][...]) != 0.0)
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_padding_never_attended(tiny, mode):
+    tokens = _tokens(4)
+    segment_ids = jnp.asarray([[0] * 12 + [1] * 14 + [-1] * 6, [0] * 26 + [-1] * 6], jnp.int32)
+    positions = jnp.asarray([list(range(12)) + list(range(14)) + [0] * 6,
+                             list(range(26)) + [0] * 6], jnp.int32)
+    def fwd(t):
+        return _forward(tiny, t, positions, segment_ids, jax.random.key(5), mode=mode)[0]
+
+    base = fwd(tokens)
+    changed = fwd(tokens.at[:, 26:].set((tokens[:, 26:] + 13) % 256))
+    np.testing.assert_allclose(changed[:, :26], base[:, :26], atol=1e-6, rtol=1e-6)
+    assert np.all(np.isfinite(np.asarray(base)))
+    _, aux = _forward(tiny, tokens, positions, segment_ids, jax.random.key(5), mode=mode)
+    for sel, seg in zip(aux["selections"], aux["segment_ids"], strict=True):
+        assert np.all(np.asarray(seg)[~np.asarray(sel.valid)] == -1)
+    if mode == "infer":  # the first document never sees the second one
+        doc = fwd(tokens.at[:, 12:26].set((tokens[:, 12:26] + 5) % 256))
+        np.testing.assert_allclose(doc[0, :12], base[0, :12], atol=1e-6, rtol=1e-6)
+
+
+def test_train_mode_requires_rng(tiny):
+    with pytest.raises(ValueError, match="rng"):
+        tiny(_tokens(0), mode="train")
+    with pytest.raises(ValueError, match="mode"):
+        tiny(_tokens(0), mode="eval")

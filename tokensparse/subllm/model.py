@@ -1,0 +1,173 @@
+"""The SUBLLM model (NNX): a Llama backbone whose middle layers run on learned token subsets.
+
+Spec: ``reference/subllm.md`` §2.8. The forward walks the parsed structure with a stack: at ``(`` the
+scorer picks a static-capacity subset (train: top-k + discard penalty; infer: first-come threshold),
+the hidden states, positions and segment ids are gathered; at ``)`` the short stream is upsampled into
+the stream saved at ``(`` and mixed with it by the bypass. Positions travel with the tokens, so RoPE
+always sees original positions (composed across levels) and padding slots (segment −1) see nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from tokensparse import routing
+from tokensparse.llama import DecoderBlock, Embed, Linear, RMSNorm, default_positions
+from tokensparse.remat import check_remat, remat_policy
+from tokensparse.subllm.balancer import balance
+from tokensparse.subllm.modules import (
+    BYPASS_LIMIT_PROB,
+    Bypass,
+    Scorer,
+    balancer_prob,
+    coin,
+    infer_select,
+    train_select,
+    upsample,
+)
+from tokensparse.subllm.structure import SubLLMConfig, parse_structure
+
+MODES = ("train", "infer")
+
+
+class SubLLM(nnx.Module):
+    """``model(tokens, positions=None, segment_ids=None, *, mode, step, rng) -> logits [B, T, V]``.
+
+    ``self.config`` is the backbone :class:`~tokensparse.config.ModelConfig` (so the generic training
+    helpers apply); ``self.subllm_config`` the full :class:`SubLLMConfig`. Training mode needs ``rng``
+    (per-call coins of the Balancer, the discard-penalty flip and the bypass limit) and ``step``.
+    """
+
+    def __init__(self, config: SubLLMConfig, *, attention_backend: str = "auto", remat: str = "none",
+                 remat_names: tuple[str, ...] = ("attn_out", "mlp_out"), rngs: nnx.Rngs):
+        check_remat(remat)
+        mc = config.model
+        self.subllm_config = config
+        self.config = mc
+        self.structure = parse_structure(config.structure, config.keep)
+        self.remat = remat
+        self.remat_names = tuple(remat_names)
+        kw = dict(dtype=mc.compute_dtype, param_dtype=mc.weight_dtype)
+        self.embed = Embed(mc.vocab_size, mc.d_model, std=mc.init_std, rngs=rngs, **kw)
+        self.layers = nnx.List([
+            DecoderBlock(mc, layer=i, attention_backend=attention_backend, rngs=rngs)
+            for i in range(mc.n_layers)
+        ])
+        self.final_norm = RMSNorm(mc.d_model, eps=mc.rms_eps, **kw)
+        self.lm_head = nnx.data(None) if mc.tie_embeddings else Linear(
+            mc.d_model, mc.vocab_size, std=mc.init_std, rngs=rngs, **kw)
+        n_sub = self.structure.n_subsamplers
+        self.scorers = nnx.List([Scorer(mc.d_model, dtype=jnp.float32, param_dtype=mc.weight_dtype,
+                                        rngs=rngs) for _ in range(n_sub)])
+        self.bypasses = nnx.List([Bypass(mc.d_model, param_dtype=mc.weight_dtype)
+                                  for _ in range(n_sub)])
+
+    def block_runner(self):
+        """``f(block, h, positions, segment_ids)``, rematerialised per ``self.remat``."""
+        def run(block, h, positions, segment_ids):
+            return block(h, positions, segment_ids)
+
+        if self.remat == "none":
+            return run
+        return nnx.remat(run, policy=remat_policy(self.remat, self.remat_names))
+
+    def forward(
+        self,
+        tokens: Int[Array, "b t"],
+        positions: Int[Array, "b t"] | None = None,
+        segment_ids: Int[Array, "b t"] | None = None,
+        *,
+        mode: str = "train",
+        step=0,
+        rng: Array | None = None,
+        force_unit_weights: bool = False,
+    ) -> tuple[Float[Array, "b t d"], dict[str, list[Array]]]:
+        """Final-normed hidden states and per-subsampler diagnostics.
+
+        The dict holds, indexed by subsampler: ``scores`` (level input, fp32), ``selections``,
+        ``weights``, and the ``positions`` / ``segment_ids`` the inner level ran at.
+        ``force_unit_weights`` (test hook) sets every valid weight to 1.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} must be one of {MODES}.")
+        cfg = self.subllm_config
+        train = mode == "train"
+        if train and self.structure.n_subsamplers and rng is None:
+            raise ValueError("mode='train' needs rng (a PRNG key for the per-call coins) and step.")
+        positions = default_positions(tokens) if positions is None else positions
+        if segment_ids is None:
+            segment_ids = jnp.zeros(tokens.shape, jnp.int32)
+        aux: dict[str, list[Any]] = {k: [] for k in
+                                     ("scores", "selections", "weights", "positions", "segment_ids")}
+        run_block = self.block_runner()
+        h = self.embed(tokens)
+        stack: list[tuple] = []
+        for op in self.structure.ops:
+            if op.kind == "layer":
+                h = run_block(self.layers[op.index], h, positions, segment_ids)
+            elif op.kind == "down":
+                key = None if rng is None else jax.random.fold_in(rng, op.index)
+                sel, w, scores = self._select(op, h, segment_ids, train, step, key)
+                if force_unit_weights:
+                    w = jnp.where(sel.valid, 1.0, 0.0).astype(w.dtype)
+                stack.append((h, sel, w, positions, segment_ids, key))
+                h = routing.gather(h, sel)
+                if cfg.level_positions == "parent" and op.level > 1:
+                    positions = sel.indices
+                else:
+                    positions = routing.gather(positions, sel)
+                segment_ids = routing.gather(segment_ids, sel, fill_value=-1)
+                for name, value in zip(aux, (scores, sel, w, positions, segment_ids), strict=True):
+                    aux[name].append(value)
+            else:
+                x, sel, w, positions, segment_ids, key = stack.pop()
+                u = upsample(x, h, sel, w)
+                if train:
+                    active = coin(jax.random.fold_in(key, 2), BYPASS_LIMIT_PROB)
+                    h = self.bypasses[op.index](x, u, limit_active=active, step=step)
+                else:
+                    h = self.bypasses[op.index](x, u)
+        return self.final_norm(h), aux
+
+    def _select(self, op, h, segment_ids, train: bool, step, key):
+        cfg = self.subllm_config
+        n_in = h.shape[1]
+        valid = segment_ids >= 0
+        scores = self.scorers[op.index](h)
+        if train:
+            scores = balance(scores, keep=op.keep, valid=valid,
+                             active=coin(jax.random.fold_in(key, 0), balancer_prob(step)))
+            k = routing.capacity(n_in, op.keep, multiple=cfg.capacity_multiple)
+            flip = coin(jax.random.fold_in(key, 1), 0.5) if cfg.discard_penalty else None
+            sel, w = train_select(scores, k, valid=valid, flip=flip,
+                                  discard_penalty=cfg.discard_penalty)
+        else:
+            k = routing.capacity(n_in, cfg.infer_capacity)
+            sel, w = infer_select(scores, k, threshold=cfg.infer_threshold, valid=valid)
+        return sel, w, scores
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None, *, mode: str = "train",
+                      step=0, rng: Array | None = None, force_unit_weights: bool = False):
+        """Final-normed hidden states (before the LM head), spec §2.8."""
+        return self.forward(tokens, positions, segment_ids, mode=mode, step=step, rng=rng,
+                            force_unit_weights=force_unit_weights)[0]
+
+    def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        return self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, mode: str = "train", step=0,
+                 rng: Array | None = None, force_unit_weights: bool = False):
+        return self.head(self.hidden_states(tokens, positions, segment_ids, mode=mode, step=step,
+                                            rng=rng, force_unit_weights=force_unit_weights))
+
+
+def hidden_fn(*, mode: str = "train", step=0, rng: Array | None = None):
+    """A ``hidden_fn(model, tokens, positions, segment_ids)`` for :func:`tokensparse.train.lm_loss`."""
+    def fn(model: SubLLM, tokens, positions, segment_ids):
+        return model.hidden_states(tokens, positions, segment_ids, mode=mode, step=step, rng=rng)
+    return fn
