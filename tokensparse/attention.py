@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from tokensparse.chunked_attention import chunked_attention
+
 Positions = Int[Array, "b t"]
 SegmentIds = Int[Array, "b t"]
 
@@ -114,17 +116,11 @@ class Backend:
     priority: int = 0
 
 
-def _chunked(q, k, v, **kwargs):
-    from tokensparse.chunked_attention import chunked_attention
-
-    return chunked_attention(q, k, v, **kwargs)
-
-
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(reference_attention, priority=-1),
     "xla": Backend(xla_attention, priority=0),
     # O(T·chunk) memory on any platform; pick it explicitly for long contexts without a kernel.
-    "chunked": Backend(_chunked, priority=-1),
+    "chunked": Backend(chunked_attention, priority=-1),
 }
 _WARNED: set[tuple[str, str]] = set()
 

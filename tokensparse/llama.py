@@ -76,9 +76,6 @@ class Embed(nnx.Module):
     def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
-    def attend(self, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
-        """Tied output head: logits against the embedding table."""
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 def swiglu(x, gate_proj, up_proj, down_proj):
@@ -229,18 +226,30 @@ class Llama(nnx.Module):
                           None if selections is None else selections[i])
         return self.final_norm(h)
 
+    def rematerialised(self, layer_fn):
+        """``layer_fn(block, h, ...)`` checkpointed per ``self.remat`` (unchanged for ``"none"``);
+        method variants (LeMo, SUBLLM) wrap their own per-layer functions with it."""
+        if self.remat == "none":
+            return layer_fn
+        return nnx.remat(layer_fn, policy=remat_policy(self.remat, self.remat_names))
+
     def block_runner(self):
-        """``f(block, h, positions, segment_ids, selection)``, rematerialised per ``self.remat``."""
-        def run(block, h, positions, segment_ids, selection):
+        """``f(block, h, positions, segment_ids, selection=None)``, rematerialised per ``self.remat``."""
+        def run(block, h, positions, segment_ids, selection=None):
             return block(h, positions, segment_ids, selection)
 
-        if self.remat == "none":
-            return run
-        return nnx.remat(run, policy=remat_policy(self.remat, self.remat_names))
+        return self.rematerialised(run)
+
+    def head_weight(self) -> Float[Array, "d v"]:
+        """The LM head matrix in the compute dtype (the embedding, transposed, when tied)."""
+        dtype = self.config.compute_dtype
+        if self.lm_head is None:
+            return self.embed.embedding[...].astype(dtype).T
+        return self.lm_head.kernel[...].astype(dtype)
 
     def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """LM head: hidden states → vocabulary logits (tied to the embedding when configured)."""
-        return self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        return jnp.dot(h.astype(self.config.compute_dtype), self.head_weight())
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, selections=None):
         return self.head(self.hidden_states(tokens, positions, segment_ids, selections=selections))

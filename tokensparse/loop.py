@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
@@ -33,24 +31,6 @@ class LoopResult:
     step: int  # the number of completed steps
     interrupted: bool
     history: list[dict[str, Any]]
-
-
-def _to_storable(tree):
-    """Typed PRNG keys → raw uint32 key data (Orbax stores plain arrays)."""
-    return jax.tree.map(
-        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
-        tree)
-
-
-def _from_storable(tree, like):
-    return jax.tree.map(
-        lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
-        if jnp.issubdtype(ref.dtype, jax.dtypes.prng_key) else x, tree, like)
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                       sharding=getattr(x, "sharding", None)), tree)
 
 
 def _check_same_model(saved: dict, current: dict, directory) -> None:
@@ -100,9 +80,9 @@ def train_loop(
                                 keep=tc.keep_checkpoints)
     logger = JsonlLogger(workdir / "metrics.jsonl")
 
-    def state_now():
-        return _to_storable({"params": nnx.state(model, wrt), "opt": nnx.state(optimizer),
-                             "rng": nnx.state(model, nnx.RngState)})
+    def state_now():  # the Checkpointer stores typed PRNG keys as key data and re-wraps them
+        return {"params": nnx.state(model, wrt), "opt": nnx.state(optimizer),
+                "rng": nnx.state(model, nnx.RngState)}
 
     def save(step: int, force: bool) -> None:
         checkpointer.save(step, state_now(), {**metadata, "step": step, "data_step": step},
@@ -112,10 +92,7 @@ def train_loop(
     if checkpointer.latest_step() is not None:
         saved_meta = checkpointer.restore_metadata()
         _check_same_model(saved_meta, metadata, workdir / "checkpoints")
-        like = {"params": nnx.state(model, wrt), "opt": nnx.state(optimizer),
-                "rng": nnx.state(model, nnx.RngState)}
-        restored, saved_meta = checkpointer.restore(_abstract(_to_storable(like)))
-        restored = _from_storable(restored, like)
+        restored, saved_meta = checkpointer.restore(state_now())
         nnx.update(model, restored["params"], restored["rng"])
         nnx.update(optimizer, restored["opt"])
         start = int(saved_meta["data_step"])

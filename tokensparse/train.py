@@ -63,12 +63,8 @@ def segmented_cross_entropy_sum(hidden: Float[Array, "b t d"], head: Callable[[A
 
 def head_function(model: Llama) -> Callable[[Array], Array]:
     """The LM head as a pure function of hidden states (closes over the head weight array)."""
-    dtype = model.config.compute_dtype
-    if model.lm_head is None:
-        weight = model.embed.embedding[...].astype(dtype).T
-    else:
-        weight = model.lm_head.kernel[...].astype(dtype)
-    return lambda h: jnp.dot(h.astype(dtype), weight)
+    weight = model.head_weight()
+    return lambda h: jnp.dot(h.astype(weight.dtype), weight)
 
 
 def lm_loss(model: Llama, batch, *, loss_segment: int = 0, selections=None, hidden_fn=None):

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 import statistics
-import subprocess
 import time
 
 import jax
@@ -23,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.bench import write_result
 from kernels_pallas.segment_attention import default_config, segment_attention
 
 _OUT = flags.DEFINE_string("out", "bench_results/attention_kernel.json", "JSON output path.")
@@ -49,14 +48,6 @@ BWD_VARIANTS = [  # block_q_dq, block_k_dq, block_q_dkv, block_k_dkv, num_warps_
     (64, 64, 64, 64, 4, 2), (128, 32, 32, 128, 4, 3), (128, 32, 32, 128, 4, 2),
     (64, 64, 32, 128, 4, 2), (128, 32, 64, 64, 4, 2), (32, 64, 64, 32, 4, 2),
 ]
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _inputs(t: int, hkv: int, seed: int = 0):
@@ -233,14 +224,9 @@ def main(argv):
             summary[f"fwd_bwd_vs_cudnn{tag}"] = med["cudnn"][1] / med["pallas"][1]
 
     stats = device.memory_stats() or {}
-    result = {"benchmark": "attention_kernel", "backend": jax.default_backend(),
-              "device": device.device_kind, "jax": jax.__version__, "git": _git_sha(),
-              "config": cfg, "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-              "rows": rows, "summary": summary, "sweep": sweep_log,
-              "check_defaults": checks}
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result(_OUT.value, "attention_kernel", rows, summary, config=cfg,
+                 peak_bytes_in_use=stats.get("peak_bytes_in_use"), sweep=sweep_log,
+                 check_defaults=checks)
 
     print(f"\n{'T':>6} {'Hkv':>4} {'impl':<15} {'fwd ms':>8} {'f+b ms':>8} {'f TF/s':>7} "
           f"{'f+b TF/s':>8}")

@@ -11,24 +11,19 @@ kernel on a GPU); the ratio is LoRA / LeMo (larger is better).
 
 from __future__ import annotations
 
-import os
+import json
+from typing import NamedTuple
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
 
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import subprocess  # noqa: E402
-from typing import NamedTuple  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from tokensparse import lora, train  # noqa: E402
-from tokensparse.config import LeMoConfig, LoRAConfig, preset  # noqa: E402
-from tokensparse.lemo.model import lemo_loss  # noqa: E402
-from tokensparse.llama import Llama  # noqa: E402
+from experiments.bench import write_result
+from tokensparse import lora, train
+from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.lemo.model import lemo_loss
+from tokensparse.llama import Llama
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192"], "Sequence lengths.")
@@ -68,13 +63,6 @@ def step_cost(config, seq_len: int, method: str, remat: str) -> dict:
             "output_bytes": int(mem.output_size_in_bytes)}
 
 
-def _git() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv):
     del argv
     config = preset(_PRESET.value, dtype="bfloat16", param_dtype="bfloat16")
@@ -90,14 +78,9 @@ def main(argv):
         summary[f"activation_ratio@{seq_len}"] = pair["lora"]["temp_bytes"] / pair["lemo"]["temp_bytes"]
         summary[f"total_ratio@{seq_len}"] = total["lora"] / total["lemo"]
     print(json.dumps(summary, indent=1))
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "lemo_memory", "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "git": _git(),
-        "settings": {"dtype": "bfloat16", "lemo": "keep 0.4 in layers L/2-1..L-2, oracle selection, "
-                     "MLP backward keeps 20% channels", "loss_segment": 2048, "batch": 1},
-        "rows": rows, "summary": summary}, indent=1))
+    write_result(_OUT.value, "lemo_memory", rows, summary, settings={
+        "dtype": "bfloat16", "lemo": "keep 0.4 in layers L/2-1..L-2, oracle selection, MLP backward "
+        "keeps 20% channels", "loss_segment": 2048, "batch": 1})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 
 import jax
-from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
@@ -22,7 +21,6 @@ from tokensparse.config import LeMoConfig
 from tokensparse.lemo import scoring
 from tokensparse.lemo.mlp import keep_channels, sparse_backward_mlp
 from tokensparse.llama import DecoderBlock, Llama, default_positions
-from tokensparse.remat import remat_policy
 
 
 def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...]:
@@ -89,9 +87,8 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
     mlp_keep = ffn_dim if lemo.mlp_mode == "dense" else keep_channels(ffn_dim, lemo.mlp_drop)
     h = model.embed(tokens)
     for block, ratio in zip(model.layers, ratios, strict=True):
-        run = functools.partial(lemo_block, keep_ratio=ratio, lemo=lemo, mlp_keep=mlp_keep)
-        if model.remat != "none":
-            run = nnx.remat(run, policy=remat_policy(model.remat, model.remat_names))
+        run = model.rematerialised(
+            functools.partial(lemo_block, keep_ratio=ratio, lemo=lemo, mlp_keep=mlp_keep))
         h = run(block, h, positions, segment_ids)
     return model.final_norm(h)
 

@@ -17,8 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from tokensparse import routing
-from tokensparse.llama import DecoderBlock, Embed, Linear, RMSNorm, default_positions
-from tokensparse.remat import check_remat, remat_policy
+from tokensparse.llama import Llama, default_positions
 from tokensparse.subllm.balancer import balance
 from tokensparse.subllm.modules import (
     BYPASS_LIMIT_PROB,
@@ -35,7 +34,7 @@ from tokensparse.subllm.structure import SubLLMConfig, parse_structure
 MODES = ("train", "infer")
 
 
-class SubLLM(nnx.Module):
+class SubLLM(Llama):
     """``model(tokens, positions=None, segment_ids=None, *, mode, step, rng) -> logits [B, T, V]``.
 
     ``self.config`` is the backbone :class:`~tokensparse.config.ModelConfig` (so the generic training
@@ -45,36 +44,16 @@ class SubLLM(nnx.Module):
 
     def __init__(self, config: SubLLMConfig, *, attention_backend: str = "auto", remat: str = "none",
                  remat_names: tuple[str, ...] = ("attn_out", "mlp_out"), rngs: nnx.Rngs):
-        check_remat(remat)
+        super().__init__(config.model, attention_backend=attention_backend, remat=remat,
+                         remat_names=remat_names, rngs=rngs)
         mc = config.model
         self.subllm_config = config
-        self.config = mc
         self.structure = parse_structure(config.structure, config.keep)
-        self.remat = remat
-        self.remat_names = tuple(remat_names)
-        kw = dict(dtype=mc.compute_dtype, param_dtype=mc.weight_dtype)
-        self.embed = Embed(mc.vocab_size, mc.d_model, std=mc.init_std, rngs=rngs, **kw)
-        self.layers = nnx.List([
-            DecoderBlock(mc, layer=i, attention_backend=attention_backend, rngs=rngs)
-            for i in range(mc.n_layers)
-        ])
-        self.final_norm = RMSNorm(mc.d_model, eps=mc.rms_eps, **kw)
-        self.lm_head = nnx.data(None) if mc.tie_embeddings else Linear(
-            mc.d_model, mc.vocab_size, std=mc.init_std, rngs=rngs, **kw)
         n_sub = self.structure.n_subsamplers
         self.scorers = nnx.List([Scorer(mc.d_model, dtype=jnp.float32, param_dtype=mc.weight_dtype,
                                         rngs=rngs) for _ in range(n_sub)])
         self.bypasses = nnx.List([Bypass(mc.d_model, param_dtype=mc.weight_dtype)
                                   for _ in range(n_sub)])
-
-    def block_runner(self):
-        """``f(block, h, positions, segment_ids)``, rematerialised per ``self.remat``."""
-        def run(block, h, positions, segment_ids):
-            return block(h, positions, segment_ids)
-
-        if self.remat == "none":
-            return run
-        return nnx.remat(run, policy=remat_policy(self.remat, self.remat_names))
 
     def forward(
         self,
@@ -156,9 +135,6 @@ class SubLLM(nnx.Module):
         """Final-normed hidden states (before the LM head), spec §2.8."""
         return self.forward(tokens, positions, segment_ids, mode=mode, step=step, rng=rng,
                             force_unit_weights=force_unit_weights)[0]
-
-    def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
-        return self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, mode: str = "train", step=0,
                  rng: Array | None = None, force_unit_weights: bool = False):
