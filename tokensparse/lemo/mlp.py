@@ -88,6 +88,9 @@ def _fwd(x, w_gate, w_up, w_down, keep):
     else:
         idx = _rank_channels(a, v, keep)
         g_c, v_c = jnp.take(g, idx, axis=-1), jnp.take(v, idx, axis=-1)
+        # Tie the output to the kept channels: otherwise XLA's scheduler may postpone the ranking and
+        # gathers past later layers, keeping the full g and v alive (measured: +5.4 T·D per layer).
+        out, g_c, v_c = jax.lax.optimization_barrier((out, g_c, v_c))
     # Residuals: g and v on the kept channels only; the weights are arguments, not activations.
     # The empty array carries x's dtype, which dx must have.
     return out, (g_c, v_c, idx, w_gate, w_up, w_down, jnp.zeros((0,), x.dtype))
