@@ -207,3 +207,14 @@ def test_sparse_backward_mlp_refuses_adapters():
     model2, mlp2 = tiny_mlp(2)
     add_lora(model2, LoRAConfig(), rngs=nnx.Rngs(3))
     assert sparse_backward_mlp(mlp2, x, 8).shape == x.shape
+
+
+@pytest.mark.parametrize("rows", [5, 24, 4096])
+def test_channel_ranking_accumulates_over_row_blocks(rows):
+    """The blockwise fp32 ranking (24 tokens in blocks of 5: a padded last block) equals NumPy's."""
+    from tokensparse.lemo.mlp import _rank_channels
+
+    x, w_gate, w_up, _, _ = weights(seed=3)
+    g, v = jnp.dot(x, w_gate), jnp.dot(x, w_up)
+    got = jax.jit(_rank_channels, static_argnums=(2, 3))(g, v, 10, rows)
+    np.testing.assert_array_equal(got, np_top_channels(x, w_gate, w_up, 10))

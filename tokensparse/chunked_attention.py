@@ -1,11 +1,16 @@
-"""Memory-efficient attention in plain JAX: online softmax over key chunks, recomputed in backward.
+"""Memory-efficient attention in plain JAX: flash-style tiles with an online softmax, recomputed in
+backward.
 
 The dense backends materialise [B, H, Tq, Tk] probabilities, which for long contexts dwarfs every
-other activation (Llama-2-7B at 8K: 8 GiB per layer in fp32). This backend (``"chunked"``) never holds
-more than one [B, H, Tq, chunk] tile: the forward scans key chunks with a running max and sum and saves
-only the output and the per-row logsumexp; the backward (a ``custom_vjp``) rescans the chunks. It runs
-on every platform, so compile-only memory on a CPU reflects what a flash kernel would use on a GPU.
-Masks come from positions and segment ids exactly as in :mod:`tokensparse.attention`.
+other activation (Llama-2-7B at 8K: 8 GiB per layer in fp32). This backend (``"chunked"``) works on
+[block_q, block_k] tiles: the forward maps over query blocks, each scanning key blocks with a running
+max and sum, and saves only the output and the per-row logsumexp; the backward (a ``custom_vjp``)
+maps over query blocks again, rescanning the key blocks, and accumulates dk, dv in place. Tiles whose
+mask is empty (above the causal diagonal, other documents, padding) are skipped with ``lax.cond``:
+causal attention does about half the work. Padding to whole tiles happens inside the custom_vjp, so
+no padded copy of q, k or v is kept for the backward. It runs on every platform, so compile-only
+memory on a CPU reflects what a flash kernel would use on a GPU. Masks come from positions and
+segment ids exactly as in :mod:`tokensparse.attention`.
 """
 
 from __future__ import annotations
@@ -16,104 +21,154 @@ import jax
 import jax.numpy as jnp
 
 
-def _chunks(x, size):
-    """[B, T, ...] → [T/size, B, size, ...] (T padded by the caller)."""
+def _pad_rows(x, multiple: int, value=0):
+    pad = -x.shape[1] % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x, size):
+    """[B, T, ...] → [T/size, B, size, ...] (T a multiple of size)."""
     b, t = x.shape[:2]
     return jnp.moveaxis(x.reshape(b, t // size, size, *x.shape[2:]), 1, 0)
 
 
+def _unblock(x):
+    """Inverse of :func:`_blocks`."""
+    n, b, size = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, n * size, *x.shape[3:])
+
+
 def _mask(q_pos, q_seg, k_pos, k_seg, causal):
+    """[b, tq, tk] visibility (a negative segment id is padding: sees and is seen by nothing)."""
     m = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] >= 0) & (k_seg[:, None, :] >= 0)
     if causal:
         m &= k_pos[:, None, :] <= q_pos[:, :, None]
-    return m[:, None, None]  # [b, 1, 1, tq, tk] against logits [b, hkv, g, tq, tk]
+    return m
 
 
 def _logits(q, k, scale):
     return jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, chunk):
-    return _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, chunk)[0]
+def _padded(q, k, v, q_pos, q_seg, k_pos, k_seg, bq, bk):
+    """Pad queries to whole ``bq`` blocks and keys to whole ``bk`` blocks (padding: segment -1)."""
+    q, q_pos, q_seg = _pad_rows(q, bq), _pad_rows(q_pos, bq), _pad_rows(q_seg, bq, -1)
+    k, v, k_pos, k_seg = _pad_rows(k, bk), _pad_rows(v, bk), _pad_rows(k_pos, bk), _pad_rows(k_seg, bk, -1)
+    return q, k, v, q_pos, q_seg, k_pos, k_seg
 
 
-def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, chunk):
-    b, tq, hkv, g, d = q.shape
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _attend(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
+    return _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk)[0]
 
-    def body(carry, kv):
-        m, total, acc = carry
-        kc, vc, pc, sc = kv
-        s = _logits(q, kc, scale)
-        mask = _mask(q_pos, q_seg, pc, sc, causal)
-        m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1))
-        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(jnp.where(mask, s - safe[..., None], -jnp.inf))
-        alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
-        total = total * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, vc.astype(jnp.float32))
-        return (m_new, total, acc), None
 
-    init = (jnp.full((b, hkv, g, tq), -jnp.inf), jnp.zeros((b, hkv, g, tq)),
-            jnp.zeros((b, hkv, g, tq, d)))
-    (m, total, acc), _ = jax.lax.scan(body, init, tuple(_chunks(x, chunk) for x in (k, v, k_pos, k_seg)))
-    visible = total > 0
-    out = jnp.where(visible[..., None], acc / jnp.where(visible, total, 1.0)[..., None], 0.0)
-    lse = jnp.where(visible, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(visible, total, 1.0)),
-                    jnp.inf)  # rows with no visible key: exp(s - inf) = 0 in backward
-    out = jnp.moveaxis(out, 3, 1).astype(q.dtype)  # [b, tq, hkv, g, d]
+def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
+    tq = q.shape[1]
+    qp, kp, vp, qpos, qseg, kpos, kseg = _padded(q, k, v, q_pos, q_seg, k_pos, k_seg, bq, bk)
+    b, _, hkv, g, d = qp.shape
+    keys = tuple(_blocks(x, bk) for x in (kp, vp, kpos, kseg))
+
+    def query_block(args):
+        qb, qpb, qsb = args
+
+        def tile(carry, kv):
+            m, total, acc = carry
+            kc, vc, pc, sc = kv
+            s = _logits(qb, kc, scale)
+            mask = _mask(qpb, qsb, pc, sc, causal)[:, None, None]
+            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1))
+            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(jnp.where(mask, s - safe[..., None], -jnp.inf))
+            alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
+            total = total * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, vc.astype(jnp.float32))
+            return m_new, total, acc
+
+        def body(carry, kv):
+            visible = jnp.any(_mask(qpb, qsb, kv[2], kv[3], causal))
+            return jax.lax.cond(visible, tile, lambda c, _: c, carry, kv), None
+
+        init = (jnp.full((b, hkv, g, bq), -jnp.inf), jnp.zeros((b, hkv, g, bq)),
+                jnp.zeros((b, hkv, g, bq, d)))
+        (m, total, acc), _ = jax.lax.scan(body, init, keys)
+        visible = total > 0
+        out = jnp.where(visible[..., None], acc / jnp.where(visible, total, 1.0)[..., None], 0.0)
+        lse = jnp.where(visible, jnp.where(jnp.isfinite(m), m, 0.0)
+                        + jnp.log(jnp.where(visible, total, 1.0)), jnp.inf)  # no visible key: p = 0
+        return jnp.moveaxis(out, 3, 1).astype(q.dtype), lse  # [b, bq, hkv, g, d], [b, hkv, g, bq]
+
+    out, lse = jax.lax.map(query_block, tuple(_blocks(x, bq) for x in (qp, qpos, qseg)))
+    out = _unblock(out)[:, :tq]
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, hkv, g, -1)[..., :tq]
     return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse)
 
 
-def _fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, chunk):
-    return _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, chunk)
+def _fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
+    return _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk)
 
 
-def _bwd(causal, scale, chunk, res, d_out):
+def _bwd(causal, scale, bq, bk, res, d_out):
     q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse = res
-    do = jnp.moveaxis(d_out.astype(jnp.float32), 1, 3)  # [b, hkv, g, tq, d]
-    delta = jnp.sum(do * jnp.moveaxis(out.astype(jnp.float32), 1, 3), axis=-1)  # [b, hkv, g, tq]
-    qf = q.astype(jnp.float32)
+    tq, tk = q.shape[1], k.shape[1]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, tq, hkv, g]
+    qp, kp, vp, qpos, qseg, kpos, kseg = _padded(q, k, v, q_pos, q_seg, k_pos, k_seg, bq, bk)
+    do, delta = _pad_rows(d_out, bq), _pad_rows(delta, bq)
+    lse = _pad_rows(jnp.moveaxis(lse, 3, 1), bq, jnp.inf)  # [b, tq, hkv, g]
+    keys = tuple(_blocks(x, bk) for x in (kp, vp, kpos, kseg)) + (jnp.arange(kp.shape[1] // bk),)
 
-    def body(dq, kv):
-        kc, vc, pc, sc = kv
-        s = _logits(q, kc, scale)
-        mask = _mask(q_pos, q_seg, pc, sc, causal)
-        p = jnp.exp(jnp.where(mask, s - lse[..., None], -jnp.inf))
-        dv = jnp.einsum("bkgqs,bkgqd->bskd", p, do)
-        dp = jnp.einsum("bkgqd,bskd->bkgqs", do, vc.astype(jnp.float32))
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kc.astype(jnp.float32))
-        dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, qf)
-        return dq, (dk, dv)
+    def query_block(dkv, args):
+        qb, dob, lseb, deltab, qpb, qsb = args
+        qf, dof = qb.astype(jnp.float32), jnp.moveaxis(dob.astype(jnp.float32), 1, 3)  # do: [b,k,g,q,d]
+        lseb, deltab = jnp.moveaxis(lseb, 1, 3), jnp.moveaxis(deltab, 1, 3)  # [b, hkv, g, bq]
 
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32),
-                                tuple(_chunks(x, chunk) for x in (k, v, k_pos, k_seg)))
+        def tile(carry, kv):
+            dq, dk_all, dv_all = carry
+            kc, vc, pc, sc, j = kv
+            s = _logits(qb, kc, scale)
+            mask = _mask(qpb, qsb, pc, sc, causal)[:, None, None]
+            p = jnp.exp(jnp.where(mask, s - lseb[..., None], -jnp.inf))
+            dp = jnp.einsum("bkgqd,bskd->bkgqs", dof, vc.astype(jnp.float32))
+            ds = p * (dp - deltab[..., None]) * scale
+            dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kc.astype(jnp.float32))
+            start = (0, j * bk, 0, 0)
+            dk_c = jax.lax.dynamic_slice(dk_all, start, kc.shape)
+            dv_c = jax.lax.dynamic_slice(dv_all, start, vc.shape)
+            dk_all = jax.lax.dynamic_update_slice(
+                dk_all, dk_c + jnp.einsum("bkgqs,bqkgd->bskd", ds, qf), start)
+            dv_all = jax.lax.dynamic_update_slice(
+                dv_all, dv_c + jnp.einsum("bkgqs,bkgqd->bskd", p, dof), start)
+            return dq, dk_all, dv_all
 
-    def unchunk(x):
-        return jnp.moveaxis(x, 0, 1).reshape(k.shape)
+        def body(carry, kv):
+            visible = jnp.any(_mask(qpb, qsb, kv[2], kv[3], causal))
+            return jax.lax.cond(visible, tile, lambda c, _: c, carry, kv), None
 
-    zeros = [None] * 4
-    return (dq.astype(q.dtype), unchunk(dk).astype(k.dtype), unchunk(dv).astype(v.dtype), *zeros)
+        (dq, *dkv), _ = jax.lax.scan(body, (jnp.zeros(qb.shape, jnp.float32), *dkv), keys)
+        return tuple(dkv), dq.astype(q.dtype)
+
+    zeros_kv = (jnp.zeros(kp.shape, jnp.float32), jnp.zeros(vp.shape, jnp.float32))
+    (dk, dv), dq = jax.lax.scan(
+        query_block, zeros_kv, tuple(_blocks(x, bq) for x in (qp, do, lse, delta, qpos, qseg)))
+    dq = _unblock(dq)[:, :tq]
+    return (dq, dk[:, :tk].astype(k.dtype), dv[:, :tk].astype(v.dtype), None, None, None, None)
 
 
 _attend.defvjp(_fwd, _bwd)
 
 
 def chunked_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None,
-                      causal=True, scale=None, chunk: int = 512):
-    """Same contract as :func:`tokensparse.attention.reference_attention`, O(Tq·chunk) memory."""
+                      causal=True, scale=None, block_q: int = 512, block_k: int = 512):
+    """Same contract as :func:`tokensparse.attention.reference_attention`, O(block_q·block_k) memory
+    per tile. Blocks larger than the sequence shrink to it."""
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     scale = d**-0.5 if scale is None else scale
     q_seg = jnp.zeros((b, tq), jnp.int32) if q_segment_ids is None else q_segment_ids
     k_seg = jnp.zeros((b, tk), jnp.int32) if kv_segment_ids is None else kv_segment_ids
-    chunk = min(chunk, tk)
-    pad = -tk % chunk
-    if pad:  # padded keys carry segment -1: invisible
-        k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
-        kv_positions = jnp.pad(kv_positions, ((0, 0), (0, pad)))
-        k_seg = jnp.pad(k_seg, ((0, 0), (0, pad)), constant_values=-1)
     out = _attend(q.reshape(b, tq, hkv, h // hkv, d), k, v, q_positions, q_seg, kv_positions, k_seg,
-                  causal, float(scale), chunk)
+                  causal, float(scale), min(block_q, tq), min(block_k, tk))
     return out.reshape(b, tq, h, d)

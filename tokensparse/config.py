@@ -217,7 +217,7 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     remat: str = "none"  # none | full | dots | names (tokensparse.remat)
-    remat_names: tuple[str, ...] = ("attn_out", "mlp_out")
+    remat_names: tuple[str, ...] = ("qkv", "attn_core")
     loss_segment: int = 0  # > 0: LM head + CE in checkpointed chunks of this many positions
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end

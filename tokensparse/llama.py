@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int
 from tokensparse import routing
 from tokensparse.attention import attention
 from tokensparse.config import ModelConfig
-from tokensparse.remat import check_remat, remat_policy
+from tokensparse.remat import check_remat, checkpointed, remat_policy
 from tokensparse.rope import apply_rope, inverse_frequencies
 from tokensparse.routing import Selection
 
@@ -132,15 +132,21 @@ class Attention(nnx.Module):
         inv_freq = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
+    def core(self, q, k, v, positions: Int[Array, "b t"], segment_ids=None
+             ) -> Float[Array, "b t h dh"]:
+        """Causal self-attention of projected q, k, v at ``positions`` (backend per ``self.backend``)."""
+        return attention(q, k, v, q_positions=positions, kv_positions=positions,
+                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+                         backend=self.backend)
+
+    def project_out(self, out: Float[Array, "b t h dh"]) -> Float[Array, "b t d"]:
+        b, t = out.shape[:2]
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
     def __call__(self, u: Float[Array, "b t d"], positions: Int[Array, "b t"],
                  segment_ids: Int[Array, "b t"] | None = None) -> Float[Array, "b t d"]:
         """Self-attention over the tokens in ``u`` (already normed, possibly a compacted subset)."""
-        q, k, v = self.project_qkv(u, positions)
-        out = attention(q, k, v, q_positions=positions, kv_positions=positions,
-                        q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-                        backend=self.backend)
-        b, t = u.shape[:2]
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        return self.project_out(self.core(*self.project_qkv(u, positions), positions, segment_ids))
 
 
 class DecoderBlock(nnx.Module):
@@ -158,26 +164,54 @@ class DecoderBlock(nnx.Module):
                segment_ids: Int[Array, "b t"] | None = None,
                selection: Selection | None = None) -> Float[Array, "b t d"]:
         """The attention half: x plus attention output, on all tokens or only the selected ones."""
-        return self.attend_normed(x, self.input_norm(x), positions, segment_ids, selection)
+        return self.attend_and_norm(x, positions, segment_ids, selection)[0]
 
-    def attend_normed(self, x, u, positions, segment_ids=None, selection: Selection | None = None):
-        """:meth:`attend` given ``u = input_norm(x)`` (callers that score ``u`` reuse it)."""
+    def attend_and_norm(self, x, positions, segment_ids=None, selection: Selection | None = None):
+        """``(h, post_attn_norm(h))`` with ``h = x + attention(input_norm(x))``.
+
+        With a ``selection`` the attention runs only on the selected rows (gathered, at their
+        original positions) and its output is added back at those rows; other rows pass through.
+
+        Memory: the backward keeps ``x`` and what attention itself needs (q, k, v, its output and
+        logsumexp), not the normed inputs, RoPE tables or ``h``: two small rematerialised regions
+        recompute the norms and the output projection (one [rows, D] x [D, D] matmul) instead.
+        """
         if selection is None:
-            return x + checkpoint_name(self.attn(u, positions, segment_ids), "attn_out")
-        if segment_ids is None:
-            segment_ids = jnp.zeros(positions.shape, jnp.int32)
-        out = self.attn(routing.gather(u, selection), routing.gather(positions, selection),
-                        routing.gather(segment_ids, selection, fill_value=-1))
-        return routing.scatter_add(x, selection, checkpoint_name(out, "attn_out"))
+            rows_pos, rows_seg = positions, segment_ids
+        else:
+            seg = jnp.zeros(positions.shape, jnp.int32) if segment_ids is None else segment_ids
+            rows_pos = routing.gather(positions, selection)
+            rows_seg = routing.gather(seg, selection, fill_value=-1)
+        q, k, v = checkpoint_name(checkpointed(_normed_qkv)(self, x, rows_pos, selection), "qkv")
+        out = checkpoint_name(self.attn.core(q, k, v, rows_pos, rows_seg), "attn_core")
+        h, normed = checkpointed(_residual_and_norm)(self, x, out, selection)
+        return checkpoint_name(h, "attn_out"), normed
 
-    def feed_forward(self, h: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
-        return h + checkpoint_name(self.mlp(self.post_attn_norm(h)), "mlp_out")
+    def feed_forward(self, h: Float[Array, "b t d"], normed=None, mlp=None) -> Float[Array, "b t d"]:
+        """``h + mlp(post_attn_norm(h))``; ``normed`` reuses a computed norm, ``mlp`` replaces the
+        module's MLP call (LeMo's channel-sparse backward)."""
+        normed = self.post_attn_norm(h) if normed is None else normed
+        return h + checkpoint_name((mlp or self.mlp)(normed), "mlp_out")
 
     def __call__(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"],
                  segment_ids: Int[Array, "b t"] | None = None,
                  selection: Selection | None = None) -> Float[Array, "b t d"]:
         x = checkpoint_name(x, "block_in")
-        return self.feed_forward(self.attend(x, positions, segment_ids, selection))
+        return self.feed_forward(*self.attend_and_norm(x, positions, segment_ids, selection))
+
+
+def _normed_qkv(block: DecoderBlock, x, positions, selection):
+    """q, k, v of ``input_norm(x)`` on the selected rows (all rows without a selection)."""
+    if selection is not None:
+        x = routing.gather(x, selection)  # the norm is per row: gather first, norm fewer rows
+    return block.attn.project_qkv(block.input_norm(x), positions)
+
+
+def _residual_and_norm(block: DecoderBlock, x, out, selection):
+    """``h = x + o_proj(out)`` (scattered to the selected rows) and ``post_attn_norm(h)``."""
+    a = block.attn.project_out(out)
+    h = x + a if selection is None else routing.scatter_add(x, selection, a)
+    return h, block.post_attn_norm(h)
 
 
 class Llama(nnx.Module):
@@ -190,7 +224,7 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, attention_backend: str = "auto",
-                 remat: str = "none", remat_names: tuple[str, ...] = ("attn_out", "mlp_out"),
+                 remat: str = "none", remat_names: tuple[str, ...] = ("qkv", "attn_core"),
                  rngs: nnx.Rngs):
         check_remat(remat)
         self.config = config
@@ -231,7 +265,7 @@ class Llama(nnx.Module):
         method variants (LeMo, SUBLLM) wrap their own per-layer functions with it."""
         if self.remat == "none":
             return layer_fn
-        return nnx.remat(layer_fn, policy=remat_policy(self.remat, self.remat_names))
+        return checkpointed(layer_fn, remat_policy(self.remat, self.remat_names))
 
     def block_runner(self):
         """``f(block, h, positions, segment_ids, selection=None)``, rematerialised per ``self.remat``."""

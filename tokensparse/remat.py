@@ -2,8 +2,12 @@
 
 ``none`` saves every activation; ``full`` saves only block inputs and recomputes the rest; ``dots``
 saves matmul outputs without batch dimensions (recomputes elementwise work and attention);
-``names`` saves only the tensors tagged with ``checkpoint_name`` (``block_in``, ``attn_out``,
-``mlp_out``) listed in ``names``.
+``names`` saves only the tensors tagged with ``checkpoint_name`` listed in ``names``: ``block_in``
+(the block input), ``qkv`` (q, k after RoPE and v), ``attn_core`` (the attention output before the
+output projection), ``attn_out`` (the residual stream after attention) and ``mlp_out`` (the MLP's
+output). The default, ``("qkv", "attn_core")``, keeps the attention inputs and output so that only
+the norms, projections and MLP are recomputed. This block's backward needs neither ``attn_out`` nor
+``mlp_out``, so saving them only costs memory; they are there for callers' own checkpoints.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+from flax import nnx
 
 REMAT_POLICIES = ("none", "full", "dots", "names")
-CHECKPOINT_NAMES = ("block_in", "attn_out", "mlp_out")
+CHECKPOINT_NAMES = ("block_in", "qkv", "attn_core", "attn_out", "mlp_out")
 
 
-def remat_policy(name: str, names: tuple[str, ...] = ("attn_out", "mlp_out")
+def remat_policy(name: str, names: tuple[str, ...] = ("qkv", "attn_core")
                  ) -> Callable[..., bool] | None:
     """The ``jax.checkpoint`` policy for ``name`` (None means: save nothing, recompute all)."""
     if name not in REMAT_POLICIES or name == "none":
@@ -34,3 +39,27 @@ def remat_policy(name: str, names: tuple[str, ...] = ("attn_out", "mlp_out")
 def check_remat(name: str) -> None:
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat={name!r} is not supported; use one of {REMAT_POLICIES}.")
+
+
+def checkpointed(fn: Callable, policy: Callable[..., bool] | None = None, *, prevent_cse: bool = True
+                 ) -> Callable:
+    """``fn(module, *args)`` under ``jax.checkpoint`` with ``policy``, usable inside plain JAX
+    transforms (``jax.grad`` over ``nnx.merge``) as well as NNX ones.
+
+    The module is split into its state, merged again inside the checkpointed function, and any RNG
+    state it advanced (LoRA dropout) is written back, so randomness is consumed exactly as without
+    the checkpoint, and the recomputation in the backward replays the same random draws.
+    """
+
+    def wrapped(module, *args):
+        graphdef, state = nnx.split(module)
+
+        def pure(state, *args):
+            inner = nnx.merge(graphdef, state)
+            return fn(inner, *args), nnx.state(inner, nnx.RngState)
+
+        out, rng_state = jax.checkpoint(pure, policy=policy, prevent_cse=prevent_cse)(state, *args)
+        nnx.update(module, rng_state)
+        return out
+
+    return wrapped

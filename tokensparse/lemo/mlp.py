@@ -40,20 +40,30 @@ def _silu_grad(g):
     return s * (1.0 + g * (1.0 - s))
 
 
-def _rank_channels(a, v, keep: int) -> Int[Array, " c"]:
-    """The ``keep`` channels with the largest ‖a_c‖₂ + ‖v_c‖₂ over all tokens, ascending."""
-    a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
-    v = v.reshape(-1, v.shape[-1]).astype(jnp.float32)
-    r = jnp.linalg.norm(a, axis=0) + jnp.linalg.norm(v, axis=0)
-    _, idx = jax.lax.top_k(r, keep)
+def _rank_channels(g, v, keep: int, rows: int = 1024) -> Int[Array, " c"]:
+    """The ``keep`` channels with the largest ‖silu(g)_c‖₂ + ‖v_c‖₂ over all tokens, ascending.
+
+    Sums of squares accumulate in fp32 over blocks of ``rows`` tokens, so no fp32 copy of the
+    [tokens, I] activations is ever materialised (it would be the step's memory peak).
+    """
+    g, v = g.reshape(-1, g.shape[-1]), v.reshape(-1, v.shape[-1])
+    rows = min(rows, g.shape[0])
+    pad = -g.shape[0] % rows  # zero rows add nothing: silu(0) = 0
+    g, v = (jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, rows, x.shape[-1]) for x in (g, v))
+
+    def add_block(sums, block):
+        gb, vb = (x.astype(jnp.float32) for x in block)
+        return sums + jnp.stack([jnp.sum(jnp.square(jax.nn.silu(gb)), 0), jnp.sum(vb * vb, 0)]), None
+
+    sums, _ = jax.lax.scan(add_block, jnp.zeros((2, g.shape[-1]), jnp.float32), (g, v))
+    _, idx = jax.lax.top_k(jnp.sqrt(sums[0]) + jnp.sqrt(sums[1]), keep)
     return jnp.sort(idx)
 
 
 def _forward(x, w_gate, w_up, w_down):
     g = jnp.dot(x, w_gate)
     v = jnp.dot(x, w_up)
-    a = jax.nn.silu(g)
-    return jnp.dot(a * v, w_down), g, v, a
+    return jnp.dot(jax.nn.silu(g) * v, w_down), g, v
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -81,12 +91,12 @@ def _check_keep(keep, ffn_dim: int) -> None:
 
 def _fwd(x, w_gate, w_up, w_down, keep):
     _check_keep(keep, w_gate.shape[-1])
-    out, g, v, a = _forward(x, w_gate, w_up, w_down)
+    out, g, v = _forward(x, w_gate, w_up, w_down)
     if keep == w_gate.shape[-1]:  # every channel: exact backward, nothing to rank or gather
         idx = jnp.arange(keep, dtype=jnp.int32)
         g_c, v_c = g, v
     else:
-        idx = _rank_channels(a, v, keep)
+        idx = _rank_channels(g, v, keep)
         g_c, v_c = jnp.take(g, idx, axis=-1), jnp.take(v, idx, axis=-1)
         # Tie the output to the kept channels: otherwise XLA's scheduler may postpone the ranking and
         # gathers past later layers, keeping the full g and v alive (measured: +5.4 T·D per layer).

@@ -66,16 +66,14 @@ def lemo_block(block: DecoderBlock, h, positions, segment_ids, *, keep_ratio: fl
                lemo: LeMoConfig, mlp_keep: int):
     """One decoder layer with LeMo's attention elimination and MLP backward."""
     h = checkpoint_name(h, "block_in")
-    if keep_ratio < 1.0:
-        u = block.input_norm(h)
-        h = block.attend_normed(h, u, positions, segment_ids,
-                                layer_selection(block, u, keep_ratio, lemo))
-    else:
-        h = block.attend(h, positions, segment_ids)
+    selection = None
+    if keep_ratio < 1.0:  # scoring sees every row; it is under stop_gradient and saves nothing
+        selection = layer_selection(block, block.input_norm(h), keep_ratio, lemo)
+    h, normed = block.attend_and_norm(h, positions, segment_ids, selection)
     if mlp_keep >= block.mlp.gate_proj.kernel.shape[1]:
-        return block.feed_forward(h)
-    out = sparse_backward_mlp(block.mlp, block.post_attn_norm(h), mlp_keep)
-    return h + checkpoint_name(out, "mlp_out")
+        return block.feed_forward(h, normed)
+    return block.feed_forward(h, normed, functools.partial(sparse_backward_mlp, block.mlp,
+                                                           keep=mlp_keep))
 
 
 def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,

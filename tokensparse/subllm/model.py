@@ -43,7 +43,7 @@ class SubLLM(Llama):
     """
 
     def __init__(self, config: SubLLMConfig, *, attention_backend: str = "auto", remat: str = "none",
-                 remat_names: tuple[str, ...] = ("attn_out", "mlp_out"), rngs: nnx.Rngs):
+                 remat_names: tuple[str, ...] = ("qkv", "attn_core"), rngs: nnx.Rngs):
         super().__init__(config.model, attention_backend=attention_backend, remat=remat,
                          remat_names=remat_names, rngs=rngs)
         mc = config.model
