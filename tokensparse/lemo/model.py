@@ -56,6 +56,7 @@ def oracle_block_scores(block: DecoderBlock, u: Float[Array, "b t d"],
 
 def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig
                     ) -> routing.Selection:
+    """The layer's top ``floor(keep_ratio · n_b)`` blocks by oracle score, ascending."""
     scores = oracle_block_scores(block, u, scoring.ScoreOptions(block_size=lemo.block_size))
     if lemo.keep_first_block:
         scores = scores.at[:, 0].set(jax.numpy.inf)
@@ -63,12 +64,16 @@ def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig
 
 
 def lemo_block(block: DecoderBlock, h, positions, segment_ids, *, keep_ratio: float,
-               lemo: LeMoConfig, mlp_keep: int):
-    """One decoder layer with LeMo's attention elimination and MLP backward."""
+               lemo: LeMoConfig, mlp_keep: int, select=None):
+    """One decoder layer with LeMo's attention elimination and MLP backward.
+
+    ``select(block, u) -> Selection`` overrides the top-k rule (threshold tuning uses it).
+    """
     h = checkpoint_name(h, "block_in")
     selection = None
-    if keep_ratio < 1.0:  # scoring sees every row; it is under stop_gradient and saves nothing
-        selection = layer_selection(block, block.input_norm(h), keep_ratio, lemo)
+    if select is not None or keep_ratio < 1.0:  # scoring is under stop_gradient: saves nothing
+        u = block.input_norm(h)
+        selection = select(block, u) if select else layer_selection(block, u, keep_ratio, lemo)
     h, normed = block.attend_and_norm(h, positions, segment_ids, selection)
     if mlp_keep >= block.mlp.gate_proj.kernel.shape[1]:
         return block.feed_forward(h, normed)
@@ -76,13 +81,18 @@ def lemo_block(block: DecoderBlock, h, positions, segment_ids, *, keep_ratio: fl
                                                            keep=mlp_keep))
 
 
+def mlp_keep_channels(model: Llama, lemo: LeMoConfig) -> int:
+    """Channels the MLP backward keeps (all of them with ``mlp_mode="dense"``)."""
+    ffn_dim = model.config.ffn_dim
+    return ffn_dim if lemo.mlp_mode == "dense" else keep_channels(ffn_dim, lemo.mlp_drop)
+
+
 def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,
                        *, lemo: LeMoConfig) -> Float[Array, "b t d"]:
     """Final-normed hidden states of the LeMo forward (the loss applies the head)."""
     ratios = check_lemo(model, lemo, tokens.shape[1])
     positions = default_positions(tokens) if positions is None else positions
-    ffn_dim = model.config.ffn_dim
-    mlp_keep = ffn_dim if lemo.mlp_mode == "dense" else keep_channels(ffn_dim, lemo.mlp_drop)
+    mlp_keep = mlp_keep_channels(model, lemo)
     h = model.embed(tokens)
     for block, ratio in zip(model.layers, ratios, strict=True):
         run = model.rematerialised(
