@@ -26,8 +26,9 @@ from tokensparse.lemo.model import lemo_loss
 from tokensparse.llama import Llama
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192"], "Sequence lengths.")
-_REMAT = flags.DEFINE_string("remat", "none", "Remat policy for both methods.")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768"], "Sequence lengths.")
+_REMAT = flags.DEFINE_list("remat", ["none", "full"], "Remat policies (each for both methods); the "
+                           "summary's unsuffixed keys are for 'none'.")
 _ATTENTION = flags.DEFINE_string("attention", "chunked", "Attention backend for both methods "
                                  "(chunked: flash-like memory on any platform).")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON.")
@@ -67,16 +68,19 @@ def main(argv):
     del argv
     config = preset(_PRESET.value, dtype="bfloat16", param_dtype="bfloat16")
     rows, summary = [], {}
-    print(f"{'seq_len':>8} {'method':>6} {'temp GiB':>9} {'args GiB':>9}")
-    for seq_len in map(int, _SEQ_LENS.value):
-        pair = {m: step_cost(config, seq_len, m, _REMAT.value) for m in ("lora", "lemo")}
-        for row in pair.values():
-            rows.append(row)
-            print(f"{seq_len:>8} {row['method']:>6} {row['temp_bytes'] / 2**30:>9.2f} "
-                  f"{row['arg_bytes'] / 2**30:>9.2f}")
-        total = {m: r["temp_bytes"] + r["arg_bytes"] for m, r in pair.items()}
-        summary[f"activation_ratio@{seq_len}"] = pair["lora"]["temp_bytes"] / pair["lemo"]["temp_bytes"]
-        summary[f"total_ratio@{seq_len}"] = total["lora"] / total["lemo"]
+    print(f"{'seq_len':>8} {'remat':>6} {'method':>6} {'temp GiB':>9} {'args GiB':>9}")
+    for remat in _REMAT.value:
+        suffix = "" if remat == "none" else f"_remat_{remat}"
+        for seq_len in map(int, _SEQ_LENS.value):
+            pair = {m: step_cost(config, seq_len, m, remat) for m in ("lora", "lemo")}
+            for row in pair.values():
+                rows.append(row)
+                print(f"{seq_len:>8} {remat:>6} {row['method']:>6} {row['temp_bytes'] / 2**30:>9.2f} "
+                      f"{row['arg_bytes'] / 2**30:>9.2f}", flush=True)
+            total = {m: r["temp_bytes"] + r["arg_bytes"] for m, r in pair.items()}
+            summary[f"activation_ratio{suffix}@{seq_len}"] = (pair["lora"]["temp_bytes"]
+                                                             / pair["lemo"]["temp_bytes"])
+            summary[f"total_ratio{suffix}@{seq_len}"] = total["lora"] / total["lemo"]
     print(json.dumps(summary, indent=1))
     write_result(_OUT.value, "lemo_memory", rows, summary, settings={
         "dtype": "bfloat16", "lemo": "keep 0.4 in layers L/2-1..L-2, oracle selection, MLP backward "
