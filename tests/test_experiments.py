@@ -1,6 +1,7 @@
 """The experiment CLIs end to end: outputs, exact resume, SIGTERM, fine-tuning, bad input."""
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -95,6 +96,26 @@ def test_finetune_from_our_pretraining(pretrained, tmp_path, method):
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     assert saved["rope_scaling"] == {**saved["rope_scaling"], "kind": "linear", "factor": 2.0}
     assert sorted(_losses(tmp_path)) == [5, 10]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert math.isfinite(summary["val_loss"])
+    if method == "lemo":  # keep 0.4 in layer 0: the sparse forward scores the windows differently
+        assert math.isfinite(summary["val_sparse_loss"]) and math.isfinite(summary["val_sparse_ppl"])
+        assert summary["val_sparse_tokens"] == summary["val_tokens"]
+        assert summary["val_sparse_loss"] != pytest.approx(summary["val_loss"], abs=1e-4)
+    else:
+        assert "val_sparse_loss" not in summary
+
+
+def test_lemo_sparse_eval_equals_dense_eval_when_nothing_is_dropped(pretrained, tmp_path):
+    workdir, _ = pretrained
+    c = finetune_tiny.get_config()
+    c.base, c.method, c.progress = str(workdir), "lemo", False
+    c.train.steps = 2
+    c.lemo.block_size, c.lemo.keep_ratio, c.lemo.mlp_mode = 32, 1.0, "dense"
+    summary = runs.finetune(c, tmp_path)
+    assert math.isfinite(summary["val_sparse_loss"])
+    assert summary["val_sparse_loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
+    assert summary["val_sparse_ppl"] == pytest.approx(summary["val_ppl"], rel=1e-5)
 
 
 def test_unknown_config_key_fails_before_compiling(tmp_path):

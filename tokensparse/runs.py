@@ -178,7 +178,11 @@ def load_base(base: str, *, attention_backend: str = "auto"):
 
 def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """LoRA fine-tuning of a base model at ``config.train.seq_len`` on long-document windows, with
-    RoPE linear scaling to the target length; evaluation is dense perplexity on validation windows."""
+    RoPE linear scaling to the target length; evaluation is dense perplexity on validation windows.
+
+    The summary's ``val_*`` keys are that dense evaluation (the LeMo spec's protocol, §2.9). With
+    ``method="lemo"`` the same windows are also scored with the LeMo forward the model was trained
+    with (``val_sparse_loss``, ``val_sparse_ppl``, ``val_sparse_tokens``): the train/eval gap."""
     workdir = pathlib.Path(workdir)
     tc = build_train_config(c.train)
     lora_config = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
@@ -194,7 +198,7 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     _check_vocab(tokenizer, base_config)
     model_config = base_config.with_context(tc.seq_len)
     check_resumable(workdir, {"model": model_config.to_dict()})
-    _set_context(model, model_config)
+    set_context(model, model_config)
     model.remat, model.remat_names = tc.remat, tc.remat_names
     lora.add_lora(model, lora_config, rngs=nnx.Rngs(tc.seed))
 
@@ -226,11 +230,14 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
                         metadata={"model": model_config.to_dict(), "experiment": c.to_dict()},
                         eval_fn=evaluate, progress=c.progress)
     summary = _summary(model, optimizer, step_fn, batches.batch(0), result, evaluate(model))
+    if lemo_config is not None:
+        sparse = _eval_fn(eval_batches, train_loss_fn)(model)
+        summary.update({f"val_sparse_{k}": v for k, v in sparse.items()})
     _write_json(workdir / "summary.json", summary)
     return summary
 
 
-def _set_context(model: Llama, config: ModelConfig) -> None:
+def set_context(model: Llama, config: ModelConfig) -> None:
     """Point every attention layer at ``config``'s RoPE scaling (weights are unaffected)."""
     model.config = config
     for block in model.layers:

@@ -1,0 +1,247 @@
+"""LeMo vs LoRA: held-out perplexity after equal-step long-context fine-tuning (LeMo spec §2.9, §4.7).
+
+    python -m experiments.bench.lemo_quality --out bench_results/lemo_quality.json \\
+        [--preset=small --base_seq_len=512 --base_steps=400 --seq_len=2048 --steps=1000]
+    python -m experiments.bench.lemo_quality --smoke --out /tmp/lemo_quality.json  # tiny, seconds
+
+1. **Base.** Pretrain ``--preset`` on the corpus at the short context ``--base_seq_len``
+   (:func:`tokensparse.runs.pretrain`, ``experiments/configs/pretrain_small.py``). The base lives in
+   ``--base_workdir`` and is reused when its ``summary.json`` exists, so reruns skip pretraining.
+2. **Fine-tune** it at ``--seq_len`` for ``--steps`` (RoPE linear scaling; LoRA r=8, α=16 on
+   q,k,v,o; AdamW β=(0.9, 0.95), 20 warm-up steps then constant: ``finetune_small.py``) with
+   ``method=lora`` and ``method=lemo`` (default LeMoConfig: keep 0.4 in layers L/2-1..L-2, MLP
+   backward drops 80% of channels), plus LeMo with ``mlp_drop=0.5`` (spec §4.7;
+   ``--nomlp_drop_ablation`` skips it). Every run has the same steps, data order and seed.
+3. **Evaluate** each fine-tuned model on the same ``--eval_batches`` validation windows of
+   ``--seq_len`` (sliding-window protocol): dense, with the trained LoRA (the spec's protocol), and
+   for LeMo runs also with the sparse LeMo forward they were trained with. The base is scored on the
+   same target tokens at its own context and at ``--seq_len`` with RoPE scaling but no training, so
+   the reader sees what fine-tuning bought.
+
+Summary: ``ppl_ratio`` = LeMo (mlp_drop 0.8) / LoRA perplexity, dense eval; ``ppl_ratio_mlp_drop0.5``
+the same for mlp_drop 0.5; ``sparse_ppl_ratio`` = LeMo's sparse-eval perplexity / LoRA's (dense)
+perplexity. Unlike the speed and memory ratios these are method / baseline: smaller is better, and
+the library's target is ``ppl_ratio <= 1.03`` (spec §3).
+
+Cost: the defaults (``small``, 1000 steps at 2048, three runs) are hours on a CPU: a ``small`` LoRA
+step at 1024 took ~4 s on 2 busy cores, and the cost grows faster than linearly with T. Fewer
+``--steps`` or a shorter ``--seq_len`` give a quicker, noisier answer; the ratio is only meaningful
+once fine-tuning has moved the perplexity well below ``base_ppl_rope_scaled@<T>``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments.bench import write_result
+from experiments.configs import finetune_small, pretrain_small
+from tokensparse import data, runs, train
+
+_PRESET = flags.DEFINE_string("preset", "small", "Model preset of the base.")
+_BASE_SEQ_LEN = flags.DEFINE_integer("base_seq_len", 512, "Pretraining context (the base's own).")
+_BASE_STEPS = flags.DEFINE_integer("base_steps", 400, "Pretraining steps.")
+_BASE_BATCH = flags.DEFINE_integer("base_batch_size", 8, "Pretraining batch size.")
+_BASE_WORKDIR = flags.DEFINE_string(
+    "base_workdir", None, "Pretraining workdir, reused if it holds summary.json (default: "
+    "<cache>/bench/lemo_quality/<preset>-T<base_seq_len>-s<base_steps>).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Fine-tuning and evaluation context.")
+_STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (spec §4.11).")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation windows of seq_len.")
+_MLP_ABLATION = flags.DEFINE_bool("mlp_drop_ablation", True, "Also fine-tune LeMo with mlp_drop=0.5.")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of every run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the fine-tuning runs go (default: a temporary "
+                               "directory); an existing run there is resumed.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, few steps, short context (tests); flags given "
+                           "explicitly still win.")
+_OUT = flags.DEFINE_string("out", "bench_results/lemo_quality.json", "Where to write the JSON.")
+
+SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
+         "seq_len": 256, "steps": 3, "eval_batches": 2}
+_FLAGS = {"preset": _PRESET, "base_seq_len": _BASE_SEQ_LEN, "base_steps": _BASE_STEPS,
+          "base_batch_size": _BASE_BATCH, "seq_len": _SEQ_LEN, "steps": _STEPS,
+          "eval_batches": _EVAL_BATCHES}
+
+
+def log(message: str) -> None:
+    print(f"[lemo_quality] {message}", flush=True)
+
+
+def settings() -> dict:
+    """The run's settings: flag values, with ``--smoke`` replacing the defaults of unset flags."""
+    out = {}
+    for name, flag in _FLAGS.items():
+        given = flags.FLAGS[name].present
+        out[name] = SMOKE[name] if _SMOKE.value and not given else flag.value
+    out["vocab_size"] = 512 if out["preset"] == "tiny" else 8192
+    if out["seq_len"] <= out["base_seq_len"]:
+        raise ValueError(f"--seq_len={out['seq_len']} must exceed --base_seq_len="
+                         f"{out['base_seq_len']}: the benchmark extends the base's context.")
+    return out
+
+
+def default_base_workdir(s: dict) -> pathlib.Path:
+    name = f"{s['preset']}-T{s['base_seq_len']}-s{s['base_steps']}-b{s['base_batch_size']}"
+    return data.cache_dir() / "bench" / "lemo_quality" / name
+
+
+def pretrain_base(s: dict, workdir: pathlib.Path) -> dict:
+    """Pretrain the base into ``workdir``, or reuse it when that run finished before."""
+    done = workdir / "summary.json"
+    if done.exists():
+        log(f"reusing the base in {workdir}")
+        return json.loads(done.read_text())
+    log(f"pretraining {s['preset']} at T={s['base_seq_len']} for {s['base_steps']} steps into {workdir}")
+    c = pretrain_small.get_config()
+    c.model = runs.model_config_dict(s["preset"], max_positions=s["base_seq_len"])
+    c.data.vocab_size = s["vocab_size"]
+    c.train.seq_len, c.train.steps = s["base_seq_len"], s["base_steps"]
+    c.train.batch_size = s["base_batch_size"]
+    c.train.checkpoint_every = max(s["base_steps"] // 4, 1)
+    c.train.log_every = max(min(c.train.log_every, s["base_steps"]), 1)
+    c.attention_backend = _ATTENTION.value
+    return runs.pretrain(c, workdir)
+
+
+def windows_covering(docs, seq_len: int, n_targets: int) -> list[data.EvalWindow]:
+    """Eval windows of ``seq_len`` that score exactly the first ``n_targets`` targets of ``docs``.
+
+    :func:`tokensparse.data.eval_windows` scores targets in document order whatever the window
+    length, so this scores the same tokens as the first windows of any other length, with less
+    context."""
+    out, left = [], n_targets
+    for window in data.eval_windows(docs, seq_len=seq_len):
+        if left <= 0:
+            break
+        mask = window.loss_mask.copy()
+        scored = np.flatnonzero(mask[0])
+        mask[0, scored[left:]] = 0.0
+        left -= min(len(scored), left)
+        out.append(window._replace(loss_mask=mask))
+    return out
+
+
+def _dense_eval(model, windows) -> dict:
+    step = train.make_eval_step(lambda model, batch: train.lm_loss(model, batch))
+    return train.evaluate(step, model, windows)
+
+
+def evaluate_base(s: dict, base: pathlib.Path) -> list[dict]:
+    """Rows for the base before fine-tuning: at its own context, and at seq_len with RoPE scaling,
+    both on the target tokens of the fine-tuned runs' validation windows."""
+    model, config, tokenizer = runs.load_base(str(base), attention_backend=_ATTENTION.value)
+    corpus = data.load_corpus(finetune_small.get_config().data.source)
+    val_docs = data.encode_documents(tokenizer, corpus.validation)
+    long = list(itertools.islice(data.eval_windows(val_docs, seq_len=s["seq_len"]),
+                                 s["eval_batches"]))
+    n_targets = int(sum(w.loss_mask.sum() for w in long))
+    rows = []
+    for seq_len, windows in ((s["base_seq_len"], windows_covering(val_docs, s["base_seq_len"], n_targets)),
+                             (s["seq_len"], long)):
+        runs.set_context(model, config.with_context(seq_len))
+        start = time.perf_counter()
+        result = _dense_eval(model, windows)
+        rows.append(_row("base", None, 0, seq_len, {f"val_{k}": v for k, v in result.items()},
+                         time.perf_counter() - start))
+        log(f"base at T={seq_len}: val ppl {result['ppl']:.3f} over {result['tokens']:.0f} tokens")
+    return rows
+
+
+def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | None):
+    """``finetune_small.py`` with this benchmark's base, method, length, steps and eval windows."""
+    c = finetune_small.get_config()
+    c.base, c.method, c.attention_backend = str(base), method, _ATTENTION.value
+    if mlp_drop is not None:
+        c.lemo.mlp_drop = mlp_drop
+    c.data.vocab_size = s["vocab_size"]
+    c.train.seq_len, c.train.steps, c.train.eval_batches = s["seq_len"], s["steps"], s["eval_batches"]
+    c.train.checkpoint_every = s["steps"]  # only at the end: no checkpoint I/O inside the timing
+    c.train.log_every = max(min(c.train.log_every, s["steps"]), 1)
+    return c
+
+
+def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s: float) -> dict:
+    keys = ("val_loss", "val_ppl", "val_tokens", "val_sparse_loss", "val_sparse_ppl", "train_loss",
+            "tokens_per_s")
+    return {"method": method, "mlp_drop": mlp_drop, "steps": steps, "seq_len": seq_len,
+            **{k: summary.get(k) for k in keys}, "wall_s": wall_s}
+
+
+def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str,
+                 mlp_drop: float | None) -> dict:
+    name = method if mlp_drop is None else f"{method}_mlp_drop{mlp_drop}"
+    log(f"fine-tuning {name} at T={s['seq_len']} for {s['steps']} steps")
+    start = time.perf_counter()
+    summary = runs.finetune(finetune_config(s, base, method, mlp_drop), workdir / name)
+    row = _row(method, mlp_drop, s["steps"], s["seq_len"], summary, time.perf_counter() - start)
+    sparse = "" if row["val_sparse_ppl"] is None else f", sparse-eval ppl {row['val_sparse_ppl']:.3f}"
+    log(f"{name}: val ppl {row['val_ppl']:.3f}{sparse}, {row['tokens_per_s'] or 0:.0f} train tokens/s, "
+        f"{row['wall_s']:.0f} s")
+    return row
+
+
+def summarise(s: dict, base_rows: list[dict], lora: dict, lemo: list[dict]) -> dict:
+    by_drop = {r["mlp_drop"]: r for r in lemo}
+    main = by_drop[0.8]
+    summary = {"ppl_ratio": main["val_ppl"] / lora["val_ppl"]}
+    if 0.5 in by_drop:
+        summary["ppl_ratio_mlp_drop0.5"] = by_drop[0.5]["val_ppl"] / lora["val_ppl"]
+    summary["sparse_ppl_ratio"] = main["val_sparse_ppl"] / lora["val_ppl"]
+    native, scaled = base_rows
+    summary[f"base_ppl@{native['seq_len']}"] = native["val_ppl"]
+    summary[f"base_ppl_rope_scaled@{scaled['seq_len']}"] = scaled["val_ppl"]
+    summary[f"lora_ppl@{s['seq_len']}"] = lora["val_ppl"]
+    summary[f"lemo_ppl@{s['seq_len']}"] = main["val_ppl"]
+    return summary
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'method':>6} {'mlp_drop':>8} {'T':>6} {'steps':>6} {'val ppl':>9} {'sparse ppl':>10} "
+          f"{'tok/s':>8} {'wall s':>7}")
+    for r in rows:
+        sparse = "-" if r["val_sparse_ppl"] is None else f"{r['val_sparse_ppl']:.3f}"
+        drop = "-" if r["mlp_drop"] is None else f"{r['mlp_drop']}"
+        print(f"{r['method']:>6} {drop:>8} {r['seq_len']:>6} {r['steps']:>6} {r['val_ppl']:>9.3f} "
+              f"{sparse:>10} {r['tokens_per_s'] or 0:>8.0f} {r['wall_s']:>7.1f}")
+
+
+def run(s: dict, base: pathlib.Path, workdir: pathlib.Path) -> tuple[list[dict], dict]:
+    base_summary = pretrain_base(s, base)
+    log(f"base: train loss {base_summary['train_loss']:.3f}, val ppl at T={s['base_seq_len']} "
+        f"(packed rows) {base_summary['val_ppl']:.3f}")
+    base_rows = evaluate_base(s, base)
+    lora = finetune_run(s, base, workdir, "lora", None)
+    drops = (0.8, 0.5) if _MLP_ABLATION.value else (0.8,)
+    lemo = [finetune_run(s, base, workdir, "lemo", p) for p in drops]
+    rows = [*base_rows, lora, *lemo]
+    return rows, summarise(s, base_rows, lora, lemo)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    s = settings()
+    base = pathlib.Path(_BASE_WORKDIR.value or default_base_workdir(s)).expanduser()
+    with tempfile.TemporaryDirectory(prefix="lemo_quality_") as tmp:
+        workdir = pathlib.Path(_WORKDIR.value or tmp).expanduser()
+        rows, summary = run(s, base, workdir)
+    print_table(rows)
+    print(json.dumps(summary, indent=1))
+    c = finetune_small.get_config()
+    write_result(_OUT.value, "lemo_quality", rows, summary, settings={
+        **s, "smoke": _SMOKE.value, "attention": _ATTENTION.value, "base_workdir": str(base),
+        "lora": c.lora.to_dict(), "lemo": c.lemo.to_dict(), "lr": c.train.lr,
+        "warmup_steps": c.train.warmup_steps, "schedule": c.train.schedule,
+        "batch_size": c.train.batch_size, "seed": c.train.seed,
+        "eval": "dense with the trained LoRA (spec §2.9); sparse = the LeMo forward",
+        "ratios": "perplexity ratios are method / LoRA: smaller is better"})
+
+
+if __name__ == "__main__":
+    app.run(main)

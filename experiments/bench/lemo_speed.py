@@ -1,0 +1,163 @@
+"""LeMo vs dense LoRA: wall time of one LoRA fine-tuning train step, side by side in one process.
+
+    python -m experiments.bench.lemo_speed --out bench_results/lemo_speed.json \\
+        [--preset=small --seq_lens=2048 --batch_size=1 --reps=10 --attention=auto]
+    # On a GPU, 7B shapes (random weights), fewer layers to fit or to go longer:
+    python -m experiments.bench.lemo_speed --preset=llama2-7b --n_layers=8 --seq_lens=4096,8192 \\
+        --out bench_results/lemo_speed_7b.json
+
+Both steps are built as :func:`tokensparse.runs.finetune` builds them
+(:func:`tokensparse.train.make_train_step` over :class:`tokensparse.lora.LoRAParam`, AdamW from
+``finetune_small.py``) on the *same* model, optimizer and batch; only the loss differs (dense
+:func:`tokensparse.train.lm_loss` vs :func:`tokensparse.lemo.model.lemo_loss` with the default
+LeMoConfig). Same dtype, remat policy, attention backend and loss segment for both. Random weights
+are fine: the step's work does not depend on their values. Each step is compiled and warmed up,
+then timed repetitions alternate the two (ABBA order), blocking on the loss, the LoRA parameters
+and the optimizer state before the clock is read; rows report medians. ``step_speedup@<T>`` is
+LoRA time / LeMo time (larger is better). Rows also carry compile-only ``temp_bytes`` (activations)
+and, on a GPU, the device's ``peak_bytes_in_use`` after each method's warm-up (cumulative: LeMo is
+warmed up first, so its number is its own peak and the LoRA number is the max of both).
+Absolute times mean something only on a GPU or TPU; on a CPU read the ratio. ``--dtype=auto`` is
+bf16 on accelerators (the spec's recipe) and fp32 on a CPU, whose bf16 dots are far too slow.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from experiments.bench import write_result
+from experiments.configs import finetune_small
+from tokensparse import data, lora, runs, train
+from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.lemo.model import check_lemo, lemo_loss
+from tokensparse.llama import Llama
+from tokensparse.metrics import compiled_memory
+
+_PRESET = flags.DEFINE_string("preset", "small", "Model preset (random weights).")
+_N_LAYERS = flags.DEFINE_integer("n_layers", 0, "Override the preset's layer count (0: keep it).")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048"], "Sequence lengths.")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "Rows per step (LeMo's recipe: 1).")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions per method (median; at least 5).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per method after compiling.")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of both methods.")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter and compute dtype of both methods (auto: "
+                             "bfloat16 on a GPU or TPU, float32 on a CPU, where bf16 dots are slow).")
+_REMAT = flags.DEFINE_string("remat", "none", "Remat policy of both methods.")
+_LOSS_SEGMENT = flags.DEFINE_integer("loss_segment", 2048, "LM-head loss segment of both methods.")
+_OUT = flags.DEFINE_string("out", "bench_results/lemo_speed.json", "Where to write the JSON.")
+
+METHODS = ("lora", "lemo")
+
+
+def dtype() -> str:
+    if _DTYPE.value != "auto":
+        return _DTYPE.value
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def build(seq_len: int):
+    """A random-weight preset with LoRA (r=8, α=16 on q,k,v,o) and its LoRA-only AdamW."""
+    overrides = {"dtype": dtype(), "param_dtype": dtype()}
+    if _N_LAYERS.value:
+        overrides["n_layers"] = _N_LAYERS.value
+    config = preset(_PRESET.value, **overrides).with_context(seq_len)
+    model = Llama(config, attention_backend=_ATTENTION.value, remat=_REMAT.value, rngs=nnx.Rngs(0))
+    c = finetune_small.get_config()
+    lora.add_lora(model, LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+                                    targets=tuple(c.lora.targets)), rngs=nnx.Rngs(1))
+    tc = runs.build_train_config(c.train).replace(seq_len=seq_len, batch_size=_BATCH.value,
+                                                  loss_segment=_LOSS_SEGMENT.value)
+    optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
+    return model, optimizer, config
+
+
+def random_batch(vocab_size: int, seq_len: int) -> data.Batch:
+    rng = np.random.default_rng(0)
+    shape = (_BATCH.value, seq_len)
+    tokens = rng.integers(0, vocab_size, shape, dtype=np.int32)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy()
+    return data.Batch(tokens, positions, np.zeros(shape, np.int32))
+
+
+def train_steps(lemo: LeMoConfig) -> dict:
+    """Both methods' jitted LoRA train steps: the same factory, only the forward differs."""
+    def dense(model, batch):
+        return train.lm_loss(model, batch, loss_segment=_LOSS_SEGMENT.value)
+
+    def sparse(model, batch):
+        return lemo_loss(model, batch, lemo=lemo, loss_segment=_LOSS_SEGMENT.value)
+
+    return {"lora": train.make_train_step(dense, wrt=lora.LoRAParam),
+            "lemo": train.make_train_step(sparse, wrt=lora.LoRAParam)}
+
+
+def timed_step(step, model, optimizer, batch) -> tuple[float, float]:
+    """(seconds, loss) of one step, clock read after everything the step updates is ready."""
+    start = time.perf_counter()
+    metrics = step(model, optimizer, batch)
+    jax.block_until_ready((metrics, nnx.state(model, lora.LoRAParam), nnx.state(optimizer)))
+    return time.perf_counter() - start, float(metrics["loss"])
+
+
+def peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def measure(seq_len: int) -> dict[str, dict]:
+    """Rows for both methods at ``seq_len``: compile-only memory, warm-up, interleaved timing."""
+    model, optimizer, config = build(seq_len)
+    lemo = LeMoConfig()
+    check_lemo(model, lemo, seq_len)
+    batch = random_batch(config.vocab_size, seq_len)
+    steps = train_steps(lemo)
+    rows = {}
+    for method in ("lemo", "lora"):  # LeMo first: the cumulative device peak is then its own
+        cost = compiled_memory(steps[method], model, optimizer, batch)
+        losses = [timed_step(steps[method], model, optimizer, batch)[1]
+                  for _ in range(max(_WARMUP.value, 1))]
+        rows[method] = {"preset": _PRESET.value, "n_layers": config.n_layers, "seq_len": seq_len,
+                        "batch_size": _BATCH.value, "method": method, "dtype": dtype(),
+                        "remat": _REMAT.value, "attention": _ATTENTION.value,
+                        "temp_bytes": cost.temp_bytes, "arg_bytes": cost.argument_bytes,
+                        "flops": cost.flops, "warmup_loss": losses[-1],
+                        "peak_bytes_after_warmup": peak_bytes(), "times_s": []}
+    for rep in range(max(_REPS.value, 5)):
+        for method in METHODS if rep % 2 == 0 else METHODS[::-1]:
+            seconds, _ = timed_step(steps[method], model, optimizer, batch)
+            rows[method]["times_s"].append(seconds)
+    for row in rows.values():
+        row["step_s"] = statistics.median(row["times_s"])
+        row["tokens_per_s"] = _BATCH.value * seq_len / row["step_s"]
+    return rows
+
+
+def main(argv):
+    del argv
+    rows, summary = [], {}
+    print(f"{'seq_len':>8} {'method':>6} {'step ms':>9} {'tok/s':>9} {'temp MiB':>9}")
+    for seq_len in map(int, _SEQ_LENS.value):
+        pair = measure(seq_len)
+        for method in METHODS:
+            row = pair[method]
+            rows.append(row)
+            print(f"{seq_len:>8} {method:>6} {row['step_s'] * 1e3:>9.2f} {row['tokens_per_s']:>9.0f} "
+                  f"{row['temp_bytes'] / 2**20:>9.1f}", flush=True)
+        summary[f"step_speedup@{seq_len}"] = pair["lora"]["step_s"] / pair["lemo"]["step_s"]
+    print(json.dumps(summary, indent=1))
+    write_result(_OUT.value, "lemo_speed", rows, summary, settings={
+        "lemo": "default LeMoConfig: keep 0.4 in layers L/2-1..L-2, oracle selection, MLP backward "
+        "keeps 20% channels", "lora": "r=8, alpha=16 on q,k,v,o", "optimizer": "AdamW (LoRA only)",
+        "reps": max(_REPS.value, 5), "warmup": max(_WARMUP.value, 1),
+        "loss_segment": _LOSS_SEGMENT.value, "timing": "median, ABBA-interleaved, compile excluded"})
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,96 @@
+"""The LeMo quality and speed benchmarks end to end on the tiny preset: their JSON is complete."""
+
+import itertools
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TOP_LEVEL = {"benchmark", "backend", "device", "jax", "git", "settings", "rows", "summary"}
+
+
+def _bench(name, out, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the bench package sets its own
+    env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([sys.executable, "-m", f"experiments.bench.{name}", f"--out={out}", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result) >= TOP_LEVEL and result["benchmark"] == name
+    return result, done.stdout
+
+
+def _finite(row, keys):
+    for key in keys:
+        assert isinstance(row[key], int | float) and math.isfinite(row[key]), (key, row[key])
+
+
+def test_lemo_quality_smoke(tmp_path):
+    # The mlp_drop=0.5 run (on by default) is the same code with another value: skipped for time.
+    result, stdout = _bench("lemo_quality", tmp_path / "q.json", "--smoke", "--nomlp_drop_ablation",
+                            f"--base_workdir={tmp_path / 'base'}")
+    assert "[lemo_quality] fine-tuning lemo_mlp_drop0.8" in stdout and "drop0.5" not in stdout
+    summary = result["summary"]
+    assert set(summary) == {"ppl_ratio", "sparse_ppl_ratio", "base_ppl@128",
+                            "base_ppl_rope_scaled@256", "lora_ppl@256", "lemo_ppl@256"}
+    _finite(summary, summary)
+    rows = result["rows"]
+    assert [(r["method"], r["mlp_drop"], r["seq_len"]) for r in rows] == [
+        ("base", None, 128), ("base", None, 256), ("lora", None, 256), ("lemo", 0.8, 256)]
+    for row in rows:
+        _finite(row, ("val_loss", "val_ppl", "val_tokens", "wall_s"))
+    for row in rows[2:]:
+        _finite(row, ("train_loss", "tokens_per_s"))
+        assert row["steps"] == 3
+    for row in rows[3:]:
+        _finite(row, ("val_sparse_loss", "val_sparse_ppl"))
+    # Every evaluation scores the same target tokens; the sparse forward changes the loss.
+    assert len({r["val_tokens"] for r in rows}) == 1
+    assert rows[3]["val_sparse_loss"] != pytest.approx(rows[3]["val_loss"], abs=1e-4)
+    assert (tmp_path / "base" / "summary.json").exists()
+
+
+def test_lemo_speed_smoke(tmp_path):
+    result, stdout = _bench("lemo_speed", tmp_path / "s.json", "--preset=tiny", "--seq_lens=256",
+                            "--reps=5", "--warmup=1")
+    assert set(result["summary"]) == {"step_speedup@256"}
+    _finite(result["summary"], ["step_speedup@256"])
+    rows = result["rows"]
+    assert [(r["method"], r["seq_len"]) for r in rows] == [("lora", 256), ("lemo", 256)]
+    for row in rows:
+        _finite(row, ("step_s", "tokens_per_s", "temp_bytes", "arg_bytes", "warmup_loss"))
+        assert len(row["times_s"]) == 5 and row["temp_bytes"] > 0
+    assert rows[0]["step_s"] / rows[1]["step_s"] == pytest.approx(result["summary"]["step_speedup@256"])
+    assert "step_speedup@256" in stdout
+
+
+def _scored_targets(windows):
+    return [int(w.tokens[0, j + 1]) for w in windows for j in np.flatnonzero(w.loss_mask[0])]
+
+
+def test_short_windows_score_the_same_targets_as_long_ones():
+    from experiments.bench.lemo_quality import windows_covering
+    from tokensparse import data
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 100, n).astype(np.int32) for n in (5, 70, 1, 33, 140)]
+    long = list(itertools.islice(data.eval_windows(docs, seq_len=32), 4))
+    n_targets = int(sum(w.loss_mask.sum() for w in long))
+    short = windows_covering(docs, 8, n_targets)
+    assert all(w.tokens.shape == (1, 8) for w in short)
+    assert _scored_targets(short) == _scored_targets(long) and len(_scored_targets(long)) == n_targets
+
+
+def test_a_finished_base_is_reused(tmp_path):
+    from experiments.bench.lemo_quality import pretrain_base
+
+    (tmp_path / "summary.json").write_text(json.dumps({"train_loss": 1.0, "val_ppl": 2.0}))
+    assert pretrain_base({}, tmp_path) == {"train_loss": 1.0, "val_ppl": 2.0}
