@@ -118,6 +118,22 @@ def test_lemo_sparse_eval_equals_dense_eval_when_nothing_is_dropped(pretrained, 
     assert summary["val_sparse_ppl"] == pytest.approx(summary["val_ppl"], rel=1e-5)
 
 
+def test_lemo_algorithm1_schedule_tunes_a_profile_then_trains_with_it(pretrained, tmp_path):
+    workdir, _ = pretrained
+    c = finetune_tiny.get_config()
+    c.base, c.method, c.progress = str(workdir), "lemo", False
+    c.train.steps = 2
+    c.lemo.block_size, c.lemo.schedule = 32, "algorithm1"
+    c.lemo.calibration_windows, c.lemo.tune_rounds = 1, 1
+    summary = runs.finetune(c, tmp_path)
+    tuned = json.loads((tmp_path / "lemo_profile.json").read_text())
+    n_layers = json.loads((tmp_path / "config.json").read_text())["model"]["n_layers"]
+    assert len(tuned["profile"]) == len(tuned["thresholds"]) == n_layers
+    assert len(tuned["history"]) == 2  # one round, then the final thresholds
+    assert all(0 < r <= 1 for r in tuned["profile"])
+    assert math.isfinite(summary["val_sparse_loss"])
+
+
 def test_unknown_config_key_fails_before_compiling(tmp_path):
     done = _cli("pretrain", tmp_path, "--config.train.stepz=3")
     assert done.returncode != 0 and "stepz" in done.stderr

@@ -87,3 +87,10 @@ def test_tuning_rejects_bad_input(model):
     bad = Batch(jnp.zeros((1, T + 3), jnp.int32), jnp.arange(T + 3)[None], jnp.zeros((1, T + 3), jnp.int32))
     with pytest.raises(ValueError, match="multiple of the block"):
         threshold.tune_thresholds(model, [bad], LEMO)
+
+
+def test_algorithm1_schedule_needs_tuning_before_it_has_keep_ratios():
+    with pytest.raises(ValueError, match="tune_thresholds"):
+        LeMoConfig(schedule="algorithm1").keep_ratios(3)
+    with pytest.raises(ValueError, match="calibration_windows"):
+        LeMoConfig(schedule="algorithm1", calibration_windows=0)

@@ -249,7 +249,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-LEMO_SCHEDULES = ("half", "profile", "all")
+LEMO_SCHEDULES = ("half", "profile", "all", "algorithm1")
 LEMO_SELECTORS = ("oracle", "predictor")
 LEMO_MLP_MODES = ("channel_sparse_bwd", "dense")
 
@@ -260,7 +260,9 @@ class LeMoConfig:
 
     ``schedule="half"``: layers L/2-1 ... L-2 keep ``keep_ratio`` of their 64-token blocks, the rest
     are dense (the artifact's end-to-end setting). ``"all"``: every layer keeps ``keep_ratio``.
-    ``"profile"``: ``profile[l]`` is layer l's keep ratio (1.0 = dense).
+    ``"profile"``: ``profile[l]`` is layer l's keep ratio (1.0 = dense). ``"algorithm1"``: the
+    profile is tuned on ``calibration_windows`` training windows before fine-tuning
+    (:func:`tokensparse.lemo.threshold.tune_thresholds`, ``tune_rounds`` rounds).
     """
 
     block_size: int = 64
@@ -271,6 +273,8 @@ class LeMoConfig:
     mlp_mode: str = "channel_sparse_bwd"
     mlp_drop: float = 0.8  # fraction of MLP channels dropped in backward
     keep_first_block: bool = False
+    calibration_windows: int = 8  # schedule="algorithm1" only
+    tune_rounds: int = 5  # schedule="algorithm1" only
 
     def __post_init__(self):
         _check(self.block_size > 0, f"LeMoConfig.block_size={self.block_size} must be positive.")
@@ -288,6 +292,8 @@ class LeMoConfig:
         _check(self.mlp_mode in LEMO_MLP_MODES,
                f"LeMoConfig.mlp_mode={self.mlp_mode!r} must be one of {LEMO_MLP_MODES}.")
         _check(0.0 <= self.mlp_drop < 1.0, f"LeMoConfig.mlp_drop={self.mlp_drop} must be in [0, 1).")
+        _check(self.calibration_windows >= 1 and self.tune_rounds >= 0,
+               "LeMoConfig.calibration_windows must be >= 1 and tune_rounds >= 0.")
 
     def keep_ratios(self, n_layers: int) -> tuple[float, ...]:
         """Per-layer keep ratio (1.0 = dense layer) for a model with ``n_layers`` layers."""
@@ -298,6 +304,9 @@ class LeMoConfig:
             return tuple(float(r) for r in self.profile)
         if self.schedule == "all":
             return (self.keep_ratio,) * n_layers
+        _check(self.schedule != "algorithm1", "LeMoConfig.schedule='algorithm1' has no keep ratios "
+               "until tuned: run tokensparse.lemo.threshold.tune_thresholds and train with "
+               "schedule='profile' (runs.finetune does this for you).")
         first, last = n_layers // 2 - 1, n_layers - 2
         return tuple(self.keep_ratio if first <= i <= last else 1.0 for i in range(n_layers))
 

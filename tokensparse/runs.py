@@ -221,6 +221,8 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
             return loss_fn(model, batch)
         return lemo_loss(model, batch, lemo=lemo_config, loss_segment=tc.loss_segment)
 
+    if lemo_config is not None and lemo_config.schedule == "algorithm1":
+        lemo_config = _tune_lemo_profile(model, lemo_config, train_docs, tc, workdir)
     if lemo_config is not None:
         check_lemo(model, lemo_config, tc.seq_len)
     step_fn = train.make_train_step(train_loss_fn, wrt=lora.LoRAParam)
@@ -235,6 +237,25 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
         summary.update({f"val_sparse_{k}": v for k, v in sparse.items()})
     _write_json(workdir / "summary.json", summary)
     return summary
+
+
+def _tune_lemo_profile(model, lemo_config: LeMoConfig, train_docs, tc: TrainConfig,
+                       workdir: pathlib.Path) -> LeMoConfig:
+    """Algorithm 1 on calibration windows of the train split (their own seed, batch 1); the tuned
+    profile is written to ``workdir/lemo_profile.json`` and reused when resuming."""
+    path = workdir / "lemo_profile.json"
+    if path.exists():
+        profile = tuple(json.loads(path.read_text())["profile"])
+    else:
+        from tokensparse.lemo.threshold import tune_thresholds
+
+        windows = data.WindowBatches(train_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed + 1)
+        calibration = [windows.batch(i) for i in range(lemo_config.calibration_windows)]
+        tuned = tune_thresholds(model, calibration, lemo_config, rounds=lemo_config.tune_rounds)
+        profile = tuned.profile
+        _write_json(path, {"thresholds": tuned.thresholds, "profile": profile,
+                           "history": tuned.history})
+    return lemo_config.replace(schedule="profile", profile=profile)
 
 
 def set_context(model: Llama, config: ModelConfig) -> None:
