@@ -1,4 +1,5 @@
-"""Experiment runs built from ``ml_collections`` configs: pretraining and LoRA fine-tuning.
+"""Experiment runs built from ``ml_collections`` configs: pretraining, LoRA fine-tuning and LeMo
+predictor training.
 
 The absl scripts in ``experiments/`` only parse flags and call these. Every config value is
 validated here *before* anything is compiled, with errors that name the config key.
@@ -18,7 +19,9 @@ from ml_collections import config_dict
 
 from tokensparse import data, hf, lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, ModelConfig, TrainConfig, preset
+from tokensparse.lemo import predictor, predictor_training
 from tokensparse.lemo.model import check_lemo, lemo_loss
+from tokensparse.lemo.predictor_training import PredictorTrainConfig
 from tokensparse.llama import Llama
 from tokensparse.loop import LoopResult, check_resumable, train_loop
 from tokensparse.metrics import compiled_memory
@@ -54,14 +57,25 @@ def build_train_config(c: config_dict.ConfigDict) -> TrainConfig:
 
 
 def lemo_config_dict(**changes: Any) -> config_dict.ConfigDict:
+    """LeMoConfig fields, plus ``predictors`` (a directory written by ``train_predictors``) and
+    ``selector="auto"``: the predictors when a directory is given, the oracle otherwise."""
+    predictors = changes.pop("predictors", "")
+    selector = changes.pop("selector", "auto")
     values = dataclasses.asdict(LeMoConfig(**changes))
     values["profile"] = list(values["profile"] or [])
+    values.update(selector=selector, predictors=predictors)
     return config_dict.ConfigDict(values)
 
 
 def build_lemo_config(c: config_dict.ConfigDict) -> LeMoConfig:
     values = c.to_dict()
     values["profile"] = tuple(values["profile"]) or None
+    predictors = values.pop("predictors", "")
+    if values.get("selector") == "auto":
+        values["selector"] = "predictor" if predictors else "oracle"
+    if values.get("selector") == "predictor" and not predictors:
+        raise ValueError("config.lemo.selector='predictor' needs config.lemo.predictors=DIR (the "
+                         "predictors/ directory of an experiments.train_predictors run).")
     try:
         return LeMoConfig(**values)
     except (ValueError, TypeError) as e:
@@ -200,6 +214,8 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     check_resumable(workdir, {"model": model_config.to_dict()})
     set_context(model, model_config)
     model.remat, model.remat_names = tc.remat, tc.remat_names
+    if lemo_config is not None and lemo_config.selector == "predictor":
+        predictor.attach(model, predictor.load_predictors(c.lemo.predictors, model_config))
     lora.add_lora(model, lora_config, rngs=nnx.Rngs(tc.seed))
 
     train_docs = data.encode_documents(tokenizer, corpus.train)
@@ -256,6 +272,68 @@ def _tune_lemo_profile(model, lemo_config: LeMoConfig, train_docs, tc: TrainConf
         _write_json(path, {"thresholds": tuned.thresholds, "profile": profile,
                            "history": tuned.history})
     return lemo_config.replace(schedule="profile", profile=profile)
+
+
+def predictor_train_config(c: config_dict.ConfigDict) -> PredictorTrainConfig:
+    values = c.to_dict()
+    unknown = set(values) - {f.name for f in dataclasses.fields(PredictorTrainConfig)}
+    if unknown:
+        raise ValueError(f"config.train has unknown keys {sorted(unknown)}.")
+    values["layers"] = tuple(values.get("layers") or ())
+    try:
+        return PredictorTrainConfig(**values)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.train: {e}") from None
+
+
+def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Train LeMo predictors for a frozen base at ``config.train.seq_len`` (RoPE linear scaling to
+    it, as fine-tuning will use) on train-split windows; report held-out recall and Spearman.
+
+    Writes ``workdir/predictors`` (load with ``--config.lemo.predictors`` in fine-tuning),
+    ``metrics.jsonl``, ``summary.json``; resumes from ``workdir/checkpoints``."""
+    workdir = pathlib.Path(workdir)
+    tc = predictor_train_config(c.train)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, base_config, base_tokenizer = load_base(c.base, attention_backend=c.attention_backend)
+    corpus = data.load_corpus(c.data.source)
+    tokenizer = base_tokenizer or data.get_tokenizer(corpus, c.data.vocab_size)
+    _check_vocab(tokenizer, base_config)
+    model_config = base_config.with_context(tc.seq_len)
+    set_context(model, model_config)
+    train_docs = data.encode_documents(tokenizer, corpus.train)
+    val_docs = data.encode_documents(tokenizer, corpus.validation)
+    train_windows = data.WindowBatches(train_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed)
+    held_out = data.WindowBatches(val_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed + 1)
+    _write_json(workdir / "config.json", {"experiment": c.to_dict(),
+                                          "model": model_config.to_dict()})
+    run = predictor_training.train_predictors(model, train_windows, tc, workdir,
+                                              metadata={"base": str(c.base)}, progress=c.progress)
+    before = predictor.LeMoPredictors(model_config, block_size=tc.block_size,
+                                      layer_ids=tc.layers or None, h1=tc.h1, h2=tc.h2 or None,
+                                      rngs=nnx.Rngs(0)).num_params()
+    after = run.predictors.num_params()
+    summary = {"steps": run.step, "interrupted": run.interrupted,
+               "train_loss": run.history[-1]["loss"] if run.history else None,
+               "params_before": before, "params_after": after, "params_kept_ratio": after / before,
+               "collect_s": run.collect_s, "train_s": run.train_s}
+    if tc.eval_windows:
+        cache = predictor_training.TargetCache(model, held_out, run.predictors.layer_ids,
+                                               tc.block_size)
+        metrics = predictor_training.evaluate(run.predictors, cache, range(tc.eval_windows),
+                                              tc.keep_ratio)
+        sparse = [str(i) for i, r in enumerate(LeMoConfig(block_size=tc.block_size).keep_ratios(
+            model_config.n_layers)) if r < 1.0 and str(i) in metrics["recall"]]
+        key = f"@{tc.keep_ratio:g}"
+        summary.update({
+            f"mean_recall{key}": float(np.mean([metrics["recall"][i] for i in sparse])),
+            f"mean_recall_all_layers{key}": float(np.mean(list(metrics["recall"].values()))),
+            "mean_spearman": float(np.mean([metrics["spearman"][i] for i in sparse])),
+            "sparse_layers": [int(i) for i in sparse],
+            f"recall{key}": metrics["recall"], "spearman": metrics["spearman"]})
+    summary["widths"] = {str(k): v for k, v in run.predictors.widths().items()}
+    _write_json(workdir / "summary.json", summary)
+    return summary
 
 
 def set_context(model: Llama, config: ModelConfig) -> None:

@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from tokensparse import lora, routing, train
 from tokensparse.config import LeMoConfig
-from tokensparse.lemo import scoring
+from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo.mlp import keep_channels, sparse_backward_mlp
 from tokensparse.llama import DecoderBlock, Llama, default_positions
 
@@ -31,16 +31,29 @@ def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...
     if not lora.has_lora(model):
         raise ValueError("LeMo fine-tunes LoRA adapters, but the model has none: call "
                          "tokensparse.lora.add_lora(model, ...) first.")
-    if lemo.selector != "oracle":
-        raise ValueError(f"LeMoConfig.selector={lemo.selector!r} needs trained predictors, which are "
-                         "not available yet; use selector='oracle'.")
+    ratios = lemo.keep_ratios(len(model.layers))
+    if lemo.selector == "predictor":
+        predictors = predictor.attached(model)
+        if predictors is None:
+            raise ValueError("LeMoConfig.selector='predictor' needs trained predictors on the model: "
+                             "tokensparse.lemo.predictor.attach(model, load_predictors(...)), or "
+                             "--config.lemo.predictors=DIR in experiments.finetune; or use "
+                             "selector='oracle'.")
+        missing = [i for i, r in enumerate(ratios) if r < 1.0 and predictors.for_layer(i) is None]
+        if missing:
+            raise ValueError(f"layers {missing} are sparse but have no predictor (predictors cover "
+                             f"{predictors.layer_ids}); train predictors for them or change the "
+                             "schedule.")
+        if predictors.block_size != lemo.block_size:
+            raise ValueError(f"the predictors score {predictors.block_size}-token blocks; "
+                             f"LeMoConfig.block_size is {lemo.block_size}.")
     if lemo.mlp_mode == "channel_sparse_bwd":
         for i, block in enumerate(model.layers):
             if any(getattr(block.mlp, p).adapter is not None
                    for p in ("gate_proj", "up_proj", "down_proj")):
                 raise ValueError(f"layer {i} has LoRA on its MLP; LeMo's channel-sparse MLP backward "
                                  "needs frozen MLP weights (use lemo.mlp_mode='dense').")
-    return lemo.keep_ratios(len(model.layers))
+    return ratios
 
 
 def oracle_block_scores(block: DecoderBlock, u: Float[Array, "b t d"],
@@ -54,24 +67,28 @@ def oracle_block_scores(block: DecoderBlock, u: Float[Array, "b t d"],
     return scoring.block_scores(q, k, opts)
 
 
-def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig
-                    ) -> routing.Selection:
-    """The layer's top ``floor(keep_ratio · n_b)`` blocks by oracle score, ascending."""
-    scores = oracle_block_scores(block, u, scoring.ScoreOptions(block_size=lemo.block_size))
+def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig,
+                    layer_predictor: predictor.LayerPredictor | None = None) -> routing.Selection:
+    """The layer's top ``floor(keep_ratio · n_b)`` blocks, ascending, by the predictor's column
+    scores when given, else by the oracle's (both under stop_gradient)."""
+    if layer_predictor is not None:
+        scores = layer_predictor.column_scores(u)
+    else:
+        scores = oracle_block_scores(block, u, scoring.ScoreOptions(block_size=lemo.block_size))
     if lemo.keep_first_block:
         scores = scores.at[:, 0].set(jax.numpy.inf)
     return scoring.select_blocks(scores, keep_ratio, lemo.block_size)
 
 
-def lemo_block(block: DecoderBlock, h, positions, segment_ids, *, keep_ratio: float,
+def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *, keep_ratio: float,
                lemo: LeMoConfig, mlp_keep: int, select=None):
     """One decoder layer with LeMo's attention elimination and MLP backward.
 
-    ``select(block, u) -> Selection`` overrides the top-k rule (threshold tuning uses it).
+    ``selection`` (computed by the caller) is used as given; otherwise ``select(block, u) ->
+    Selection`` (threshold tuning) or the oracle top-k rule picks the blocks.
     """
     h = checkpoint_name(h, "block_in")
-    selection = None
-    if select is not None or keep_ratio < 1.0:  # scoring is under stop_gradient: saves nothing
+    if selection is None and (select is not None or keep_ratio < 1.0):  # under stop_gradient
         u = block.input_norm(h)
         selection = select(block, u) if select else layer_selection(block, u, keep_ratio, lemo)
     h, normed = block.attend_and_norm(h, positions, segment_ids, selection)
@@ -93,11 +110,17 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
     ratios = check_lemo(model, lemo, tokens.shape[1])
     positions = default_positions(tokens) if positions is None else positions
     mlp_keep = mlp_keep_channels(model, lemo)
+    predictors = predictor.attached(model) if lemo.selector == "predictor" else None
     h = model.embed(tokens)
-    for block, ratio in zip(model.layers, ratios, strict=True):
+    for i, (block, ratio) in enumerate(zip(model.layers, ratios, strict=True)):
+        selection = None
+        if ratio < 1.0:  # chosen outside the remat region: recomputation never re-scores
+            u = block.input_norm(jax.lax.stop_gradient(h))
+            selection = layer_selection(block, u, ratio, lemo,
+                                        predictors.for_layer(i) if predictors else None)
         run = model.rematerialised(
             functools.partial(lemo_block, keep_ratio=ratio, lemo=lemo, mlp_keep=mlp_keep))
-        h = run(block, h, positions, segment_ids)
+        h = run(block, h, positions, segment_ids, selection)
     return model.final_norm(h)
 
 

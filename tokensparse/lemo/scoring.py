@@ -132,19 +132,19 @@ def column_scores(tiles: Float[Array, "b nb nb"]) -> Float[Array, "b nb"]:
     return jnp.sum(tiles, axis=1)
 
 
-def block_scores(
+def block_tiles(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b t hkv d"],
     opts: ScoreOptions | None = None,
     *,
     valid: Bool[Array, "b t"] | None = None,
-) -> Float[Array, "b nb"]:
-    """Column scores c_n with memory linear in T (equals ``column_scores(block_scores_reference)``).
+) -> Float[Array, "b nb nb"]:
+    """The tile matrix of :func:`block_scores_reference` with memory linear in T (predictor targets).
 
-    A ``lax.scan`` over query blocks: each step forms one [B, H, block, T] slab of logits, reduces
-    it to a row of tile maxima [B, n_b] and adds that row into the column sums, so no [T, T]
-    tensor ever exists. K heads are shared by their query-head group instead of being repeated.
-    Computed in fp32 under ``stop_gradient``.
+    A ``lax.scan`` over query blocks: each step forms one [B, H, block, T] slab of logits and reduces
+    it to one row of tile maxima [B, n_b], so no [T, T] tensor ever exists (the result is n_b², i.e.
+    T² / block²). K heads are shared by their query-head group instead of being repeated. Computed in
+    fp32 under ``stop_gradient``.
     """
     opts = opts or ScoreOptions()
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
@@ -158,7 +158,7 @@ def block_scores(
     key_pos = jnp.arange(tp)
     block_ids = jnp.arange(nb)
 
-    def row(col_sums, inputs):
+    def row(carry, inputs):
         qm, qm_valid, m = inputs
         logits = jnp.einsum("bikgd,bjkd->bkgij", qm, k)
         a = jnp.sum(jnp.maximum(logits, 0.0), axis=(1, 2)) * factor  # [B, bs, Tp]
@@ -169,11 +169,23 @@ def block_scores(
         tiles = a.reshape(bsz, bs, nb, bs).max(axis=(1, 3)) / opts.normalizer  # [B, nb]
         if opts.causal:
             tiles = jnp.where(block_ids <= m, tiles, 0.0)
-        return col_sums + tiles, None
+        return carry, tiles
 
-    init = jnp.zeros((bsz, nb), jnp.float32)
-    col_sums, _ = jax.lax.scan(row, init, (q_blocks, q_valid, block_ids))
-    return jnp.where(_key_block_valid(valid, bs), col_sums, -jnp.inf)
+    _, rows = jax.lax.scan(row, None, (q_blocks, q_valid, block_ids))
+    key_ok = _key_block_valid(valid, bs)
+    return jnp.where(key_ok[:, None, :], rows.transpose(1, 0, 2), -jnp.inf)
+
+
+def block_scores(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t hkv d"],
+    opts: ScoreOptions | None = None,
+    *,
+    valid: Bool[Array, "b t"] | None = None,
+) -> Float[Array, "b nb"]:
+    """Column scores c_n with memory linear in T (equals ``column_scores(block_scores_reference)``):
+    the column sums of :func:`block_tiles` (key blocks without a valid token score −inf)."""
+    return column_scores(block_tiles(q, k, opts, valid=valid))
 
 
 def select_blocks(

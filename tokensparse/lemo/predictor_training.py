@@ -1,0 +1,427 @@
+"""Training LeMo's pattern predictors (spec §2.3) on the oracle scores of a frozen model.
+
+1. **Targets.** For each training window the frozen model runs dense; at every predictor layer the
+   layer's normed input X and the oracle tile matrix of its pre-RoPE q, k (the artifact's target
+   kernel, :func:`tokensparse.lemo.scoring.block_tiles`, linear memory) are kept. Windows are a pure
+   function of their index and are collected once, then cycled (``train_windows`` of them).
+2. **Fit.** All layers' predictors at once: SmoothL1 (β = 1, mean over the n_b² tiles) between the
+   predicted tile matrix P and ``target_scale ·`` the oracle's, summed over layers; AdamW with
+   linear warm-up then a constant rate.
+3. **Elastic pruning.** Per output neuron of the first two linears of every path, count the
+   (head, block) rows whose pre-activation is ≤ 0 since the last prune. At steps ``prune_every``,
+   2·``prune_every``, … below ``prune_until``, the k-th prune drops neurons whose zero fraction
+   exceeds τ_k = ``prune_start_tau`` − ``prune_tau_step``·(k−1), with the matching input rows of the
+   next linear, and slices the Adam moments alike (shapes change: the step recompiles).
+4. **Held-out metrics** (:func:`evaluate`): per layer, recall of the oracle's kept set at a keep
+   ratio, ``|TopK(ĉ) ∩ TopK(c)| / K`` with K = floor(ratio · n_b) (spec §2.3), and the Spearman
+   correlation of ĉ with c; each averaged over windows.
+
+Checkpoints (``workdir/checkpoints``) hold weights, Adam state and zero counters, with the widths
+in their metadata; an interrupted run resumes exactly. The result is saved as its own checkpoint
+item, ``workdir/predictors`` (:func:`tokensparse.lemo.predictor.load_predictors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.stats
+from flax import nnx
+
+from tokensparse import routing
+from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
+from tokensparse.lemo import scoring
+from tokensparse.lemo.predictor import (
+    PATHS,
+    LeMoPredictors,
+    block_rows,
+    path_forward,
+    predicted_column_scores,
+    predicted_tiles,
+    save_predictors,
+)
+from tokensparse.llama import Llama, default_positions
+from tokensparse.metrics import JsonlLogger, Progress
+
+LOSSES = ("smooth_l1", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorTrainConfig:
+    """How predictors are trained (spec §2.3; the spec's lr 2e-5 is for 7B-scale 16K windows)."""
+
+    seq_len: int = 2048
+    steps: int = 400
+    train_windows: int = 128  # distinct windows, collected once and cycled
+    eval_windows: int = 16  # held-out windows for recall / Spearman
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    loss: str = "smooth_l1"
+    target_scale: float = 1.0  # multiplies the oracle tiles (already divided by 1024)
+    h1: int = 128
+    h2: int = 0  # 0: block_size · d_model / n_heads (the spec's b·d)
+    layers: tuple[int, ...] = ()  # (): every layer but the last
+    block_size: int = 64
+    prune_every: int = 100  # 0: no pruning
+    prune_until: int = 620
+    prune_start_tau: float = 0.8
+    prune_tau_step: float = 0.05
+    keep_ratio: float = 0.4  # recall is measured at this keep ratio
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"PredictorTrainConfig: {message}")
+
+        check(self.seq_len > 0 and self.seq_len % self.block_size == 0,
+              f"seq_len={self.seq_len} must be a positive multiple of block_size={self.block_size}.")
+        check(self.steps >= 0 and self.train_windows >= 1 and self.eval_windows >= 0,
+              "steps and eval_windows must be >= 0, train_windows >= 1.")
+        check(self.lr > 0 and self.warmup_steps >= 0, "lr must be > 0 and warmup_steps >= 0.")
+        check(self.loss in LOSSES, f"loss={self.loss!r} must be one of {LOSSES}.")
+        check(self.target_scale > 0, "target_scale must be positive.")
+        check(self.h1 >= 1 and self.h2 >= 0, "h1 must be >= 1 and h2 >= 0.")
+        check(self.prune_every >= 0 and 0.0 < self.prune_start_tau <= 1.0 and self.prune_tau_step >= 0,
+              "prune_every must be >= 0, prune_start_tau in (0, 1], prune_tau_step >= 0.")
+        check(0.0 < self.keep_ratio <= 1.0, f"keep_ratio={self.keep_ratio} must be in (0, 1].")
+        check(self.log_every >= 1 and self.checkpoint_every >= 1,
+              "log_every and checkpoint_every must be >= 1.")
+
+    def prune_tau(self, step: int) -> float | None:
+        """τ of the prune after ``step`` completed steps, or None when no prune happens there."""
+        if not self.prune_every or step % self.prune_every or step >= self.prune_until or step == 0:
+            return None
+        k = step // self.prune_every
+        return self.prune_start_tau - self.prune_tau_step * (k - 1)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def collect_targets(model: Llama, tokens, layer_ids: Sequence[int], opts: scoring.ScoreOptions
+                    ) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``{str(layer): (X [B, T, D], oracle tiles [B, n_b, n_b])}`` from one dense forward.
+
+    X is the layer's normed input; the tiles score its pre-RoPE q, k (with whatever LoRA the model
+    carries; training uses the frozen base). Jit it with :func:`nnx.jit`."""
+    positions = default_positions(tokens)
+    wanted = set(layer_ids)
+    out = {}
+    h = model.embed(tokens)
+    for i, block in enumerate(model.layers):
+        if i > max(wanted):
+            break
+        if i in wanted:
+            u = block.input_norm(h)
+            b, t, _ = u.shape
+            attn = block.attn
+            q = attn.q_proj(u).reshape(b, t, attn.n_heads, attn.head_dim)
+            k = attn.k_proj(u).reshape(b, t, attn.n_kv_heads, attn.head_dim)
+            out[str(i)] = (u, scoring.block_tiles(q, k, opts))
+        h = block(h, positions, None, None)
+    return out
+
+
+class TargetCache:
+    """Targets of window ``i`` of ``windows`` (``windows.batch(i)``), collected on first use and
+    kept on the host."""
+
+    def __init__(self, model: Llama, windows, layer_ids: Sequence[int], block_size: int):
+        self.windows = windows
+        opts = scoring.ScoreOptions(block_size=block_size)
+        self._collect = nnx.jit(lambda m, t: collect_targets(m, t, layer_ids, opts))
+        self._model = model
+        self._cache: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.seconds = 0.0
+
+    def __call__(self, index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        if index not in self._cache:
+            start = time.perf_counter()
+            tokens = jnp.asarray(self.windows.batch(index).tokens)
+            self._cache[index] = jax.tree.map(np.asarray, self._collect(self._model, tokens))
+            self.seconds += time.perf_counter() - start
+        return self._cache[index]
+
+
+# ----------------------------------------------------------------------------- loss and step
+
+
+def predictor_loss(params, targets, *, n_heads: int, block_size: int, dtype, loss: str = "smooth_l1",
+                   target_scale: float = 1.0):
+    """Σ over layers of mean SmoothL1 (or MSE) between P and ``target_scale ·`` oracle tiles.
+
+    Returns ``(loss, aux)``; ``aux["layer_loss"][layer]``, and ``aux["zeros"][layer][path]["a1"]``
+    (["a2"]): per neuron of the first (second) linear, the rows whose pre-activation is <= 0."""
+    total, layer_loss, zeros = 0.0, {}, {}
+    for layer, layer_params in params.items():
+        x, tiles = targets[layer]
+        rows = block_rows(x, n_heads, block_size)
+        outs = {side: path_forward(layer_params[side], rows, dtype) for side in PATHS}
+        p = predicted_tiles(outs["q"][0], outs["k"][0])
+        target = tiles.astype(jnp.float32) * target_scale
+        err = optax.huber_loss(p, target, delta=1.0) if loss == "smooth_l1" else (p - target) ** 2
+        layer_loss[layer] = jnp.mean(err)
+        total = total + layer_loss[layer]
+        zeros[layer] = {side: {name: jnp.sum(a <= 0, axis=(0, 1, 2), dtype=jnp.int32)
+                               for name, a in zip(("a1", "a2"), outs[side][1], strict=True)}
+                        for side in PATHS}
+    return total, {"layer_loss": layer_loss, "zeros": zeros}
+
+
+def make_optimizer(tc: PredictorTrainConfig) -> optax.GradientTransformation:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, tc.lr, max(tc.warmup_steps, 1)), optax.constant_schedule(tc.lr)],
+        [max(tc.warmup_steps, 1)])
+    return optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)
+
+
+def make_step(tx: optax.GradientTransformation, **loss_kw) -> Callable:
+    """``step(params, opt_state, targets) -> (params, opt_state, loss, aux)``, jitted."""
+
+    @jax.jit
+    def step(params, opt_state, targets):
+        (loss, aux), grads = jax.value_and_grad(predictor_loss, has_aux=True)(params, targets,
+                                                                                **loss_kw)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, aux
+
+    return step
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def zero_counters(params) -> dict:
+    """All-zero counters shaped like the widths: ``{layer: {path: {"a1": [h1], "a2": [h2]}}}``."""
+    return {layer: {side: {"a1": np.zeros(p[side]["w1"].shape[1], np.int64),
+                           "a2": np.zeros(p[side]["w2"].shape[1], np.int64)} for side in PATHS}
+            for layer, p in params.items()}
+
+
+def neurons_to_keep(zeros: Mapping, rows: int, tau: float) -> dict:
+    """Indices of the neurons whose zero fraction is ≤ τ (at least one per linear: the least-zero
+    neuron survives even when all exceed τ)."""
+    keep = {}
+    for layer, sides in zeros.items():
+        keep[layer] = {}
+        for side, counts in sides.items():
+            kept = []
+            for name in ("a1", "a2"):
+                frac = np.asarray(counts[name]) / max(rows, 1)
+                idx = np.flatnonzero(frac <= tau)
+                kept.append(idx if idx.size else np.array([int(np.argmin(frac))]))
+            keep[layer][side] = tuple(kept)
+    return keep
+
+
+def _slice_weight(x, name: str, keep1, keep2):
+    if name == "w1":
+        return x[:, keep1]
+    if name == "w2":
+        return x[keep1][:, keep2]
+    return x[keep2]
+
+
+def prune_tree(tree, keep: Mapping):
+    """Slice every ``[layer][path][w1|w2|w3]`` array in ``tree`` (parameters or the Adam moments,
+    which share their structure) down to the kept neurons; other leaves are unchanged."""
+
+    def visit(path, x):
+        keys = [getattr(p, "key", None) for p in path]
+        for j in range(len(keys) - 2):
+            layer, side, name = keys[j:j + 3]
+            if layer in keep and side in PATHS and name in ("w1", "w2", "w3") and j + 3 == len(keys):
+                return _slice_weight(x, name, *keep[layer][side])
+        return x
+
+    return jax.tree_util.tree_map_with_path(visit, tree)
+
+
+def widths_of(params) -> dict[int, dict[str, tuple[int, int]]]:
+    return {int(layer): {side: (int(p[side]["w1"].shape[1]), int(p[side]["w2"].shape[1]))
+                         for side in PATHS} for layer, p in params.items()}
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def recall_at(pred: np.ndarray, oracle: np.ndarray, keep_ratio: float) -> float:
+    """|TopK(pred) ∩ TopK(oracle)| / K for one row of block scores, K = floor(keep_ratio · n_b)
+    (at least 1). Ties break towards the lower block index, as selection does."""
+    k = routing.capacity(len(oracle), keep_ratio, rounding="floor")
+    top = lambda s: set(np.argsort(-np.asarray(s, np.float64), kind="stable")[:k].tolist())  # noqa: E731
+    return len(top(pred) & top(oracle)) / k
+
+
+def spearman(pred: np.ndarray, oracle: np.ndarray) -> float:
+    rho = scipy.stats.spearmanr(pred, oracle).statistic
+    return float(rho) if np.isfinite(rho) else 0.0
+
+
+def evaluate(predictors: LeMoPredictors, cache: TargetCache, indices: Sequence[int],
+             keep_ratio: float) -> dict[str, dict[str, float]]:
+    """Per layer, mean recall@``keep_ratio`` and Spearman of ĉ against the oracle's c."""
+    n_heads, block = predictors.model_shape[1], predictors.block_size
+
+    @jax.jit
+    def scores(params, x):
+        q_hat, k_hat = (path_forward(params[side], block_rows(x, n_heads, block), jnp.float32)[0]
+                        for side in PATHS)
+        return predicted_column_scores(q_hat, k_hat)
+
+    params = predictors.params()
+    recall: dict[str, list[float]] = {}
+    rho: dict[str, list[float]] = {}
+    for index in indices:
+        targets = cache(index)
+        for layer, (x, tiles) in targets.items():
+            if layer not in params:
+                continue
+            pred = np.asarray(scores(params[layer], x))
+            oracle = scoring_columns(tiles)
+            for row_pred, row_oracle in zip(pred, oracle, strict=True):
+                recall.setdefault(layer, []).append(recall_at(row_pred, row_oracle, keep_ratio))
+                rho.setdefault(layer, []).append(spearman(row_pred, row_oracle))
+    return {"recall": {k: float(np.mean(v)) for k, v in recall.items()},
+            "spearman": {k: float(np.mean(v)) for k, v in rho.items()}}
+
+
+def scoring_columns(tiles: np.ndarray) -> np.ndarray:
+    """Oracle column scores c_n = Σ_m tile[m, n] of host tiles."""
+    return np.asarray(tiles, np.float64).sum(axis=1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class PredictorRun:
+    predictors: LeMoPredictors
+    step: int
+    interrupted: bool
+    history: list[dict[str, Any]]
+    collect_s: float
+    train_s: float
+
+
+_RUN_LENGTH_FIELDS = ("steps", "log_every", "checkpoint_every", "eval_windows")
+
+
+def _resume_relevant(train: Mapping) -> dict:
+    """Training settings a resumed run must share (it may run longer, log or save differently)."""
+    return {k: v for k, v in train.items() if k not in _RUN_LENGTH_FIELDS}
+
+
+def _metadata(params, step: int, rows: int, extra: Mapping) -> dict:
+    widths = {str(k): {s: list(w) for s, w in v.items()} for k, v in widths_of(params).items()}
+    return {**extra, "step": step, "rows_since_prune": rows, "widths": widths}
+
+
+def train_predictors(model: Llama, train_windows, tc: PredictorTrainConfig,
+                     workdir: str | pathlib.Path, *, metadata: Mapping | None = None,
+                     progress: bool = True) -> PredictorRun:
+    """Train predictors for ``model`` (frozen) on ``train_windows.batch(i)``, i < ``tc.train_windows``,
+    resuming from ``workdir/checkpoints``; saves the result to ``workdir/predictors``."""
+    workdir = pathlib.Path(workdir)
+    config = model.config
+    layer_ids = tc.layers or None
+    predictors = LeMoPredictors(config, block_size=tc.block_size, layer_ids=layer_ids, h1=tc.h1,
+                                h2=tc.h2 or None, dtype=config.compute_dtype,
+                                rngs=nnx.Rngs(tc.seed))
+    metadata = json.loads(json.dumps({"model": config.to_dict(), **dict(metadata or {}),
+                                      "train": dataclasses.asdict(tc)}))  # as stored
+    cache = TargetCache(model, train_windows, predictors.layer_ids, tc.block_size)
+    tx = make_optimizer(tc)
+    step_fn = make_step(tx, n_heads=config.n_heads, block_size=tc.block_size,
+                        dtype=config.compute_dtype, loss=tc.loss, target_scale=tc.target_scale)
+    checkpointer = Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every, keep=2)
+    logger = JsonlLogger(workdir / "metrics.jsonl")
+
+    params = predictors.params()
+    opt_state = tx.init(params)
+    zeros, rows, start = zero_counters(params), 0, 0
+    if checkpointer.latest_step() is not None:
+        saved = checkpointer.restore_metadata()
+        if saved.get("model") != metadata["model"] or (
+                _resume_relevant(saved.get("train", {})) != _resume_relevant(metadata["train"])):
+            raise CheckpointError(f"predictor checkpoint in {workdir / 'checkpoints'} was written for "
+                                  "another model or training config; use a fresh workdir.")
+        widths = {int(k): {s: tuple(w) for s, w in v.items()} for k, v in saved["widths"].items()}
+        predictors = LeMoPredictors(config, block_size=tc.block_size, layer_ids=layer_ids,
+                                    widths=widths, dtype=config.compute_dtype, rngs=nnx.Rngs(0))
+        params = predictors.params()
+        target = {"params": params, "opt": tx.init(params), "zeros": zero_counters(params)}
+        restored, saved = checkpointer.restore(target)
+        params, opt_state, zeros = restored["params"], restored["opt"], restored["zeros"]
+        rows, start = int(saved["rows_since_prune"]), int(saved["step"])
+
+    def save(step: int) -> None:
+        checkpointer.save(step, {"params": params, "opt": opt_state, "zeros": zeros},
+                          _metadata(params, step, rows, metadata), force=True)
+
+    history: list[dict[str, Any]] = []
+    bar = Progress(tc.steps, start=start, every=tc.log_every) if progress else None
+    interrupted, done, t0 = False, start, time.perf_counter()
+    with InterruptGuard() as guard:
+        for step in range(start, tc.steps):
+            targets = cache(step % tc.train_windows)
+            params, opt_state, loss, aux = step_fn(params, opt_state, targets)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"predictor loss is {loss} at step {step}; lower the lr.")
+            x = next(iter(targets.values()))[0]
+            rows += x.shape[0] * config.n_heads * (x.shape[1] // tc.block_size)
+            zeros = jax.tree.map(lambda a, b: np.asarray(a) + np.asarray(b), zeros,
+                                 aux["zeros"])
+            done = step + 1
+            tau = tc.prune_tau(done)
+            record = None
+            if tau is not None:
+                keep = neurons_to_keep(zeros, rows, tau)
+                params, opt_state = prune_tree(params, keep), prune_tree(opt_state, keep)
+                zeros, rows = zero_counters(params), 0
+                record = {"step": done, "prune_tau": tau, "params": count_params(params)}
+            if done % tc.log_every == 0 or done == tc.steps or record:
+                record = {**(record or {}), "step": done, "loss": loss,
+                          **{f"loss_layer{k}": float(v) for k, v in aux["layer_loss"].items()}}
+                logger.log(record)
+                history.append(record)
+            if bar is not None:
+                bar.update(done, loss=loss)
+            if guard.requested:
+                save(done)
+                interrupted = True
+                break
+            if checkpointer.should_save(done) or done == tc.steps:
+                save(done)
+    if bar is not None:
+        bar.close()
+    checkpointer.close()
+    train_s = time.perf_counter() - t0 - cache.seconds
+    predictors = LeMoPredictors(config, block_size=tc.block_size, layer_ids=layer_ids,
+                                widths=widths_of(params), dtype=config.compute_dtype,
+                                rngs=nnx.Rngs(0))
+    predictors.set_params(params)
+    if not interrupted:
+        save_predictors(predictors, workdir / "predictors", step=done, info=metadata)
+    return PredictorRun(predictors, done, interrupted, history, cache.seconds, train_s)
