@@ -94,3 +94,24 @@ def test_a_finished_base_is_reused(tmp_path):
 
     (tmp_path / "summary.json").write_text(json.dumps({"train_loss": 1.0, "val_ppl": 2.0}))
     assert pretrain_base({}, tmp_path) == {"train_loss": 1.0, "val_ppl": 2.0}
+
+
+def test_lemo_predictor_smoke(tmp_path):
+    result, stdout = _bench("lemo_predictor", tmp_path / "p.json", "--smoke",
+                            f"--workdir={tmp_path / 'predictors'}")
+    summary = result["summary"]
+    assert set(summary) >= {"mean_recall@0.4", "mean_spearman", "params_kept_ratio", "overhead_ratio",
+                            "oracle_overhead_ratio"}
+    _finite(summary, summary)
+    assert 0.0 <= summary["mean_recall@0.4"] <= 1.0 and 0.0 < summary["params_kept_ratio"] <= 1.0
+    layers = [r for r in result["rows"] if r["kind"] == "layer"]
+    assert [r["layer"] for r in layers] == [0] and layers[0]["sparse"]  # tiny: 2 layers
+    timed = {r["variant"]: r for r in result["rows"] if r["kind"] == "timing"}
+    assert set(timed) == {"predictor", "fixed", "oracle"}
+    assert all(len(r["times_s"]) == 3 for r in timed.values())
+    assert summary["overhead_ratio"] == pytest.approx(timed["predictor"]["step_s"] / timed["fixed"]["step_s"])
+    assert (tmp_path / "predictors" / "predictors").is_dir()
+    # A second run reuses the trained predictors.
+    _, again = _bench("lemo_predictor", tmp_path / "p2.json", "--smoke",
+                      f"--workdir={tmp_path / 'predictors'}")
+    assert "reusing the predictors" in again and "training predictors" not in again

@@ -134,6 +134,29 @@ def test_lemo_algorithm1_schedule_tunes_a_profile_then_trains_with_it(pretrained
     assert math.isfinite(summary["val_sparse_loss"])
 
 
+def test_train_predictors_then_finetune_with_them(pretrained, tmp_path):
+    workdir, _ = pretrained
+    done = _cli("train_predictors", tmp_path / "pred", f"--config.base={workdir}",
+                config="predictors_tiny.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert summary["steps"] == 12 and 0 < summary["params_kept_ratio"] <= 1
+    assert set(summary["recall@0.4"]) == {"0"} and 0 <= summary["mean_recall@0.4"] <= 1
+    assert "mean_recall@0.4" in done.stdout
+    c = finetune_tiny.get_config()
+    c.base, c.method, c.progress = str(workdir), "lemo", False
+    c.train.steps = 2
+    c.lemo.block_size, c.lemo.predictors = 32, str(tmp_path / "pred" / "predictors")
+    with_predictors = runs.finetune(c, tmp_path / "ft")
+    c.lemo.predictors = ""  # selector "auto": the oracle
+    with_oracle = runs.finetune(c, tmp_path / "ft_oracle")
+    assert math.isfinite(with_predictors["val_sparse_loss"])
+    assert with_predictors["val_sparse_loss"] != pytest.approx(with_oracle["val_sparse_loss"], abs=1e-6)
+    c.lemo.selector = "predictor"
+    with pytest.raises(ValueError, match="needs config.lemo.predictors"):
+        runs.finetune(c, tmp_path / "ft_bad")
+
+
 def test_unknown_config_key_fails_before_compiling(tmp_path):
     done = _cli("pretrain", tmp_path, "--config.train.stepz=3")
     assert done.returncode != 0 and "stepz" in done.stderr

@@ -40,8 +40,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments.bench import write_result
-from experiments.configs import finetune_small, pretrain_small
+from experiments.bench import bases, write_result
+from experiments.configs import finetune_small
 from tokensparse import data, runs, train
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model preset of the base.")
@@ -86,27 +86,9 @@ def settings() -> dict:
     return out
 
 
-def default_base_workdir(s: dict) -> pathlib.Path:
-    name = f"{s['preset']}-T{s['base_seq_len']}-s{s['base_steps']}-b{s['base_batch_size']}"
-    return data.cache_dir() / "bench" / "lemo_quality" / name
-
-
 def pretrain_base(s: dict, workdir: pathlib.Path) -> dict:
     """Pretrain the base into ``workdir``, or reuse it when that run finished before."""
-    done = workdir / "summary.json"
-    if done.exists():
-        log(f"reusing the base in {workdir}")
-        return json.loads(done.read_text())
-    log(f"pretraining {s['preset']} at T={s['base_seq_len']} for {s['base_steps']} steps into {workdir}")
-    c = pretrain_small.get_config()
-    c.model = runs.model_config_dict(s["preset"], max_positions=s["base_seq_len"])
-    c.data.vocab_size = s["vocab_size"]
-    c.train.seq_len, c.train.steps = s["base_seq_len"], s["base_steps"]
-    c.train.batch_size = s["base_batch_size"]
-    c.train.checkpoint_every = max(s["base_steps"] // 4, 1)
-    c.train.log_every = max(min(c.train.log_every, s["base_steps"]), 1)
-    c.attention_backend = _ATTENTION.value
-    return runs.pretrain(c, workdir)
+    return bases.pretrain_base(s, workdir, attention=_ATTENTION.value, log=log)
 
 
 def windows_covering(docs, seq_len: int, n_targets: int) -> list[data.EvalWindow]:
@@ -227,7 +209,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     s = settings()
-    base = pathlib.Path(_BASE_WORKDIR.value or default_base_workdir(s)).expanduser()
+    base = pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
     with tempfile.TemporaryDirectory(prefix="lemo_quality_") as tmp:
         workdir = pathlib.Path(_WORKDIR.value or tmp).expanduser()
         rows, summary = run(s, base, workdir)

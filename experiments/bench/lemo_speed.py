@@ -23,16 +23,16 @@ bf16 on accelerators (the spec's recipe) and fp32 on a CPU, whose bf16 dots are 
 
 from __future__ import annotations
 
+import functools
 import json
-import statistics
-import time
 
 import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from experiments.bench import write_result
+from experiments.bench import timing, write_result
+from experiments.bench.timing import timed_step
 from experiments.configs import finetune_small
 from tokensparse import data, lora, runs, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
@@ -98,14 +98,6 @@ def train_steps(lemo: LeMoConfig) -> dict:
             "lemo": train.make_train_step(sparse, wrt=lora.LoRAParam)}
 
 
-def timed_step(step, model, optimizer, batch) -> tuple[float, float]:
-    """(seconds, loss) of one step, clock read after everything the step updates is ready."""
-    start = time.perf_counter()
-    metrics = step(model, optimizer, batch)
-    jax.block_until_ready((metrics, nnx.state(model, lora.LoRAParam), nnx.state(optimizer)))
-    return time.perf_counter() - start, float(metrics["loss"])
-
-
 def peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
@@ -128,13 +120,12 @@ def measure(seq_len: int) -> dict[str, dict]:
                         "remat": _REMAT.value, "attention": _ATTENTION.value,
                         "temp_bytes": cost.temp_bytes, "arg_bytes": cost.argument_bytes,
                         "flops": cost.flops, "warmup_loss": losses[-1],
-                        "peak_bytes_after_warmup": peak_bytes(), "times_s": []}
-    for rep in range(max(_REPS.value, 5)):
-        for method in METHODS if rep % 2 == 0 else METHODS[::-1]:
-            seconds, _ = timed_step(steps[method], model, optimizer, batch)
-            rows[method]["times_s"].append(seconds)
-    for row in rows.values():
-        row["step_s"] = statistics.median(row["times_s"])
+                        "peak_bytes_after_warmup": peak_bytes()}
+    timings = timing.interleaved(
+        {m: functools.partial(lambda m: timed_step(steps[m], model, optimizer, batch)[0], m)
+         for m in METHODS}, max(_REPS.value, 5))
+    for method, row in rows.items():
+        row["times_s"], row["step_s"] = timings[method]["times_s"], timings[method]["median_s"]
         row["tokens_per_s"] = _BATCH.value * seq_len / row["step_s"]
     return rows
 

@@ -105,16 +105,24 @@ def mlp_keep_channels(model: Llama, lemo: LeMoConfig) -> int:
 
 
 def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,
-                       *, lemo: LeMoConfig) -> Float[Array, "b t d"]:
-    """Final-normed hidden states of the LeMo forward (the loss applies the head)."""
+                       *, lemo: LeMoConfig, selections=None) -> Float[Array, "b t d"]:
+    """Final-normed hidden states of the LeMo forward (the loss applies the head).
+
+    ``selections`` (one per layer; used for the sparse ones) replaces the selector: fixed blocks, at
+    no selection cost (benchmarks use it to price selection)."""
     ratios = check_lemo(model, lemo, tokens.shape[1])
+    if selections is not None and len(selections) != len(ratios):
+        raise ValueError(f"selections has {len(selections)} entries; the model has {len(ratios)} "
+                         "layers.")
     positions = default_positions(tokens) if positions is None else positions
     mlp_keep = mlp_keep_channels(model, lemo)
     predictors = predictor.attached(model) if lemo.selector == "predictor" else None
     h = model.embed(tokens)
     for i, (block, ratio) in enumerate(zip(model.layers, ratios, strict=True)):
         selection = None
-        if ratio < 1.0:  # chosen outside the remat region: recomputation never re-scores
+        if ratio < 1.0 and selections is not None:
+            selection = selections[i]
+        elif ratio < 1.0:  # chosen outside the remat region: recomputation never re-scores
             u = block.input_norm(jax.lax.stop_gradient(h))
             selection = layer_selection(block, u, ratio, lemo,
                                         predictors.for_layer(i) if predictors else None)
@@ -124,7 +132,7 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
     return model.final_norm(h)
 
 
-def lemo_loss(model: Llama, batch, *, lemo: LeMoConfig, loss_segment: int = 0):
+def lemo_loss(model: Llama, batch, *, lemo: LeMoConfig, loss_segment: int = 0, selections=None):
     """:func:`tokensparse.train.lm_loss` with the LeMo forward."""
-    hidden_fn = functools.partial(lemo_hidden_states, lemo=lemo)
+    hidden_fn = functools.partial(lemo_hidden_states, lemo=lemo, selections=selections)
     return train.lm_loss(model, batch, loss_segment=loss_segment, hidden_fn=hidden_fn)

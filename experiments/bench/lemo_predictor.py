@@ -1,0 +1,181 @@
+"""LeMo predictors: held-out recall of the oracle's kept blocks, pruning, and their step-time cost.
+
+    python -m experiments.bench.lemo_predictor --out bench_results/lemo_predictor.json \\
+        [--preset=small --base_seq_len=512 --base_steps=400 --seq_len=2048 --steps=400]
+    python -m experiments.bench.lemo_predictor --smoke --out /tmp/lemo_predictor.json  # tiny
+
+1. **Base**: the same cached base as ``lemo_quality`` (pretrained at ``--base_seq_len``).
+2. **Predictors**: ``experiments.train_predictors`` (``predictors_small.py``) at ``--seq_len`` with
+   RoPE scaling, ``--steps`` steps, elastic pruning; reused when that run finished before.
+   Rows per layer: held-out recall@0.4 (``|TopK(ĉ) ∩ TopK(c)| / K``) and Spearman of ĉ with the
+   oracle's column scores c, on ``--eval_windows`` validation windows.
+3. **Overhead**: one LeMo LoRA step (default LeMoConfig, the base's weights, batch 1, ``--seq_len``)
+   with predictor selection, against the same step with a *fixed* selection of the same capacity
+   (no selection cost; the attention and MLP work is identical), and with oracle selection;
+   timed interleaved in one process, medians. ``overhead_ratio`` = predictor / fixed,
+   ``oracle_overhead_ratio`` = oracle / fixed.
+
+Summary: ``mean_recall@0.4`` (over the default schedule's sparse layers), ``mean_spearman``,
+``params_kept_ratio`` (after / before pruning), ``overhead_ratio``, ``oracle_overhead_ratio``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from experiments.bench import bases, timing, write_result
+from experiments.configs import finetune_small, predictors_small
+from tokensparse import data, lora, runs, train
+from tokensparse.config import LeMoConfig, LoRAConfig
+from tokensparse.lemo import predictor, scoring
+from tokensparse.lemo.model import lemo_loss
+
+_PRESET = flags.DEFINE_string("preset", "small", "Model preset of the base.")
+_BASE_SEQ_LEN = flags.DEFINE_integer("base_seq_len", 512, "The base's pretraining context.")
+_BASE_STEPS = flags.DEFINE_integer("base_steps", 400, "The base's pretraining steps.")
+_BASE_BATCH = flags.DEFINE_integer("base_batch_size", 8, "The base's pretraining batch size.")
+_BASE_WORKDIR = flags.DEFINE_string("base_workdir", None, "Use this base (a pretraining workdir or "
+                                    "HF directory) instead of the cached one.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Predictor training, evaluation and timing context.")
+_STEPS = flags.DEFINE_integer("steps", 400, "Predictor training steps.")
+_TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 128, "Distinct training windows (cycled).")
+_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Held-out windows for recall.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Predictor run directory (default: "
+                               "<cache>/bench/lemo_predictor/<base>-T<seq_len>-s<steps>); reused "
+                               "when finished, resumed when interrupted.")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions per variant (median; at least 3).")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, few steps, short context (tests); flags "
+                           "given explicitly still win.")
+_OUT = flags.DEFINE_string("out", "bench_results/lemo_predictor.json", "Where to write the JSON.")
+
+SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
+         "seq_len": 256, "steps": 12, "train_windows": 4, "eval_windows": 2, "reps": 3}
+_FLAGS = {"preset": _PRESET, "base_seq_len": _BASE_SEQ_LEN, "base_steps": _BASE_STEPS,
+          "base_batch_size": _BASE_BATCH, "seq_len": _SEQ_LEN, "steps": _STEPS,
+          "train_windows": _TRAIN_WINDOWS, "eval_windows": _EVAL_WINDOWS, "reps": _REPS}
+VARIANTS = ("predictor", "fixed", "oracle")
+
+
+def log(message: str) -> None:
+    print(f"[lemo_predictor] {message}", flush=True)
+
+
+def settings() -> dict:
+    out = {name: (SMOKE[name] if _SMOKE.value and not flags.FLAGS[name].present else flag.value)
+           for name, flag in _FLAGS.items()}
+    out["vocab_size"] = 512 if out["preset"] == "tiny" else 8192
+    out["block_size"] = 32 if out["preset"] == "tiny" else 64
+    return out
+
+
+def predictor_config(s: dict, base: pathlib.Path):
+    c = predictors_small.get_config()
+    c.base, c.data.vocab_size, c.progress = str(base), s["vocab_size"], True
+    c.train.seq_len, c.train.steps, c.train.block_size = s["seq_len"], s["steps"], s["block_size"]
+    c.train.train_windows, c.train.eval_windows = s["train_windows"], s["eval_windows"]
+    if s["steps"] < 100:  # short (smoke) runs prune too, twice
+        c.train.prune_every, c.train.prune_until = max(s["steps"] // 2, 1), s["steps"]
+    return c
+
+
+def train_or_load(s: dict, base: pathlib.Path, workdir: pathlib.Path) -> dict:
+    done = workdir / "summary.json"
+    if done.exists():
+        log(f"reusing the predictors in {workdir}")
+        return json.loads(done.read_text())
+    log(f"training predictors at T={s['seq_len']} for {s['steps']} steps into {workdir}")
+    return runs.train_predictors(predictor_config(s, base), workdir)
+
+
+def fixed_selections(model, lemo: LeMoConfig, seq_len: int) -> list:
+    """Per layer, a selection of the same capacity as the selector's, chosen by nothing."""
+    nb = seq_len // lemo.block_size
+    scores = jnp.asarray(np.random.default_rng(0).normal(size=(1, nb)), jnp.float32)
+    return [None if r >= 1.0 else scoring.select_blocks(scores, r, lemo.block_size)
+            for r in lemo.keep_ratios(len(model.layers))]
+
+
+def overhead(s: dict, base: pathlib.Path, predictors_dir: pathlib.Path) -> list[dict]:
+    """Rows: the LeMo step with each selection variant, timed side by side."""
+    model, config, tokenizer = runs.load_base(str(base))
+    config = config.with_context(s["seq_len"])
+    runs.set_context(model, config)
+    predictor.attach(model, predictor.load_predictors(predictors_dir, config))
+    c = finetune_small.get_config()
+    lora.add_lora(model, LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha,
+                                    targets=tuple(c.lora.targets)), rngs=nnx.Rngs(1))
+    tc = runs.build_train_config(c.train).replace(seq_len=s["seq_len"], batch_size=1)
+    optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
+    corpus = data.load_corpus(c.data.source)
+    tokenizer = tokenizer or data.get_tokenizer(corpus, s["vocab_size"])
+    docs = data.encode_documents(tokenizer, corpus.train)
+    batch = data.WindowBatches(docs, batch_size=1, seq_len=s["seq_len"], seed=0).batch(0)
+    lemo = LeMoConfig(block_size=s["block_size"], selector="predictor")
+    fixed = fixed_selections(model, lemo, s["seq_len"])
+
+    def loss_for(variant):
+        config = lemo.replace(selector="oracle") if variant == "oracle" else lemo
+        selections = fixed if variant == "fixed" else None
+        return lambda model, batch: lemo_loss(model, batch, lemo=config, selections=selections,
+                                              loss_segment=tc.loss_segment)
+
+    steps = {v: train.make_train_step(loss_for(v), wrt=lora.LoRAParam) for v in VARIANTS}
+    for v in VARIANTS:  # compile and warm up
+        for _ in range(2):
+            timing.timed_step(steps[v], model, optimizer, batch)
+    results = timing.interleaved(
+        {v: functools.partial(lambda v: timing.timed_step(steps[v], model, optimizer, batch)[0], v)
+         for v in VARIANTS}, max(s["reps"], 3))
+    return [{"kind": "timing", "variant": v, "seq_len": s["seq_len"], "dtype": config.dtype,
+             "step_s": results[v]["median_s"], "times_s": results[v]["times_s"]} for v in VARIANTS]
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    s = settings()
+    base = pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
+    if not _BASE_WORKDIR.value:
+        bases.pretrain_base(s, base, log=log)
+    name = f"{base.name}-T{s['seq_len']}-s{s['steps']}-w{s['train_windows']}"
+    workdir = pathlib.Path(_WORKDIR.value or data.cache_dir() / "bench" / "lemo_predictor" / name)
+    trained = train_or_load(s, base, workdir)
+    key = "@0.4"
+    rows = [{"kind": "layer", "layer": int(layer), "recall@0.4": r,
+             "spearman": trained["spearman"][layer], "sparse": int(layer) in trained["sparse_layers"],
+             "widths": trained["widths"][layer]}
+            for layer, r in trained[f"recall{key}"].items()]
+    rows += overhead(s, base, workdir / "predictors")
+    timed = {r["variant"]: r["step_s"] for r in rows if r["kind"] == "timing"}
+    summary = {f"mean_recall{key}": trained[f"mean_recall{key}"],
+               f"mean_recall_all_layers{key}": trained[f"mean_recall_all_layers{key}"],
+               "mean_spearman": trained["mean_spearman"],
+               "params_kept_ratio": trained["params_kept_ratio"],
+               "params_before": trained["params_before"], "params_after": trained["params_after"],
+               "overhead_ratio": timed["predictor"] / timed["fixed"],
+               "oracle_overhead_ratio": timed["oracle"] / timed["fixed"]}
+    for r in rows:
+        if r["kind"] == "layer":
+            print(f"layer {r['layer']:>2} {'sparse' if r['sparse'] else 'dense ':>6} recall@0.4 "
+                  f"{r['recall@0.4']:.4f} spearman {r['spearman']:.4f} widths {r['widths']}")
+        else:
+            print(f"{r['variant']:>9} selection: step {r['step_s'] * 1e3:.1f} ms")
+    print(json.dumps(summary, indent=1))
+    write_result(_OUT.value, "lemo_predictor", rows, summary, settings={
+        **s, "smoke": _SMOKE.value, "base_workdir": str(base), "predictor_workdir": str(workdir),
+        "recall": "per sparse layer and held-out window, |TopK(pred) & TopK(oracle)| / K, "
+        "K = floor(0.4 n_b); mean over windows, then over the default schedule's sparse layers",
+        "overhead": "LeMo LoRA step, predictor selection / fixed selection of equal capacity; "
+        "median of interleaved repetitions", "jax_backend": jax.default_backend()})
+
+
+if __name__ == "__main__":
+    app.run(main)
