@@ -360,3 +360,18 @@ def test_predictor_step_memory_is_linear_in_the_sequence_length():
 def test_predictor_path_fields_are_dataclass_friendly():
     tc = _train_config()
     assert dataclasses.replace(tc, steps=3).steps == 3
+
+
+def test_column_loss_sees_only_the_ranking_of_column_scores():
+    p = _predictors(2)
+    x = _x(5)
+    q_hat, k_hat = p.for_layer(0)(x)
+    tiles = predictor.predicted_tiles(q_hat, k_hat)
+    params = {"0": p.params()["0"]}
+    loss = lambda t: pt.predictor_loss(params, {"0": (x, t)}, n_heads=4, block_size=BLOCK,  # noqa: E731
+                                       dtype=jnp.float32, loss="column")[0]
+    # Targets whose column sums are an affine image of the prediction's: zero loss.
+    assert float(loss(3.0 * tiles + 0.7)) == pytest.approx(0.0, abs=1e-4)
+    assert float(loss(-tiles)) > 1.0  # the reversed ranking is far off
+    assert float(pt.predictor_loss(params, {"0": (x, 3.0 * tiles + 0.7)}, n_heads=4, block_size=BLOCK,
+                                   dtype=jnp.float32)[0]) > 1.0  # the tile loss is not invariant

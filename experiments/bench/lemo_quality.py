@@ -20,7 +20,9 @@
 
 Summary: ``ppl_ratio`` = LeMo (mlp_drop 0.8) / LoRA perplexity, dense eval; ``ppl_ratio_mlp_drop0.5``
 the same for mlp_drop 0.5; ``sparse_ppl_ratio`` = LeMo's sparse-eval perplexity / LoRA's (dense)
-perplexity. Unlike the speed and memory ratios these are method / baseline: smaller is better, and
+perplexity. With ``--predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
+(``predictor_ppl_ratio`` = that / oracle-selection LeMo; the target is <= 1.01). Unlike the speed
+and memory ratios these are method / baseline: smaller is better, and
 the library's target is ``ppl_ratio <= 1.03`` (spec §3).
 
 Cost: the defaults (``small``, 1000 steps at 2048, three runs) are hours on a CPU: a ``small`` LoRA
@@ -56,6 +58,9 @@ _STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (sp
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation windows of seq_len.")
 _MLP_ABLATION = flags.DEFINE_bool("mlp_drop_ablation", True, "Also fine-tune LeMo with mlp_drop=0.5.")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of every run.")
+_PREDICTORS = flags.DEFINE_string("predictors", "", "Also fine-tune LeMo (mlp_drop 0.8) selecting "
+                                  "with these trained predictors (a train_predictors predictors/ "
+                                  "directory); summary predictor_ppl_ratio = that / oracle LeMo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the fine-tuning runs go (default: a temporary "
                                "directory); an existing run there is resumed.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, few steps, short context (tests); flags given "
@@ -135,10 +140,13 @@ def evaluate_base(s: dict, base: pathlib.Path) -> list[dict]:
     return rows
 
 
-def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | None):
-    """``finetune_small.py`` with this benchmark's base, method, length, steps and eval windows."""
+def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | None,
+                    predictors: str = ""):
+    """``finetune_small.py`` with this benchmark's base, method, length, steps and eval windows
+    (LeMo selects with the oracle, or with ``predictors`` when given)."""
     c = finetune_small.get_config()
     c.base, c.method, c.attention_backend = str(base), method, _ATTENTION.value
+    c.lemo.predictors = predictors
     if mlp_drop is not None:
         c.lemo.mlp_drop = mlp_drop
     c.data.vocab_size = s["vocab_size"]
@@ -148,20 +156,24 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
     return c
 
 
-def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s: float) -> dict:
+def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s: float,
+         selector: str | None = None) -> dict:
     keys = ("val_loss", "val_ppl", "val_tokens", "val_sparse_loss", "val_sparse_ppl", "train_loss",
             "tokens_per_s")
-    return {"method": method, "mlp_drop": mlp_drop, "steps": steps, "seq_len": seq_len,
-            **{k: summary.get(k) for k in keys}, "wall_s": wall_s}
+    return {"method": method, "mlp_drop": mlp_drop, "selector": selector, "steps": steps,
+            "seq_len": seq_len, **{k: summary.get(k) for k in keys}, "wall_s": wall_s}
 
 
 def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str,
-                 mlp_drop: float | None) -> dict:
+                 mlp_drop: float | None, predictors: str = "") -> dict:
     name = method if mlp_drop is None else f"{method}_mlp_drop{mlp_drop}"
+    name += "_predictor" if predictors else ""
+    selector = None if method != "lemo" else "predictor" if predictors else "oracle"
     log(f"fine-tuning {name} at T={s['seq_len']} for {s['steps']} steps")
     start = time.perf_counter()
-    summary = runs.finetune(finetune_config(s, base, method, mlp_drop), workdir / name)
-    row = _row(method, mlp_drop, s["steps"], s["seq_len"], summary, time.perf_counter() - start)
+    summary = runs.finetune(finetune_config(s, base, method, mlp_drop, predictors), workdir / name)
+    row = _row(method, mlp_drop, s["steps"], s["seq_len"], summary, time.perf_counter() - start,
+               selector)
     sparse = "" if row["val_sparse_ppl"] is None else f", sparse-eval ppl {row['val_sparse_ppl']:.3f}"
     log(f"{name}: val ppl {row['val_ppl']:.3f}{sparse}, {row['tokens_per_s'] or 0:.0f} train tokens/s, "
         f"{row['wall_s']:.0f} s")
@@ -169,7 +181,8 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
 
 
 def summarise(s: dict, base_rows: list[dict], lora: dict, lemo: list[dict]) -> dict:
-    by_drop = {r["mlp_drop"]: r for r in lemo}
+    by_drop = {r["mlp_drop"]: r for r in lemo if r["selector"] == "oracle"}
+    predicted = [r for r in lemo if r["selector"] == "predictor"]
     main = by_drop[0.8]
     summary = {"ppl_ratio": main["val_ppl"] / lora["val_ppl"]}
     if 0.5 in by_drop:
@@ -180,16 +193,21 @@ def summarise(s: dict, base_rows: list[dict], lora: dict, lemo: list[dict]) -> d
     summary[f"base_ppl_rope_scaled@{scaled['seq_len']}"] = scaled["val_ppl"]
     summary[f"lora_ppl@{s['seq_len']}"] = lora["val_ppl"]
     summary[f"lemo_ppl@{s['seq_len']}"] = main["val_ppl"]
+    if predicted:
+        summary["predictor_ppl_ratio"] = predicted[0]["val_ppl"] / main["val_ppl"]
+        summary["predictor_lora_ppl_ratio"] = predicted[0]["val_ppl"] / lora["val_ppl"]
+        summary[f"lemo_predictor_ppl@{s['seq_len']}"] = predicted[0]["val_ppl"]
     return summary
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'method':>6} {'mlp_drop':>8} {'T':>6} {'steps':>6} {'val ppl':>9} {'sparse ppl':>10} "
-          f"{'tok/s':>8} {'wall s':>7}")
+    print(f"{'method':>6} {'selector':>9} {'mlp_drop':>8} {'T':>6} {'steps':>6} {'val ppl':>9} "
+          f"{'sparse ppl':>10} {'tok/s':>8} {'wall s':>7}")
     for r in rows:
         sparse = "-" if r["val_sparse_ppl"] is None else f"{r['val_sparse_ppl']:.3f}"
         drop = "-" if r["mlp_drop"] is None else f"{r['mlp_drop']}"
-        print(f"{r['method']:>6} {drop:>8} {r['seq_len']:>6} {r['steps']:>6} {r['val_ppl']:>9.3f} "
+        print(f"{r['method']:>6} {r.get('selector') or '-':>9} {drop:>8} {r['seq_len']:>6} "
+              f"{r['steps']:>6} {r['val_ppl']:>9.3f} "
               f"{sparse:>10} {r['tokens_per_s'] or 0:>8.0f} {r['wall_s']:>7.1f}")
 
 
@@ -201,6 +219,8 @@ def run(s: dict, base: pathlib.Path, workdir: pathlib.Path) -> tuple[list[dict],
     lora = finetune_run(s, base, workdir, "lora", None)
     drops = (0.8, 0.5) if _MLP_ABLATION.value else (0.8,)
     lemo = [finetune_run(s, base, workdir, "lemo", p) for p in drops]
+    if _PREDICTORS.value:
+        lemo.append(finetune_run(s, base, workdir, "lemo", 0.8, _PREDICTORS.value))
     rows = [*base_rows, lora, *lemo]
     return rows, summarise(s, base_rows, lora, lemo)
 
