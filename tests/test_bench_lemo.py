@@ -33,18 +33,32 @@ def _finite(row, keys):
         assert isinstance(row[key], int | float) and math.isfinite(row[key]), (key, row[key])
 
 
-def test_lemo_quality_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def predictor_smoke(tmp_path_factory):
+    """The predictor benchmark's smoke run; its base and predictors serve the quality smoke too."""
+    tmp = tmp_path_factory.mktemp("lemo_predictor")
+    result, stdout = _bench("lemo_predictor", tmp / "p.json", "--smoke", f"--workdir={tmp / 'run'}",
+                            f"--base_workdir={tmp / 'base'}")
+    return tmp, result, stdout
+
+
+def test_lemo_quality_smoke(tmp_path, predictor_smoke):
     # The mlp_drop=0.5 run (on by default) is the same code with another value: skipped for time.
+    shared, _, _ = predictor_smoke
     result, stdout = _bench("lemo_quality", tmp_path / "q.json", "--smoke", "--nomlp_drop_ablation",
-                            f"--base_workdir={tmp_path / 'base'}")
-    assert "[lemo_quality] fine-tuning lemo_mlp_drop0.8" in stdout and "drop0.5" not in stdout
+                            f"--base_workdir={shared / 'base'}",
+                            f"--predictors={shared / 'run' / 'predictors'}")
+    assert "[lemo_quality] fine-tuning lemo_mlp_drop0.8 " in stdout and "drop0.5" not in stdout
     summary = result["summary"]
     assert set(summary) == {"ppl_ratio", "sparse_ppl_ratio", "base_ppl@128",
-                            "base_ppl_rope_scaled@256", "lora_ppl@256", "lemo_ppl@256"}
+                            "base_ppl_rope_scaled@256", "lora_ppl@256", "lemo_ppl@256",
+                            "predictor_ppl_ratio", "predictor_lora_ppl_ratio",
+                            "lemo_predictor_ppl@256"}
     _finite(summary, summary)
     rows = result["rows"]
-    assert [(r["method"], r["mlp_drop"], r["seq_len"]) for r in rows] == [
-        ("base", None, 128), ("base", None, 256), ("lora", None, 256), ("lemo", 0.8, 256)]
+    assert [(r["method"], r["selector"], r["mlp_drop"], r["seq_len"]) for r in rows] == [
+        ("base", None, None, 128), ("base", None, None, 256), ("lora", None, None, 256),
+        ("lemo", "oracle", 0.8, 256), ("lemo", "predictor", 0.8, 256)]
     for row in rows:
         _finite(row, ("val_loss", "val_ppl", "val_tokens", "wall_s"))
     for row in rows[2:]:
@@ -55,7 +69,7 @@ def test_lemo_quality_smoke(tmp_path):
     # Every evaluation scores the same target tokens; the sparse forward changes the loss.
     assert len({r["val_tokens"] for r in rows}) == 1
     assert rows[3]["val_sparse_loss"] != pytest.approx(rows[3]["val_loss"], abs=1e-4)
-    assert (tmp_path / "base" / "summary.json").exists()
+    assert summary["predictor_ppl_ratio"] == pytest.approx(rows[4]["val_ppl"] / rows[3]["val_ppl"])
 
 
 def test_lemo_speed_smoke(tmp_path):
@@ -96,9 +110,8 @@ def test_a_finished_base_is_reused(tmp_path):
     assert pretrain_base({}, tmp_path) == {"train_loss": 1.0, "val_ppl": 2.0}
 
 
-def test_lemo_predictor_smoke(tmp_path):
-    result, stdout = _bench("lemo_predictor", tmp_path / "p.json", "--smoke",
-                            f"--workdir={tmp_path / 'predictors'}")
+def test_lemo_predictor_smoke(predictor_smoke):
+    tmp, result, _ = predictor_smoke
     summary = result["summary"]
     assert set(summary) >= {"mean_recall@0.4", "mean_spearman", "params_kept_ratio", "overhead_ratio",
                             "oracle_overhead_ratio"}
@@ -109,9 +122,10 @@ def test_lemo_predictor_smoke(tmp_path):
     timed = {r["variant"]: r for r in result["rows"] if r["kind"] == "timing"}
     assert set(timed) == {"predictor", "fixed", "oracle"}
     assert all(len(r["times_s"]) == 3 for r in timed.values())
-    assert summary["overhead_ratio"] == pytest.approx(timed["predictor"]["step_s"] / timed["fixed"]["step_s"])
-    assert (tmp_path / "predictors" / "predictors").is_dir()
+    ratio = timed["predictor"]["step_s"] / timed["fixed"]["step_s"]
+    assert summary["overhead_ratio"] == pytest.approx(ratio)
+    assert (tmp / "run" / "predictors").is_dir()
     # A second run reuses the trained predictors.
-    _, again = _bench("lemo_predictor", tmp_path / "p2.json", "--smoke",
-                      f"--workdir={tmp_path / 'predictors'}")
+    _, again = _bench("lemo_predictor", tmp / "p2.json", "--smoke", f"--workdir={tmp / 'run'}",
+                      f"--base_workdir={tmp / 'base'}")
     assert "reusing the predictors" in again and "training predictors" not in again

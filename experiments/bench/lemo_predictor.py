@@ -42,8 +42,9 @@ _PRESET = flags.DEFINE_string("preset", "small", "Model preset of the base.")
 _BASE_SEQ_LEN = flags.DEFINE_integer("base_seq_len", 512, "The base's pretraining context.")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", 400, "The base's pretraining steps.")
 _BASE_BATCH = flags.DEFINE_integer("base_batch_size", 8, "The base's pretraining batch size.")
-_BASE_WORKDIR = flags.DEFINE_string("base_workdir", None, "Use this base (a pretraining workdir or "
-                                    "HF directory) instead of the cached one.")
+_BASE_WORKDIR = flags.DEFINE_string(
+    "base_workdir", None, "Pretraining workdir of the base, reused if it holds summary.json, else "
+    "pretrained there (default: the lemo_quality cache, <cache>/bench/lemo_quality/<preset>-T...).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Predictor training, evaluation and timing context.")
 _STEPS = flags.DEFINE_integer("steps", 400, "Predictor training steps.")
 _TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 128, "Distinct training windows (cycled).")
@@ -72,7 +73,7 @@ def settings() -> dict:
     out = {name: (SMOKE[name] if _SMOKE.value and not flags.FLAGS[name].present else flag.value)
            for name, flag in _FLAGS.items()}
     out["vocab_size"] = 512 if out["preset"] == "tiny" else 8192
-    out["block_size"] = 32 if out["preset"] == "tiny" else 64
+    out["block_size"] = LeMoConfig().block_size
     return out
 
 
@@ -143,8 +144,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     s = settings()
     base = pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
-    if not _BASE_WORKDIR.value:
-        bases.pretrain_base(s, base, log=log)
+    bases.pretrain_base(s, base, log=log)
     name = f"{base.name}-T{s['seq_len']}-s{s['steps']}-w{s['train_windows']}"
     workdir = pathlib.Path(_WORKDIR.value or data.cache_dir() / "bench" / "lemo_predictor" / name)
     trained = train_or_load(s, base, workdir)
