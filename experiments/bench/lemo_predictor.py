@@ -1,7 +1,7 @@
 """LeMo predictors: held-out recall of the oracle's kept blocks, pruning, and their step-time cost.
 
     python -m experiments.bench.lemo_predictor --out bench_results/lemo_predictor.json \\
-        [--preset=small --base_seq_len=512 --base_steps=400 --seq_len=2048 --steps=400]
+        [--preset=small --base_seq_len=512 --base_steps=400 --seq_len=2048 --steps=800]
     python -m experiments.bench.lemo_predictor --smoke --out /tmp/lemo_predictor.json  # tiny
 
 1. **Base**: the same cached base as ``lemo_quality`` (pretrained at ``--base_seq_len``).
@@ -46,8 +46,8 @@ _BASE_WORKDIR = flags.DEFINE_string(
     "base_workdir", None, "Pretraining workdir of the base, reused if it holds summary.json, else "
     "pretrained there (default: the lemo_quality cache, <cache>/bench/lemo_quality/<preset>-T...).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Predictor training, evaluation and timing context.")
-_STEPS = flags.DEFINE_integer("steps", 400, "Predictor training steps.")
-_TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 128, "Distinct training windows (cycled).")
+_STEPS = flags.DEFINE_integer("steps", 800, "Predictor training steps.")
+_TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 256, "Distinct training windows (cycled).")
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Held-out windows for recall.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Predictor run directory (default: "
                                "<cache>/bench/lemo_predictor/<base>-T<seq_len>-s<steps>); reused "
@@ -169,8 +169,10 @@ def main(argv):
         else:
             print(f"{r['variant']:>9} selection: step {r['step_s'] * 1e3:.1f} ms")
     print(json.dumps(summary, indent=1))
+    trained_with = json.loads((workdir / "config.json").read_text())["experiment"]["train"]
     write_result(_OUT.value, "lemo_predictor", rows, summary, settings={
         **s, "smoke": _SMOKE.value, "base_workdir": str(base), "predictor_workdir": str(workdir),
+        "predictor_training": trained_with,
         "recall": "per sparse layer and held-out window, |TopK(pred) & TopK(oracle)| / K, "
         "K = floor(0.4 n_b); mean over windows, then over the default schedule's sparse layers",
         "overhead": "LeMo LoRA step, predictor selection / fixed selection of equal capacity; "

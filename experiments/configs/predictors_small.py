@@ -1,5 +1,5 @@
 """LeMo predictor training for a `small` base (spec §2.3, scaled to CPU): 2K windows of the train
-split, 400 steps at batch 1, elastic pruning every 100 steps; recall measured at keep 0.4.
+split, 800 steps at batch 1, elastic pruning every 100 steps; recall measured at keep 0.4.
 
 Set ``--config.base`` to a pretraining workdir (e.g. from pretrain_small.py) or a Hugging Face
 directory; fine-tune with ``--config.lemo.predictors=<workdir>/predictors``.
@@ -16,8 +16,11 @@ def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.base = ""
     c.data = config_dict.ConfigDict({"source": "shakespeare", "vocab_size": 8192})
-    train = dataclasses.asdict(PredictorTrainConfig(seq_len=2048, steps=400, train_windows=128,
-                                                    eval_windows=16))
+    # loss="column": on this corpus' small models the block scores differ by ~5-9% across blocks;
+    # the spec's tile loss then learns the mean and ranks at chance (recall 0.38 vs 0.56, notes in
+    # docs/lemo.md). More windows and steps than the spec's 400 because each window is 8x shorter.
+    train = dataclasses.asdict(PredictorTrainConfig(seq_len=2048, steps=800, train_windows=256,
+                                                    eval_windows=16, loss="column", lr=3e-4))
     train["layers"] = list(train["layers"])
     c.train = config_dict.ConfigDict(train)
     c.attention_backend = "auto"
