@@ -104,10 +104,10 @@ def test_short_windows_score_the_same_targets_as_long_ones():
 
 
 def test_a_finished_base_is_reused(tmp_path):
-    from experiments.bench.lemo_quality import pretrain_base
+    from experiments.bench.bases import pretrain_base
 
     (tmp_path / "summary.json").write_text(json.dumps({"train_loss": 1.0, "val_ppl": 2.0}))
-    assert pretrain_base({}, tmp_path) == {"train_loss": 1.0, "val_ppl": 2.0}
+    assert pretrain_base({}, tmp_path, log=lambda message: None) == {"train_loss": 1.0, "val_ppl": 2.0}
 
 
 def test_lemo_predictor_smoke(predictor_smoke):
