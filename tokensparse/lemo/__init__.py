@@ -4,6 +4,10 @@ Spec: ``reference/lemo.md``.
 
 - :mod:`~tokensparse.lemo.scoring`: block informativeness (the oracle / predictor-target score).
 - :mod:`~tokensparse.lemo.mlp`: SwiGLU with exact forward and channel-sparse backward.
+- :mod:`~tokensparse.lemo.model`: the LeMo forward and loss (per-layer elimination).
+- :mod:`~tokensparse.lemo.threshold`: Algorithm 1, per-layer thresholds → keep-ratio profile.
+- :mod:`~tokensparse.lemo.predictor`: pattern predictors (selection without q·kᵀ), save/load/attach.
+- :mod:`~tokensparse.lemo.predictor_training`: training them on oracle targets, pruning, recall.
 """
 
 from tokensparse.lemo.mlp import channel_sparse_swiglu, keep_channels, sparse_backward_mlp

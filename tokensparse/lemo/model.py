@@ -1,7 +1,8 @@
 """LeMo forward pass: per-layer contextual token elimination on a LoRA-adapted Llama (spec §2.5).
 
 In a sparse layer l the attention sub-layer runs only on the top ``floor(ρ_l · n_b)`` 64-token blocks
-(scored from the layer's own normed input, under stop_gradient), at their original positions; the
+(scored from the layer's own normed input under stop_gradient, by the oracle or, with
+``selector="predictor"``, by ``model.lemo_predictors``), at their original positions; the
 other tokens pass through on the residual (h = x exactly). The MLP runs on every token, with an exact
 forward and, by default, a backward through only the top 20% channels (spec §2.6). The next layer
 re-scores all tokens: elimination is per layer, not permanent. Evaluation is dense (the plain model
