@@ -59,11 +59,11 @@ def test_path_forward_matches_numpy():
     rows = rng.normal(size=(2, 4, 32))
     out, (a1, a2) = predictor.path_forward({k: jnp.asarray(v) for k, v in w.items()},
                                            jnp.asarray(rows), jnp.float32)
-    relu = lambda z: np.maximum(z, 0)  # noqa: E731
+    h1 = np.maximum(rows @ w["w1"], 0)
+    h2 = np.maximum(h1 @ w["w2"], 0)
     np.testing.assert_allclose(a1, rows @ w["w1"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(a2, relu(rows @ w["w1"]) @ w["w2"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out, relu(relu(rows @ w["w1"]) @ w["w2"]) @ w["w3"], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(a2, h1 @ w["w2"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, h2 @ w["w3"], rtol=1e-5, atol=1e-5)
 
 
 def test_column_scores_equal_column_sums_of_the_tile_matrix():
@@ -368,8 +368,11 @@ def test_column_loss_sees_only_the_ranking_of_column_scores():
     q_hat, k_hat = p.for_layer(0)(x)
     tiles = predictor.predicted_tiles(q_hat, k_hat)
     params = {"0": p.params()["0"]}
-    loss = lambda t: pt.predictor_loss(params, {"0": (x, t)}, n_heads=4, block_size=BLOCK,  # noqa: E731
-                                       dtype=jnp.float32, loss="column")[0]
+
+    def loss(t):
+        return pt.predictor_loss(params, {"0": (x, t)}, n_heads=4, block_size=BLOCK,
+                                 dtype=jnp.float32, loss="column")[0]
+
     # Targets whose column sums are an affine image of the prediction's: zero loss.
     assert float(loss(3.0 * tiles + 0.7)) == pytest.approx(0.0, abs=1e-4)
     assert float(loss(-tiles)) > 1.0  # the reversed ranking is far off

@@ -44,16 +44,22 @@ def train_config_dict(**changes: Any) -> config_dict.ConfigDict:
     return config_dict.ConfigDict(values)
 
 
+def _dataclass_from(cls, values: dict[str, Any], where: str):
+    """``cls(**values)``, with unknown keys and invalid values reported under ``where``."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}.")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def build_train_config(c: config_dict.ConfigDict) -> TrainConfig:
     values = c.to_dict()
-    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"config.train has unknown keys {sorted(unknown)}.")
-    values["remat_names"] = tuple(values["remat_names"])
-    try:
-        return TrainConfig(**values)
-    except ValueError as e:
-        raise ValueError(f"config.train: {e}") from None
+    if "remat_names" in values:
+        values["remat_names"] = tuple(values["remat_names"])
+    return _dataclass_from(TrainConfig, values, "config.train")
 
 
 def lemo_config_dict(**changes: Any) -> config_dict.ConfigDict:
@@ -76,10 +82,7 @@ def build_lemo_config(c: config_dict.ConfigDict) -> LeMoConfig:
     if values.get("selector") == "predictor" and not predictors:
         raise ValueError("config.lemo.selector='predictor' needs config.lemo.predictors=DIR (the "
                          "predictors/ directory of an experiments.train_predictors run).")
-    try:
-        return LeMoConfig(**values)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"config.lemo: {e}") from None
+    return _dataclass_from(LeMoConfig, values, "config.lemo")
 
 
 def build_model_config(c: config_dict.ConfigDict, *, vocab_size: int | None = None) -> ModelConfig:
@@ -276,14 +279,8 @@ def _tune_lemo_profile(model, lemo_config: LeMoConfig, train_docs, tc: TrainConf
 
 def predictor_train_config(c: config_dict.ConfigDict) -> PredictorTrainConfig:
     values = c.to_dict()
-    unknown = set(values) - {f.name for f in dataclasses.fields(PredictorTrainConfig)}
-    if unknown:
-        raise ValueError(f"config.train has unknown keys {sorted(unknown)}.")
     values["layers"] = tuple(values.get("layers") or ())
-    try:
-        return PredictorTrainConfig(**values)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"config.train: {e}") from None
+    return _dataclass_from(PredictorTrainConfig, values, "config.train")
 
 
 def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -309,10 +306,7 @@ def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> 
                                           "model": model_config.to_dict()})
     run = predictor_training.train_predictors(model, train_windows, tc, workdir,
                                               metadata={"base": str(c.base)}, progress=c.progress)
-    before = predictor.LeMoPredictors(model_config, block_size=tc.block_size,
-                                      layer_ids=tc.layers or None, h1=tc.h1, h2=tc.h2 or None,
-                                      rngs=nnx.Rngs(0)).num_params()
-    after = run.predictors.num_params()
+    before, after = run.params_before, run.predictors.num_params()
     summary = {"steps": run.step, "interrupted": run.interrupted,
                "train_loss": run.history[-1]["loss"] if run.history else None,
                "params_before": before, "params_after": after, "params_kept_ratio": after / before,

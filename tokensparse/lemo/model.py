@@ -57,15 +57,21 @@ def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...
     return ratios
 
 
-def oracle_block_scores(block: DecoderBlock, u: Float[Array, "b t d"],
-                        opts: scoring.ScoreOptions) -> Float[Array, "b nb"]:
-    """Column block scores from the layer's own pre-RoPE q, k (with its current LoRA), no gradient."""
+def pre_rope_qk(block: DecoderBlock, u: Float[Array, "b t d"]) -> tuple[Array, Array]:
+    """The layer's per-head q [B, T, H, D] and k [B, T, Hkv, D] before RoPE (with its current LoRA),
+    from ``stop_gradient(u)``: what the oracle scores and the predictor targets are made of."""
     u = jax.lax.stop_gradient(u)
     b, t, _ = u.shape
     attn = block.attn
     q = attn.q_proj(u).reshape(b, t, attn.n_heads, attn.head_dim)
     k = attn.k_proj(u).reshape(b, t, attn.n_kv_heads, attn.head_dim)
-    return scoring.block_scores(q, k, opts)
+    return q, k
+
+
+def oracle_block_scores(block: DecoderBlock, u: Float[Array, "b t d"],
+                        opts: scoring.ScoreOptions) -> Float[Array, "b nb"]:
+    """Column block scores from the layer's own pre-RoPE q, k, no gradient."""
+    return scoring.block_scores(*pre_rope_qk(block, u), opts)
 
 
 def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig,
@@ -81,17 +87,12 @@ def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig,
     return scoring.select_blocks(scores, keep_ratio, lemo.block_size)
 
 
-def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *, keep_ratio: float,
-               lemo: LeMoConfig, mlp_keep: int, select=None):
-    """One decoder layer with LeMo's attention elimination and MLP backward.
+def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *, mlp_keep: int):
+    """One decoder layer with LeMo's MLP backward; attention runs on ``selection`` (None: dense).
 
-    ``selection`` (computed by the caller) is used as given; otherwise ``select(block, u) ->
-    Selection`` (threshold tuning) or the oracle top-k rule picks the blocks.
-    """
+    The caller picks the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any
+    remat region, so recomputation never re-scores."""
     h = checkpoint_name(h, "block_in")
-    if selection is None and (select is not None or keep_ratio < 1.0):  # under stop_gradient
-        u = block.input_norm(h)
-        selection = select(block, u) if select else layer_selection(block, u, keep_ratio, lemo)
     h, normed = block.attend_and_norm(h, positions, segment_ids, selection)
     if mlp_keep >= block.mlp.gate_proj.kernel.shape[1]:
         return block.feed_forward(h, normed)
@@ -118,17 +119,16 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
     positions = default_positions(tokens) if positions is None else positions
     mlp_keep = mlp_keep_channels(model, lemo)
     predictors = predictor.attached(model) if lemo.selector == "predictor" else None
+    run = model.rematerialised(functools.partial(lemo_block, mlp_keep=mlp_keep))
     h = model.embed(tokens)
     for i, (block, ratio) in enumerate(zip(model.layers, ratios, strict=True)):
         selection = None
         if ratio < 1.0 and selections is not None:
             selection = selections[i]
-        elif ratio < 1.0:  # chosen outside the remat region: recomputation never re-scores
+        elif ratio < 1.0:
             u = block.input_norm(jax.lax.stop_gradient(h))
             selection = layer_selection(block, u, ratio, lemo,
                                         predictors.for_layer(i) if predictors else None)
-        run = model.rematerialised(
-            functools.partial(lemo_block, keep_ratio=ratio, lemo=lemo, mlp_keep=mlp_keep))
         h = run(block, h, positions, segment_ids, selection)
     return model.final_norm(h)
 

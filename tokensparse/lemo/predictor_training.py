@@ -43,11 +43,13 @@ from flax import nnx
 from tokensparse import routing
 from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
 from tokensparse.lemo import scoring
+from tokensparse.lemo.model import pre_rope_qk
 from tokensparse.lemo.predictor import (
     PATHS,
     LeMoPredictors,
     block_rows,
     path_forward,
+    predict,
     predicted_column_scores,
     predicted_tiles,
     save_predictors,
@@ -131,11 +133,7 @@ def collect_targets(model: Llama, tokens, layer_ids: Sequence[int], opts: scorin
             break
         if i in wanted:
             u = block.input_norm(h)
-            b, t, _ = u.shape
-            attn = block.attn
-            q = attn.q_proj(u).reshape(b, t, attn.n_heads, attn.head_dim)
-            k = attn.k_proj(u).reshape(b, t, attn.n_kv_heads, attn.head_dim)
-            out[str(i)] = (u, scoring.block_tiles(q, k, opts))
+            out[str(i)] = (u, scoring.block_tiles(*pre_rope_qk(block, u), opts))
         h = block(h, positions, None, None)
     return out
 
@@ -204,14 +202,16 @@ def make_optimizer(tc: PredictorTrainConfig) -> optax.GradientTransformation:
 
 
 def make_step(tx: optax.GradientTransformation, **loss_kw) -> Callable:
-    """``step(params, opt_state, targets) -> (params, opt_state, loss, aux)``, jitted."""
+    """``step(params, opt_state, zeros, targets) -> (params, opt_state, zeros, loss, layer_loss)``,
+    jitted; ``zeros`` (the pruning counters) accumulate on the device."""
 
     @jax.jit
-    def step(params, opt_state, targets):
+    def step(params, opt_state, zeros, targets):
         (loss, aux), grads = jax.value_and_grad(predictor_loss, has_aux=True)(params, targets,
                                                                                 **loss_kw)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, aux
+        zeros = jax.tree.map(jnp.add, zeros, aux["zeros"])
+        return optax.apply_updates(params, updates), opt_state, zeros, loss, aux["layer_loss"]
 
     return step
 
@@ -221,8 +221,8 @@ def make_step(tx: optax.GradientTransformation, **loss_kw) -> Callable:
 
 def zero_counters(params) -> dict:
     """All-zero counters shaped like the widths: ``{layer: {path: {"a1": [h1], "a2": [h2]}}}``."""
-    return {layer: {side: {"a1": np.zeros(p[side]["w1"].shape[1], np.int64),
-                           "a2": np.zeros(p[side]["w2"].shape[1], np.int64)} for side in PATHS}
+    return {layer: {side: {"a1": np.zeros(p[side]["w1"].shape[1], np.int32),
+                           "a2": np.zeros(p[side]["w2"].shape[1], np.int32)} for side in PATHS}
             for layer, p in params.items()}
 
 
@@ -281,8 +281,11 @@ def recall_at(pred: np.ndarray, oracle: np.ndarray, keep_ratio: float) -> float:
     """|TopK(pred) ∩ TopK(oracle)| / K for one row of block scores, K = floor(keep_ratio · n_b)
     (at least 1). Ties break towards the lower block index, as selection does."""
     k = routing.capacity(len(oracle), keep_ratio, rounding="floor")
-    top = lambda s: set(np.argsort(-np.asarray(s, np.float64), kind="stable")[:k].tolist())  # noqa: E731
-    return len(top(pred) & top(oracle)) / k
+    return len(_top(pred, k) & _top(oracle, k)) / k
+
+
+def _top(scores: np.ndarray, k: int) -> set[int]:
+    return set(np.argsort(-np.asarray(scores, np.float64), kind="stable")[:k].tolist())
 
 
 def spearman(pred: np.ndarray, oracle: np.ndarray) -> float:
@@ -293,13 +296,8 @@ def spearman(pred: np.ndarray, oracle: np.ndarray) -> float:
 def evaluate(predictors: LeMoPredictors, cache: TargetCache, indices: Sequence[int],
              keep_ratio: float) -> dict[str, dict[str, float]]:
     """Per layer, mean recall@``keep_ratio`` and Spearman of ĉ against the oracle's c."""
-    n_heads, block = predictors.model_shape[1], predictors.block_size
-
-    @jax.jit
-    def scores(params, x):
-        q_hat, k_hat = (path_forward(params[side], block_rows(x, n_heads, block), jnp.float32)[0]
-                        for side in PATHS)
-        return predicted_column_scores(q_hat, k_hat)
+    scores = jax.jit(lambda params, x: predicted_column_scores(*predict(
+        params, x, n_heads=predictors.model_shape[1], block_size=predictors.block_size)))
 
     params = predictors.params()
     recall: dict[str, list[float]] = {}
@@ -310,17 +308,12 @@ def evaluate(predictors: LeMoPredictors, cache: TargetCache, indices: Sequence[i
             if layer not in params:
                 continue
             pred = np.asarray(scores(params[layer], x))
-            oracle = scoring_columns(tiles)
+            oracle = np.asarray(scoring.column_scores(tiles), np.float64)
             for row_pred, row_oracle in zip(pred, oracle, strict=True):
                 recall.setdefault(layer, []).append(recall_at(row_pred, row_oracle, keep_ratio))
                 rho.setdefault(layer, []).append(spearman(row_pred, row_oracle))
     return {"recall": {k: float(np.mean(v)) for k, v in recall.items()},
             "spearman": {k: float(np.mean(v)) for k, v in rho.items()}}
-
-
-def scoring_columns(tiles: np.ndarray) -> np.ndarray:
-    """Oracle column scores c_n = Σ_m tile[m, n] of host tiles."""
-    return np.asarray(tiles, np.float64).sum(axis=1)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -329,6 +322,7 @@ def scoring_columns(tiles: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class PredictorRun:
     predictors: LeMoPredictors
+    params_before: int  # before any pruning
     step: int
     interrupted: bool
     history: list[dict[str, Any]]
@@ -360,6 +354,7 @@ def train_predictors(model: Llama, train_windows, tc: PredictorTrainConfig,
     predictors = LeMoPredictors(config, block_size=tc.block_size, layer_ids=layer_ids, h1=tc.h1,
                                 h2=tc.h2 or None, dtype=config.compute_dtype,
                                 rngs=nnx.Rngs(tc.seed))
+    params_before = predictors.num_params()
     metadata = json.loads(json.dumps({"model": config.to_dict(), **dict(metadata or {}),
                                       "train": dataclasses.asdict(tc)}))  # as stored
     cache = TargetCache(model, train_windows, predictors.layer_ids, tc.block_size)
@@ -397,25 +392,23 @@ def train_predictors(model: Llama, train_windows, tc: PredictorTrainConfig,
     with InterruptGuard() as guard:
         for step in range(start, tc.steps):
             targets = cache(step % tc.train_windows)
-            params, opt_state, loss, aux = step_fn(params, opt_state, targets)
+            params, opt_state, zeros, loss, layer_loss = step_fn(params, opt_state, zeros, targets)
             loss = float(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"predictor loss is {loss} at step {step}; lower the lr.")
             x = next(iter(targets.values()))[0]
             rows += x.shape[0] * config.n_heads * (x.shape[1] // tc.block_size)
-            zeros = jax.tree.map(lambda a, b: np.asarray(a) + np.asarray(b), zeros,
-                                 aux["zeros"])
             done = step + 1
             tau = tc.prune_tau(done)
             record = None
             if tau is not None:
-                keep = neurons_to_keep(zeros, rows, tau)
+                keep = neurons_to_keep(jax.tree.map(np.asarray, zeros), rows, tau)
                 params, opt_state = prune_tree(params, keep), prune_tree(opt_state, keep)
                 zeros, rows = zero_counters(params), 0
                 record = {"step": done, "prune_tau": tau, "params": count_params(params)}
             if done % tc.log_every == 0 or done == tc.steps or record:
                 record = {**(record or {}), "step": done, "loss": loss,
-                          **{f"loss_layer{k}": float(v) for k, v in aux["layer_loss"].items()}}
+                          **{f"loss_layer{k}": float(v) for k, v in layer_loss.items()}}
                 logger.log(record)
                 history.append(record)
             if bar is not None:
@@ -436,4 +429,5 @@ def train_predictors(model: Llama, train_windows, tc: PredictorTrainConfig,
     predictors.set_params(params)
     if not interrupted:
         save_predictors(predictors, workdir / "predictors", step=done, info=metadata)
-    return PredictorRun(predictors, done, interrupted, history, cache.seconds, train_s)
+    return PredictorRun(predictors, params_before, done, interrupted, history, cache.seconds,
+                        train_s)

@@ -52,19 +52,13 @@ def _forward(model: Llama, batch, taus, lemo: LeMoConfig):
     mlp_keep = mlp_keep_channels(model, lemo)
     kept, means = [], []
 
-    def select(tau):
-        def fn(block, u):
-            scores = oracle_block_scores(block, u, opts)
-            sel = threshold_selection(scores, tau, lemo.block_size)
-            kept.append(jnp.mean(sel.valid))
-            means.append(jnp.mean(normalised_scores(scores)))
-            return sel
-        return fn
-
     h = model.embed(tokens)
     for i, block in enumerate(model.layers):
-        h = lemo_block(block, h, positions, batch.segment_ids, keep_ratio=1.0, lemo=lemo,
-                       mlp_keep=mlp_keep, select=select(taus[i]))
+        scores = oracle_block_scores(block, block.input_norm(h), opts)
+        selection = threshold_selection(scores, taus[i], lemo.block_size)
+        kept.append(jnp.mean(selection.valid))
+        means.append(jnp.mean(normalised_scores(scores)))
+        h = lemo_block(block, h, positions, batch.segment_ids, selection, mlp_keep=mlp_keep)
     hidden = model.final_norm(h)
     targets, weights = train.next_token_targets(tokens, batch.segment_ids)
     total = train.cross_entropy_sum(model.head(hidden), targets, weights)
