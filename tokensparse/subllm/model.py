@@ -65,12 +65,20 @@ class SubLLM(Llama):
         step=0,
         rng: Array | None = None,
         force_unit_weights: bool = False,
+        capacities: tuple[int, ...] | None = None,
+        layer_fn=None,
     ) -> tuple[Float[Array, "b t d"], dict[str, list[Array]]]:
         """Final-normed hidden states and per-subsampler diagnostics.
 
         The dict holds, indexed by subsampler: ``scores`` (level input, fp32), ``selections``,
         ``weights``, and the ``positions`` / ``segment_ids`` the inner level ran at.
         ``force_unit_weights`` (test hook) sets every valid weight to 1.
+
+        ``capacities`` (infer mode; one static int per subsampler) caps each threshold selection at
+        ``min(capacity, level input length)`` instead of ``ceil(infer_capacity·N_in)``: decoding passes
+        its cache sizes so a prefill decides exactly as the forward of the whole generated sequence.
+        ``layer_fn(op, block, h, positions, segment_ids) -> h`` replaces the layer call (prefill uses
+        it to record each layer's keys and values).
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {MODES}.")
@@ -83,21 +91,28 @@ class SubLLM(Llama):
             segment_ids = jnp.zeros(tokens.shape, jnp.int32)
         aux: dict[str, list[Any]] = {k: [] for k in
                                      ("scores", "selections", "weights", "positions", "segment_ids")}
+        if capacities is not None and len(capacities) != self.structure.n_subsamplers:
+            raise ValueError(f"capacities has {len(capacities)} entries; the structure has "
+                             f"{self.structure.n_subsamplers} subsamplers.")
         run_block = self.block_runner()
+        if layer_fn is None:
+            def layer_fn(op, block, h, positions, segment_ids):
+                return run_block(block, h, positions, segment_ids)
         h = self.embed(tokens)
         stack: list[tuple] = []
         for op in self.structure.ops:
             if op.kind == "layer":
-                h = run_block(self.layers[op.index], h, positions, segment_ids)
+                h = layer_fn(op, self.layers[op.index], h, positions, segment_ids)
             elif op.kind == "down":
                 key = None if rng is None else jax.random.fold_in(rng, op.index)
-                sel, w, scores = self._select(op, h, segment_ids, train, step, key)
+                cap = None if capacities is None else capacities[op.index]
+                sel, w, scores = self._select(op, h, segment_ids, train, step, key, cap)
                 if force_unit_weights:
                     w = jnp.where(sel.valid, 1.0, 0.0).astype(w.dtype)
                 stack.append((h, sel, w, positions, segment_ids, key))
                 h = routing.gather(h, sel)
                 if cfg.level_positions == "parent" and op.level > 1:
-                    positions = sel.indices
+                    positions = routing.gather(parent_ranks(segment_ids), sel)
                 else:
                     positions = routing.gather(positions, sel)
                 segment_ids = routing.gather(segment_ids, sel, fill_value=-1)
@@ -113,7 +128,7 @@ class SubLLM(Llama):
                     h = self.bypasses[op.index](x, u)
         return self.final_norm(h), aux
 
-    def _select(self, op, h, segment_ids, train: bool, step, key):
+    def _select(self, op, h, segment_ids, train: bool, step, key, capacity: int | None = None):
         cfg = self.subllm_config
         n_in = h.shape[1]
         valid = segment_ids >= 0
@@ -126,7 +141,7 @@ class SubLLM(Llama):
             sel, w = train_select(scores, k, valid=valid, flip=flip,
                                   discard_penalty=cfg.discard_penalty)
         else:
-            k = routing.capacity(n_in, cfg.infer_capacity)
+            k = routing.capacity(n_in, cfg.infer_capacity) if capacity is None else min(capacity, n_in)
             sel, w = infer_select(scores, k, threshold=cfg.infer_threshold, valid=valid)
         return sel, w, scores
 
@@ -140,6 +155,12 @@ class SubLLM(Llama):
                  rng: Array | None = None, force_unit_weights: bool = False):
         return self.head(self.hidden_states(tokens, positions, segment_ids, mode=mode, step=step,
                                             rng=rng, force_unit_weights=force_unit_weights))
+
+
+def parent_ranks(segment_ids: Int[Array, "b n"]) -> Int[Array, "b n"]:
+    """Each slot's rank among the valid (non-padding) slots of its level: a token's position in the
+    repo's "parent" convention, and its slot in that level's decode cache."""
+    return jnp.cumsum(segment_ids >= 0, axis=1, dtype=jnp.int32) - 1
 
 
 def hidden_fn(*, mode: str = "train", step=0, rng: Array | None = None):

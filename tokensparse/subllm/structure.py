@@ -128,7 +128,7 @@ class SubLLMConfig:
     define inference selection (``s > θ``, first-come up to ``ceil(capacity·N_in)``);
     ``capacity_multiple`` rounds training capacities up for kernel tiling. ``level_positions`` is
     ``"composed"`` (original positions at every level) or ``"parent"`` (the repo's prefill
-    convention: below level 1 a token's position is its index in the parent level).
+    convention: below level 1 a token's position is its rank among the parent level's tokens).
     """
 
     model: ModelConfig

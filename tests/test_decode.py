@@ -1,0 +1,248 @@
+"""KV-cache decoding (dense and SUBLLM per-level caches) and generation (SUBLLM spec §2.9, §5)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tokensparse.config import preset
+from tokensparse.generate import Decoder, generate, pad_prompts, sample
+from tokensparse.llama import Llama
+from tokensparse.subllm import decode as subllm_decode
+from tokensparse.subllm.model import SubLLM
+from tokensparse.subllm.structure import parse_structure, subllm_preset
+
+T = 24                              # every sequence: one compilation of prefill, step and forward
+PROMPT_LENGTHS = np.array([4, 9, 6], np.int32)
+STEPS = T - int(PROMPT_LENGTHS.max())
+
+
+def _sharpen(model, factor=12.0):
+    """Scale q/k projections so attention is far from uniform: at the init scale softmax barely
+    depends on positions, and a position bug would hide below the test tolerance."""
+    for block in model.layers:
+        for proj in (block.attn.q_proj, block.attn.k_proj):
+            proj.kernel[...] = proj.kernel[...] * factor
+    return model
+
+
+def _subllm(**changes):
+    base = subllm_preset("subllm-tiny")
+    cfg = base.replace(model=base.model.replace(n_layers=4), structure="T(T(T)T)", **changes)
+    return _sharpen(SubLLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def _tokens(seed=1, shape=(3, T)):
+    return np.asarray(jax.random.randint(jax.random.key(seed), shape, 0, 256), np.int32)
+
+
+@functools.partial(nnx.jit, static_argnames=("capacities",))
+def _full_forward(model, tokens, capacities=None):
+    if isinstance(model, SubLLM):
+        h, aux = model.forward(tokens, mode="infer", capacities=capacities)
+        return model.head(h), aux
+    return model(tokens), {}
+
+
+def _teacher_forced(decoder, tokens, lengths, steps):
+    """Logits from prefill(prompts) and then feeding the true next tokens, [B, steps + 1, V]:
+    entry i of row b predicts token lengths[b] + i."""
+    logits, cache = decoder.prefill(tokens, lengths)
+    out = [np.asarray(logits)]
+    rows = np.arange(len(lengths))
+    for i in range(steps):
+        pos = lengths + i
+        logits, cache = decoder.step(cache, tokens[rows, pos], pos)
+        out.append(np.asarray(logits))
+    return np.stack(out, 1), cache
+
+
+def _reference(full_logits, lengths, steps):
+    idx = lengths[:, None] - 1 + np.arange(steps + 1)[None, :]
+    return np.take_along_axis(np.asarray(full_logits), idx[..., None], axis=1)
+
+
+def test_dense_prefill_then_decode_equals_forward():
+    model = _sharpen(Llama(preset("tiny", n_layers=3), rngs=nnx.Rngs(0)))
+    tokens = _tokens()
+    got, cache = _teacher_forced(Decoder(model, T), tokens, PROMPT_LENGTHS, STEPS)
+    np.testing.assert_allclose(got, _reference(_full_forward(model, jnp.asarray(tokens))[0],
+                                               PROMPT_LENGTHS, STEPS), atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(cache.lengths[0]), PROMPT_LENGTHS + STEPS)
+
+
+CASES = {  # name: config changes
+    "composed": {},
+    "overflow": {"infer_capacity": 0.5},
+    "parent": {"level_positions": "parent", "infer_capacity": 0.75},
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    model = _subllm(**CASES[request.param])
+    decoder = Decoder(model, T)
+    tokens = _tokens()
+    lay = subllm_decode.layout(model, T)
+    full, aux = _full_forward(model, jnp.asarray(tokens), capacities=lay.group_sizes[1:])
+    got, cache = _teacher_forced(decoder, tokens, PROMPT_LENGTHS, STEPS)
+    return request.param, model, decoder, tokens, lay, full, aux, got, cache
+
+
+def test_subllm_prefill_then_decode_equals_forward(case):
+    name, model, _, tokens, lay, full, aux, got, _ = case
+    np.testing.assert_allclose(got, _reference(full, PROMPT_LENGTHS, STEPS), atol=2e-5, rtol=2e-5)
+    # The comparison covered tokens dropped at level 1 and at level 2, with per-row keep patterns.
+    sel1, sel2 = aux["selections"]
+    kept1 = np.asarray(sel1.valid).sum(1)
+    patterns = {tuple(np.asarray(sel1.indices)[b][np.asarray(sel1.valid)[b]]) for b in range(len(kept1))}
+    assert np.all(kept1 < T) and len(patterns) == len(kept1)
+    assert np.all(np.asarray(sel2.valid).sum(1) < kept1)
+    if name == "overflow":  # more tokens wanted level 1 than it had room for: first-come decided
+        wanted = (np.asarray(aux["scores"][0]) > 0).sum(1)
+        assert np.any(wanted > lay.group_sizes[1]) and np.all(kept1 <= lay.group_sizes[1])
+
+
+def test_decode_caches_equal_prefill_caches(case):
+    """After decoding, every group's cache (slots, positions, lengths) equals a one-shot prefill's."""
+    _, _, decoder, tokens, lay, _, _, _, cache = case
+    _, want = decoder.prefill(tokens, PROMPT_LENGTHS + STEPS)
+    for g in range(len(lay.group_sizes)):
+        n = np.asarray(want.lengths[g])
+        np.testing.assert_array_equal(np.asarray(cache.lengths[g]), n)
+        for b in range(len(n)):
+            np.testing.assert_array_equal(np.asarray(cache.positions[g])[b, :n[b]],
+                                          np.asarray(want.positions[g])[b, :n[b]])
+    for i, g in enumerate(lay.layer_groups):
+        n = np.asarray(want.lengths[g])
+        for got_buf, want_buf in ((cache.keys[i], want.keys[i]), (cache.values[i], want.values[i])):
+            for b in range(len(n)):
+                np.testing.assert_allclose(np.asarray(got_buf)[b, :n[b]], np.asarray(want_buf)[b, :n[b]],
+                                           atol=2e-5, rtol=2e-5)
+
+
+def test_group_positions_are_original_or_parent_ranks(case):
+    name, model, _, _, _, _, aux, _, cache = case
+    sel1, sel2 = aux["selections"]
+    n1, n2 = (np.asarray(x) for x in cache.lengths[1:])
+    pos1, pos2 = (np.asarray(x) for x in cache.positions[1:])
+    for b in range(len(n1)):
+        kept1 = np.asarray(sel1.indices)[b][np.asarray(sel1.valid)[b]]
+        kept2_slots = np.asarray(sel2.indices)[b][np.asarray(sel2.valid)[b]]
+        # the level-1 cache holds the kept tokens' original positions, in order
+        np.testing.assert_array_equal(pos1[b, :n1[b]], kept1[:n1[b]])
+        # level 2: original positions (composed) or the rank in the level-1 stream (parent)
+        slot_rank = np.cumsum(np.asarray(sel1.valid)[b]) - 1
+        want = slot_rank[kept2_slots] if name == "parent" else np.asarray(sel1.indices)[b][kept2_slots]
+        np.testing.assert_array_equal(pos2[b, :n2[b]], want[:n2[b]])
+
+
+def test_dropped_sequences_leave_inner_caches_untouched():
+    model = _subllm()
+    decoder = Decoder(model, T)
+    tokens = _tokens(seed=3)
+    lengths = np.full(3, 8, np.int32)
+    _, cache = decoder.prefill(tokens, lengths)
+    seen_drop = seen_keep = 0
+    for t in range(8, 16):
+        before = jax.tree.map(np.array, cache)
+        _, cache = decoder.step(cache, tokens[:, t], np.full(3, t, np.int32))
+        grew = np.asarray(cache.lengths[1]) - before.lengths[1]
+        for i, g in enumerate(subllm_decode.layout(model, T).layer_groups):
+            if g == 0:
+                continue
+            same = np.all(np.asarray(cache.keys[i]) == before.keys[i], axis=(1, 2, 3))
+            dropped = (grew == 0) | (np.asarray(cache.lengths[g]) == before.lengths[g])
+            assert np.all(same[dropped])
+        seen_drop += int(np.sum(grew == 0))
+        seen_keep += int(np.sum(grew == 1))
+    assert seen_drop and seen_keep  # both outcomes happened
+
+
+def test_region_tree_and_layout():
+    model = _subllm(infer_capacity=0.5)
+    lay = subllm_decode.layout(model, 100)
+    assert lay.group_sizes == (100, 50, 25)
+    assert lay.layer_groups == (0, 1, 2, 1)
+    tree = subllm_decode.region_tree(parse_structure("TT(T)T(T(T))"))
+    assert [type(i).__name__ for i in tree.items] == ["int", "int", "Region", "int", "Region"]
+    assert tree.items[4].items[1].group == 3 and tree.items[4].items[1].parent == 2
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gen_model():
+    return _subllm()
+
+
+@pytest.fixture(scope="module")
+def gen_decoder(gen_model):
+    return Decoder(gen_model, T)
+
+
+def test_greedy_generation_equals_repeated_full_forward(gen_model, gen_decoder):
+    prompts = [[5, 9, 33, 2], [7, 1]]
+    out = generate(gen_model, prompts, max_new_tokens=6, decoder=gen_decoder)
+    for b, p in enumerate(prompts):
+        seq = list(p)
+        for _ in range(6):
+            padded = jnp.asarray([seq + [0] * (T - len(seq))], jnp.int32)
+            logits = _full_forward(gen_model, padded, subllm_decode.layout(gen_model, T).group_sizes[1:])[0]
+            seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+        assert out.sequences[b, :len(seq)].tolist() == seq
+        assert out.lengths[b] == len(seq)
+
+
+def test_eos_stops_a_row_and_pads_it(gen_model, gen_decoder):
+    first = generate(gen_model, [[5, 9, 33, 2]], max_new_tokens=6, decoder=gen_decoder).new_tokens[0]
+    eos = int(first[2])
+    out = generate(gen_model, [[5, 9, 33, 2]], max_new_tokens=6, eos_id=eos, pad_id=0, decoder=gen_decoder)
+    stop = first.tolist().index(eos)
+    assert out.new_tokens[0, :stop + 1].tolist() == first[:stop + 1].tolist()
+    assert np.all(out.new_tokens[0, stop + 1:] == 0) and out.lengths[0] == 4 + stop + 1
+
+
+def test_sampling():
+    logits = jnp.asarray([[0.0, 3.0, 1.0, -2.0]] * 4000)
+    assert np.all(np.asarray(sample(logits, None)) == 1)
+    draws = np.asarray(sample(logits, jax.random.key(0), temperature=1.0))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, np.asarray(jax.nn.softmax(logits[0])), atol=0.03)
+    nucleus = np.asarray(sample(logits, jax.random.key(0), temperature=1.0, top_p=0.9))
+    assert set(np.unique(nucleus).tolist()) == {1, 2}  # p = .84, .11, .04, .01: the top two reach 0.9
+    assert np.all(np.asarray(sample(logits, jax.random.key(1), temperature=1.0, top_p=0.5)) == 1)
+
+
+def test_temperature_generation_is_reproducible(gen_model, gen_decoder):
+    kw = dict(max_new_tokens=5, temperature=1.0, top_p=0.9, decoder=gen_decoder)
+    a = generate(gen_model, [[5, 9]], rng=jax.random.key(3), **kw)
+    b = generate(gen_model, [[5, 9]], rng=jax.random.key(3), **kw)
+    c = generate(gen_model, [[5, 9]], rng=jax.random.key(4), **kw)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    assert not np.array_equal(a.new_tokens, c.new_tokens)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 2, "temperature": -1.0}, "temperature"),
+    ({"max_new_tokens": 2, "top_p": 0.0}, "top_p"),
+    ({"max_new_tokens": 2, "temperature": 0.5}, "rng"),
+    ({"max_new_tokens": 30, "max_len": 8}, "max_len"),
+])
+def test_generate_bad_arguments(gen_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(gen_model, [[1, 2]], **kwargs)
+
+
+def test_bad_prompts(gen_model):
+    with pytest.raises(ValueError, match="empty"):
+        pad_prompts([])
+    with pytest.raises(ValueError, match="at least one token"):
+        pad_prompts([[1], []])
+    with pytest.raises(ValueError, match="token ids"):
+        generate(gen_model, [[1, 999]], max_new_tokens=1)

@@ -1,0 +1,187 @@
+"""SUBLLM decoding with per-level KV caches (spec §2.9).
+
+Cache groups: group 0 is the full-length stream (its layers cache every token); group ``j + 1``
+belongs to subsampler ``j`` and its layers cache only the tokens that subsampler kept. A group's
+size is its inference capacity, ``ceil(infer_capacity · size of the parent group)`` starting from
+``max_len``, and :func:`prefill` caps its threshold selections at those sizes, so the caches after a
+prefill plus decode steps equal those of one infer-mode forward over the whole sequence at
+``max_len``: first-come overflow decides the same way in both.
+
+A decode step walks the structure as a tree. At a subsampler the new token's own score decides
+(``s > θ`` and room in the cache); the inner region runs under ``lax.cond`` only when some sequence
+in the batch keeps the token, and sequences that dropped it write nothing and keep their state
+(upsampling returns ``x`` exactly at a dropped token, and so does the bypass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from tokensparse import routing
+from tokensparse.decode import (
+    DecodeCache,
+    block_decode,
+    block_prefill,
+    check_prompt,
+    compact,
+    empty_buffers,
+    last_rows,
+    prompt_segments,
+    write_slot,
+)
+from tokensparse.subllm.model import SubLLM
+from tokensparse.subllm.structure import Structure
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """The ops between a ``(`` and its ``)`` (or the whole model for group 0), as a tree.
+
+    ``items`` holds layer indices (int) and nested regions in execution order; ``group`` is the cache
+    group (subsampler index + 1; 0 for the root) and ``parent`` the enclosing group.
+    """
+
+    group: int
+    parent: int | None
+    level: int
+    items: tuple[int | Region, ...]
+
+    @property
+    def subsampler(self) -> int:
+        return self.group - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static decode layout: the region tree, each group's cache size and each layer's group."""
+
+    root: Region
+    group_sizes: tuple[int, ...]
+    layer_groups: tuple[int, ...]
+
+
+def region_tree(structure: Structure) -> Region:
+    """The structure's ops as nested :class:`Region` s."""
+    stack: list[tuple[int, int | None, int, list]] = [(0, None, 0, [])]
+    for op in structure.ops:
+        if op.kind == "layer":
+            stack[-1][3].append(op.index)
+        elif op.kind == "down":
+            stack.append((op.index + 1, stack[-1][0], op.level, []))
+        else:
+            group, parent, level, items = stack.pop()
+            stack[-1][3].append(Region(group, parent, level, tuple(items)))
+    group, parent, level, items = stack.pop()
+    return Region(group, parent, level, tuple(items))
+
+
+def _regions(region: Region):
+    yield region
+    for item in region.items:
+        if isinstance(item, Region):
+            yield from _regions(item)
+
+
+def layout(model: SubLLM, max_len: int) -> Layout:
+    """Cache sizes for sequences of up to ``max_len`` tokens."""
+    if max_len < 1:
+        raise ValueError(f"max_len={max_len} must be positive.")
+    root = region_tree(model.structure)
+    regions = sorted(_regions(root), key=lambda r: r.group)
+    sizes = [max_len]
+    for r in regions[1:]:  # groups are numbered in order of their "(": a parent precedes its children
+        sizes.append(routing.capacity(sizes[r.parent], model.subllm_config.infer_capacity))
+    layer_groups = [0] * model.config.n_layers
+    for r in regions:
+        for item in r.items:
+            if not isinstance(item, Region):
+                layer_groups[item] = r.group
+    return Layout(root, tuple(sizes), tuple(layer_groups))
+
+
+def prefill(model: SubLLM, tokens: Int[Array, "b t"], lengths: Int[Array, " b"], max_len: int
+            ) -> tuple[Float[Array, "b v"], DecodeCache]:
+    """Infer-mode forward over right-padded prompts that fills every group's cache.
+
+    Returns the logits at each row's last real token and the cache (sized by :func:`layout`).
+    """
+    check_prompt(tokens, lengths, max_len)
+    lay = layout(model, max_len)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segment_ids = prompt_segments(lengths, t)
+    recorded: dict[int, tuple[Array, Array]] = {}
+
+    def record(op, block, h, pos, seg):
+        y, k, v = block_prefill(block, h, pos, seg)
+        recorded[op.index] = (k, v)
+        return y
+
+    h, aux = model.forward(tokens, positions, segment_ids, mode="infer",
+                           capacities=lay.group_sizes[1:], layer_fn=record)
+    group_pos = [positions, *aux["positions"]]
+    group_valid = [seg >= 0 for seg in [segment_ids, *aux["segment_ids"]]]
+    dtype = model.config.compute_dtype
+    keys, values = [], []
+    for i, g in enumerate(lay.layer_groups):
+        k_buf, v_buf = empty_buffers(model.layers[i], b, lay.group_sizes[g], dtype)
+        keys.append(compact(k_buf, recorded[i][0], group_valid[g]))
+        values.append(compact(v_buf, recorded[i][1], group_valid[g]))
+    cache = DecodeCache(
+        tuple(keys), tuple(values),
+        tuple(compact(jnp.zeros((b, s), jnp.int32), p, v)
+              for s, p, v in zip(lay.group_sizes, group_pos, group_valid, strict=True)),
+        tuple(jnp.sum(v, axis=1, dtype=jnp.int32) for v in group_valid))
+    return model.head(last_rows(h, lengths)), cache
+
+
+def decode_step(model: SubLLM, cache: DecodeCache, tokens: Int[Array, " b"],
+                positions: Int[Array, " b"]) -> tuple[Float[Array, "b v"], DecodeCache]:
+    """One new token per sequence at its original ``positions``: next-token logits and the cache."""
+    lay = layout(model, cache.positions[0].shape[1])
+    state = {"keys": list(cache.keys), "values": list(cache.values),
+             "positions": list(cache.positions), "lengths": list(cache.lengths)}
+    pos = positions.astype(jnp.int32)
+    h, state = _run_region(model, lay, lay.root, model.embed(tokens[:, None]), pos, pos,
+                           jnp.ones(pos.shape, bool), state)
+    cache = DecodeCache(*(tuple(state[k]) for k in ("keys", "values", "positions", "lengths")))
+    return model.head(model.final_norm(h))[:, 0], cache
+
+
+def _run_region(model: SubLLM, lay: Layout, region: Region, h, pos, group_pos, write, state):
+    """Append the token to ``region``'s group where ``write`` and run the region's items on it."""
+    g = region.group
+    slot = state["lengths"][g]
+    state["positions"][g] = write_slot(state["positions"][g], group_pos, slot, write)
+    state["lengths"][g] = slot + write.astype(slot.dtype)
+    for item in region.items:
+        if isinstance(item, Region):
+            h, state = _subsample(model, lay, item, h, pos, slot, write, state)
+        else:
+            h, state["keys"][item], state["values"][item] = block_decode(
+                model.layers[item], h, group_pos[:, None], state["keys"][item], state["values"][item],
+                state["positions"][g], slot, write)
+    return h, state
+
+
+def _subsample(model: SubLLM, lay: Layout, region: Region, x, pos, parent_slot, alive, state):
+    """Score the token, run ``region`` where it is kept (skipped when no row keeps it), upsample and
+    bypass. A dropped token comes out as ``x`` exactly and leaves the region's caches untouched."""
+    cfg = model.subllm_config
+    j, g = region.subsampler, region.group
+    s = model.scorers[j](x)[:, 0]
+    keep = alive & (s > cfg.infer_threshold) & (state["lengths"][g] < lay.group_sizes[g])
+    w = jnp.where(keep, jnp.clip(s, 0.0, 1.0), 0.0)[:, None, None].astype(x.dtype)
+    group_pos = parent_slot if cfg.level_positions == "parent" and region.level > 1 else pos
+
+    def inner(operand):
+        h, st = operand
+        return _run_region(model, lay, region, h, pos, group_pos, keep, st)
+
+    y, state = jax.lax.cond(jnp.any(keep), inner, lambda operand: operand, (x, state))
+    u = jnp.where(keep[:, None, None], x + w * (y - x), x)
+    return model.bypasses[j](x, u), state
