@@ -25,6 +25,10 @@ from tokensparse.lemo.predictor_training import PredictorTrainConfig
 from tokensparse.llama import Llama
 from tokensparse.loop import LoopResult, check_resumable, train_loop
 from tokensparse.metrics import compiled_memory
+from tokensparse.subllm import decode as subllm_decode
+from tokensparse.subllm import training as subllm_training
+from tokensparse.subllm.model import SubLLM
+from tokensparse.subllm.structure import SubLLMConfig, dense_twin, subllm_preset
 
 _OVERRIDABLE = {f.name: f.type for f in dataclasses.fields(ModelConfig)
                 if f.name not in ("rope_scaling",)}
@@ -138,15 +142,131 @@ def _summary(model, optimizer, step_fn, batch, result: LoopResult, final_eval: d
     return summary
 
 
+def subllm_config_dict(preset_name: str = "subllm-small", **changes: Any) -> config_dict.ConfigDict:
+    """``config.subllm`` for SUBLLM pretraining (``config.model = "subllm" | "dense"``): the preset,
+    its routing options, the scorer's learning-rate scale, the schedule step multiplier and the
+    evaluation modes; ``overrides`` replaces backbone fields as for ``config.model``."""
+    base = subllm_preset(preset_name)
+    values = {"preset": preset_name, "structure": base.structure,
+              "keep": base.keep if isinstance(base.keep, float) else float(base.keep[0]),
+              "discard_penalty": base.discard_penalty, "infer_threshold": base.infer_threshold,
+              "infer_capacity": base.infer_capacity, "level_positions": base.level_positions,
+              "scorer_lr_scale": 0.5, "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
+    overrides = changes.pop("overrides", {})
+    unknown = set(changes) - set(values)
+    if unknown:
+        raise ValueError(f"subllm_config_dict: unknown keys {sorted(unknown)}.")
+    values.update(changes)
+    c = config_dict.ConfigDict(values)
+    c.overrides = model_config_dict(preset_name, **overrides).overrides
+    return c
+
+
+MODEL_KINDS = ("subllm", "dense")
+
+
+def build_subllm_config(c: config_dict.ConfigDict, kind: str, *, vocab_size: int | None = None
+                        ) -> SubLLMConfig:
+    """The SUBLLM of ``config.subllm``, or its dense twin for ``kind="dense"``."""
+    _check_kind(kind)
+    values = c.to_dict()
+    overrides = {k: v for k, v in values.pop("overrides").items() if v is not None}
+    if vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    name = values.pop("preset")
+    for key in ("scorer_lr_scale", "schedule_step_multiplier", "eval_modes"):
+        values.pop(key)
+    try:
+        base = subllm_preset(name)
+        config = base.replace(model=base.model.replace(**overrides), **values)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.subllm: {e}") from None
+    return dense_twin(config) if kind == "dense" else config
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model={kind!r} must be one of {MODEL_KINDS} (SUBLLM or its dense "
+                         "twin), or a {preset, overrides} dict for a plain Llama.")
+
+
+@dataclasses.dataclass
+class _PretrainSetup:
+    model: nnx.Module
+    model_config: ModelConfig
+    metadata: dict
+    tx: Any
+    train_loss: Any
+    pass_step: bool
+    eval_losses: dict  # name prefix ("" for the main one) -> loss_fn(model, batch)
+
+
+def _llama_setup(c, vocab_size: int, tc: TrainConfig) -> _PretrainSetup:
+    model_config = build_model_config(c.model, vocab_size=vocab_size)
+    model = Llama(model_config, attention_backend=c.attention_backend, remat=tc.remat,
+                  remat_names=tc.remat_names, rngs=nnx.Rngs(tc.seed))
+
+    def loss_fn(model, batch):
+        return train.lm_loss(model, batch, loss_segment=tc.loss_segment)
+
+    return _PretrainSetup(model, model_config, {"model": model_config.to_dict()}, train.make_optimizer(tc),
+                          loss_fn, False, {"": loss_fn})
+
+
+def _subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig) -> _PretrainSetup:
+    """SUBLLM or its dense twin: the same backbone init (same seed), the same recipe and data."""
+    if "subllm" not in c:
+        raise ValueError(f"config.model={kind!r} needs config.subllm (see runs.subllm_config_dict).")
+    config = build_subllm_config(c.subllm, kind, vocab_size=vocab_size)
+    s = c.subllm
+    modes = list(s.eval_modes)
+    if not modes or set(modes) - set(subllm_training.EVAL_MODES):
+        raise ValueError(f"config.subllm.eval_modes={modes} must be a non-empty subset of "
+                         f"{subllm_training.EVAL_MODES}.")
+    model = SubLLM(config, attention_backend=c.attention_backend, remat=tc.remat,
+                   remat_names=tc.remat_names, rngs=nnx.Rngs(tc.seed))
+    try:
+        tx = subllm_training.make_optimizer(tc, scorer_lr_scale=s.scorer_lr_scale)
+        loss_fn = subllm_training.train_loss(seed=tc.seed, loss_segment=tc.loss_segment,
+                                             step_multiplier=s.schedule_step_multiplier)
+    except ValueError as e:
+        raise ValueError(f"config.subllm: {e}") from None
+    if kind == "dense":
+        modes = modes[:1]  # without subsamplers every mode is the same computation
+    evals = {("" if i == 0 else f"{m}_"): subllm_training.eval_loss(m, loss_segment=tc.loss_segment)
+             for i, m in enumerate(modes)}
+    metadata = {"model": config.model.to_dict(), "subllm": {
+        "kind": kind, "structure": config.structure, "keep": config.keep,
+        "discard_penalty": config.discard_penalty, "infer_threshold": config.infer_threshold,
+        "infer_capacity": config.infer_capacity, "level_positions": config.level_positions}}
+    return _PretrainSetup(model, config.model, metadata, tx, loss_fn, True, evals)
+
+
+def _evaluate_all(eval_batches, losses: dict):
+    """One evaluation function over several loss functions; keys prefixed per loss."""
+    fns = {prefix: _eval_fn(eval_batches, fn) for prefix, fn in losses.items()}
+    return lambda model: {f"{prefix}{k}": v for prefix, fn in fns.items() for k, v in fn(model).items()}
+
+
 def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Pretrain a model from scratch on packed documents; resumes from ``workdir`` if possible."""
+    """Pretrain a model from scratch on packed documents; resumes from ``workdir`` if possible.
+
+    ``config.model`` is a ``{preset, overrides}`` dict (a plain Llama, exported to ``workdir/hf`` as a
+    fine-tuning base) or ``"subllm"`` / ``"dense"``: the SUBLLM of ``config.subllm`` or its dense
+    twin, trained with the same recipe and evaluated in each of ``config.subllm.eval_modes``.
+    """
     workdir = pathlib.Path(workdir)
     tc = build_train_config(c.train)
+    kind = c.model if isinstance(c.model, str) else None
+    if kind is not None:
+        _check_kind(kind)
     workdir.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer = _prepare_data(c, workdir)
-    model_config = build_model_config(c.model, vocab_size=tokenizer.get_vocab_size())
+    vocab = tokenizer.get_vocab_size()
+    setup = _llama_setup(c, vocab, tc) if kind is None else _subllm_setup(c, kind, vocab, tc)
+    model_config = setup.model_config
     _check_vocab(tokenizer, model_config)
-    check_resumable(workdir, {"model": model_config.to_dict()})
+    check_resumable(workdir, setup.metadata)
     train_docs = data.encode_documents(tokenizer, corpus.train)
     val_docs = data.encode_documents(tokenizer, corpus.validation)
     data.check_tokens(np.concatenate(train_docs + val_docs), model_config.vocab_size)
@@ -154,27 +274,41 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
                                  seed=tc.seed)
     val = data.PackedBatches(val_docs, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=0)
     eval_batches = [val.batch(i) for i in range(min(tc.eval_batches, val.steps_per_epoch))]
-    _write_json(workdir / "config.json", {"experiment": c.to_dict(),
-                                          "model": model_config.to_dict()})
+    _write_json(workdir / "config.json", {"experiment": c.to_dict(), **setup.metadata})
 
-    model = Llama(model_config, attention_backend=c.attention_backend, remat=tc.remat,
-                  remat_names=tc.remat_names, rngs=nnx.Rngs(tc.seed))
-    optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=nnx.Param)
-
-    def loss_fn(model, batch):
-        return train.lm_loss(model, batch, loss_segment=tc.loss_segment)
-
-    step_fn = train.make_train_step(loss_fn)
-    evaluate = _eval_fn(eval_batches, loss_fn)
+    model = setup.model
+    optimizer = nnx.Optimizer(model, setup.tx, wrt=nnx.Param)
+    step_fn = train.make_train_step(setup.train_loss, pass_step=setup.pass_step)
+    evaluate = _evaluate_all(eval_batches, setup.eval_losses)
     result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
-                        batches=batches, tc=tc,
-                        metadata={"model": model_config.to_dict(), "experiment": c.to_dict()},
+                        batches=batches, tc=tc, metadata={**setup.metadata, "experiment": c.to_dict()},
                         eval_fn=evaluate, progress=c.progress)
     summary = _summary(model, optimizer, step_fn, batches.batch(0), result, evaluate(model))
     summary["unigram_entropy"] = unigram_entropy(train_docs)
-    hf.save_llama(model, model_config, workdir / "hf")  # the base for fine-tuning
+    if kind is None:
+        hf.save_llama(model, model_config, workdir / "hf")  # the base for fine-tuning
+    else:
+        summary["subllm"] = subllm_stats(model, eval_batches[0])
     _write_json(workdir / "summary.json", summary)
     return summary
+
+
+def subllm_stats(model: SubLLM, batch) -> dict:
+    """Per subsampler: the fraction of positive scores (the Balancer's target band is keep ± 0.05),
+    the threshold-mode keep rate, and the mean bypass scale c."""
+    if not model.structure.n_subsamplers:
+        return {}
+    _, aux = nnx.jit(lambda m, b: m.forward(b.tokens, b.positions, b.segment_ids, mode="infer"))(model, batch)
+    group_segments = [batch.segment_ids, *aux["segment_ids"]]  # group j + 1 is subsampler j's level
+    parents = subllm_decode.parent_groups(model.structure)
+    out = {}
+    for j, scores in enumerate(aux["scores"]):
+        valid = np.asarray(group_segments[parents[j]]) >= 0  # the level subsampler j scored
+        s = np.asarray(scores)[valid]
+        out[f"positive_fraction_{j}"] = float((s > 0).mean())
+        out[f"keep_rate_{j}"] = float(np.asarray(aux["selections"][j].valid).sum() / valid.sum())
+        out[f"bypass_c_{j}"] = float(np.asarray(model.bypasses[j].scale[...]).mean())
+    return out
 
 
 def load_base(base: str, *, attention_backend: str = "auto"):

@@ -113,20 +113,22 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return adamw
 
 
-def make_train_step(loss_fn: Callable, wrt=nnx.Param) -> Callable:
+def make_train_step(loss_fn: Callable, wrt=nnx.Param, *, pass_step: bool = False) -> Callable:
     """``step(model, optimizer, batch) -> metrics``: one jitted update of the ``wrt`` parameters.
 
-    ``loss_fn(model, batch) -> (loss, aux)``. Pass ``wrt=tokensparse.lora.LoRAParam`` for LoRA-only
-    training: base weights then get no gradient and stay bit-for-bit unchanged.
+    ``loss_fn(model, batch) -> (loss, aux)``; with ``pass_step`` it is called as
+    ``loss_fn(model, batch, step)`` with the optimizer's step count (a traced int: schedules and
+    per-step random keys inside the loss, e.g. SUBLLM's). Pass ``wrt=tokensparse.lora.LoRAParam`` for
+    LoRA-only training: base weights then get no gradient and stay bit-for-bit unchanged.
     """
 
-    def objective(model, batch):  # nnx transforms reject keyword-only parameters: wrap them away
-        return loss_fn(model, batch)
+    def objective(model, batch, step):  # nnx transforms reject keyword-only parameters: wrap them away
+        return loss_fn(model, batch, step) if pass_step else loss_fn(model, batch)
 
     @nnx.jit
     def step(model, optimizer, batch):
         grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)
-        (loss, aux), grads = grad_fn(model, batch)
+        (loss, aux), grads = grad_fn(model, batch, optimizer.step[...])
         optimizer.update(model, grads)
         return {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
 

@@ -86,6 +86,12 @@ def _regions(region: Region):
             yield from _regions(item)
 
 
+def parent_groups(structure: Structure) -> tuple[int, ...]:
+    """For each subsampler, the cache group whose stream it scores (0: the full-length stream)."""
+    regions = sorted(_regions(region_tree(structure)), key=lambda r: r.group)
+    return tuple(r.parent for r in regions[1:])
+
+
 def layout(model: SubLLM, max_len: int) -> Layout:
     """Cache sizes for sequences of up to ``max_len`` tokens."""
     if max_len < 1:

@@ -31,15 +31,20 @@ from tokensparse.subllm.modules import (
 )
 from tokensparse.subllm.structure import SubLLMConfig, parse_structure
 
-MODES = ("train", "infer")
+MODES = ("train", "infer", "topk")
 
 
 class SubLLM(Llama):
     """``model(tokens, positions=None, segment_ids=None, *, mode, step, rng) -> logits [B, T, V]``.
 
     ``self.config`` is the backbone :class:`~tokensparse.config.ModelConfig` (so the generic training
-    helpers apply); ``self.subllm_config`` the full :class:`SubLLMConfig`. Training mode needs ``rng``
-    (per-call coins of the Balancer, the discard-penalty flip and the bypass limit) and ``step``.
+    helpers apply); ``self.subllm_config`` the full :class:`SubLLMConfig`. Modes:
+
+    - ``"train"``: top-k at the training capacity with the discard penalty, Balancer and bypass limit;
+      needs ``rng`` (their per-call coins) and ``step`` (their schedules).
+    - ``"infer"``: the causal threshold rule ``s > θ`` (first-come up to the inference capacity).
+    - ``"topk"``: deterministic top-k at the training capacity, ``w = clamp(s, 0, 1)``, no penalty:
+      the training-time token budget without randomness, for evaluation.
     """
 
     def __init__(self, config: SubLLMConfig, *, attention_backend: str = "auto", remat: str = "none",
@@ -106,7 +111,7 @@ class SubLLM(Llama):
             elif op.kind == "down":
                 key = None if rng is None else jax.random.fold_in(rng, op.index)
                 cap = None if capacities is None else capacities[op.index]
-                sel, w, scores = self._select(op, h, segment_ids, train, step, key, cap)
+                sel, w, scores = self._select(op, h, segment_ids, mode, step, key, cap)
                 if force_unit_weights:
                     w = jnp.where(sel.valid, 1.0, 0.0).astype(w.dtype)
                 stack.append((h, sel, w, positions, segment_ids, key))
@@ -128,12 +133,15 @@ class SubLLM(Llama):
                     h = self.bypasses[op.index](x, u)
         return self.final_norm(h), aux
 
-    def _select(self, op, h, segment_ids, train: bool, step, key, capacity: int | None = None):
+    def _select(self, op, h, segment_ids, mode: str, step, key, capacity: int | None = None):
         cfg = self.subllm_config
         n_in = h.shape[1]
         valid = segment_ids >= 0
         scores = self.scorers[op.index](h)
-        if train:
+        if mode == "topk":
+            k = routing.capacity(n_in, op.keep, multiple=cfg.capacity_multiple)
+            sel, w = train_select(scores, k, valid=valid, discard_penalty=False)
+        elif mode == "train":
             scores = balance(scores, keep=op.keep, valid=valid,
                              active=coin(jax.random.fold_in(key, 0), balancer_prob(step)))
             k = routing.capacity(n_in, op.keep, multiple=cfg.capacity_multiple)

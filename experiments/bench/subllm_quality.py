@@ -1,0 +1,99 @@
+"""SUBLLM vs its dense twin: held-out loss after pretraining both on the same tokens.
+
+    python -m experiments.bench.subllm_quality --out bench_results/subllm_quality.json \\
+        [--steps=400 --seq_len=512 --batch_size=8 --workdir=DIR]
+
+Both models are pretrained by :func:`tokensparse.runs.pretrain` from
+``experiments/configs/pretrain_subllm_small.py`` (``config.model = "subllm"`` and ``"dense"``): the
+same backbone init, data order, recipe and number of tokens. Runs are cached under ``--workdir``
+(default ``<cache>/bench/subllm_quality/<settings>``) and resume when interrupted. The SUBLLM is
+evaluated in threshold mode (the causal inference rule; the spec's quality protocol) and in
+deterministic top-k mode; ``val_loss_ratio`` = SUBLLM threshold-mode loss / dense loss (lower is
+better, ≤ 1.02 is the acceptance bar) and ``val_loss_ratio_topk`` the same in top-k mode. Rows also
+carry each run's training throughput and the SUBLLM's score statistics (fraction of positive scores
+per subsampler: the Balancer's band is keep ± 0.05; threshold-mode keep rates; bypass scales).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from experiments.bench import write_result
+from experiments.configs import pretrain_subllm_small
+from tokensparse import data, runs
+
+_STEPS = flags.DEFINE_integer("steps", 400, "Pretraining steps of each model.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Packed row length.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per step.")
+_LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate of both.")
+_PRESET = flags.DEFINE_string("preset", "subllm-small", "SUBLLM preset.")
+_MULTIPLIER = flags.DEFINE_float("schedule_step_multiplier", 1.0,
+                                 "Balancer / bypass schedules see step × this (spec §4.7).")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Held-out batches evaluated.")
+_WORKDIR = flags.DEFINE_string("workdir", "", "Where the two runs live (default: a cache dir).")
+_OUT = flags.DEFINE_string("out", "bench_results/subllm_quality.json", "Where to write the JSON.")
+
+MODELS = ("dense", "subllm")
+
+
+def settings() -> dict:
+    return {"preset": _PRESET.value, "steps": _STEPS.value, "seq_len": _SEQ_LEN.value,
+            "batch_size": _BATCH.value, "lr": _LR.value, "eval_batches": _EVAL_BATCHES.value,
+            "schedule_step_multiplier": _MULTIPLIER.value}
+
+
+def workdir() -> pathlib.Path:
+    if _WORKDIR.value:
+        return pathlib.Path(_WORKDIR.value)
+    s = settings()
+    name = (f"{s['preset']}-T{s['seq_len']}-s{s['steps']}-b{s['batch_size']}-lr{s['lr']:g}"
+            f"-m{s['schedule_step_multiplier']:g}")
+    return data.cache_dir() / "bench" / "subllm_quality" / name
+
+
+def config(kind: str):
+    c = pretrain_subllm_small.get_config()
+    c.model = kind
+    c.subllm = runs.subllm_config_dict(_PRESET.value, schedule_step_multiplier=_MULTIPLIER.value,
+                                       overrides={"max_positions": max(_SEQ_LEN.value, 2048)})
+    c.train.steps, c.train.seq_len, c.train.batch_size = _STEPS.value, _SEQ_LEN.value, _BATCH.value
+    c.train.lr, c.train.eval_batches = _LR.value, _EVAL_BATCHES.value
+    c.train.warmup_steps = max(_STEPS.value // 10, 1)
+    c.train.checkpoint_every = max(_STEPS.value // 4, 1)
+    c.train.eval_every = max(_STEPS.value // 4, 1)
+    c.progress = False
+    return c
+
+
+def run(kind: str) -> dict:
+    d = workdir() / kind
+    done = d / "summary.json"
+    if done.exists() and json.loads(done.read_text()).get("steps") == _STEPS.value:
+        print(f"reusing {d}")
+        return json.loads(done.read_text())
+    print(f"pretraining {kind} into {d}", flush=True)
+    return runs.pretrain(config(kind), d)
+
+
+def main(argv):
+    del argv
+    summaries = {kind: run(kind) for kind in MODELS}
+    dense, sub = summaries["dense"], summaries["subllm"]
+    tokens = _STEPS.value * _BATCH.value * _SEQ_LEN.value
+    rows = [{"model": kind, **settings(), "train_tokens": tokens, **summaries[kind]} for kind in MODELS]
+    summary = {"val_loss_ratio": sub["val_loss"] / dense["val_loss"],
+               "val_loss_ratio_topk": sub["val_topk_loss"] / dense["val_loss"],
+               "dense_val_loss": dense["val_loss"], "subllm_val_loss": sub["val_loss"],
+               "subllm_val_topk_loss": sub["val_topk_loss"],
+               "pretrain_tokens_per_s_ratio": sub["tokens_per_s"] / dense["tokens_per_s"],
+               **{f"subllm_{k}": v for k, v in sub.get("subllm", {}).items()}}
+    print(json.dumps(summary, indent=1))
+    write_result(_OUT.value, "subllm_quality", rows, summary, settings=settings(),
+                 workdir=str(workdir()))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,17 @@
+"""Pretrain `subllm-tiny` (6 layers, T(T(TT)T)T) or its dense twin briefly: tests and smoke runs."""
+
+from ml_collections import config_dict
+
+from tokensparse.runs import subllm_config_dict, train_config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    c.model = "subllm"  # or "dense"
+    c.subllm = subllm_config_dict("subllm-tiny", overrides={"max_positions": 128})
+    c.data = config_dict.ConfigDict({"source": "shakespeare", "vocab_size": 512})
+    c.train = train_config_dict(steps=20, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=4,
+                                log_every=5, checkpoint_every=10, eval_batches=2)
+    c.attention_backend = "auto"
+    c.progress = True
+    return c

@@ -1,0 +1,76 @@
+"""Training a SUBLLM (spec §2.8, §4.7–4.10): the step-aware loss, evaluation modes and the optimiser.
+
+The loss is plain shifted CE: the Balancer and the bypass limit act only through gradients, driven
+by the optimiser's step (their schedules) and a per-step key (their per-call coins). The scorer's
+learning rate is scaled (×0.5 by default) by scaling its updates after AdamW; the scorer has no
+weight decay (a vector), so this equals a smaller learning rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tokensparse import train
+from tokensparse.config import TrainConfig
+from tokensparse.subllm.model import hidden_fn
+
+EVAL_MODES = ("infer", "topk")
+
+
+def train_loss(*, seed: int = 0, loss_segment: int = 0, step_multiplier: float = 1.0) -> Callable:
+    """``loss_fn(model, batch, step)`` for :func:`tokensparse.train.make_train_step` (``pass_step``).
+
+    Schedules see ``step · step_multiplier`` (icefall's duration-adjusted batch count, §4.7); the
+    coins use ``fold_in(key(seed), step)``, so a resumed run draws the same coins.
+    """
+    if not step_multiplier > 0:
+        raise ValueError(f"step_multiplier={step_multiplier} must be positive.")
+
+    def loss_fn(model, batch, step):
+        rng = jax.random.fold_in(jax.random.key(seed), step)
+        schedule_step = jnp.asarray(step, jnp.float32) * step_multiplier
+        return train.lm_loss(model, batch, loss_segment=loss_segment,
+                             hidden_fn=hidden_fn(mode="train", step=schedule_step, rng=rng))
+
+    return loss_fn
+
+
+def eval_loss(mode: str = "infer", *, loss_segment: int = 0) -> Callable:
+    """``loss_fn(model, batch)`` with threshold (``"infer"``) or deterministic top-k selection."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"eval mode {mode!r} must be one of {EVAL_MODES}.")
+
+    def loss_fn(model, batch):
+        return train.lm_loss(model, batch, loss_segment=loss_segment, hidden_fn=hidden_fn(mode=mode))
+
+    return loss_fn
+
+
+def scale_where(predicate: Callable[[tuple], bool], factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of the leaves whose key path satisfies ``predicate`` by ``factor``."""
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda path, u: u * factor if predicate(path) else u, updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def is_scorer(path: tuple) -> bool:
+    return any(getattr(k, "key", getattr(k, "name", None)) == "scorers" for k in path)
+
+
+def make_optimizer(tc: TrainConfig, *, scorer_lr_scale: float = 0.5) -> optax.GradientTransformation:
+    """The shared recipe (:func:`tokensparse.train.make_optimizer`) with the scorer's updates scaled."""
+    if not scorer_lr_scale > 0:
+        raise ValueError(f"scorer_lr_scale={scorer_lr_scale} must be positive.")
+    base = train.make_optimizer(tc)
+    if scorer_lr_scale == 1.0:
+        return base
+    return optax.chain(base, scale_where(is_scorer, scorer_lr_scale))
