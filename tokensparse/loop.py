@@ -33,13 +33,17 @@ class LoopResult:
     history: list[dict[str, Any]]
 
 
+MODEL_KEYS = ("model", "subllm")  # metadata sections that define the parameter tree
+
+
 def _check_same_model(saved: dict, current: dict, directory) -> None:
-    if saved.get("model") != current.get("model"):
-        diffs = sorted(k for k in set(saved.get("model", {})) | set(current.get("model", {}))
-                       if saved.get("model", {}).get(k) != current.get("model", {}).get(k))
-        raise CheckpointError(
-            f"checkpoint in {directory} was written for another model (fields differ: {diffs}); "
-            "use a fresh --workdir or the matching config.")
+    for key in MODEL_KEYS:
+        old, new = saved.get(key) or {}, current.get(key) or {}
+        if old != new:
+            diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise CheckpointError(
+                f"checkpoint in {directory} was written for another model ({key} fields differ: "
+                f"{diffs}); use a fresh --workdir or the matching config.")
 
 
 def check_resumable(workdir: str | pathlib.Path, metadata: dict[str, Any]) -> int | None:

@@ -287,7 +287,7 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     summary["unigram_entropy"] = unigram_entropy(train_docs)
     if kind is None:
         hf.save_llama(model, model_config, workdir / "hf")  # the base for fine-tuning
-    else:
+    elif model.structure.n_subsamplers:
         summary["subllm"] = subllm_stats(model, eval_batches[0])
     _write_json(workdir / "summary.json", summary)
     return summary
@@ -296,8 +296,6 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
 def subllm_stats(model: SubLLM, batch) -> dict:
     """Per subsampler: the fraction of positive scores (the Balancer's target band is keep ± 0.05),
     the threshold-mode keep rate, and the mean bypass scale c."""
-    if not model.structure.n_subsamplers:
-        return {}
     _, aux = nnx.jit(lambda m, b: m.forward(b.tokens, b.positions, b.segment_ids, mode="infer"))(model, batch)
     group_segments = [batch.segment_ids, *aux["segment_ids"]]  # group j + 1 is subsampler j's level
     parents = subllm_decode.parent_groups(model.structure)

@@ -1,7 +1,7 @@
 """SUBLLM vs its dense twin: held-out loss after pretraining both on the same tokens.
 
     python -m experiments.bench.subllm_quality --out bench_results/subllm_quality.json \\
-        [--steps=400 --seq_len=512 --batch_size=8 --workdir=DIR]
+        [--steps=100 --seq_len=256 --batch_size=12 --workdir=DIR]
 
 Both models are pretrained by :func:`tokensparse.runs.pretrain` from
 ``experiments/configs/pretrain_subllm_small.py`` (``config.model = "subllm"`` and ``"dense"``): the
@@ -25,9 +25,9 @@ from experiments.bench import write_result
 from experiments.configs import pretrain_subllm_small
 from tokensparse import data, runs
 
-_STEPS = flags.DEFINE_integer("steps", 400, "Pretraining steps of each model.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Packed row length.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per step.")
+_STEPS = flags.DEFINE_integer("steps", 100, "Pretraining steps of each model.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Packed row length.")
+_BATCH = flags.DEFINE_integer("batch_size", 12, "Rows per step.")
 _LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate of both.")
 _PRESET = flags.DEFINE_string("preset", "subllm-small", "SUBLLM preset.")
 _MULTIPLIER = flags.DEFINE_float("schedule_step_multiplier", 1.0,
@@ -63,7 +63,7 @@ def config(kind: str):
     c.train.lr, c.train.eval_batches = _LR.value, _EVAL_BATCHES.value
     c.train.warmup_steps = max(_STEPS.value // 10, 1)
     c.train.checkpoint_every = max(_STEPS.value // 4, 1)
-    c.train.eval_every = max(_STEPS.value // 4, 1)
+    c.train.eval_every = 0  # only at the end: evaluation costs steps on a CPU
     c.progress = False
     return c
 

@@ -1,0 +1,197 @@
+"""SUBLLM training: the step-aware loss, evaluation modes, scorer learning rate, the Balancer's control
+loop, and pretraining runs (SUBLLM and its dense twin) end to end (spec §2.3, §2.8, §4)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from experiments.configs import pretrain_subllm_tiny
+from tokensparse import data, runs
+from tokensparse.config import TrainConfig
+from tokensparse.loop import check_resumable
+from tokensparse.subllm import training
+from tokensparse.subllm.balancer import balance, balancer_bands
+from tokensparse.subllm.model import SubLLM
+from tokensparse.subllm.structure import subllm_preset
+
+
+def _model(seed=0):
+    base = subllm_preset("subllm-tiny")
+    return SubLLM(base.replace(model=base.model.replace(n_layers=4), structure="T(T(T)T)"),
+                  rngs=nnx.Rngs(seed))
+
+
+def _batch(seed=0, b=2, t=32):
+    tokens = np.asarray(jax.random.randint(jax.random.key(seed), (b, t), 0, 256), np.int32)
+    return data.Batch(tokens, np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+                      np.zeros((b, t), np.int32))
+
+
+def test_topk_mode_is_deterministic_and_keeps_the_training_capacity():
+    model, batch = _model(), _batch()
+    fwd = nnx.jit(lambda m, b: m.forward(b.tokens, b.positions, b.segment_ids, mode="topk"))
+    (h1, aux1), (h2, _) = fwd(model, batch), fwd(model, batch)
+    np.testing.assert_array_equal(np.asarray(h1), np.asarray(h2))
+    sel1, sel2 = aux1["selections"]
+    assert sel1.indices.shape == (2, 21) and sel2.indices.shape == (2, 14)  # ceil(.64·32), ceil(.64·21)
+    top = np.sort(np.argsort(-np.asarray(aux1["scores"][0]), axis=1)[:, :21], axis=1)
+    np.testing.assert_array_equal(np.asarray(sel1.indices), top)
+    np.testing.assert_allclose(np.asarray(aux1["weights"][0]),
+                               np.clip(np.take_along_axis(np.asarray(aux1["scores"][0]), top, 1), 0, 1))
+
+
+def test_train_loss_uses_the_step_for_coins_and_schedules():
+    model, batch = _model(), _batch()
+    for scorer in model.scorers:  # scores of order 1, so the penalty's flip visibly changes weights
+        scorer.weight[...] = scorer.weight[...] * 100.0
+    loss_fn = nnx.jit(lambda m, b, step: training.train_loss(seed=3)(m, b, step)[0])
+    a = loss_fn(model, batch, 5)
+    assert float(a) == float(loss_fn(model, batch, 5))  # same step: same coins
+    flips = {float(loss_fn(model, batch, s)) for s in range(6)}
+    assert len(flips) > 1  # the discard-penalty flip differs across steps
+    with pytest.raises(ValueError, match="step_multiplier"):
+        training.train_loss(step_multiplier=0.0)
+    with pytest.raises(ValueError, match="eval mode"):
+        training.eval_loss("train")
+
+
+def test_scorer_learning_rate_is_scaled():
+    """One AdamW step from the same gradients: the scorer moves exactly half as far, nothing else
+    differs; the model's scorer weights are the leaves the optimiser scales."""
+    tc = TrainConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1)
+    params = {"scorers": [{"weight": jnp.ones(8)}], "layers": [{"kernel": jnp.ones((8, 8))}],
+              "norm": {"scale": jnp.ones(8)}}
+    grads = jax.tree.map(lambda x: jnp.linspace(-1.0, 1.0, x.size).reshape(x.shape), params)
+    moved = {}
+    for scale in (1.0, 0.5):
+        tx = training.make_optimizer(tc, scorer_lr_scale=scale)
+        moved[scale] = tx.update(grads, tx.init(params), params)[0]
+    np.testing.assert_allclose(moved[0.5]["scorers"][0]["weight"], 0.5 * moved[1.0]["scorers"][0]["weight"])
+    assert np.abs(np.asarray(moved[1.0]["scorers"][0]["weight"])).max() > 0
+    for key in ("layers", "norm"):
+        jax.tree.map(np.testing.assert_array_equal, moved[0.5][key], moved[1.0][key])
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(_model(), nnx.Param))[0]]
+    assert sum(map(training.is_scorer, paths)) == 2  # the tiny model's two scorer weights
+    with pytest.raises(ValueError, match="scorer_lr_scale"):
+        training.make_optimizer(tc, scorer_lr_scale=0.0)
+
+
+def _scorer_run(start: float, active: bool, keep=0.64, n=4096, d=16, steps=500):
+    """Fractions of positive scores over the last 100 of ``steps`` Adam steps, and the final rms, of a
+    bias-free scorer on features with one constant channel, trained on a loss whose gradient is fresh
+    per-token noise: only the Balancer's nudges (when ``active``) push coherently."""
+    x = jax.random.normal(jax.random.key(0), (n, d)).at[:, 0].set(1.0)
+    w0 = (0.05 * jax.random.normal(jax.random.key(1), (d,))).at[0].set(start)
+    tx = optax.adam(3e-3)
+
+    @jax.jit
+    def step(w, state, key):
+        noise = jax.random.normal(key, (n,))
+
+        def loss(w):
+            s = balance((x @ w)[None], keep=keep, valid=jnp.ones((1, n), bool), active=active)
+            return jnp.mean(noise * s[0])
+
+        updates, state = tx.update(jax.grad(loss)(w), state)
+        return optax.apply_updates(w, updates), state
+
+    w, state, fractions = w0, tx.init(w0), []
+    for i in range(steps):
+        w, state = step(w, state, jax.random.key(i + 1))
+        if i >= steps - 100:
+            fractions.append(float(jnp.mean(x @ w > 0)))
+    return np.asarray(fractions), float(jnp.sqrt(jnp.mean((x @ w) ** 2)))
+
+
+@pytest.mark.parametrize("start", [-0.5, 1.5])
+def test_balancer_control_loop_brings_scores_to_the_band(start):
+    """From ~0% (start −0.5) or 100% (start 1.5) positive scores the Balancer alone brings the fraction
+    to the band [keep − 0.05, keep + 0.05] and holds it there, give or take 0.025 (the penalty is zero
+    inside the band, so noise keeps it hovering at the edge it came from), and lifts the rms into its
+    band; without it the fraction stays where it started."""
+    keep, bands = 0.64, balancer_bands(0.64)
+    fractions, rms = _scorer_run(start, active=True)
+    assert keep - 0.075 <= fractions.mean() <= keep + 0.075, fractions[::10]
+    assert fractions.max() - fractions.min() < 0.03, fractions[::10]  # and it stays there
+    assert bands.rms[0] * 0.9 <= rms <= bands.rms[1], rms
+    idle, _ = _scorer_run(start, active=False)
+    assert idle.max() < 0.2 if start < 0 else idle.min() > 0.9, idle[::10]
+
+
+# --- pretraining runs ----------------------------------------------------------------------------
+
+
+def _config(kind, steps, eval_modes=("infer", "topk")):
+    c = pretrain_subllm_tiny.get_config()
+    c.model = kind
+    c.train.steps, c.train.seq_len, c.train.batch_size = steps, 64, 2
+    c.train.log_every, c.train.checkpoint_every, c.train.eval_batches = 1, 2, 1
+    c.subllm.overrides.n_layers = 2
+    c.subllm.structure = "T(T)"
+    c.subllm.eval_modes = list(eval_modes)
+    c.progress = False
+    return c
+
+
+def _losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def subllm_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("subllm")
+    return workdir, runs.pretrain(_config("subllm", 4), workdir)
+
+
+def test_pretrain_subllm_outputs(subllm_run):
+    workdir, summary = subllm_run
+    assert {"val_loss", "val_topk_loss", "subllm"} <= set(summary)
+    assert set(summary["subllm"]) == {"positive_fraction_0", "keep_rate_0", "bypass_c_0"}
+    meta = json.loads((workdir / "config.json").read_text())
+    assert meta["subllm"]["structure"] == "T(T)" and meta["subllm"]["kind"] == "subllm"
+    assert not (workdir / "hf").exists()  # no Llama export: the SUBLLM modules would be lost
+
+
+@pytest.mark.slow
+def test_pretrain_subllm_resumes_with_identical_losses(subllm_run, tmp_path):
+    """The coins are a function of the step, so 2 steps + resume to 4 equals 4 straight steps."""
+    straight, _ = subllm_run
+    runs.pretrain(_config("subllm", 2, ["infer"]), tmp_path)
+    runs.pretrain(_config("subllm", 4, ["infer"]), tmp_path)
+    assert _losses(tmp_path) == _losses(straight)
+
+
+def test_dense_twin_setup(subllm_run):
+    """``config.model="dense"``: the same backbone (same seed → the same initial weights) without the
+    SUBLLM modules, one evaluation mode, and its checkpoints are not interchangeable with SUBLLM's."""
+    tc = runs.build_train_config(_config("dense", 2).train)
+    twin = runs._subllm_setup(_config("dense", 2), "dense", 512, tc)
+    sub = runs._subllm_setup(_config("subllm", 2), "subllm", 512, tc)
+    assert twin.model.structure.text == "TT" and list(twin.eval_losses) == [""]
+    assert twin.metadata["model"] == sub.metadata["model"]
+    twin_params = nnx.state(twin.model, nnx.Param)
+    sub_params = nnx.state(sub.model, nnx.Param)
+    assert set(sub_params) - set(twin_params) == {"scorers", "bypasses"}
+    for name in twin_params:
+        jax.tree.map(np.testing.assert_array_equal, twin_params[name], sub_params[name])
+    with pytest.raises(ValueError):
+        check_resumable(subllm_run[0], twin.metadata)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: setattr(c, "model", "moe"), "subllm"),
+    (lambda c: setattr(c.subllm, "eval_modes", ["train"]), "eval_modes"),
+    (lambda c: setattr(c.subllm, "structure", "T(T(T)T"), "config.subllm"),
+    (lambda c: setattr(c.subllm, "scorer_lr_scale", -1.0), "scorer_lr_scale"),
+])
+def test_pretrain_bad_subllm_config(tmp_path, change, match):
+    c = _config("subllm", 2)
+    change(c)
+    with pytest.raises(ValueError, match=match):
+        runs.pretrain(c, tmp_path)
