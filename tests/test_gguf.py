@@ -20,6 +20,7 @@ from tokenizers import pre_tokenizers
 
 from tokensparse import gguf as tg
 from tokensparse import hf, zoo
+from tokensparse.generate import generate
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -497,3 +498,14 @@ def test_smollm2_tokenizer_known_divergence(smollm2, reference):
     assert [t for t in ours if t not in theirs] == ["Ġ", "Â½"]
     assert [t for t in theirs if t not in ours] == ["ĠÂ", "½"]
     assert tok.encode(reference["meta"]["nll_passage"]).ids == reference["input_ids"].tolist()
+
+
+def test_greedy_generation_continues_code(smollm2):
+    """Smoke test of tokensparse.generate on the real model: greedy decoding through the KV cache
+    continues a Python function header with Python (the instruct model knows Fibonacci)."""
+    model, _, tokenizer = smollm2
+    prompt = tokenizer.encode("def fibonacci(n):", add_special_tokens=False).ids
+    out = generate(model, [prompt], max_new_tokens=24)
+    text = tokenizer.decode(out.new_tokens[0].tolist())
+    assert out.lengths[0] == len(prompt) + 24
+    assert "return" in text or "fibonacci(" in text or "if n" in text, text
