@@ -20,6 +20,7 @@ from tokenizers import pre_tokenizers
 
 from tokensparse import gguf as tg
 from tokensparse import hf, zoo
+from tokensparse.config import preset
 from tokensparse.generate import generate
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -509,3 +510,13 @@ def test_greedy_generation_continues_code(smollm2):
     text = tokenizer.decode(out.new_tokens[0].tolist())
     assert out.lengths[0] == len(prompt) + 24
     assert "return" in text or "fibonacci(" in text or "if n" in text, text
+
+
+def test_smollm2_preset_matches_the_checkpoint(smollm2):
+    """``preset("smollm2-135m")`` (random weights, for memory benchmarks) has the real model's shape."""
+    _, config, _ = smollm2
+    want = preset("smollm2-135m")
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                  "rope_theta", "max_positions", "tie_embeddings"):
+        assert getattr(config, field) == getattr(want, field), field
+    assert abs(config.rms_eps - want.rms_eps) < 1e-9

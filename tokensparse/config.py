@@ -181,6 +181,10 @@ _PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
                              n_kv_heads=32, head_dim=128, ffn_dim=11008, rms_eps=1e-5,
                              rope_theta=10000.0, max_positions=4096),
+    # SmolLM2-135M's shape (tokensparse.zoo.load("smollm2-135m") loads its weights).
+    "smollm2-135m": ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                head_dim=64, ffn_dim=1536, rms_eps=1e-5, rope_theta=100000.0,
+                                max_positions=8192, tie_embeddings=True),
     "llama3-8b": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
                              n_kv_heads=8, head_dim=128, ffn_dim=14336, rms_eps=1e-5,
                              rope_theta=500000.0, max_positions=8192),
