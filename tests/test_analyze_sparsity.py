@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import analyze_sparsity as A
 from tokensparse.config import preset
 from tokensparse.lemo import scoring
+from tokensparse.lemo import sparsity as A
 from tokensparse.llama import Llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
