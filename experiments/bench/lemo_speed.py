@@ -27,14 +27,14 @@ import functools
 import json
 
 import jax
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from experiments.bench import timing, write_result
+from experiments.bench.inputs import random_batch, resolve_dtype
 from experiments.bench.timing import timed_step
 from experiments.configs import finetune_small
-from tokensparse import data, lora, runs, train
+from tokensparse import lora, runs, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
 from tokensparse.lemo.model import check_lemo, lemo_loss
 from tokensparse.llama import Llama
@@ -56,15 +56,9 @@ _OUT = flags.DEFINE_string("out", "bench_results/lemo_speed.json", "Where to wri
 METHODS = ("lora", "lemo")
 
 
-def dtype() -> str:
-    if _DTYPE.value != "auto":
-        return _DTYPE.value
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
 def build(seq_len: int):
     """A random-weight preset with LoRA (r=8, α=16 on q,k,v,o) and its LoRA-only AdamW."""
-    overrides = {"dtype": dtype(), "param_dtype": dtype()}
+    overrides = {"dtype": resolve_dtype(_DTYPE.value), "param_dtype": resolve_dtype(_DTYPE.value)}
     if _N_LAYERS.value:
         overrides["n_layers"] = _N_LAYERS.value
     config = preset(_PRESET.value, **overrides).with_context(seq_len)
@@ -76,14 +70,6 @@ def build(seq_len: int):
                                                   loss_segment=_LOSS_SEGMENT.value)
     optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
     return model, optimizer, config
-
-
-def random_batch(vocab_size: int, seq_len: int) -> data.Batch:
-    rng = np.random.default_rng(0)
-    shape = (_BATCH.value, seq_len)
-    tokens = rng.integers(0, vocab_size, shape, dtype=np.int32)
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy()
-    return data.Batch(tokens, positions, np.zeros(shape, np.int32))
 
 
 def train_steps(lemo: LeMoConfig) -> dict:
@@ -108,7 +94,7 @@ def measure(seq_len: int) -> dict[str, dict]:
     model, optimizer, config = build(seq_len)
     lemo = LeMoConfig()
     check_lemo(model, lemo, seq_len)
-    batch = random_batch(config.vocab_size, seq_len)
+    batch = random_batch(config.vocab_size, _BATCH.value, seq_len)
     steps = train_steps(lemo)
     rows = {}
     for method in ("lemo", "lora"):  # LeMo first: the cumulative device peak is then its own
@@ -116,7 +102,7 @@ def measure(seq_len: int) -> dict[str, dict]:
         losses = [timed_step(steps[method], model, optimizer, batch)[1]
                   for _ in range(max(_WARMUP.value, 1))]
         rows[method] = {"preset": _PRESET.value, "n_layers": config.n_layers, "seq_len": seq_len,
-                        "batch_size": _BATCH.value, "method": method, "dtype": dtype(),
+                        "batch_size": _BATCH.value, "method": method, "dtype": resolve_dtype(_DTYPE.value),
                         "remat": _REMAT.value, "attention": _ATTENTION.value,
                         "temp_bytes": cost.temp_bytes, "arg_bytes": cost.argument_bytes,
                         "flops": cost.flops, "warmup_loss": losses[-1],

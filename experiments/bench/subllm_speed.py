@@ -37,7 +37,8 @@ from absl import app, flags
 from flax import nnx
 
 from experiments.bench import timing, write_result
-from tokensparse import data, decode, train
+from experiments.bench.inputs import random_batch, resolve_dtype
+from tokensparse import decode, train
 from tokensparse.config import TrainConfig
 from tokensparse.generate import Decoder
 from tokensparse.metrics import compiled_memory
@@ -63,15 +64,9 @@ _OUT = flags.DEFINE_string("out", "bench_results/subllm_speed.json", "Where to w
 MODELS = ("dense", "subllm")
 
 
-def dtype() -> str:
-    if _DTYPE.value != "auto":
-        return _DTYPE.value
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
 def configs(seq_len: int, threshold: float = 0.0):
     base = subllm_preset(_PRESET.value)
-    model = base.model.replace(dtype=dtype(), param_dtype=dtype(),
+    model = base.model.replace(dtype=resolve_dtype(_DTYPE.value), param_dtype=resolve_dtype(_DTYPE.value),
                                max_positions=max(base.model.max_positions, seq_len))
     sub = base.replace(model=model, infer_threshold=threshold)
     return {"dense": dense_twin(sub), "subllm": sub}
@@ -79,13 +74,6 @@ def configs(seq_len: int, threshold: float = 0.0):
 
 def build(config) -> SubLLM:
     return SubLLM(config, attention_backend=_ATTENTION.value, remat=_REMAT.value, rngs=nnx.Rngs(0))
-
-
-def random_batch(vocab_size: int, batch: int, seq_len: int) -> data.Batch:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab_size, (batch, seq_len), dtype=np.int32)
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()
-    return data.Batch(tokens, positions, np.zeros(tokens.shape, np.int32))
 
 
 def timed(step, model, optimizer, batch) -> float:
@@ -108,7 +96,7 @@ def measure_training(seq_len: int) -> dict[str, dict]:
             timed(step, model, optimizer, batch)
         runs[name] = functools.partial(timed, step, model, optimizer, batch)
         rows[name] = {"preset": _PRESET.value, "model": name, "structure": config.structure,
-                      "seq_len": seq_len, "batch_size": _BATCH.value, "dtype": dtype(),
+                      "seq_len": seq_len, "batch_size": _BATCH.value, "dtype": resolve_dtype(_DTYPE.value),
                       "remat": _REMAT.value, "attention": _ATTENTION.value,
                       "temp_bytes": cost.temp_bytes, "arg_bytes": cost.argument_bytes, "flops": cost.flops}
     timings = timing.interleaved(runs, max(_REPS.value, 5))
@@ -161,7 +149,7 @@ def measure_decoding(seq_len: int) -> dict[str, dict]:
         parents = subllm_decode.parent_groups(model.structure)
         rows[name] = {
             "preset": _PRESET.value, "model": name, "seq_len": seq_len, "prompt_len": seq_len - n,
-            "decode_batch": _DECODE_BATCH.value, "decode_tokens": n, "dtype": dtype(),
+            "decode_batch": _DECODE_BATCH.value, "decode_tokens": n, "dtype": resolve_dtype(_DTYPE.value),
             "threshold": theta if name == "subllm" else None,
             "decode_token_s": statistics.median(per_token[name]), "decode_times_s": per_token[name],
             "kv_allocated_bytes": cache.nbytes(),
