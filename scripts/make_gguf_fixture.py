@@ -24,9 +24,11 @@ import os
 import pathlib
 from importlib.metadata import version as _version
 
+import numpy as np
+
+# Set before importing the Hugging Face libraries: they read it at import time (no hub access).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import numpy as np  # noqa: E402
 import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -1,5 +1,6 @@
 """experiments.analyze_sparsity: its statistics against dense numpy definitions, on a tiny model."""
 
+import importlib.util
 import itertools
 import json
 import os
@@ -123,8 +124,5 @@ def test_cli_smoke(tmp_path):
     assert result["benchmark"] == "analyze_sparsity" and len(result["rows"]) == 30
     assert 0 <= result["summary"]["block_sparsity@128"] <= 1
     assert 0 <= result["summary"]["cross_input_jaccard@128"] <= 1
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return
-    assert out.with_suffix(".png").stat().st_size > 1000
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional (extra "plots")
+        assert out.with_suffix(".png").stat().st_size > 1000

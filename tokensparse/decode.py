@@ -111,6 +111,24 @@ def last_rows(h: Float[Array, "b t d"], lengths: Int[Array, " b"]) -> Float[Arra
     return jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
+def filled_cache(blocks, kv: list[tuple[Array, Array]], layer_groups: tuple[int, ...],
+                 group_sizes: tuple[int, ...], group_positions: list[Array], group_valid: list[Array],
+                 dtype) -> DecodeCache:
+    """A cache holding, per layer, the valid rows of its prefill keys/values (compacted to slots
+    0, 1, ...) in a buffer of its group's size, with the groups' positions and lengths."""
+    b = group_valid[0].shape[0]
+    keys, values = [], []
+    for block, (k, v), g in zip(blocks, kv, layer_groups, strict=True):
+        k_buf, v_buf = empty_buffers(block, b, group_sizes[g], dtype)
+        keys.append(compact(k_buf, k, group_valid[g]))
+        values.append(compact(v_buf, v, group_valid[g]))
+    return DecodeCache(
+        tuple(keys), tuple(values),
+        tuple(compact(jnp.zeros((b, size), jnp.int32), pos, valid)
+              for size, pos, valid in zip(group_sizes, group_positions, group_valid, strict=True)),
+        tuple(jnp.sum(valid, axis=1, dtype=jnp.int32) for valid in group_valid))
+
+
 def check_prompt(tokens: Array, lengths: Array, max_len: int) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}.")
@@ -128,18 +146,13 @@ def prefill(model: Llama, tokens: Int[Array, "b t"], lengths: Int[Array, " b"], 
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segment_ids = prompt_segments(lengths, t)
-    valid = segment_ids >= 0
-    dtype = model.config.compute_dtype
-    keys, values = [], []
+    kv = []
     h = model.embed(tokens)
     for block in model.layers:
         h, k, v = block_prefill(block, h, positions, segment_ids)
-        k_buf, v_buf = empty_buffers(block, b, max_len, dtype)
-        keys.append(compact(k_buf, k, valid))
-        values.append(compact(v_buf, v, valid))
-    cache = DecodeCache(tuple(keys), tuple(values),
-                        (compact(jnp.zeros((b, max_len), jnp.int32), positions, valid),),
-                        (jnp.sum(valid, axis=1, dtype=jnp.int32),))
+        kv.append((k, v))
+    cache = filled_cache(model.layers, kv, (0,) * len(kv), (max_len,), [positions], [segment_ids >= 0],
+                         model.config.compute_dtype)
     return model.head(last_rows(model.final_norm(h), lengths)), cache
 
 

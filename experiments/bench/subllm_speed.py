@@ -30,7 +30,6 @@ import json
 import statistics
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -38,6 +37,7 @@ from flax import nnx
 
 from experiments.bench import timing, write_result
 from experiments.bench.inputs import random_batch, resolve_dtype
+from experiments.bench.timing import timed_step
 from tokensparse import decode, train
 from tokensparse.config import TrainConfig
 from tokensparse.generate import Decoder
@@ -76,13 +76,6 @@ def build(config) -> SubLLM:
     return SubLLM(config, attention_backend=_ATTENTION.value, remat=_REMAT.value, rngs=nnx.Rngs(0))
 
 
-def timed(step, model, optimizer, batch) -> float:
-    start = time.perf_counter()
-    metrics = step(model, optimizer, batch)
-    jax.block_until_ready((metrics, nnx.state(model), nnx.state(optimizer)))
-    return time.perf_counter() - start
-
-
 def measure_training(seq_len: int) -> dict[str, dict]:
     tc = TrainConfig(seq_len=seq_len, batch_size=_BATCH.value)
     step = train.make_train_step(subllm_training.train_loss(), pass_step=True)
@@ -93,8 +86,8 @@ def measure_training(seq_len: int) -> dict[str, dict]:
         batch = random_batch(config.model.vocab_size, _BATCH.value, seq_len)
         cost = compiled_memory(step, model, optimizer, batch)
         for _ in range(max(_WARMUP.value, 1)):
-            timed(step, model, optimizer, batch)
-        runs[name] = functools.partial(timed, step, model, optimizer, batch)
+            timed_step(step, model, optimizer, batch)
+        runs[name] = functools.partial(lambda *args: timed_step(*args)[0], step, model, optimizer, batch)
         rows[name] = {"preset": _PRESET.value, "model": name, "structure": config.structure,
                       "seq_len": seq_len, "batch_size": _BATCH.value, "dtype": resolve_dtype(_DTYPE.value),
                       "remat": _REMAT.value, "attention": _ATTENTION.value,

@@ -9,14 +9,12 @@ from collections.abc import Callable, Mapping
 import jax
 from flax import nnx
 
-from tokensparse import lora
-
 
 def timed_step(step: Callable, model, optimizer, batch) -> tuple[float, float]:
-    """(seconds, loss) of one LoRA step, clock read after everything the step updates is ready."""
+    """(seconds, loss) of one train step, clock read after everything the step updates is ready."""
     start = time.perf_counter()
     metrics = step(model, optimizer, batch)
-    jax.block_until_ready((metrics, nnx.state(model, lora.LoRAParam), nnx.state(optimizer)))
+    jax.block_until_ready((metrics, nnx.state(model), nnx.state(optimizer)))
     return time.perf_counter() - start, float(metrics["loss"])
 
 

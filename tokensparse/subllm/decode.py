@@ -27,8 +27,7 @@ from tokensparse.decode import (
     block_decode,
     block_prefill,
     check_prompt,
-    compact,
-    empty_buffers,
+    filled_cache,
     last_rows,
     prompt_segments,
     write_slot,
@@ -129,19 +128,10 @@ def prefill(model: SubLLM, tokens: Int[Array, "b t"], lengths: Int[Array, " b"],
 
     h, aux = model.forward(tokens, positions, segment_ids, mode="infer",
                            capacities=lay.group_sizes[1:], layer_fn=record)
-    group_pos = [positions, *aux["positions"]]
     group_valid = [seg >= 0 for seg in [segment_ids, *aux["segment_ids"]]]
-    dtype = model.config.compute_dtype
-    keys, values = [], []
-    for i, g in enumerate(lay.layer_groups):
-        k_buf, v_buf = empty_buffers(model.layers[i], b, lay.group_sizes[g], dtype)
-        keys.append(compact(k_buf, recorded[i][0], group_valid[g]))
-        values.append(compact(v_buf, recorded[i][1], group_valid[g]))
-    cache = DecodeCache(
-        tuple(keys), tuple(values),
-        tuple(compact(jnp.zeros((b, s), jnp.int32), p, v)
-              for s, p, v in zip(lay.group_sizes, group_pos, group_valid, strict=True)),
-        tuple(jnp.sum(v, axis=1, dtype=jnp.int32) for v in group_valid))
+    cache = filled_cache(model.layers, [recorded[i] for i in range(len(model.layers))], lay.layer_groups,
+                         lay.group_sizes, [positions, *aux["positions"]], group_valid,
+                         model.config.compute_dtype)
     return model.head(last_rows(h, lengths)), cache
 
 

@@ -2,8 +2,8 @@
 
 The loss is plain shifted CE: the Balancer and the bypass limit act only through gradients, driven
 by the optimiser's step (their schedules) and a per-step key (their per-call coins). The scorer's
-learning rate is scaled (×0.5 by default) by scaling its updates after AdamW; the scorer has no
-weight decay (a vector), so this equals a smaller learning rate.
+learning rate is scaled (×0.5 by default) by scaling its updates after AdamW (``optax.masked``);
+the scorer has no weight decay (a vector), so this equals a smaller learning rate.
 """
 
 from __future__ import annotations
@@ -50,18 +50,6 @@ def eval_loss(mode: str = "infer", *, loss_segment: int = 0) -> Callable:
     return loss_fn
 
 
-def scale_where(predicate: Callable[[tuple], bool], factor: float) -> optax.GradientTransformation:
-    """Multiply the updates of the leaves whose key path satisfies ``predicate`` by ``factor``."""
-
-    def update(updates, state, params=None):
-        del params
-        scaled = jax.tree_util.tree_map_with_path(
-            lambda path, u: u * factor if predicate(path) else u, updates)
-        return scaled, state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 def is_scorer(path: tuple) -> bool:
     return any(getattr(k, "key", getattr(k, "name", None)) == "scorers" for k in path)
 
@@ -73,4 +61,5 @@ def make_optimizer(tc: TrainConfig, *, scorer_lr_scale: float = 0.5) -> optax.Gr
     base = train.make_optimizer(tc)
     if scorer_lr_scale == 1.0:
         return base
-    return optax.chain(base, scale_where(is_scorer, scorer_lr_scale))
+    scorer_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: is_scorer(path), params)
+    return optax.chain(base, optax.masked(optax.scale(scorer_lr_scale), scorer_mask))
