@@ -202,6 +202,52 @@ def preset_names() -> list[str]:
     return sorted(_PRESETS)
 
 
+MESH_AXES = ("data", "fsdp", "tensor", "seq")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device-mesh shape over the axes ``data``, ``fsdp``, ``tensor`` and ``seq``; -1 fills.
+
+    ``data`` and ``fsdp`` split the batch (``fsdp`` also shards parameters and optimizer state),
+    ``tensor`` splits heads and MLP channels, ``seq`` splits the sequence (token routing then selects
+    per shard). At most one axis may be -1: it takes the devices the others leave.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    seq: int = 1
+
+    def __post_init__(self):
+        sizes = self.sizes()
+        bad = [f"{n}={v}" for n, v in zip(MESH_AXES, sizes, strict=True) if v == 0 or v < -1]
+        _check(not bad, f"MeshConfig {', '.join(bad)}: each axis size must be >= 1, or -1 to fill.")
+        _check(sizes.count(-1) <= 1, f"MeshConfig has {sizes.count(-1)} axes set to -1; at most "
+               "one axis can fill the remaining devices.")
+
+    def sizes(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.tensor, self.seq)
+
+    def shape(self, n_devices: int) -> tuple[int, int, int, int]:
+        """The concrete axis sizes on ``n_devices`` devices."""
+        sizes = list(self.sizes())
+        fixed = 1
+        for v in sizes:
+            fixed *= max(v, 1)
+        if -1 in sizes:
+            _check(n_devices % fixed == 0, f"MeshConfig {self.sizes()}: the fixed axes use {fixed} "
+                   f"devices, which does not divide the {n_devices} available.")
+            sizes[sizes.index(-1)] = n_devices // fixed
+        else:
+            _check(fixed == n_devices, f"MeshConfig {self.sizes()} needs {fixed} devices; "
+                   f"{n_devices} are available (set one axis to -1 to fill).")
+        return tuple(sizes)
+
+    def replace(self, **changes: Any) -> MeshConfig:
+        return dataclasses.replace(self, **changes)
+
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -277,10 +323,13 @@ class LeMoConfig:
     mlp_mode: str = "channel_sparse_bwd"
     mlp_drop: float = 0.8  # fraction of MLP channels dropped in backward
     keep_first_block: bool = False
+    route_shards: int = 0  # blocks are chosen per this many sequence pieces; 0: the mesh seq axis
     calibration_windows: int = 8  # schedule="algorithm1" only
     tune_rounds: int = 5  # schedule="algorithm1" only
 
     def __post_init__(self):
+        _check(self.route_shards >= 0, f"LeMoConfig.route_shards={self.route_shards} must be >= 0 "
+               "(0 follows the mesh's seq axis).")
         _check(self.block_size > 0, f"LeMoConfig.block_size={self.block_size} must be positive.")
         _check(0.0 < self.keep_ratio <= 1.0,
                f"LeMoConfig.keep_ratio={self.keep_ratio} must be in (0, 1].")

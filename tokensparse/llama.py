@@ -25,6 +25,7 @@ from tokensparse.config import ModelConfig
 from tokensparse.remat import check_remat, checkpointed, remat_policy
 from tokensparse.rope import apply_rope, inverse_frequencies
 from tokensparse.routing import Selection
+from tokensparse.sharding import constrain
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> Array:
@@ -35,8 +36,9 @@ class Linear(nnx.Module):
     """Bias-free ``x @ kernel`` with an optional additive ``adapter`` (e.g. LoRA) on the same input."""
 
     def __init__(self, in_features: int, out_features: int, *, std: float, dtype, param_dtype,
-                 rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, param_dtype))
+                 axes: tuple[str, str] = ("embed", "mlp"), rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, param_dtype),
+                                logical_axes=axes)
         self.adapter = nnx.data(None)
         self.dtype = dtype
 
@@ -70,11 +72,14 @@ def rms_norm(x, scale, eps: float, dtype):
 class Embed(nnx.Module):
     def __init__(self, vocab_size: int, dim: int, *, std: float, dtype, param_dtype,
                  rngs: nnx.Rngs):
-        self.embedding = nnx.Param(_normal(rngs, (vocab_size, dim), std, param_dtype))
+        self.embedding = nnx.Param(_normal(rngs, (vocab_size, dim), std, param_dtype),
+                                   logical_axes=("vocab", "embed"))
         self.dtype = dtype
 
     def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        # FSDP gathers the table's model dimension before the lookup, not the looked-up activations.
+        table = constrain(self.embedding[...], ("vocab", "act_embed"))
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
 
 
@@ -95,7 +100,8 @@ class MLP(nnx.Module):
         std = config.init_std
         self.gate_proj = Linear(config.d_model, config.ffn_dim, std=std, **kw)
         self.up_proj = Linear(config.d_model, config.ffn_dim, std=std, **kw)
-        self.down_proj = Linear(config.ffn_dim, config.d_model, std=_out_std(config, layer), **kw)
+        self.down_proj = Linear(config.ffn_dim, config.d_model, std=_out_std(config, layer),
+                                axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
         return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
@@ -113,10 +119,11 @@ class Attention(nnx.Module):
                  rngs: nnx.Rngs):
         kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
         std = config.init_std
-        self.q_proj = Linear(config.d_model, config.q_dim, std=std, **kw)
-        self.k_proj = Linear(config.d_model, config.kv_dim, std=std, **kw)
-        self.v_proj = Linear(config.d_model, config.kv_dim, std=std, **kw)
-        self.o_proj = Linear(config.q_dim, config.d_model, std=_out_std(config, layer), **kw)
+        self.q_proj = Linear(config.d_model, config.q_dim, std=std, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(config.d_model, config.kv_dim, std=std, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(config.d_model, config.kv_dim, std=std, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(config.q_dim, config.d_model, std=_out_std(config, layer),
+                             axes=("heads", "embed"), **kw)
         self.n_heads, self.n_kv_heads, self.head_dim = (config.n_heads, config.n_kv_heads,
                                                         config.head_dim)
         self.rope_theta = config.rope_theta
@@ -183,6 +190,7 @@ class DecoderBlock(nnx.Module):
             rows_pos = routing.gather(positions, selection)
             rows_seg = routing.gather(seg, selection, fill_value=-1)
         q, k, v = checkpoint_name(checkpointed(_normed_qkv)(self, x, rows_pos, selection), "qkv")
+        q, k, v = shard_qkv(q, k, v)
         out = checkpoint_name(self.attn.core(q, k, v, rows_pos, rows_seg), "attn_core")
         h, normed = checkpointed(_residual_and_norm)(self, x, out, selection)
         return checkpoint_name(h, "attn_out"), normed
@@ -198,6 +206,23 @@ class DecoderBlock(nnx.Module):
                  selection: Selection | None = None) -> Float[Array, "b t d"]:
         x = checkpoint_name(x, "block_in")
         return self.feed_forward(*self.attend_and_norm(x, positions, segment_ids, selection))
+
+
+RESIDUAL_AXES = ("batch", "length", "act_embed")
+
+
+def shard_residual(h: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+    """Residual-stream layout on a mesh: rows over the batch axes, the sequence over ``seq``, the
+    model dimension whole (identity without a mesh)."""
+    return constrain(h, RESIDUAL_AXES)
+
+
+def shard_qkv(q, k, v):
+    """Attention-input layout on a mesh: queries stay split over ``seq``; keys and values are
+    gathered over it (every query shard needs every earlier key); heads split over ``tensor``."""
+    return (constrain(q, ("batch", "length", "act_heads", None)),
+            constrain(k, ("batch", None, "act_kv_heads", None)),
+            constrain(v, ("batch", None, "act_kv_heads", None)))
 
 
 def _normed_qkv(block: DecoderBlock, x, positions, selection):
@@ -238,7 +263,8 @@ class Llama(nnx.Module):
         ])
         self.final_norm = RMSNorm(config.d_model, eps=config.rms_eps, **kw)
         self.lm_head = nnx.data(None) if config.tie_embeddings else Linear(
-            config.d_model, config.vocab_size, std=config.init_std, rngs=rngs, **kw)
+            config.d_model, config.vocab_size, std=config.init_std, axes=("embed", "vocab"),
+            rngs=rngs, **kw)
 
     def hidden_states(
         self,
@@ -253,11 +279,11 @@ class Llama(nnx.Module):
         if selections is not None and len(selections) != len(self.layers):
             raise ValueError(f"selections has {len(selections)} entries; the model has "
                              f"{len(self.layers)} layers (use None for dense layers).")
-        h = self.embed(tokens)
+        h = shard_residual(self.embed(tokens))
         run_block = self.block_runner()
         for i, block in enumerate(self.layers):
-            h = run_block(block, h, positions, segment_ids,
-                          None if selections is None else selections[i])
+            h = shard_residual(run_block(block, h, positions, segment_ids,
+                                         None if selections is None else selections[i]))
         return self.final_norm(h)
 
     def rematerialised(self, layer_fn):

@@ -34,11 +34,15 @@ class LoRA(nnx.Module):
     """``scale * dropout(x) @ a @ b``; ``b`` starts at zero so an untrained adapter changes nothing."""
 
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig, *,
-                 param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, dtype=jnp.float32,
+                 axes: tuple[str | None, str | None] = (None, None), rngs: nnx.Rngs):
         bound = 1.0 / math.sqrt(in_features)  # Kaiming-uniform(a=sqrt(5)), as PEFT initialises A.
+        in_axis, out_axis = axes
         self.a = LoRAParam(jax.random.uniform(rngs.params(), (in_features, config.rank),
-                                              jnp.float32, -bound, bound).astype(param_dtype))
-        self.b = LoRAParam(jnp.zeros((config.rank, out_features), param_dtype))
+                                              jnp.float32, -bound, bound).astype(param_dtype),
+                           logical_axes=(in_axis, None))
+        self.b = LoRAParam(jnp.zeros((config.rank, out_features), param_dtype),
+                           logical_axes=(None, out_axis))
         self.scale = config.scale
         self.dtype = dtype
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
@@ -72,6 +76,7 @@ def add_lora(model: Llama, config: LoRAConfig = LoRAConfig(), *, rngs: nnx.Rngs)
             raise ValueError(f"{path} already has an adapter; merge_lora() or build a fresh model.")
         d_in, d_out = linear.kernel.shape
         linear.adapter = LoRA(d_in, d_out, config, param_dtype=jnp.float32, dtype=linear.dtype,
+                              axes=linear.kernel.get_metadata().get("logical_axes", (None, None)),
                               rngs=rngs)
     return model
 

@@ -5,6 +5,13 @@ XLA needs K at compile time, so every selection rule here is "top-k at a static 
 Indices inside a :class:`Selection` are ascending, so causal order on the compacted sequence equals
 causal order on the original positions.
 
+**Sequence sharding.** With the sequence split into ``shards`` contiguous pieces (the mesh's ``seq``
+axis), :func:`per_shard` selects inside each piece at ``ceil(capacity / shards)`` and offsets the
+indices, so no device needs another's scores and the indices stay globally ascending. Such a
+:class:`Selection` records ``shards``; :func:`gather` and :func:`scatter_add` then address each piece
+locally, so XLA never gathers the whole sequence. Per-shard top-k is not global top-k: every piece keeps
+the same number of items, however its scores compare with the others'.
+
 Selection is discrete: the scores passed to the ``*_select`` functions receive **no gradient** from
 here. Methods that learn their scores (SUBLLM's weights, LeMo's predictors) add their own paths.
 ``gather`` and ``scatter_add`` are differentiable in the gathered / scattered values.
@@ -12,8 +19,9 @@ here. Methods that learn their scores (SUBLLM's weights, LeMo's predictors) add 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +29,18 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 
-class Selection(NamedTuple):
-    """K chosen positions per row. ``indices`` ascending per row; ``valid`` False for padding slots."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """K chosen positions per row. ``indices`` ascending per row; ``valid`` False for padding slots.
+
+    ``shards`` > 1 (static) says the rows were selected piecewise (:func:`per_shard`): the k-th of
+    ``shards`` equal runs of slots holds indices inside the k-th of ``shards`` equal runs of positions.
+    """
 
     indices: Int[Array, "b k"]
     valid: Bool[Array, "b k"]
+    shards: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
@@ -71,14 +86,48 @@ def _sorted_selection(indices: Int[Array, "b k"], valid: Bool[Array, "b k"]) -> 
     )
 
 
+def per_shard(select: Callable, scores: Float[Array, "b n"], capacity: int, shards: int,
+              valid: Bool[Array, "b n"] | None = None, **kwargs):
+    """``select(scores, capacity, valid=valid, **kwargs)`` run independently on each of ``shards``
+    contiguous pieces of every row, each at ``ceil(capacity / shards)`` (at most the piece length).
+
+    ``select`` returns a :class:`Selection` or a tuple whose first item is one and whose other items
+    are per-slot arrays [rows, k] (e.g. SUBLLM's weights); they are reassembled alike.
+    """
+    if shards == 1:
+        return select(scores, capacity, valid=valid, **kwargs)
+    b, n = scores.shape
+    if n % shards:
+        raise ValueError(f"{n} candidates cannot be split into {shards} equal sequence shards; make "
+                         "the (compacted) sequence length a multiple of the mesh's seq axis.")
+    local_n = n // shards
+    local_k = min(-(-_check_capacity(capacity, n, "capacity") // shards), local_n)
+
+    def fold(x):
+        return None if x is None else x.reshape(b * shards, local_n)
+
+    out = select(fold(scores), local_k, valid=fold(valid), **kwargs)
+    sel, extras = (out, ()) if isinstance(out, Selection) else (out[0], tuple(out[1:]))
+    offsets = (jnp.arange(shards, dtype=jnp.int32) * local_n)[None, :, None]
+    indices = (sel.indices.reshape(b, shards, local_k) + offsets).reshape(b, shards * local_k)
+    result = Selection(indices, sel.valid.reshape(b, shards * local_k), shards=shards)
+    if not extras:
+        return result
+    return (result, *(x.reshape(b, shards * local_k, *x.shape[2:]) for x in extras))
+
+
 def topk_select(
-    scores: Float[Array, "b n"], capacity: int, valid: Bool[Array, "b n"] | None = None
+    scores: Float[Array, "b n"], capacity: int, valid: Bool[Array, "b n"] | None = None, *,
+    shards: int = 1,
 ) -> Selection:
     """The ``capacity`` highest-scoring positions per row, returned in ascending position order.
 
     Positions with ``valid=False`` are never chosen while valid ones remain; slots that had to be
     filled with them are marked invalid. Ties break towards the lower position (deterministic).
+    ``shards`` > 1 selects per sequence shard (:func:`per_shard`).
     """
+    if shards != 1:
+        return per_shard(topk_select, scores, capacity, shards, valid)
     n = scores.shape[-1]
     capacity = _check_capacity(capacity, n, "capacity")
     scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
@@ -120,7 +169,7 @@ def expand_blocks(block_selection: Selection, block_size: int) -> Selection:
     indices = block_selection.indices[..., :, None] * block_size + offsets
     valid = jnp.broadcast_to(block_selection.valid[..., :, None], indices.shape)
     b = indices.shape[0]
-    return Selection(indices.reshape(b, -1), valid.reshape(b, -1))
+    return Selection(indices.reshape(b, -1), valid.reshape(b, -1), shards=block_selection.shards)
 
 
 def block_topk_select(
@@ -128,20 +177,33 @@ def block_topk_select(
     block_size: int,
     capacity_blocks: int,
     valid_blocks: Bool[Array, "b nb"] | None = None,
+    *,
+    shards: int = 1,
 ) -> Selection:
     """Top ``capacity_blocks`` blocks by score, expanded to ascending token indices.
 
     The token capacity is ``capacity_blocks * block_size``; a chosen block that was not valid (e.g. a
-    padding block) is invalid in all its token slots.
+    padding block) is invalid in all its token slots. ``shards`` > 1 selects per sequence shard.
     """
     if block_size <= 0:
         raise ValueError(f"block_size={block_size} must be positive.")
-    blocks = topk_select(block_scores, capacity_blocks, valid_blocks)
+    blocks = topk_select(block_scores, capacity_blocks, valid_blocks, shards=shards)
     return expand_blocks(blocks, block_size)
 
 
 def _take_rows(x: Array, indices: Int[Array, "b k"]) -> Array:
     return jax.vmap(lambda row, idx: row[idx])(x, indices)
+
+
+def _local(x: Array, sel: Selection, n: int) -> tuple[Array, Array]:
+    """``x`` [B, N, ...] as [B·S, N/S, ...] pieces and the selection's indices local to them."""
+    b, s = sel.indices.shape[0], sel.shards
+    if n % s:
+        raise ValueError(f"a selection made over {s} shards cannot address {n} rows.")
+    local_n, local_k = n // s, sel.indices.shape[1] // s
+    offsets = (jnp.arange(s, dtype=jnp.int32) * local_n)[None, :, None]
+    idx = (sel.indices.reshape(b, s, local_k) - offsets).reshape(b * s, local_k)
+    return idx, local_n
 
 
 def gather(x: Array, sel: Selection, *, fill_value=None) -> Array:
@@ -150,7 +212,13 @@ def gather(x: Array, sel: Selection, *, fill_value=None) -> Array:
     With ``fill_value`` set, invalid slots read it instead of their (meaningless) gathered row; use it
     for segment ids (fill -1: the slot attends to nothing).
     """
-    out = _take_rows(x, sel.indices)
+    if sel.shards == 1:
+        out = _take_rows(x, sel.indices)
+    else:
+        b, n = x.shape[:2]
+        idx, local_n = _local(x, sel, n)
+        out = _take_rows(x.reshape(b * sel.shards, local_n, *x.shape[2:]), idx)
+        out = out.reshape(b, sel.indices.shape[1], *x.shape[2:])
     if fill_value is not None:
         mask = sel.valid.reshape(sel.valid.shape + (1,) * (out.ndim - 2))
         out = jnp.where(mask, out, jnp.asarray(fill_value, out.dtype))
@@ -162,10 +230,20 @@ def scatter_add(base: Array, sel: Selection, values: Array) -> Array:
 
     Rows that were not selected come back bit-for-bit unchanged.
     """
-    # Invalid slots point past the end and are dropped, so they cannot touch any row.
-    indices = jnp.where(sel.valid, sel.indices, base.shape[1])
     values = values.astype(base.dtype)
-    return jax.vmap(lambda row, idx, val: row.at[idx].add(val, mode="drop"))(base, indices, values)
+
+    def add(rows, indices, valid, vals):  # invalid slots point past the end and are dropped
+        indices = jnp.where(valid, indices, rows.shape[1])
+        return jax.vmap(lambda row, idx, val: row.at[idx].add(val, mode="drop"))(rows, indices, vals)
+
+    if sel.shards == 1:
+        return add(base, sel.indices, sel.valid, values)
+    b, n = base.shape[:2]
+    s, k = sel.shards, sel.indices.shape[1]
+    idx, local_n = _local(base, sel, n)
+    out = add(base.reshape(b * s, local_n, *base.shape[2:]), idx, sel.valid.reshape(b * s, k // s),
+              values.reshape(b * s, k // s, *values.shape[2:]))
+    return out.reshape(base.shape)
 
 
 def all_tokens(batch: int, n: int) -> Selection:

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from tokensparse import sharding
 from tokensparse.config import TrainConfig
 from tokensparse.llama import Llama
 
@@ -130,6 +131,7 @@ def make_train_step(loss_fn: Callable, wrt=nnx.Param, *, pass_step: bool = False
         grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (loss, aux), grads = grad_fn(model, batch, optimizer.step[...])
         optimizer.update(model, grads)
+        sharding.constrain_state(model, optimizer)
         return {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
 
     return step

@@ -21,7 +21,8 @@ from tokensparse import lora, routing, train
 from tokensparse.config import LeMoConfig
 from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo.mlp import keep_channels, sparse_backward_mlp
-from tokensparse.llama import DecoderBlock, Llama, default_positions
+from tokensparse.llama import DecoderBlock, Llama, default_positions, shard_residual
+from tokensparse.sharding import route_shards
 
 
 def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...]:
@@ -84,7 +85,8 @@ def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig,
         scores = oracle_block_scores(block, u, scoring.ScoreOptions(block_size=lemo.block_size))
     if lemo.keep_first_block:
         scores = scores.at[:, 0].set(jax.numpy.inf)
-    return scoring.select_blocks(scores, keep_ratio, lemo.block_size)
+    return scoring.select_blocks(scores, keep_ratio, lemo.block_size,
+                                 shards=route_shards(lemo.route_shards))
 
 
 def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *, mlp_keep: int):
@@ -120,7 +122,7 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
     mlp_keep = mlp_keep_channels(model, lemo)
     predictors = predictor.attached(model) if lemo.selector == "predictor" else None
     run = model.rematerialised(functools.partial(lemo_block, mlp_keep=mlp_keep))
-    h = model.embed(tokens)
+    h = shard_residual(model.embed(tokens))
     for i, (block, ratio) in enumerate(zip(model.layers, ratios, strict=True)):
         selection = None
         if ratio < 1.0 and selections is not None:
@@ -129,7 +131,7 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
             u = block.input_norm(jax.lax.stop_gradient(h))
             selection = layer_selection(block, u, ratio, lemo,
                                         predictors.for_layer(i) if predictors else None)
-        h = run(block, h, positions, segment_ids, selection)
+        h = shard_residual(run(block, h, positions, segment_ids, selection))
     return model.final_norm(h)
 
 

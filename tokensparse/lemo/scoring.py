@@ -195,6 +195,7 @@ def select_blocks(
     *,
     n_valid_blocks: int | Int[Array, " b"] | None = None,
     seq_len: int | None = None,
+    shards: int = 1,
 ) -> routing.Selection:
     """Keep the top ``floor(keep_ratio · n_b)`` blocks (static), as ascending token indices.
 
@@ -203,6 +204,7 @@ def select_blocks(
     token slots if they must fill the capacity. Token indices address the sequence padded to
     ``n_b · block_size``; with ``seq_len`` set, slots at positions ≥ ``seq_len`` (the padding tail
     of a partial last block) are marked invalid too, so they read nothing useful and write nothing.
+    ``shards`` > 1 keeps ``ceil(k / shards)`` blocks in each sequence shard (``routing.per_shard``).
     """
     nb = column_scores.shape[-1]
     k_blocks = routing.capacity(nb, keep_ratio, rounding="floor")
@@ -211,7 +213,7 @@ def select_blocks(
     if n_valid_blocks is not None:
         limit = jnp.asarray(n_valid_blocks).reshape(-1, 1)
         valid_blocks = valid_blocks & (jnp.arange(nb)[None, :] < limit)
-    sel = routing.block_topk_select(scores, block_size, k_blocks, valid_blocks)
+    sel = routing.block_topk_select(scores, block_size, k_blocks, valid_blocks, shards=shards)
     if seq_len is not None:
-        sel = routing.Selection(sel.indices, sel.valid & (sel.indices < seq_len))
+        sel = routing.Selection(sel.indices, sel.valid & (sel.indices < seq_len), sel.shards)
     return sel

@@ -17,7 +17,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from tokensparse import routing
-from tokensparse.llama import Llama, default_positions
+from tokensparse.llama import Llama, default_positions, shard_residual
+from tokensparse.sharding import route_shards
 from tokensparse.subllm.balancer import balance
 from tokensparse.subllm.modules import (
     BYPASS_LIMIT_PROB,
@@ -103,11 +104,11 @@ class SubLLM(Llama):
         if layer_fn is None:
             def layer_fn(op, block, h, positions, segment_ids):
                 return run_block(block, h, positions, segment_ids)
-        h = self.embed(tokens)
+        h = shard_residual(self.embed(tokens))
         stack: list[tuple] = []
         for op in self.structure.ops:
             if op.kind == "layer":
-                h = layer_fn(op, self.layers[op.index], h, positions, segment_ids)
+                h = shard_residual(layer_fn(op, self.layers[op.index], h, positions, segment_ids))
             elif op.kind == "down":
                 key = None if rng is None else jax.random.fold_in(rng, op.index)
                 cap = None if capacities is None else capacities[op.index]
@@ -115,7 +116,7 @@ class SubLLM(Llama):
                 if force_unit_weights:
                     w = jnp.where(sel.valid, 1.0, 0.0).astype(w.dtype)
                 stack.append((h, sel, w, positions, segment_ids, key))
-                h = routing.gather(h, sel)
+                h = shard_residual(routing.gather(h, sel))
                 if cfg.level_positions == "parent" and op.level > 1:
                     positions = routing.gather(parent_ranks(segment_ids), sel)
                 else:
@@ -138,16 +139,17 @@ class SubLLM(Llama):
         n_in = h.shape[1]
         valid = segment_ids >= 0
         scores = self.scorers[op.index](h)
+        shards = route_shards(cfg.route_shards)
         if mode == "topk":
             k = routing.capacity(n_in, op.keep, multiple=cfg.capacity_multiple)
-            sel, w = train_select(scores, k, valid=valid, discard_penalty=False)
+            sel, w = routing.per_shard(train_select, scores, k, shards, valid, discard_penalty=False)
         elif mode == "train":
             scores = balance(scores, keep=op.keep, valid=valid,
                              active=coin(jax.random.fold_in(key, 0), balancer_prob(step)))
             k = routing.capacity(n_in, op.keep, multiple=cfg.capacity_multiple)
             flip = coin(jax.random.fold_in(key, 1), 0.5) if cfg.discard_penalty else None
-            sel, w = train_select(scores, k, valid=valid, flip=flip,
-                                  discard_penalty=cfg.discard_penalty)
+            sel, w = routing.per_shard(train_select, scores, k, shards, valid, flip=flip,
+                                       discard_penalty=cfg.discard_penalty)
         else:
             k = routing.capacity(n_in, cfg.infer_capacity) if capacity is None else min(capacity, n_in)
             sel, w = infer_select(scores, k, threshold=cfg.infer_threshold, valid=valid)

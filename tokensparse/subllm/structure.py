@@ -129,6 +129,8 @@ class SubLLMConfig:
     ``capacity_multiple`` rounds training capacities up for kernel tiling. ``level_positions`` is
     ``"composed"`` (original positions at every level) or ``"parent"`` (the repo's prefill
     convention: below level 1 a token's position is its rank among the parent level's tokens).
+    ``route_shards`` > 0 makes training and top-k selection pick per that many contiguous sequence
+    pieces (0: the mesh's ``seq`` axis, i.e. global top-k on one device); see ``routing.per_shard``.
     """
 
     model: ModelConfig
@@ -139,6 +141,7 @@ class SubLLMConfig:
     infer_capacity: float = 1.0
     capacity_multiple: int = 1
     level_positions: str = "composed"
+    route_shards: int = 0
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
@@ -154,6 +157,9 @@ class SubLLMConfig:
         if not (isinstance(self.capacity_multiple, int) and self.capacity_multiple >= 1):
             raise ValueError(f"SubLLMConfig.capacity_multiple={self.capacity_multiple!r} must be a "
                              "positive integer.")
+        if not (isinstance(self.route_shards, int) and self.route_shards >= 0):
+            raise ValueError(f"SubLLMConfig.route_shards={self.route_shards!r} must be an integer "
+                             ">= 0 (0 follows the mesh's seq axis).")
         if self.level_positions not in LEVEL_POSITIONS:
             raise ValueError(f"SubLLMConfig.level_positions={self.level_positions!r} must be one of "
                              f"{LEVEL_POSITIONS}.")
