@@ -163,6 +163,15 @@ def test_unknown_config_key_fails_before_compiling(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_multi_host_flags_are_checked_before_anything_runs(tmp_path):
+    done = _cli("pretrain", tmp_path, "--process_id=1")
+    assert done.returncode != 0 and "--coordinator_address" in done.stderr
+    done = _cli("finetune", tmp_path, "--coordinator_address=localhost:1", "--num_processes=2",
+                "--process_id=2")
+    assert done.returncode != 0 and "--process_id=2 must be < --num_processes=2" in done.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def _tiny(**train):
     c = pretrain_tiny.get_config()
     c.progress = False

@@ -167,6 +167,23 @@ def test_pretrain_subllm_resumes_with_identical_losses(subllm_run, tmp_path):
     assert _losses(tmp_path) == _losses(straight)
 
 
+def test_pretrain_on_an_fsdp_mesh_matches_one_device(subllm_run, tmp_path):
+    """``config.mesh`` shards parameters, optimizer state and batch rows; without a seq axis the
+    routing is unchanged, so the losses are the single-device run's."""
+    straight, _ = subllm_run
+    c = _config("subllm", 2, ["infer"])
+    c.mesh.fsdp = 2
+    summary = runs.pretrain(c, tmp_path)
+    got, want = _losses(tmp_path), _losses(straight)
+    assert set(got) == {1, 2}
+    for step, loss in got.items():
+        assert loss == pytest.approx(want[step], rel=1e-5), step
+    assert np.isfinite(summary["val_loss"])
+    with pytest.raises(ValueError, match="config.mesh"):
+        c.mesh.tensor = 0
+        runs.pretrain(c, tmp_path / "bad")
+
+
 def test_dense_twin_setup(subllm_run):
     """``config.model="dense"``: the same backbone (same seed → the same initial weights) without the
     SUBLLM modules, one evaluation mode, and its checkpoints are not interchangeable with SUBLLM's."""

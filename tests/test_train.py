@@ -100,12 +100,12 @@ def test_remat_changes_memory_not_values():
     config = TINY.replace(n_layers=3)
     batch = _packed_batch(2, t=128)
     temps, results = {}, {}
-    for policy in ("none", "full", "dots", "names"):
+    for policy in ("none", "full", "dots", "names", "offload"):
         model = Llama(config, remat=policy, rngs=nnx.Rngs(0))
         fn = nnx.jit(nnx.value_and_grad(lambda m, b: train.lm_loss(m, b)[0]))
         temps[policy] = compiled_memory(fn, model, batch).temp_bytes
         results[policy] = fn(model, batch)
-    for policy in ("full", "dots", "names"):
+    for policy in ("full", "dots", "names", "offload"):  # offload: on CPU, host memory is device memory
         assert temps[policy] < temps["none"], temps
         np.testing.assert_allclose(results[policy][0], results["none"][0], rtol=1e-6)
         for a, b in zip(jax.tree.leaves(results[policy][1]), jax.tree.leaves(results["none"][1]),

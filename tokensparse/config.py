@@ -211,7 +211,8 @@ class MeshConfig:
 
     ``data`` and ``fsdp`` split the batch (``fsdp`` also shards parameters and optimizer state),
     ``tensor`` splits heads and MLP channels, ``seq`` splits the sequence (token routing then selects
-    per shard). At most one axis may be -1: it takes the devices the others leave.
+    per shard). At most one axis may be -1: it takes the devices the others leave; without one, the
+    mesh uses the first ``data·fsdp·tensor·seq`` devices.
     """
 
     data: int = -1
@@ -240,8 +241,8 @@ class MeshConfig:
                    f"devices, which does not divide the {n_devices} available.")
             sizes[sizes.index(-1)] = n_devices // fixed
         else:
-            _check(fixed == n_devices, f"MeshConfig {self.sizes()} needs {fixed} devices; "
-                   f"{n_devices} are available (set one axis to -1 to fill).")
+            _check(fixed <= n_devices, f"MeshConfig {self.sizes()} needs {fixed} devices; only "
+                   f"{n_devices} are available.")
         return tuple(sizes)
 
     def replace(self, **changes: Any) -> MeshConfig:

@@ -8,6 +8,11 @@ output projection), ``attn_out`` (the residual stream after attention) and ``mlp
 output). The default, ``("qkv", "attn_core")``, keeps the attention inputs and output so that only
 the norms, projections and MLP are recomputed. This block's backward needs neither ``attn_out`` nor
 ``mlp_out``, so saving them only costs memory; they are there for callers' own checkpoints.
+
+``offload`` keeps the ``names`` tensors too, but moves them to host memory (``pinned_host``) until
+the backward needs them: device memory then holds only block inputs, at the cost of device↔host
+copies (worth it on GPU/TPU when the copies overlap compute). On CPU, host and device memory are
+the same: it computes the same values and saves nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-REMAT_POLICIES = ("none", "full", "dots", "names")
+REMAT_POLICIES = ("none", "full", "dots", "names", "offload")
 CHECKPOINT_NAMES = ("block_in", "qkv", "attn_core", "attn_out", "mlp_out")
 
 
@@ -33,6 +38,10 @@ def remat_policy(name: str, names: tuple[str, ...] = ("qkv", "attn_core")
     unknown = [n for n in names if n not in CHECKPOINT_NAMES]
     if unknown:
         raise ValueError(f"remat names {unknown} are not tagged in the model; use {CHECKPOINT_NAMES}.")
+    if name == "offload":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
+            offload_src="device", offload_dst="pinned_host")
     return jax.checkpoint_policies.save_only_these_names(*names)
 
 

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from tokensparse.sharding import constrain
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +106,7 @@ def per_shard(select: Callable, scores: Float[Array, "b n"], capacity: int, shar
     local_k = min(-(-_check_capacity(capacity, n, "capacity") // shards), local_n)
 
     def fold(x):
-        return None if x is None else x.reshape(b * shards, local_n)
+        return None if x is None else jnp.broadcast_to(x, (b, n)).reshape(b * shards, local_n)
 
     out = select(fold(scores), local_k, valid=fold(valid), **kwargs)
     sel, extras = (out, ()) if isinstance(out, Selection) else (out[0], tuple(out[1:]))
@@ -195,54 +197,62 @@ def _take_rows(x: Array, indices: Int[Array, "b k"]) -> Array:
     return jax.vmap(lambda row, idx: row[idx])(x, indices)
 
 
-def _local(x: Array, sel: Selection, n: int) -> tuple[Array, Array]:
-    """``x`` [B, N, ...] as [B·S, N/S, ...] pieces and the selection's indices local to them."""
-    b, s = sel.indices.shape[0], sel.shards
-    if n % s:
-        raise ValueError(f"a selection made over {s} shards cannot address {n} rows.")
-    local_n, local_k = n // s, sel.indices.shape[1] // s
-    offsets = (jnp.arange(s, dtype=jnp.int32) * local_n)[None, :, None]
-    idx = (sel.indices.reshape(b, s, local_k) - offsets).reshape(b * s, local_k)
-    return idx, local_n
+def _pieces(x: Array, shards: int) -> Array:
+    """[B, N, ...] viewed as [B, shards, N/shards, ...], the pieces laid out over the ``seq`` axis."""
+    b, n = x.shape[:2]
+    if n % shards:
+        raise ValueError(f"a selection made over {shards} shards cannot address {n} rows.")
+    pieces = x.reshape(b, shards, n // shards, *x.shape[2:])
+    return constrain(pieces, ("batch", "length", *([None] * (x.ndim - 1))))
+
+
+def _local_indices(sel: Selection, n: int) -> Int[Array, "b s k"]:
+    """The selection's indices relative to the start of their piece, [B, shards, K/shards]."""
+    b, k, s = *sel.indices.shape, sel.shards
+    offsets = (jnp.arange(s, dtype=jnp.int32) * (n // s))[None, :, None]
+    return sel.indices.reshape(b, s, k // s) - offsets
+
+
+def _per_piece(fn):
+    return jax.vmap(jax.vmap(fn))
 
 
 def gather(x: Array, sel: Selection, *, fill_value=None) -> Array:
     """``x[b, sel.indices[b]]`` for arrays shaped [B, N, ...] (tokens, positions, segment ids).
 
     With ``fill_value`` set, invalid slots read it instead of their (meaningless) gathered row; use it
-    for segment ids (fill -1: the slot attends to nothing).
+    for segment ids (fill -1: the slot attends to nothing). A per-shard selection reads each piece
+    locally.
     """
     if sel.shards == 1:
         out = _take_rows(x, sel.indices)
     else:
-        b, n = x.shape[:2]
-        idx, local_n = _local(x, sel, n)
-        out = _take_rows(x.reshape(b * sel.shards, local_n, *x.shape[2:]), idx)
-        out = out.reshape(b, sel.indices.shape[1], *x.shape[2:])
+        local = _per_piece(lambda row, idx: row[idx])(_pieces(x, sel.shards),
+                                                      _local_indices(sel, x.shape[1]))
+        out = local.reshape(x.shape[0], sel.indices.shape[1], *x.shape[2:])
     if fill_value is not None:
         mask = sel.valid.reshape(sel.valid.shape + (1,) * (out.ndim - 2))
         out = jnp.where(mask, out, jnp.asarray(fill_value, out.dtype))
     return out
 
 
+def _add_rows(row, idx, valid, val):
+    idx = jnp.where(valid, idx, row.shape[0])  # invalid slots point past the end and are dropped
+    return row.at[idx].add(val, mode="drop")
+
+
 def scatter_add(base: Array, sel: Selection, values: Array) -> Array:
     """``base`` with ``values`` added at the selected rows; invalid slots write nothing.
 
-    Rows that were not selected come back bit-for-bit unchanged.
+    Rows that were not selected come back bit-for-bit unchanged. A per-shard selection writes each
+    piece locally.
     """
     values = values.astype(base.dtype)
-
-    def add(rows, indices, valid, vals):  # invalid slots point past the end and are dropped
-        indices = jnp.where(valid, indices, rows.shape[1])
-        return jax.vmap(lambda row, idx, val: row.at[idx].add(val, mode="drop"))(rows, indices, vals)
-
     if sel.shards == 1:
-        return add(base, sel.indices, sel.valid, values)
-    b, n = base.shape[:2]
-    s, k = sel.shards, sel.indices.shape[1]
-    idx, local_n = _local(base, sel, n)
-    out = add(base.reshape(b * s, local_n, *base.shape[2:]), idx, sel.valid.reshape(b * s, k // s),
-              values.reshape(b * s, k // s, *values.shape[2:]))
+        return jax.vmap(_add_rows)(base, sel.indices, sel.valid, values)
+    s = sel.shards
+    out = _per_piece(_add_rows)(_pieces(base, s), _local_indices(sel, base.shape[1]),
+                                _pieces(sel.valid, s), _pieces(values, s))
     return out.reshape(base.shape)
 
 

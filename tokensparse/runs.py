@@ -7,18 +7,21 @@ validated here *before* anything is compiled, with errors that name the config k
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
-from tokensparse import data, hf, lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, ModelConfig, TrainConfig, preset
+from tokensparse import data, hf, lora, sharding, train
+from tokensparse.config import LeMoConfig, LoRAConfig, MeshConfig, ModelConfig, TrainConfig, preset
 from tokensparse.lemo import predictor, predictor_training
 from tokensparse.lemo.model import check_lemo, lemo_loss
 from tokensparse.lemo.predictor_training import PredictorTrainConfig
@@ -57,6 +60,37 @@ def _dataclass_from(cls, values: dict[str, Any], where: str):
         return cls(**values)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def mesh_config_dict(**changes: Any) -> config_dict.ConfigDict:
+    """``config.mesh``: MeshConfig axis sizes. The default (all 1) is one device and no mesh."""
+    return config_dict.ConfigDict(dataclasses.asdict(MeshConfig(data=1).replace(**changes)))
+
+
+def build_mesh(c: config_dict.ConfigDict):
+    """The run's mesh from ``config.mesh`` (None when absent or a single device)."""
+    if "mesh" not in c:
+        return None
+    mesh_config = _dataclass_from(MeshConfig, c.mesh.to_dict(), "config.mesh")
+    try:
+        shape = mesh_config.shape(jax.device_count())
+    except ValueError as e:
+        raise ValueError(f"config.mesh: {e}") from None
+    if math.prod(shape) == 1:
+        return None
+    return sharding.make_mesh(mesh_config)
+
+
+@contextlib.contextmanager
+def _on_mesh(mesh, model, optimizer, batches):
+    """Inside: the mesh is set, model and optimizer state are placed per the sharding rules, and the
+    yielded batch source feeds global arrays. Without a mesh, all of that is left as is."""
+    if mesh is None:
+        yield batches
+        return
+    with jax.set_mesh(mesh):
+        sharding.shard(model, optimizer, mesh=mesh)
+        yield sharding.ShardedBatches(batches, mesh)
 
 
 def build_train_config(c: config_dict.ConfigDict) -> TrainConfig:
@@ -100,6 +134,8 @@ def build_model_config(c: config_dict.ConfigDict, *, vocab_size: int | None = No
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
+    if jax.process_index() != 0:  # one writer when several processes share the workdir
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str))
 
@@ -257,6 +293,7 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """
     workdir = pathlib.Path(workdir)
     tc = build_train_config(c.train)
+    mesh = build_mesh(c)
     kind = c.model if isinstance(c.model, str) else None
     if kind is not None:
         _check_kind(kind)
@@ -280,10 +317,12 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     optimizer = nnx.Optimizer(model, setup.tx, wrt=nnx.Param)
     step_fn = train.make_train_step(setup.train_loss, pass_step=setup.pass_step)
     evaluate = _evaluate_all(eval_batches, setup.eval_losses)
-    result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
-                        batches=batches, tc=tc, metadata={**setup.metadata, "experiment": c.to_dict()},
-                        eval_fn=evaluate, progress=c.progress)
-    summary = _summary(model, optimizer, step_fn, batches.batch(0), result, evaluate(model))
+    with _on_mesh(mesh, model, optimizer, batches) as batches:
+        result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
+                            batches=batches, tc=tc,
+                            metadata={**setup.metadata, "experiment": c.to_dict()},
+                            eval_fn=evaluate, progress=c.progress)
+        summary = _summary(model, optimizer, step_fn, batches.batch(0), result, evaluate(model))
     summary["unigram_entropy"] = unigram_entropy(train_docs)
     if kind is None:
         hf.save_llama(model, model_config, workdir / "hf")  # the base for fine-tuning
@@ -334,6 +373,7 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     with (``val_sparse_loss``, ``val_sparse_ppl``, ``val_sparse_tokens``): the train/eval gap."""
     workdir = pathlib.Path(workdir)
     tc = build_train_config(c.train)
+    mesh = build_mesh(c)
     lora_config = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
                              targets=tuple(c.lora.targets))
     if c.method not in ("lora", "lemo"):
@@ -378,14 +418,15 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
         check_lemo(model, lemo_config, tc.seq_len)
     step_fn = train.make_train_step(train_loss_fn, wrt=lora.LoRAParam)
     evaluate = _eval_fn(eval_batches, loss_fn)
-    result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
-                        batches=batches, tc=tc, wrt=lora.LoRAParam,
-                        metadata={"model": model_config.to_dict(), "experiment": c.to_dict()},
-                        eval_fn=evaluate, progress=c.progress)
-    summary = _summary(model, optimizer, step_fn, batches.batch(0), result, evaluate(model))
-    if lemo_config is not None:
-        sparse = _eval_fn(eval_batches, train_loss_fn)(model)
-        summary.update({f"val_sparse_{k}": v for k, v in sparse.items()})
+    with _on_mesh(mesh, model, optimizer, batches) as batches:
+        result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
+                            batches=batches, tc=tc, wrt=lora.LoRAParam,
+                            metadata={"model": model_config.to_dict(), "experiment": c.to_dict()},
+                            eval_fn=evaluate, progress=c.progress)
+        summary = _summary(model, optimizer, step_fn, batches.batch(0), result, evaluate(model))
+        if lemo_config is not None:
+            sparse = _eval_fn(eval_batches, train_loss_fn)(model)
+            summary.update({f"val_sparse_{k}": v for k, v in sparse.items()})
     _write_json(workdir / "summary.json", summary)
     return summary
 

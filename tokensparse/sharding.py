@@ -62,7 +62,7 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     devices = list(jax.devices() if devices is None else devices)
     shape = config.shape(len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+                         devices=devices[:math.prod(shape)])
 
 
 @contextlib.contextmanager
@@ -211,6 +211,23 @@ def process_rows(global_batch_size: int) -> slice:
                          f"processes ({n}).")
     per = global_batch_size // n
     return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+class ShardedBatches:
+    """A deterministic batch source (``.batch(step)``) fed to a mesh: each process keeps only its
+    rows (:func:`process_rows`) and they become one global array per :func:`batch_sharding`. Other
+    attributes pass through (e.g. ``steps_per_epoch``)."""
+
+    def __init__(self, batches, mesh: Mesh):
+        self.batches, self.mesh = batches, mesh
+
+    def batch(self, step: int):
+        batch = self.batches.batch(step)
+        rows = process_rows(len(batch.tokens))
+        return shard_batch(jax.tree.map(lambda x: np.asarray(x)[rows], batch), self.mesh)
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
 
 
 def _concrete_mesh() -> Mesh:

@@ -7,7 +7,7 @@ directory.
 
 from ml_collections import config_dict
 
-from tokensparse.runs import lemo_config_dict, train_config_dict
+from tokensparse.runs import lemo_config_dict, mesh_config_dict, train_config_dict
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -22,5 +22,6 @@ def get_config() -> config_dict.ConfigDict:
                                 schedule="constant", weight_decay=0.0, log_every=10,
                                 checkpoint_every=50, eval_batches=8, loss_segment=256)
     c.attention_backend = "auto"
+    c.mesh = mesh_config_dict()  # e.g. --config.mesh.data=-1: every device, batch split over them
     c.progress = True
     return c

@@ -2,7 +2,7 @@
 
 from ml_collections import config_dict
 
-from tokensparse.runs import model_config_dict, train_config_dict
+from tokensparse.runs import mesh_config_dict, model_config_dict, train_config_dict
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -13,5 +13,6 @@ def get_config() -> config_dict.ConfigDict:
     c.train = train_config_dict(steps=200, batch_size=8, seq_len=256, lr=2e-3, warmup_steps=20,
                                 log_every=10, checkpoint_every=50, eval_batches=8)
     c.attention_backend = "auto"
+    c.mesh = mesh_config_dict()  # e.g. --config.mesh.data=-1: every device, batch split over them
     c.progress = True
     return c

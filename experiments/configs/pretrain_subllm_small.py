@@ -10,7 +10,7 @@ Both get the same data, seed and recipe (spec §4.10, lr scaled for the small pr
 
 from ml_collections import config_dict
 
-from tokensparse.runs import subllm_config_dict, train_config_dict
+from tokensparse.runs import mesh_config_dict, subllm_config_dict, train_config_dict
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -21,5 +21,6 @@ def get_config() -> config_dict.ConfigDict:
     c.train = train_config_dict(steps=400, batch_size=8, seq_len=512, lr=2e-3, warmup_steps=40,
                                 log_every=10, checkpoint_every=100, eval_batches=8)
     c.attention_backend = "auto"
+    c.mesh = mesh_config_dict()  # e.g. --config.mesh.data=-1: every device, batch split over them
     c.progress = True
     return c

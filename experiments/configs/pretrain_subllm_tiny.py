@@ -2,7 +2,7 @@
 
 from ml_collections import config_dict
 
-from tokensparse.runs import subllm_config_dict, train_config_dict
+from tokensparse.runs import mesh_config_dict, subllm_config_dict, train_config_dict
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -13,5 +13,6 @@ def get_config() -> config_dict.ConfigDict:
     c.train = train_config_dict(steps=20, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=4,
                                 log_every=5, checkpoint_every=10, eval_batches=2)
     c.attention_backend = "auto"
+    c.mesh = mesh_config_dict()  # e.g. --config.mesh.data=-1: every device, batch split over them
     c.progress = True
     return c
