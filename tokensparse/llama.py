@@ -43,10 +43,22 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Float[Array, "... i"]) -> Float[Array, "... o"]:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), gathered_for_use(self.kernel).astype(self.dtype))
         if self.adapter is not None:
             y = y + self.adapter(x).astype(y.dtype)
         return y
+
+
+def gathered_for_use(weight: nnx.Param) -> Array:
+    """The weight with its FSDP (``embed``) split gathered, other splits kept: ZeRO-3 moves weights,
+    never activations (left alone, XLA may instead keep the weight split and all-reduce the
+    [B, T, F] product, which costs more than the weight whenever B·T exceeds the model dimension).
+    The gradient of the gather is a reduce-scatter. Identity without a mesh."""
+    axes = weight.get_metadata().get("logical_axes")
+    value = weight[...]
+    if axes is None:
+        return value
+    return constrain(value, tuple(None if a == "embed" else a for a in axes))
 
 
 class RMSNorm(nnx.Module):
@@ -304,8 +316,8 @@ class Llama(nnx.Module):
         """The LM head matrix in the compute dtype (the embedding, transposed, when tied)."""
         dtype = self.config.compute_dtype
         if self.lm_head is None:
-            return self.embed.embedding[...].astype(dtype).T
-        return self.lm_head.kernel[...].astype(dtype)
+            return constrain(self.embed.embedding[...], ("vocab", "act_embed")).astype(dtype).T
+        return gathered_for_use(self.lm_head.kernel).astype(dtype)
 
     def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """LM head: hidden states → vocabulary logits (tied to the embedding when configured)."""

@@ -24,7 +24,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from tokensparse import routing
-from tokensparse.llama import MLP
+from tokensparse.llama import MLP, gathered_for_use
+from tokensparse.sharding import constrain, seq_shards
 
 
 def keep_channels(ffn_dim: int, drop_fraction: float = 0.8) -> int:
@@ -44,9 +45,28 @@ def _rank_channels(g, v, keep: int, rows: int = 1024) -> Int[Array, " c"]:
     """The ``keep`` channels with the largest ‖silu(g)_c‖₂ + ‖v_c‖₂ over all tokens, ascending.
 
     Sums of squares accumulate in fp32 over blocks of ``rows`` tokens, so no fp32 copy of the
-    [tokens, I] activations is ever materialised (it would be the step's memory peak).
+    [tokens, I] activations is ever materialised (it would be the step's memory peak). With the
+    sequence split over a mesh's ``seq`` axis, each shard sums its own tokens and only the [2, I]
+    partial sums are added across shards (a scan over the whole sequence would gather it).
     """
-    g, v = g.reshape(-1, g.shape[-1]), v.reshape(-1, v.shape[-1])
+    shards = seq_shards() if g.ndim == 3 and g.shape[1] % seq_shards() == 0 else 1
+    g, v = (_shard_major(x, shards) for x in (g, v))  # [shards, tokens per shard, I]
+    sums = jax.vmap(functools.partial(_sums_of_squares, rows=rows))(g, v).sum(0)
+    _, idx = jax.lax.top_k(jnp.sqrt(sums[0]) + jnp.sqrt(sums[1]), keep)
+    return jnp.sort(idx)
+
+
+def _shard_major(x: Float[Array, "b t i"], shards: int) -> Float[Array, "s n i"]:
+    """[B, T, I] (or any [..., I]) as [shards, B·T/shards, I]: each sequence shard's tokens."""
+    if shards == 1:
+        return x.reshape(1, -1, x.shape[-1])
+    b, t, i = x.shape
+    pieces = constrain(x.reshape(b, shards, t // shards, i), ("batch", "length", None, None))
+    return jnp.moveaxis(pieces, 1, 0).reshape(shards, -1, i)
+
+
+def _sums_of_squares(g, v, rows: int) -> Float[Array, "2 i"]:
+    """[Σ silu(g)², Σ v²] per channel over the tokens of g, v [N, I], ``rows`` at a time in fp32."""
     rows = min(rows, g.shape[0])
     pad = -g.shape[0] % rows  # zero rows add nothing: silu(0) = 0
     g, v = (jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, rows, x.shape[-1]) for x in (g, v))
@@ -56,8 +76,7 @@ def _rank_channels(g, v, keep: int, rows: int = 1024) -> Int[Array, " c"]:
         return sums + jnp.stack([jnp.sum(jnp.square(jax.nn.silu(gb)), 0), jnp.sum(vb * vb, 0)]), None
 
     sums, _ = jax.lax.scan(add_block, jnp.zeros((2, g.shape[-1]), jnp.float32), (g, v))
-    _, idx = jax.lax.top_k(jnp.sqrt(sums[0]) + jnp.sqrt(sums[1]), keep)
-    return jnp.sort(idx)
+    return sums
 
 
 def _forward(x, w_gate, w_up, w_down):
@@ -139,8 +158,8 @@ def sparse_backward_mlp(mlp: MLP, x: Float[Array, "b t d"], keep: int) -> Float[
     dtype = mlp.gate_proj.dtype
     return channel_sparse_swiglu(
         x.astype(dtype),
-        mlp.gate_proj.kernel[...].astype(dtype),
-        mlp.up_proj.kernel[...].astype(dtype),
-        mlp.down_proj.kernel[...].astype(dtype),
+        gathered_for_use(mlp.gate_proj.kernel).astype(dtype),
+        gathered_for_use(mlp.up_proj.kernel).astype(dtype),
+        gathered_for_use(mlp.down_proj.kernel).astype(dtype),
         keep,
     )

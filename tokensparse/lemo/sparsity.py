@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-from tokensparse import data
+from tokensparse import data, routing
 from tokensparse.lemo import scoring
 from tokensparse.lemo.model import pre_rope_qk
 from tokensparse.llama import default_positions
@@ -26,8 +26,9 @@ BLOCK = 64
 KEEP = 0.4
 BLOCK_THRESHOLD = 0.1
 SCORE_THRESHOLD = 0.3
+SHARDS = (2, 4, 8)
 STAT_KEYS = ("block_sparsity", "block_min_over_max", "score_sparsity", "score_sparsity_nosink",
-             "softmax_sparsity")
+             "softmax_sparsity", *(f"shard_overlap_{s}" for s in SHARDS))
 
 
 def sample_rows(seq_len: int, n: int) -> np.ndarray:
@@ -68,6 +69,14 @@ def softmax_rows(q: Float[Array, "t h d"], k: Float[Array, "t hkv d"], rows) -> 
     return jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
 
 
+def shard_overlap(scores: Float[Array, " nb"], keep: float, shards: int) -> Array:
+    """Fraction of the global top ``floor(keep · n_b)`` blocks that per-shard selection (each of
+    ``shards`` contiguous pieces keeps its own top ``ceil(k / shards)``) also keeps."""
+    k = max(1, int(keep * scores.shape[0]))
+    local = routing.topk_select(scores[None], k, shards=shards).indices[0]
+    return jnp.sum(top_blocks(scores, keep)[local]) / k
+
+
 def top_blocks(scores: Float[Array, " nb"], keep: float) -> Array:
     """Boolean mask of the top ``floor(keep * n_b)`` blocks (at least one)."""
     k = max(1, int(keep * scores.shape[0]))
@@ -92,6 +101,8 @@ def layer_stats(block, h, positions, rows):
         "softmax_sparsity": row_sparsity(softmax_rows(q_rot[0], k_rot[0], rows), rows,
                                          SCORE_THRESHOLD),
         "top": top_blocks(scores, KEEP),
+        **{f"shard_overlap_{s}": shard_overlap(scores, KEEP, s) for s in SHARDS
+           if scores.shape[0] % s == 0},
     }
     return stats, block(h, positions)
 
@@ -133,7 +144,8 @@ def analyze(model, windows: dict[int, list[np.ndarray]], n_rows: int) -> tuple[l
             pairs = list(itertools.combinations(range(len(toks)), 2))
             row = {"seq_len": seq_len, "layer": layer, "windows": len(toks)}
             for key in STAT_KEYS:
-                row[key] = float(np.mean([s[key] for s in layer_stats_]))
+                if key in layer_stats_[0]:
+                    row[key] = float(np.mean([s[key] for s in layer_stats_]))
             row["argmax_first_block"] = float(np.mean([s["argmax_block"] == 0 for s in layer_stats_]))
             row["cross_input_jaccard"] = (float(np.mean([jaccard(tops[a, layer], tops[b, layer])
                                                          for a, b in pairs])) if pairs else None)
@@ -144,7 +156,7 @@ def analyze(model, windows: dict[int, list[np.ndarray]], n_rows: int) -> tuple[l
         mine = [r for r in rows if r["seq_len"] == seq_len]
         for key in (*STAT_KEYS, "argmax_first_block", "cross_input_jaccard",
                     "adjacent_layer_jaccard"):
-            values = [r[key] for r in mine if r[key] is not None]
+            values = [r[key] for r in mine if r.get(key) is not None]
             if values:
                 summary[f"{key}@{seq_len}"] = float(np.mean(values))
         summary[f"random_jaccard@{seq_len}"] = random_jaccard(tops.shape[-1])
