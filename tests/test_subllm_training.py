@@ -17,7 +17,7 @@ from tokensparse.loop import check_resumable
 from tokensparse.subllm import training
 from tokensparse.subllm.balancer import balance, balancer_bands
 from tokensparse.subllm.model import SubLLM
-from tokensparse.subllm.structure import subllm_preset
+from tokensparse.subllm.structure import parse_structure, subllm_preset
 
 
 def _model(seed=0):
@@ -201,11 +201,24 @@ def test_dense_twin_setup(subllm_run):
         check_resumable(subllm_run[0], twin.metadata)
 
 
+def test_per_level_keep_and_route_shards_from_the_config():
+    c = _config("subllm", 2)
+    c.subllm.structure, c.subllm.overrides.n_layers = "T(T(T)T)", 4
+    c.subllm.level_keep, c.subllm.route_shards = [0.75, 0.5], 2
+    config = runs.build_subllm_config(c.subllm, "subllm")
+    assert config.keep == (0.75, 0.5) and config.route_shards == 2
+    ops = parse_structure(config.structure, config.keep).ops
+    assert [op.keep for op in ops if op.kind == "down"] == [0.75, 0.5]
+    c.subllm.level_keep = []
+    assert runs.build_subllm_config(c.subllm, "subllm").keep == c.subllm.keep
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda c: setattr(c, "model", "moe"), "subllm"),
     (lambda c: setattr(c.subllm, "eval_modes", ["train"]), "eval_modes"),
     (lambda c: setattr(c.subllm, "structure", "T(T(T)T"), "config.subllm"),
     (lambda c: setattr(c.subllm, "scorer_lr_scale", -1.0), "scorer_lr_scale"),
+    (lambda c: setattr(c.subllm, "level_keep", [0.5, 0.5]), "config.subllm"),  # "T(T)" has 1 level
 ])
 def test_pretrain_bad_subllm_config(tmp_path, change, match):
     c = _config("subllm", 2)

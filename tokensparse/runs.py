@@ -181,13 +181,16 @@ def _summary(model, optimizer, step_fn, batch, result: LoopResult, final_eval: d
 def subllm_config_dict(preset_name: str = "subllm-small", **changes: Any) -> config_dict.ConfigDict:
     """``config.subllm`` for SUBLLM pretraining (``config.model = "subllm" | "dense"``): the preset,
     its routing options, the scorer's learning-rate scale, the schedule step multiplier and the
-    evaluation modes; ``overrides`` replaces backbone fields as for ``config.model``."""
+    evaluation modes; ``overrides`` replaces backbone fields as for ``config.model``. ``keep`` is
+    every level's ratio unless ``level_keep`` lists one per level (outermost first), e.g.
+    ``--config.subllm.level_keep="[0.64, 0.5]"``."""
     base = subllm_preset(preset_name)
     values = {"preset": preset_name, "structure": base.structure,
               "keep": base.keep if isinstance(base.keep, float) else float(base.keep[0]),
               "discard_penalty": base.discard_penalty, "infer_threshold": base.infer_threshold,
               "infer_capacity": base.infer_capacity, "level_positions": base.level_positions,
-              "scorer_lr_scale": 0.5, "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
+              "level_keep": [] if isinstance(base.keep, float) else list(base.keep),
+              "route_shards": base.route_shards, "scorer_lr_scale": 0.5, "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
     overrides = changes.pop("overrides", {})
     unknown = set(changes) - set(values)
     if unknown:
@@ -212,6 +215,9 @@ def build_subllm_config(c: config_dict.ConfigDict, kind: str, *, vocab_size: int
     name = values.pop("preset")
     for key in ("scorer_lr_scale", "schedule_step_multiplier", "eval_modes"):
         values.pop(key)
+    level_keep = values.pop("level_keep")
+    if level_keep:
+        values["keep"] = tuple(level_keep)
     try:
         base = subllm_preset(name)
         config = base.replace(model=base.model.replace(**overrides), **values)
@@ -272,7 +278,9 @@ def _subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig) -> _PretrainSe
     evals = {("" if i == 0 else f"{m}_"): subllm_training.eval_loss(m, loss_segment=tc.loss_segment)
              for i, m in enumerate(modes)}
     metadata = {"model": config.model.to_dict(), "subllm": {
-        "kind": kind, "structure": config.structure, "keep": config.keep,
+        "kind": kind, "structure": config.structure,
+        "keep": config.keep if isinstance(config.keep, float) else list(config.keep),
+        "route_shards": config.route_shards,
         "discard_penalty": config.discard_penalty, "infer_threshold": config.infer_threshold,
         "infer_capacity": config.infer_capacity, "level_positions": config.level_positions}}
     return _PretrainSetup(model, config.model, metadata, tx, loss_fn, True, evals)
