@@ -233,7 +233,8 @@ def test_train_step_on_a_mesh_equals_one_device(kind, shape):
     expected = {(8, 1, 1, 1): P(), (2, 2, 2, 1): P("tensor", "fsdp"), (1, 2, 1, 4): P(None, "fsdp"),
                 (2, 1, 1, 4): P()}[shape]
     assert _laid_out(kernel, expected)
-    assert full_activation_all_gathers(hlo, T, CONFIG.d_model) == []
+    for width in (CONFIG.d_model, CONFIG.ffn_dim):  # residual stream; MLP activations (LeMo ranks them)
+        assert full_activation_all_gathers(hlo, T, width) == [], width
 
 
 def test_the_all_gather_check_can_fail():
