@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tokensparse.config import LoRAConfig
-from tokensparse.llama import Linear, Llama
+from tokensparse.llama import Linear, Llama, gathered_for_use
 
 
 class LoRAParam(nnx.Param):
@@ -51,8 +51,8 @@ class LoRA(nnx.Module):
         x = x.astype(self.dtype)
         if self.dropout is not None:
             x = self.dropout(x)
-        return jnp.dot(jnp.dot(x, self.a[...].astype(self.dtype)),
-                       self.b[...].astype(self.dtype)) * self.scale
+        return jnp.dot(jnp.dot(x, gathered_for_use(self.a).astype(self.dtype)),
+                       gathered_for_use(self.b).astype(self.dtype)) * self.scale
 
     def delta(self) -> jax.Array:
         """The dense weight update ``scale * a @ b`` in ``[in, out]`` layout."""

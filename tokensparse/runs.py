@@ -190,7 +190,8 @@ def subllm_config_dict(preset_name: str = "subllm-small", **changes: Any) -> con
               "discard_penalty": base.discard_penalty, "infer_threshold": base.infer_threshold,
               "infer_capacity": base.infer_capacity, "level_positions": base.level_positions,
               "level_keep": [] if isinstance(base.keep, float) else list(base.keep),
-              "route_shards": base.route_shards, "scorer_lr_scale": 0.5, "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
+              "route_shards": base.route_shards, "scorer_lr_scale": 0.5,
+              "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
     overrides = changes.pop("overrides", {})
     unknown = set(changes) - set(values)
     if unknown:
