@@ -45,24 +45,25 @@ def _rank_channels(g, v, keep: int, rows: int = 1024) -> Int[Array, " c"]:
     """The ``keep`` channels with the largest ‖silu(g)_c‖₂ + ‖v_c‖₂ over all tokens, ascending.
 
     Sums of squares accumulate in fp32 over blocks of ``rows`` tokens, so no fp32 copy of the
-    [tokens, I] activations is ever materialised (it would be the step's memory peak). With the
-    sequence split over a mesh's ``seq`` axis, each shard sums its own tokens and only the [2, I]
-    partial sums are added across shards (a scan over the whole sequence would gather it).
+    [tokens, I] activations is ever materialised (it would be the step's memory peak). Each batch
+    row and sequence shard sums its own tokens and only the [2, I] partial sums are added across
+    them: on a mesh, a scan over all tokens would gather the activations onto every device.
     """
-    shards = seq_shards() if g.ndim == 3 and g.shape[1] % seq_shards() == 0 else 1
-    g, v = (_shard_major(x, shards) for x in (g, v))  # [shards, tokens per shard, I]
-    sums = jax.vmap(functools.partial(_sums_of_squares, rows=rows))(g, v).sum(0)
+    g, v = (_pieces(x) for x in (g, v))  # [rows, sequence shards, tokens per shard, I]
+    sums_of = functools.partial(_sums_of_squares, rows=rows)
+    sums = jax.vmap(jax.vmap(sums_of))(g, v).sum((0, 1))
     _, idx = jax.lax.top_k(jnp.sqrt(sums[0]) + jnp.sqrt(sums[1]), keep)
     return jnp.sort(idx)
 
 
-def _shard_major(x: Float[Array, "b t i"], shards: int) -> Float[Array, "s n i"]:
-    """[B, T, I] (or any [..., I]) as [shards, B·T/shards, I]: each sequence shard's tokens."""
-    if shards == 1:
-        return x.reshape(1, -1, x.shape[-1])
+def _pieces(x: Float[Array, "b t i"]) -> Float[Array, "b s n i"]:
+    """[B, T, I] as [B, S, T/S, I] over the mesh's batch and ``seq`` axes (S = 1 without a seq
+    split), so per-piece sums stay on their device; other shapes become one piece."""
+    if x.ndim != 3:
+        return x.reshape(1, 1, -1, x.shape[-1])
     b, t, i = x.shape
-    pieces = constrain(x.reshape(b, shards, t // shards, i), ("batch", "length", None, None))
-    return jnp.moveaxis(pieces, 1, 0).reshape(shards, -1, i)
+    shards = seq_shards() if t % seq_shards() == 0 else 1
+    return constrain(x.reshape(b, shards, t // shards, i), ("batch", "length", None, None))
 
 
 def _sums_of_squares(g, v, rows: int) -> Float[Array, "2 i"]:
