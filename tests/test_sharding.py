@@ -1,6 +1,7 @@
 """Meshes and sharding on 8 simulated CPU devices: the logical-axis rules, per-shard routing, and one
 train step of dense, LeMo and SUBLLM on four mesh shapes equal to the same step on one device."""
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -151,36 +152,38 @@ def _randomise(model, wrt, seed):
         tree, [x + 0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]))
 
 
-def _dense(route_shards):
+def _dense(route_shards, layout=None):
     del route_shards
     model = Llama(CONFIG, attention_backend="xla", rngs=nnx.Rngs(0))
-    return model, nnx.Param, train.make_optimizer(TC), lambda m, b: train.lm_loss(m, b), False
+    return model, nnx.Param, train.make_optimizer(TC), \
+        lambda m, b: train.lm_loss(m, b, layout=layout), False
 
 
-def _lemo(route_shards):
+def _lemo(route_shards, layout=None):
     model = lora.add_lora(Llama(CONFIG.replace(n_layers=3), attention_backend="xla", rngs=nnx.Rngs(0)),
                           LoRAConfig(), rngs=nnx.Rngs(1))
     _randomise(model, lora.LoRAParam, 2)
     lemo = LeMoConfig(block_size=16, keep_ratio=0.5, schedule="all", route_shards=route_shards)
     return model, lora.LoRAParam, train.make_optimizer(TC), \
-        lambda m, b: lemo_loss(m, b, lemo=lemo), False
+        lambda m, b: lemo_loss(m, b, lemo=lemo, layout=layout), False
 
 
-def _subllm(route_shards):
+def _subllm(route_shards, layout=None):
     base = subllm_preset("subllm-tiny")
     cfg = base.replace(model=CONFIG.replace(n_layers=4), structure="T(T(T)T)", route_shards=route_shards)
     model = SubLLM(cfg, attention_backend="xla", rngs=nnx.Rngs(0))
     for scorer in model.scorers:  # scores of order 1: weights and the discard penalty matter
         scorer.weight[...] = scorer.weight[...] * 30.0
-    return model, nnx.Param, subllm_training.make_optimizer(TC), subllm_training.train_loss(seed=1), True
+    return model, nnx.Param, subllm_training.make_optimizer(TC), \
+        subllm_training.train_loss(seed=1, layout=layout), True
 
 
 BUILDERS = {"dense": _dense, "lemo": _lemo, "subllm": _subllm}
 
 
-def _train_step(kind, mesh=None, route_shards=0):
+def _train_step(kind, mesh=None, route_shards=0, layout=None):
     """Build, (shard,) step once; returns (metrics, model, optimizer, compiled HLO text or None)."""
-    model, wrt, tx, loss_fn, pass_step = BUILDERS[kind](route_shards)
+    model, wrt, tx, loss_fn, pass_step = BUILDERS[kind](route_shards, layout)
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     step = train.make_train_step(loss_fn, wrt, pass_step=pass_step)
     batch = _batch()
@@ -197,11 +200,11 @@ def _train_step(kind, mesh=None, route_shards=0):
 _references: dict = {}
 
 
-def _reference(kind, seq):
-    if (kind, seq) not in _references:
-        metrics, model, _, _ = _train_step(kind, route_shards=seq)
-        _references[kind, seq] = (jax.device_get(metrics), jax.device_get(nnx.state(model)))
-    return _references[kind, seq]
+def _reference(kind, seq, layout=None):
+    if (kind, seq, layout) not in _references:
+        metrics, model, _, _ = _train_step(kind, route_shards=seq, layout=layout)
+        _references[kind, seq, layout] = (jax.device_get(metrics), jax.device_get(nnx.state(model)))
+    return _references[kind, seq, layout]
 
 
 def full_activation_all_gathers(hlo: str, t: int, d: int) -> list[str]:
@@ -210,12 +213,17 @@ def full_activation_all_gathers(hlo: str, t: int, d: int) -> list[str]:
     return [s for s in shapes if s[1:] == (str(t), str(d))]
 
 
+ZIGZAG = functools.partial(sharding.zigzag_order, shards=4, multiple=16)  # LeMo's 16-token blocks
+
+
 @pytest.mark.parametrize("kind", ["dense", "lemo", "subllm"])
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_train_step_on_a_mesh_equals_one_device(kind, shape):
+@pytest.mark.parametrize("shape, layout", [*((m, None) for m in MESHES), ((2, 1, 1, 4), ZIGZAG)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else
+                         ("zigzag" if v else "contiguous"))
+def test_train_step_on_a_mesh_equals_one_device(kind, shape, layout):
     mesh = sharding.make_mesh(MeshConfig(*shape))
-    metrics, model, optimizer, hlo = _train_step(kind, mesh)
-    ref_metrics, ref_state = _reference(kind, shape[3])
+    metrics, model, optimizer, hlo = _train_step(kind, mesh, layout=layout)
+    ref_metrics, ref_state = _reference(kind, shape[3], layout)
     np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(ref_metrics["grad_norm"]), rtol=1e-4)
     state = nnx.state(model)
@@ -278,3 +286,30 @@ def test_sharded_checkpoint_restores_onto_another_mesh(tmp_path):
     kernel = fresh.layers[0].attn.q_proj.kernel.get_value()
     assert kernel.sharding.mesh.shape == target.shape
     assert _laid_out(kernel, P("fsdp"))
+
+
+def test_zigzag_order_balances_causal_work():
+    order = sharding.zigzag_order(64, 4)
+    assert sorted(order) == list(range(64))
+    pieces = order.reshape(4, 16)
+    assert pieces[0].tolist() == [*range(0, 8), *range(56, 64)]  # chunks 0 and 7
+    assert pieces[3].tolist() == [*range(24, 40)]  # chunks 3 and 4
+    work = lambda p: (p + 1).sum(axis=1)  # noqa: E731  (keys each query attends to)
+    assert len(set(work(pieces).tolist())) == 1
+    contiguous = work(np.arange(64).reshape(4, 16))
+    assert contiguous[-1] / contiguous[0] > 5
+    assert sharding.zigzag_order(64, 1).tolist() == list(range(64))
+    with pytest.raises(ValueError, match="16-token blocks"):
+        sharding.zigzag_order(64, 4, multiple=16)  # chunks of 8 tokens would split the blocks
+    with pytest.raises(ValueError, match="8 equal chunks"):
+        sharding.zigzag_order(100, 4)
+
+
+def test_a_layout_leaves_the_dense_loss_and_gradients_unchanged():
+    model = Llama(CONFIG, attention_backend="xla", rngs=nnx.Rngs(0))
+    batch = _batch()
+    grad = nnx.value_and_grad(lambda m, layout: train.lm_loss(m, batch, layout=layout)[0])
+    (loss, g), (loss_z, g_z) = grad(model, None), grad(model, ZIGZAG)
+    np.testing.assert_allclose(loss_z, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_z), jax.tree.leaves(g), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)

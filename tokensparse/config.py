@@ -250,6 +250,7 @@ class MeshConfig:
 
 
 SCHEDULES = ("constant", "cosine")
+SEQ_LAYOUTS = ("contiguous", "zigzag")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +271,7 @@ class TrainConfig:
     remat: str = "none"  # none | full | dots | names (tokensparse.remat)
     remat_names: tuple[str, ...] = ("qkv", "attn_core")
     loss_segment: int = 0  # > 0: LM head + CE in checkpointed chunks of this many positions
+    seq_layout: str = "contiguous"  # or "zigzag": balance causal attention over the mesh's seq axis
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 8
@@ -293,6 +295,8 @@ class TrainConfig:
         _check(self.remat in REMAT_POLICIES,
                f"TrainConfig.remat={self.remat!r} must be one of {REMAT_POLICIES}.")
         _check(self.loss_segment >= 0, "TrainConfig.loss_segment must be >= 0 (0 disables).")
+        _check(self.seq_layout in SEQ_LAYOUTS,
+               f"TrainConfig.seq_layout={self.seq_layout!r} must be one of {SEQ_LAYOUTS}.")
         _check(self.eval_every >= 0, "TrainConfig.eval_every must be >= 0 (0: only at the end).")
         _check(self.grad_clip >= 0, "TrainConfig.grad_clip must be >= 0 (0 disables).")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -244,7 +245,16 @@ class _PretrainSetup:
     eval_losses: dict  # name prefix ("" for the main one) -> loss_fn(model, batch)
 
 
-def _llama_setup(c, vocab_size: int, tc: TrainConfig) -> _PretrainSetup:
+def sequence_layout(tc: TrainConfig, mesh, multiple: int = 1):
+    """The training loss's ``layout`` for ``tc.seq_layout`` on ``mesh`` (None: keep array order)."""
+    if tc.seq_layout != "zigzag" or mesh is None or mesh.shape["seq"] == 1:
+        return None
+    shards = mesh.shape["seq"]
+    sharding.zigzag_order(tc.seq_len, shards, multiple)  # fail now, before compiling, if it can't
+    return functools.partial(sharding.zigzag_order, shards=shards, multiple=multiple)
+
+
+def _llama_setup(c, vocab_size: int, tc: TrainConfig, layout=None) -> _PretrainSetup:
     model_config = build_model_config(c.model, vocab_size=vocab_size)
     model = Llama(model_config, attention_backend=c.attention_backend, remat=tc.remat,
                   remat_names=tc.remat_names, rngs=nnx.Rngs(tc.seed))
@@ -252,11 +262,14 @@ def _llama_setup(c, vocab_size: int, tc: TrainConfig) -> _PretrainSetup:
     def loss_fn(model, batch):
         return train.lm_loss(model, batch, loss_segment=tc.loss_segment)
 
+    def train_loss_fn(model, batch):
+        return train.lm_loss(model, batch, loss_segment=tc.loss_segment, layout=layout)
+
     return _PretrainSetup(model, model_config, {"model": model_config.to_dict()}, train.make_optimizer(tc),
-                          loss_fn, False, {"": loss_fn})
+                          train_loss_fn, False, {"": loss_fn})
 
 
-def _subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig) -> _PretrainSetup:
+def _subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) -> _PretrainSetup:
     """SUBLLM or its dense twin: the same backbone init (same seed), the same recipe and data."""
     if "subllm" not in c:
         raise ValueError(f"config.model={kind!r} needs config.subllm (see runs.subllm_config_dict).")
@@ -271,7 +284,7 @@ def _subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig) -> _PretrainSe
     try:
         tx = subllm_training.make_optimizer(tc, scorer_lr_scale=s.scorer_lr_scale)
         loss_fn = subllm_training.train_loss(seed=tc.seed, loss_segment=tc.loss_segment,
-                                             step_multiplier=s.schedule_step_multiplier)
+                                             step_multiplier=s.schedule_step_multiplier, layout=layout)
     except ValueError as e:
         raise ValueError(f"config.subllm: {e}") from None
     if kind == "dense":
@@ -309,7 +322,9 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer = _prepare_data(c, workdir)
     vocab = tokenizer.get_vocab_size()
-    setup = _llama_setup(c, vocab, tc) if kind is None else _subllm_setup(c, kind, vocab, tc)
+    layout = sequence_layout(tc, mesh)
+    setup = (_llama_setup(c, vocab, tc, layout) if kind is None
+             else _subllm_setup(c, kind, vocab, tc, layout))
     model_config = setup.model_config
     _check_vocab(tokenizer, model_config)
     check_resumable(workdir, setup.metadata)
@@ -416,10 +431,12 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     def loss_fn(model, batch):  # evaluation is always dense (LeMo spec §2.9)
         return train.lm_loss(model, batch, loss_segment=tc.loss_segment)
 
+    layout = sequence_layout(tc, mesh, lemo_config.block_size if lemo_config else 1)
+
     def train_loss_fn(model, batch):
         if lemo_config is None:
-            return loss_fn(model, batch)
-        return lemo_loss(model, batch, lemo=lemo_config, loss_segment=tc.loss_segment)
+            return train.lm_loss(model, batch, loss_segment=tc.loss_segment, layout=layout)
+        return lemo_loss(model, batch, lemo=lemo_config, loss_segment=tc.loss_segment, layout=layout)
 
     if lemo_config is not None and lemo_config.schedule == "algorithm1":
         lemo_config = _tune_lemo_profile(model, lemo_config, train_docs, tc, workdir)

@@ -103,6 +103,26 @@ def route_shards(configured: int = 0) -> int:
     return configured if configured > 0 else seq_shards()
 
 
+def zigzag_order(seq_len: int, shards: int, multiple: int = 1) -> np.ndarray:
+    """The zig-zag sequence layout: the positions to place at each array slot, so that contiguous
+    shard s of S holds chunks s and 2S-1-s of 2S equal chunks.
+
+    Under causal attention a query attends to the keys before it, so with a contiguous split the last
+    shard does ~2S-1 times the first's work; paired early and late chunks give every shard the same
+    amount. ``multiple`` (e.g. LeMo's block size) must divide the chunk length so blocks stay whole.
+    """
+    if shards == 1:
+        return np.arange(seq_len)
+    chunk, rest = divmod(seq_len, 2 * shards)
+    if rest or chunk % multiple:
+        raise ValueError(f"the zig-zag layout splits the sequence ({seq_len}) into {2 * shards} equal "
+                         f"chunks{f' of whole {multiple}-token blocks' if multiple > 1 else ''}; "
+                         "change seq_len or the seq axis.")
+    chunks = np.arange(seq_len).reshape(2 * shards, chunk)
+    return np.concatenate([np.concatenate([chunks[s], chunks[2 * shards - 1 - s]])
+                           for s in range(shards)])
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh=None,
                     rules: Sequence[tuple] | None = None) -> PartitionSpec:
     """The PartitionSpec for an array of ``shape`` whose dimensions have logical ``names``.

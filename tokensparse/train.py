@@ -68,19 +68,32 @@ def head_function(model: Llama) -> Callable[[Array], Array]:
     return lambda h: jnp.dot(h.astype(weight.dtype), weight)
 
 
-def lm_loss(model: Llama, batch, *, loss_segment: int = 0, selections=None, hidden_fn=None):
+def lm_loss(model: Llama, batch, *, loss_segment: int = 0, selections=None, hidden_fn=None,
+            layout: Callable[[int], np.ndarray] | None = None):
     """Mean next-token CE over valid targets, and aux metrics (``tokens``: the number of targets).
 
     ``hidden_fn(model, tokens, positions, segment_ids)`` replaces the dense forward (e.g. LeMo's).
+    ``layout(seq_len)`` (e.g. ``functools.partial(sharding.zigzag_order, shards=4)``) reorders the
+    sequence after the targets are formed. Positions travel with the tokens, so attention and the
+    loss are unchanged; only which device holds which tokens changes, and what a per-shard selection
+    sees.
     """
     targets, weights = next_token_targets(batch.tokens, batch.segment_ids)
     if getattr(batch, "loss_mask", None) is not None:
         weights = weights * batch.loss_mask
+    tokens, positions = batch.tokens, batch.positions
+    segment_ids = batch.segment_ids
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if layout is not None:
+        order = jnp.asarray(layout(tokens.shape[1]))
+        tokens, positions, segment_ids, targets, weights = (
+            None if x is None else jnp.take(x, order, axis=1)
+            for x in (tokens, positions, segment_ids, targets, weights))
     if hidden_fn is None:
-        hidden = model.hidden_states(batch.tokens, batch.positions, batch.segment_ids,
-                                     selections=selections)
+        hidden = model.hidden_states(tokens, positions, segment_ids, selections=selections)
     else:
-        hidden = hidden_fn(model, batch.tokens, batch.positions, batch.segment_ids)
+        hidden = hidden_fn(model, tokens, positions, segment_ids)
     if loss_segment and loss_segment < hidden.shape[1]:
         total = segmented_cross_entropy_sum(hidden, head_function(model), targets, weights,
                                             loss_segment)

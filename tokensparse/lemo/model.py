@@ -135,7 +135,9 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
     return model.final_norm(h)
 
 
-def lemo_loss(model: Llama, batch, *, lemo: LeMoConfig, loss_segment: int = 0, selections=None):
-    """:func:`tokensparse.train.lm_loss` with the LeMo forward."""
+def lemo_loss(model: Llama, batch, *, lemo: LeMoConfig, loss_segment: int = 0, selections=None,
+              layout=None):
+    """:func:`tokensparse.train.lm_loss` with the LeMo forward (``layout``: see there; its chunks
+    must be whole blocks)."""
     hidden_fn = functools.partial(lemo_hidden_states, lemo=lemo, selections=selections)
-    return train.lm_loss(model, batch, loss_segment=loss_segment, hidden_fn=hidden_fn)
+    return train.lm_loss(model, batch, loss_segment=loss_segment, hidden_fn=hidden_fn, layout=layout)

@@ -21,11 +21,14 @@ from tokensparse.subllm.model import hidden_fn
 EVAL_MODES = ("infer", "topk")
 
 
-def train_loss(*, seed: int = 0, loss_segment: int = 0, step_multiplier: float = 1.0) -> Callable:
+def train_loss(*, seed: int = 0, loss_segment: int = 0, step_multiplier: float = 1.0,
+               layout: Callable | None = None) -> Callable:
     """``loss_fn(model, batch, step)`` for :func:`tokensparse.train.make_train_step` (``pass_step``).
 
     Schedules see ``step · step_multiplier`` (icefall's duration-adjusted batch count, §4.7); the
-    coins use ``fold_in(key(seed), step)``, so a resumed run draws the same coins.
+    coins use ``fold_in(key(seed), step)``, so a resumed run draws the same coins. ``layout``: see
+    :func:`tokensparse.train.lm_loss` (it needs ``level_positions="composed"``: the "parent" ranks
+    are counted in array order).
     """
     if not step_multiplier > 0:
         raise ValueError(f"step_multiplier={step_multiplier} must be positive.")
@@ -33,7 +36,9 @@ def train_loss(*, seed: int = 0, loss_segment: int = 0, step_multiplier: float =
     def loss_fn(model, batch, step):
         rng = jax.random.fold_in(jax.random.key(seed), step)
         schedule_step = jnp.asarray(step, jnp.float32) * step_multiplier
-        return train.lm_loss(model, batch, loss_segment=loss_segment,
+        if layout is not None and model.subllm_config.level_positions != "composed":
+            raise ValueError("a sequence layout needs SubLLMConfig.level_positions='composed'.")
+        return train.lm_loss(model, batch, loss_segment=loss_segment, layout=layout,
                              hidden_fn=hidden_fn(mode="train", step=schedule_step, rng=rng))
 
     return loss_fn
