@@ -313,3 +313,28 @@ def test_a_layout_leaves_the_dense_loss_and_gradients_unchanged():
     np.testing.assert_allclose(loss_z, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_z), jax.tree.leaves(g), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_attention_on_a_seq_mesh_keeps_queries_local():
+    """The flash-style backend attends each seq shard's own queries (vmap over pieces): same step as
+    one device, and the only sequence-length all-gathers are keys/values and their masks."""
+    def build(route_shards, layout=None):
+        del route_shards
+        model = Llama(CONFIG, attention_backend="chunked", rngs=nnx.Rngs(0))
+        return model, nnx.Param, train.make_optimizer(TC), \
+            lambda m, b: train.lm_loss(m, b, layout=layout), False
+
+    BUILDERS["dense_chunked"] = build
+    mesh = sharding.make_mesh(MeshConfig(data=2, seq=4))
+    metrics, model, _, hlo = _train_step("dense_chunked", mesh, layout=ZIGZAG)
+    ref_metrics, ref_state = _reference("dense", 4, ZIGZAG)
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    gathered = [tuple(map(int, s.split(","))) for s in
+                re.findall(r"= \w+\[([\d,]+)\][^ ]* all-gather\(", hlo)]
+    full_length = [s for s in gathered if T in s[1:2]]
+    assert full_length, "keys and values must be gathered over seq"
+    kv = (CONFIG.n_kv_heads, CONFIG.head_dim)
+    assert all(len(s) == 2 or (len(s) == 4 and s[2:] == kv) or (len(s) == 3 and s[2] == CONFIG.kv_dim)
+               for s in full_length), full_length

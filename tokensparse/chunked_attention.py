@@ -11,6 +11,11 @@ causal attention does about half the work. Padding to whole tiles happens inside
 no padded copy of q, k or v is kept for the backward. It runs on every platform, so compile-only
 memory on a CPU reflects what a flash kernel would use on a GPU. Masks come from positions and
 segment ids exactly as in :mod:`tokensparse.attention`.
+
+With the sequence split over a mesh's ``seq`` axis, each shard runs its own queries against the
+gathered keys (a ``vmap`` over the pieces), so queries are never gathered. Under that ``vmap`` the
+tile skip becomes a select: every tile of the shard is computed, masked (the dense backends do the
+same); the zig-zag layout keeps the shards' useful work equal.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from tokensparse.sharding import constrain, seq_shards
 
 
 def _pad_rows(x, multiple: int, value=0):
@@ -169,6 +176,22 @@ def chunked_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None,
     scale = d**-0.5 if scale is None else scale
     q_seg = jnp.zeros((b, tq), jnp.int32) if q_segment_ids is None else q_segment_ids
     k_seg = jnp.zeros((b, tk), jnp.int32) if kv_segment_ids is None else kv_segment_ids
-    out = _attend(q.reshape(b, tq, hkv, h // hkv, d), k, v, q_positions, q_seg, kv_positions, k_seg,
-                  causal, float(scale), min(block_q, tq), min(block_k, tk))
+    q = q.reshape(b, tq, hkv, h // hkv, d)
+    shards = seq_shards()
+    if shards > 1 and tq % shards == 0:
+        # The sequence is split over the mesh's `seq` axis: each shard attends its own queries to the
+        # (gathered) keys. Mapping over query blocks of the whole sequence would gather the queries
+        # and compute every shard's attention on every device.
+        def pieces(x):
+            x = x.reshape(b, shards, tq // shards, *x.shape[2:])
+            return constrain(x, ("batch", "length", None, "act_kv_heads", None, None)[:x.ndim])
+
+        def attend(qs, qp, qg):
+            return _attend(qs, k, v, qp, qg, kv_positions, k_seg, causal, float(scale),
+                           min(block_q, tq // shards), min(block_k, tk))
+
+        out = jax.vmap(attend, in_axes=1, out_axes=1)(pieces(q), pieces(q_positions), pieces(q_seg))
+        return out.reshape(b, tq, h, d)
+    out = _attend(q, k, v, q_positions, q_seg, kv_positions, k_seg, causal, float(scale),
+                  min(block_q, tq), min(block_k, tk))
     return out.reshape(b, tq, h, d)

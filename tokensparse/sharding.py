@@ -48,6 +48,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
 )
 
 _rules: list[tuple] = [DEFAULT_RULES]

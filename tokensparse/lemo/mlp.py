@@ -63,7 +63,7 @@ def _pieces(x: Float[Array, "b t i"]) -> Float[Array, "b s n i"]:
         return x.reshape(1, 1, -1, x.shape[-1])
     b, t, i = x.shape
     shards = seq_shards() if t % seq_shards() == 0 else 1
-    return constrain(x.reshape(b, shards, t // shards, i), ("batch", "length", None, None))
+    return constrain(x.reshape(b, shards, t // shards, i), ("batch", "length", None, "act_mlp"))
 
 
 def _sums_of_squares(g, v, rows: int) -> Float[Array, "2 i"]:
