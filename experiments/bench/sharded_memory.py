@@ -27,10 +27,9 @@ Settings, the same for both methods on a mesh (BENCHMARKS.md): bf16, LoRA rank 8
 ``LeMoConfig()``, batch 1, remat ``none`` and ``full``, and:
 
 - Attention ``chunked``, as in ``lemo_memory``: no [T, T] tensors, like a flash kernel on a GPU.
-  It maps over query blocks with ``lax.map``. On seq8 that axis is split, so XLA gathers q (and dO
-  in the backward) and each device runs attention for all T queries: transients, and 8x the
-  attention compute. Without remat each layer also keeps its gathered, full-length K and V for the
-  backward (at llama2-7b / 32K: 2 x 256 MiB per layer, 16 GiB per device), which is why seq8
+  On a seq split it attends each shard's own queries to the gathered keys (before git 7888988 the
+  queries were gathered too). Without remat each layer keeps its gathered, full-length K and V for
+  the backward (at llama2-7b / 32K: 2 x 256 MiB per layer, 16 GiB per device), which is why seq8
   divides temp by about 3, not 8; ``full`` remat removes them.
 - ``loss_segment`` 2048 without a seq axis, as in ``lemo_memory`` (no [T, V] logits). With a seq
   axis it is 0, i.e. no segments. The segmented loss maps over segments of the sequence, so on a
