@@ -56,26 +56,20 @@ def print_summary(summary: dict) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
-def _is_first_process() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
 def main_for(run, config, workdir):
     """An absl ``main`` that runs ``run(config, workdir)`` and prints its summary."""
     from absl import logging
 
     def main(argv):
         del argv
+        import jax  # here, not at module level: --help stays fast
+
         options = distributed_options()
         if options is not None:
-            import jax
-
             jax.distributed.initialize(**options)
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
         summary = run(config.value, workdir.value)
-        if _is_first_process():
+        if jax.process_index() == 0:
             print_summary(summary)
 
     return main

@@ -152,9 +152,9 @@ def _randomise(model, wrt, seed):
         tree, [x + 0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]))
 
 
-def _dense(route_shards, layout=None):
+def _dense(route_shards, layout=None, backend="xla"):
     del route_shards
-    model = Llama(CONFIG, attention_backend="xla", rngs=nnx.Rngs(0))
+    model = Llama(CONFIG, attention_backend=backend, rngs=nnx.Rngs(0))
     return model, nnx.Param, train.make_optimizer(TC), \
         lambda m, b: train.lm_loss(m, b, layout=layout), False
 
@@ -178,7 +178,8 @@ def _subllm(route_shards, layout=None):
         subllm_training.train_loss(seed=1, layout=layout), True
 
 
-BUILDERS = {"dense": _dense, "lemo": _lemo, "subllm": _subllm}
+BUILDERS = {"dense": _dense, "lemo": _lemo, "subllm": _subllm,
+            "dense_chunked": functools.partial(_dense, backend="chunked")}
 
 
 def _train_step(kind, mesh=None, route_shards=0, layout=None):
@@ -318,13 +319,6 @@ def test_a_layout_leaves_the_dense_loss_and_gradients_unchanged():
 def test_chunked_attention_on_a_seq_mesh_keeps_queries_local():
     """The flash-style backend attends each seq shard's own queries (vmap over pieces): same step as
     one device, and the only sequence-length all-gathers are keys/values and their masks."""
-    def build(route_shards, layout=None):
-        del route_shards
-        model = Llama(CONFIG, attention_backend="chunked", rngs=nnx.Rngs(0))
-        return model, nnx.Param, train.make_optimizer(TC), \
-            lambda m, b: train.lm_loss(m, b, layout=layout), False
-
-    BUILDERS["dense_chunked"] = build
     mesh = sharding.make_mesh(MeshConfig(data=2, seq=4))
     metrics, model, _, hlo = _train_step("dense_chunked", mesh, layout=ZIGZAG)
     ref_metrics, ref_state = _reference("dense", 4, ZIGZAG)

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tokensparse.sharding import constrain, seq_shards
+from tokensparse.sharding import seq_pieces, seq_shards
 
 
 def _pad_rows(x, multiple: int, value=0):
@@ -182,15 +182,13 @@ def chunked_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None,
         # The sequence is split over the mesh's `seq` axis: each shard attends its own queries to the
         # (gathered) keys. Mapping over query blocks of the whole sequence would gather the queries
         # and compute every shard's attention on every device.
-        def pieces(x):
-            x = x.reshape(b, shards, tq // shards, *x.shape[2:])
-            return constrain(x, ("batch", "length", None, "act_kv_heads", None, None)[:x.ndim])
-
         def attend(qs, qp, qg):
             return _attend(qs, k, v, qp, qg, kv_positions, k_seg, causal, float(scale),
                            min(block_q, tq // shards), min(block_k, tk))
 
-        out = jax.vmap(attend, in_axes=1, out_axes=1)(pieces(q), pieces(q_positions), pieces(q_seg))
+        out = jax.vmap(attend, in_axes=1, out_axes=1)(
+            seq_pieces(q, shards, ("act_kv_heads",)), seq_pieces(q_positions, shards),
+            seq_pieces(q_seg, shards))
         return out.reshape(b, tq, h, d)
     out = _attend(q, k, v, q_positions, q_seg, kv_positions, k_seg, causal, float(scale),
                   min(block_q, tq), min(block_k, tk))

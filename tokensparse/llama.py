@@ -90,8 +90,7 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
         # FSDP gathers the table's model dimension before the lookup, not the looked-up activations.
-        table = constrain(self.embedding[...], ("vocab", "act_embed"))
-        return jnp.take(table, tokens, axis=0).astype(self.dtype)
+        return jnp.take(gathered_for_use(self.embedding), tokens, axis=0).astype(self.dtype)
 
 
 
@@ -316,7 +315,7 @@ class Llama(nnx.Module):
         """The LM head matrix in the compute dtype (the embedding, transposed, when tied)."""
         dtype = self.config.compute_dtype
         if self.lm_head is None:
-            return constrain(self.embed.embedding[...], ("vocab", "act_embed")).astype(dtype).T
+            return gathered_for_use(self.embed.embedding).astype(dtype).T
         return gathered_for_use(self.lm_head.kernel).astype(dtype)
 
     def head(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:

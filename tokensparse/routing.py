@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from tokensparse.sharding import constrain
+from tokensparse.sharding import seq_pieces
 
 
 @jax.tree_util.register_dataclass
@@ -197,15 +197,6 @@ def _take_rows(x: Array, indices: Int[Array, "b k"]) -> Array:
     return jax.vmap(lambda row, idx: row[idx])(x, indices)
 
 
-def _pieces(x: Array, shards: int) -> Array:
-    """[B, N, ...] viewed as [B, shards, N/shards, ...], the pieces laid out over the ``seq`` axis."""
-    b, n = x.shape[:2]
-    if n % shards:
-        raise ValueError(f"a selection made over {shards} shards cannot address {n} rows.")
-    pieces = x.reshape(b, shards, n // shards, *x.shape[2:])
-    return constrain(pieces, ("batch", "length", *([None] * (x.ndim - 1))))
-
-
 def _local_indices(sel: Selection, n: int) -> Int[Array, "b s k"]:
     """The selection's indices relative to the start of their piece, [B, shards, K/shards]."""
     b, k, s = *sel.indices.shape, sel.shards
@@ -227,7 +218,7 @@ def gather(x: Array, sel: Selection, *, fill_value=None) -> Array:
     if sel.shards == 1:
         out = _take_rows(x, sel.indices)
     else:
-        local = _per_piece(lambda row, idx: row[idx])(_pieces(x, sel.shards),
+        local = _per_piece(lambda row, idx: row[idx])(seq_pieces(x, sel.shards),
                                                       _local_indices(sel, x.shape[1]))
         out = local.reshape(x.shape[0], sel.indices.shape[1], *x.shape[2:])
     if fill_value is not None:
@@ -251,8 +242,8 @@ def scatter_add(base: Array, sel: Selection, values: Array) -> Array:
     if sel.shards == 1:
         return jax.vmap(_add_rows)(base, sel.indices, sel.valid, values)
     s = sel.shards
-    out = _per_piece(_add_rows)(_pieces(base, s), _local_indices(sel, base.shape[1]),
-                                _pieces(sel.valid, s), _pieces(values, s))
+    out = _per_piece(_add_rows)(seq_pieces(base, s), _local_indices(sel, base.shape[1]),
+                                seq_pieces(sel.valid, s), seq_pieces(values, s))
     return out.reshape(base.shape)
 
 

@@ -124,6 +124,17 @@ def zigzag_order(seq_len: int, shards: int, multiple: int = 1) -> np.ndarray:
                            for s in range(shards)])
 
 
+def seq_pieces(x: jax.Array, shards: int, inner: Sequence[str | None] = ()) -> jax.Array:
+    """[B, T, ...] viewed as [B, shards, T/shards, ...], the pieces laid out over ``seq`` so that
+    per-piece work (a ``vmap`` over axis 1) stays on each piece's devices. ``inner`` names the
+    trailing dimensions (default: unsplit)."""
+    b, t = x.shape[:2]
+    if t % shards:
+        raise ValueError(f"a sequence of {t} cannot be split into {shards} equal pieces.")
+    rest = (*inner, *([None] * (x.ndim - 2 - len(inner))))
+    return constrain(x.reshape(b, shards, t // shards, *x.shape[2:]), ("batch", "length", None, *rest))
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh=None,
                     rules: Sequence[tuple] | None = None) -> PartitionSpec:
     """The PartitionSpec for an array of ``shape`` whose dimensions have logical ``names``.

@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, Int
 
 from tokensparse import sharding
 from tokensparse.config import TrainConfig
-from tokensparse.llama import Llama
+from tokensparse.llama import Llama, default_positions
 
 
 def next_token_targets(tokens: Int[Array, "b t"], segment_ids: Int[Array, "b t"] | None = None):
@@ -84,7 +84,7 @@ def lm_loss(model: Llama, batch, *, loss_segment: int = 0, selections=None, hidd
     tokens, positions = batch.tokens, batch.positions
     segment_ids = batch.segment_ids
     if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        positions = default_positions(tokens)
     if layout is not None:
         order = jnp.asarray(layout(tokens.shape[1]))
         tokens, positions, segment_ids, targets, weights = (

@@ -44,27 +44,27 @@ LoRA / LeMo (larger is better).
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import json
+import math
 import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+from typing import NamedTuple
 
-# Before jax is imported: 8 simulated CPU devices (so the meshes exist on a CPU-only machine) and,
-# as for every benchmark, XLA's CPU scheduler that lets remat show (DESIGN.md). Given flags win.
+# Set before jax is imported (hence the E402 waivers below): 8 simulated CPU devices, so the meshes
+# exist on a CPU-only machine, and, as for every benchmark, the XLA CPU scheduler that lets remat
+# show (DESIGN.md). Flags the caller already gave win.
 _FLAGS = os.environ.get("XLA_FLAGS", "")
 for _flag, _value in (("--xla_force_host_platform_device_count", "8"),
                       ("--xla_cpu_enable_concurrency_optimized_scheduler", "false")):
     if _flag not in _FLAGS:
         _FLAGS = f"{_FLAGS} {_flag}={_value}".strip()
 os.environ["XLA_FLAGS"] = _FLAGS
-
-import concurrent.futures  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import NamedTuple  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

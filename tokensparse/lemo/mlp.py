@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, Int
 
 from tokensparse import routing
 from tokensparse.llama import MLP, gathered_for_use
-from tokensparse.sharding import constrain, seq_shards
+from tokensparse.sharding import seq_pieces, seq_shards
 
 
 def keep_channels(ffn_dim: int, drop_fraction: float = 0.8) -> int:
@@ -57,13 +57,12 @@ def _rank_channels(g, v, keep: int, rows: int = 1024) -> Int[Array, " c"]:
 
 
 def _pieces(x: Float[Array, "b t i"]) -> Float[Array, "b s n i"]:
-    """[B, T, I] as [B, S, T/S, I] over the mesh's batch and ``seq`` axes (S = 1 without a seq
-    split), so per-piece sums stay on their device; other shapes become one piece."""
+    """[B, T, I] as [B, S, T/S, I] pieces over the mesh (S = 1 without a seq split), so per-piece
+    sums stay on their devices; other shapes become one piece."""
     if x.ndim != 3:
         return x.reshape(1, 1, -1, x.shape[-1])
-    b, t, i = x.shape
-    shards = seq_shards() if t % seq_shards() == 0 else 1
-    return constrain(x.reshape(b, shards, t // shards, i), ("batch", "length", None, "act_mlp"))
+    shards = seq_shards() if x.shape[1] % seq_shards() == 0 else 1
+    return seq_pieces(x, shards, ("act_mlp",))
 
 
 def _sums_of_squares(g, v, rows: int) -> Float[Array, "2 i"]:
