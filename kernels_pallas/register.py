@@ -28,7 +28,7 @@ def interpret_forced() -> bool:
     return os.environ.get(INTERPRET_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _gpu_reason() -> str | None:
+def gpu_reason() -> str | None:
     platform = jax.default_backend()
     if platform != "gpu":
         return (f"{platform} platform: pallas kernels need a GPU, or {INTERPRET_ENV}=1 for "
@@ -42,7 +42,7 @@ def _gpu_reason() -> str | None:
 def supports(q, k, v, *, causal: bool = True) -> str | None:
     """None when the kernels can run these inputs here; otherwise a short reason."""
     del causal  # both masks are supported
-    if not interpret_forced() and (reason := _gpu_reason()) is not None:
+    if not interpret_forced() and (reason := gpu_reason()) is not None:
         return reason
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: need one of float32, bfloat16, float16"

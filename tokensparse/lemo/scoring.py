@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -74,20 +75,26 @@ def num_blocks(seq_len: int, block_size: int) -> int:
     return -(-seq_len // block_size)
 
 
+def _token_mask(valid, b: int, t: int, block_size: int) -> Bool[Array, "b tp"]:
+    """The valid mask (all True by default), padded with False to a whole number of blocks."""
+    if valid is None:
+        valid = jnp.ones((b, t), bool)
+    elif valid.shape != (b, t):
+        raise ValueError(f"valid has shape {valid.shape}; expected [B, T] = {(b, t)}.")
+    pad = num_blocks(t, block_size) * block_size - t
+    return jnp.pad(valid.astype(bool), ((0, 0), (0, pad)))
+
+
 def _prepare(q, k, opts: ScoreOptions, valid):
     """fp32 q, k and a token mask, all padded to a whole number of blocks; the logit factor."""
     b, t, h, d = q.shape
     if k.shape[:2] != (b, t) or k.shape[3] != d or h % k.shape[2]:
         raise ValueError(f"q {q.shape} and k {k.shape} must be [B, T, H, D] and [B, T, Hkv, D] "
                          f"with H a multiple of Hkv.")
-    if valid is None:
-        valid = jnp.ones((b, t), bool)
-    elif valid.shape != (b, t):
-        raise ValueError(f"valid has shape {valid.shape}; expected [B, T] = {(b, t)}.")
-    pad = num_blocks(t, opts.block_size) * opts.block_size - t
+    valid = _token_mask(valid, b, t, opts.block_size)
+    pad = valid.shape[1] - t
     q = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
     k = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    valid = jnp.pad(valid.astype(bool), ((0, 0), (0, pad)))
     factor = (1.0 / math.sqrt(d) if opts.scale_by_sqrt_d else 1.0) / (
         h if opts.divide_by_heads else 1.0)
     return q, k, valid, factor
@@ -132,22 +139,69 @@ def column_scores(tiles: Float[Array, "b nb nb"]) -> Float[Array, "b nb"]:
     return jnp.sum(tiles, axis=1)
 
 
+BACKENDS = ("auto", "xla", "pallas")
+
+
+def _pallas_reason(block_size: int) -> str | None:
+    """None when the Pallas kernel can score here; otherwise why not."""
+    try:
+        from kernels_pallas import block_scores as kernel
+    except ImportError:  # a build without the kernels package
+        return "kernels_pallas is not installed"
+    return kernel.supports(block_size)
+
+
+def _resolve_backend(backend: str, block_size: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"block score backend={backend!r}; choose one of {BACKENDS}.")
+    if backend == "xla":
+        return "xla"
+    reason = _pallas_reason(block_size)
+    if reason is None:
+        return "pallas"
+    if backend == "pallas":
+        warnings.warn(f"block score backend 'pallas' unavailable ({reason}); using 'xla'.",
+                      stacklevel=3)
+    return "xla"
+
+
+def _pallas_tiles(q, k, opts: ScoreOptions, valid):
+    from kernels_pallas import block_scores as kernel
+
+    d, h = q.shape[3], q.shape[2]
+    factor = (1.0 / math.sqrt(d) if opts.scale_by_sqrt_d else 1.0) / (
+        h if opts.divide_by_heads else 1.0)
+    return kernel.block_tiles(q, k, block_size=opts.block_size, valid=valid,
+                              scale=factor / opts.normalizer, causal=opts.causal,
+                              exclude_diagonal=opts.exclude_diagonal,
+                              interpret=kernel.interpret_mode())
+
+
 def block_tiles(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b t hkv d"],
     opts: ScoreOptions | None = None,
     *,
     valid: Bool[Array, "b t"] | None = None,
+    backend: str = "auto",
 ) -> Float[Array, "b nb nb"]:
     """The tile matrix of :func:`block_scores_reference` with memory linear in T (predictor targets).
 
-    A ``lax.scan`` over query blocks: each step forms one [B, H, block, T] slab of logits and reduces
-    it to one row of tile maxima [B, n_b], so no [T, T] tensor ever exists (the result is n_b², i.e.
-    T² / block²). K heads are shared by their query-head group instead of being repeated. Computed in
-    fp32 under ``stop_gradient``.
+    ``backend="xla"``: a ``lax.scan`` over query blocks; each step forms one [B, H, block, T] slab of
+    logits and reduces it to one row of tile maxima [B, n_b], so no [T, T] tensor ever exists (the
+    result is n_b², i.e. T² / block²). K heads are shared by their query-head group instead of being
+    repeated. ``"pallas"``: the tile-by-tile kernel of ``kernels_pallas.block_scores`` (GPU, or
+    interpret mode when ``TOKENSPARSE_PALLAS_INTERPRET`` is set), which keeps even the slab in
+    on-chip memory; it falls back to ``"xla"`` with a warning where it cannot run. ``"auto"`` picks
+    the kernel where it runs natively. Computed in fp32 under ``stop_gradient``.
     """
     opts = opts or ScoreOptions()
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    if _resolve_backend(backend, opts.block_size) == "pallas":
+        tiles = _pallas_tiles(q, k, opts, valid)
+        mask = _token_mask(valid, q.shape[0], q.shape[1], opts.block_size)
+        key_ok = _key_block_valid(mask, opts.block_size)
+        return jnp.where(key_ok[:, None, :], tiles, -jnp.inf)
     q, k, valid, factor = _prepare(q, k, opts, valid)
     bsz, tp, h, d = q.shape
     hkv, bs = k.shape[2], opts.block_size
@@ -182,10 +236,11 @@ def block_scores(
     opts: ScoreOptions | None = None,
     *,
     valid: Bool[Array, "b t"] | None = None,
+    backend: str = "auto",
 ) -> Float[Array, "b nb"]:
     """Column scores c_n with memory linear in T (equals ``column_scores(block_scores_reference)``):
     the column sums of :func:`block_tiles` (key blocks without a valid token score −inf)."""
-    return column_scores(block_tiles(q, k, opts, valid=valid))
+    return column_scores(block_tiles(q, k, opts, valid=valid, backend=backend))
 
 
 def select_blocks(
