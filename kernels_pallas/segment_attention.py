@@ -13,16 +13,15 @@ positions this reproduces the usual causal skip; with sorted segments, the block
 Layout is ``[B, T, H, D]`` for queries and ``[B, T, Hkv, D]`` for keys and values (GQA, H % Hkv == 0).
 Softmax statistics are kept in fp32 in base 2; the forward saves the per-row logsumexp for the
 backward, which runs as two kernels (dq over query tiles; dk/dv over key tiles, summing the query
-heads of a group inside the kernel). Lowering today: Triton (GPU) or ``interpret=True`` (any
-platform, used by the CPU tests). A Mosaic (TPU) variant would reuse the wrappers and the schedule
-and swap the ``pallas_call`` parameters and block layout.
+heads of a group inside the kernel). Lowering: Triton (GPU) or ``interpret=True`` (any platform,
+used by the CPU tests). The Mosaic (TPU) variant is ``segment_attention_tpu``; both share the tile
+schedule, padding and argument checks of ``tile_schedule``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +30,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-_LOG2E = math.log2(math.e)
-_M_INIT = -1e30  # finite running max: a row with no visible key so far never computes inf - inf
-_EMPTY_LSE = 1e30  # logsumexp saved for a row with no visible key: exp2(s - lse) == 0 in the backward
-_BIG = 2**31 - 1
+from kernels_pallas import tile_schedule as ts
+from kernels_pallas.tile_schedule import EMPTY_LSE as _EMPTY_LSE
+from kernels_pallas.tile_schedule import LOG2E as _LOG2E
+from kernels_pallas.tile_schedule import M_INIT as _M_INIT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,67 +55,6 @@ class Config:
     use_segments: bool = True
     scale: float = 1.0
     exact_fp32: bool = True
-
-
-# ----------------------------------------------------------------------------- tile schedule
-
-
-def _tile_stats(pos: Array, seg: Array, block: int):
-    """Per tile: min/max position and segment over valid rows, and whether the tile is one segment."""
-    b, t = pos.shape
-    pos = pos.reshape(b, t // block, block)
-    seg = seg.reshape(b, t // block, block)
-    valid = seg >= 0
-    pmin = jnp.min(jnp.where(valid, pos, _BIG), axis=-1)
-    pmax = jnp.max(jnp.where(valid, pos, -_BIG), axis=-1)
-    smin = jnp.min(jnp.where(valid, seg, _BIG), axis=-1)
-    smax = jnp.max(jnp.where(valid, seg, -_BIG), axis=-1)
-    uniform = jnp.all(valid, axis=-1) & (smin == smax)
-    return pmin, pmax, smin, smax, uniform
-
-
-def _tile_visibility(q_pos, q_seg, kv_pos, kv_seg, block_q: int, block_k: int, causal: bool):
-    """``visible[b, i, j]``: some key of tile j may be seen from query tile i; ``full``: all are."""
-    qpmin, qpmax, qsmin, qsmax, quni = (x[:, :, None] for x in _tile_stats(q_pos, q_seg, block_q))
-    kpmin, kpmax, ksmin, ksmax, kuni = (x[:, None, :] for x in _tile_stats(kv_pos, kv_seg, block_k))
-    visible = (ksmin <= qsmax) & (qsmin <= ksmax)  # also False for an all-padding tile
-    full = quni & kuni & (qsmin == ksmin)
-    if causal:
-        visible &= kpmin <= qpmax
-        full &= kpmax <= qpmin
-    return visible, full
-
-
-def _ranges(visible: Array, full: Array) -> Int[Array, "... 4"]:
-    """Along the last axis: [lo, flo, fhi, hi]; tiles in [lo, hi) may be visible, [flo, fhi) all are.
-
-    [flo, fhi) is the first contiguous run of fully visible tiles (empty at hi when there is none).
-    """
-    n = visible.shape[-1]
-    idx = jnp.arange(n)
-    any_vis = jnp.any(visible, axis=-1)
-    lo = jnp.where(any_vis, jnp.argmax(visible, axis=-1), 0)
-    hi = jnp.where(any_vis, n - jnp.argmax(visible[..., ::-1], axis=-1), 0)
-    any_full = jnp.any(full, axis=-1)
-    flo = jnp.argmax(full, axis=-1)
-    after = ~full & (idx >= flo[..., None])
-    fhi = jnp.where(jnp.any(after, axis=-1), jnp.argmax(after, axis=-1), n)
-    flo = jnp.where(any_full, flo, hi)
-    fhi = jnp.where(any_full, fhi, hi)
-    return jnp.stack([lo, flo, fhi, hi], axis=-1).astype(jnp.int32)
-
-
-def _schedules(q_pos, q_seg, kv_pos, kv_seg, cfg: Config):
-    """Loop ranges for the three kernels: over key tiles per query tile (fwd, dq), and transposed."""
-    vis, full = _tile_visibility(q_pos, q_seg, kv_pos, kv_seg, cfg.block_q, cfg.block_k, cfg.causal)
-    fwd = _ranges(vis, full)
-    vis, full = _tile_visibility(q_pos, q_seg, kv_pos, kv_seg, cfg.block_q_dq, cfg.block_k_dq,
-                                 cfg.causal)
-    dq = _ranges(vis, full)
-    vis, full = _tile_visibility(q_pos, q_seg, kv_pos, kv_seg, cfg.block_q_dkv, cfg.block_k_dkv,
-                                 cfg.causal)
-    dkv = _ranges(jnp.swapaxes(vis, 1, 2), jnp.swapaxes(full, 1, 2))
-    return fwd, dq, dkv
 
 
 # ----------------------------------------------------------------------------- kernel bodies
@@ -405,12 +343,6 @@ def _clamp(block: int, length: int) -> int:
     return max(16, min(_next_pow2(block), _next_pow2(length)))
 
 
-def _pad_rows(x: Array, length: int, value) -> Array:
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, length - x.shape[1])
-    return jnp.pad(x, pad, constant_values=value)
-
-
 def segment_attention(
     q: Float[Array, "b tq h d"],
     k: Float[Array, "b tk hkv d"],
@@ -439,14 +371,9 @@ def segment_attention(
     Lengths need not be multiples of the blocks: rows are padded with segment -1 inside. A head dim
     that is not a power of two is zero-padded. Backward blocks default to the forward ones.
     """
-    b, tq, h, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or h % hkv:
-        raise ValueError(f"segment_attention expects q [B,Tq,H,D], k/v [B,Tk,Hkv,D] with H % Hkv "
-                         f"== 0; got {q.shape}, {k.shape}, {v.shape}.")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}.")
-    scale = d**-0.5 if scale is None else float(scale)
+    ts.check_inputs(q, k, v, "segment_attention")
+    tq, d, tk = q.shape[1], q.shape[3], k.shape[1]
+    scale = ts.resolve_scale(scale, d)
     bq = _clamp(block_q, tq)
     bk = _clamp(block_k, tk)
     bq_dq, bk_dq = _clamp(block_q_dq or block_q, tq), _clamp(block_k_dq or block_k, tk)
@@ -460,13 +387,11 @@ def segment_attention(
                  num_warps_bwd=num_warps_bwd, num_stages_bwd=num_stages_bwd, interpret=interpret,
                  causal=causal, use_segments=use_segments, scale=scale)
 
-    q_pos = _pad_rows(q_positions.astype(jnp.int32), tq_pad, 0)
-    kv_pos = _pad_rows(kv_positions.astype(jnp.int32), tk_pad, 0)
-    q_seg = jnp.zeros((b, tq), jnp.int32) if q_segment_ids is None else q_segment_ids
-    kv_seg = jnp.zeros((b, tk), jnp.int32) if kv_segment_ids is None else kv_segment_ids
-    q_seg = _pad_rows(q_seg.astype(jnp.int32), tq_pad, -1)
-    kv_seg = _pad_rows(kv_seg.astype(jnp.int32), tk_pad, -1)
-    sched_fwd, sched_dq, sched_dkv = _schedules(q_pos, q_seg, kv_pos, kv_seg, cfg)
+    q_pos, q_seg, kv_pos, kv_seg = ts.padded_layout(q_positions, kv_positions, q_segment_ids,
+                                                     kv_segment_ids, tq_pad, tk_pad)
+    sched_fwd, sched_dq, sched_dkv = ts.schedules(
+        q_pos, q_seg, kv_pos, kv_seg, fwd=(bq, bk), dq=(bq_dq, bk_dq), dkv=(bq_dkv, bk_dkv),
+        causal=causal)
 
     d_pad = max(16, _next_pow2(d))
     qp, kp, vp = (jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_pad - d)))

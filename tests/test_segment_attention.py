@@ -179,7 +179,8 @@ def test_random_layouts(seed):
 
 def test_dense_causal_tile_skipping_schedule():
     """Ascending positions: key tiles past the diagonal are skipped, those before run unmasked."""
-    from kernels_pallas.segment_attention import _ranges, _tile_visibility
+    from kernels_pallas.tile_schedule import ranges as _ranges
+    from kernels_pallas.tile_schedule import tile_visibility as _tile_visibility
 
     t, block = 64, 16
     pos = jnp.arange(t, dtype=jnp.int32)[None]
