@@ -72,6 +72,76 @@ def test_lemo_quality_smoke(tmp_path, predictor_smoke):
     assert summary["predictor_ppl_ratio"] == pytest.approx(rows[4]["val_ppl"] / rows[3]["val_ppl"])
 
 
+# ``lemo_quality --base=smollm2-135m`` in a process whose zoo.load returns a tiny random Llama
+# (context 512, so the smoke's 256 needs no RoPE scaling, as 2K needs none for SmolLM2's 8K) and
+# the corpus' 512-token BPE: the zoo path end to end in seconds, without the 135M model.
+_FAKE_ZOO = """
+import runpy, sys
+import experiments.bench  # noqa: F401  (XLA flags before jax)
+from flax import nnx
+from tokensparse import data, zoo
+from tokensparse.config import preset
+from tokensparse.llama import Llama
+
+def load(name, *, dtype=None, attention_backend="auto"):
+    assert name == "smollm2-135m", name
+    print("[fake zoo] load", flush=True)
+    config = preset("tiny", vocab_size=512, max_positions=512)
+    tokenizer = data.get_tokenizer(data.load_corpus("shakespeare"), 512)
+    return Llama(config, attention_backend=attention_backend, rngs=nnx.Rngs(0)), config, tokenizer
+
+zoo.load = load
+sys.argv = ["lemo_quality", *sys.argv[1:]]
+runpy.run_module("experiments.bench.lemo_quality", run_name="__main__", alter_sys=True)
+"""
+
+
+def _quality_with_fake_zoo(out, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([sys.executable, "-c", _FAKE_ZOO, f"--out={out}", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
+    args = ("--smoke", "--nomlp_drop_ablation", "--base=smollm2-135m", f"--workdir={tmp_path / 'w'}")
+    result, stdout = _quality_with_fake_zoo(tmp_path / "q.json", *args)
+    assert "[fake zoo] load" in stdout and "pretraining" not in stdout
+    summary = result["summary"]
+    assert set(summary) == {"ppl_ratio", "sparse_ppl_ratio", "base_ppl@256", "lora_ppl@256",
+                            "lemo_ppl@256"}
+    _finite(summary, summary)
+    rows = result["rows"]
+    assert [(r["method"], r["selector"], r["mlp_drop"], r["seq_len"]) for r in rows] == [
+        ("base", None, None, 256), ("lora", None, None, 256), ("lemo", "oracle", 0.8, 256)]
+    assert rows[0]["rope_factor"] == 1.0 and len({r["val_tokens"] for r in rows}) == 1
+    assert summary["ppl_ratio"] == pytest.approx(rows[2]["val_ppl"] / rows[1]["val_ppl"])
+    assert rows[1]["val_ppl"] < rows[0]["val_ppl"]  # fine-tuning moved the random base
+    settings = result["settings"]
+    assert settings["base"] == "smollm2-135m" and "preset" not in settings
+    assert "base_workdir" not in settings and "vocab_size" not in settings
+    # The corpus was tokenized with the base's tokenizer, not a BPE trained for the run.
+    from tokenizers import Tokenizer
+
+    used = Tokenizer.from_file(str(tmp_path / "w" / "lora" / "tokenizer.json"))
+    assert used.get_vocab_size() == 512
+    # A rerun with the same workdir reuses every finished step and gives the same result.
+    again, stdout = _quality_with_fake_zoo(tmp_path / "q2.json", *args)
+    assert "fine-tuning" not in stdout and stdout.count("[lemo_quality] reusing") == 3
+    assert again["summary"] == summary
+
+
+def test_reuse_or_run_recomputes_when_the_key_changes(tmp_path):
+    from experiments.bench.lemo_quality import _reuse_or_run
+
+    path = tmp_path / "row.json"
+    assert _reuse_or_run(path, {"steps": 3}, lambda: {"ppl": 1.0}) == {"ppl": 1.0}
+    assert _reuse_or_run(path, {"steps": 3}, lambda: {"ppl": 2.0}) == {"ppl": 1.0}
+    assert _reuse_or_run(path, {"steps": 4}, lambda: {"ppl": 3.0}) == {"ppl": 3.0}
+
+
 def test_lemo_speed_smoke(tmp_path):
     result, stdout = _bench("lemo_speed", tmp_path / "s.json", "--preset=tiny", "--seq_lens=256",
                             "--reps=5", "--warmup=1")

@@ -212,3 +212,63 @@ def test_config_dicts_expose_every_model_field():
     assert isinstance(c, config_dict.ConfigDict)
     c.overrides.n_layers = 3
     assert runs.build_model_config(c).n_layers == 3
+
+
+@pytest.fixture
+def fake_zoo(monkeypatch, tmp_path):
+    """``zoo.load`` returning a tiny random Llama (512-token vocabulary, context 512) and the
+    corpus' 512-token BPE, so a zoo-named base costs seconds; the cwd holds no such directory."""
+    from flax import nnx
+
+    from tokensparse import data, zoo
+    from tokensparse.config import preset
+    from tokensparse.llama import Llama
+
+    calls = []
+
+    def load(name, *, dtype=None, attention_backend="auto"):
+        calls.append((name, attention_backend))
+        config = preset("tiny", vocab_size=512, max_positions=512)
+        tokenizer = data.get_tokenizer(data.load_corpus("shakespeare"), 512)
+        return Llama(config, attention_backend=attention_backend, rngs=nnx.Rngs(0)), config, tokenizer
+
+    monkeypatch.setattr(zoo, "load", load)
+    monkeypatch.chdir(tmp_path)
+    return calls
+
+
+def test_load_base_takes_a_zoo_name(fake_zoo):
+    model, config, tokenizer = runs.load_base("smollm2-135m", attention_backend="xla")
+    assert fake_zoo == [("smollm2-135m", "xla")]
+    assert config.vocab_size == 512 and tokenizer.get_vocab_size() == 512
+    assert model.config == config
+
+
+def test_load_base_refuses_an_unknown_name_and_lists_the_zoo(fake_zoo):
+    with pytest.raises(ValueError, match=r"neither an existing directory nor a zoo model.*smollm2-135m"):
+        runs.load_base("smollm3-9b")
+    assert fake_zoo == []
+
+
+def test_finetune_and_train_predictors_from_a_zoo_base(fake_zoo, tmp_path):
+    from tokenizers import Tokenizer
+
+    from experiments.configs import predictors_tiny
+    from tokensparse import data
+
+    c = finetune_tiny.get_config()
+    c.base, c.method, c.progress = "smollm2-135m", "lemo", False
+    c.data.vocab_size = 8192  # ignored: the base's own tokenizer is used
+    c.train.steps, c.train.checkpoint_every = 2, 2
+    c.lemo.block_size = 32
+    summary = runs.finetune(c, tmp_path / "ft")
+    assert math.isfinite(summary["val_loss"]) and math.isfinite(summary["val_sparse_loss"])
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text())["model"]
+    assert saved["rope_scaling"]["kind"] == "none"  # 256 fits the base's 512: no scaling
+    used = Tokenizer.from_file(str(tmp_path / "ft" / "tokenizer.json"))
+    assert used.to_str() == data.get_tokenizer(data.load_corpus("shakespeare"), 512).to_str()
+    p = predictors_tiny.get_config()
+    p.base, p.progress = "smollm2-135m", False
+    p.train.steps, p.train.prune_until, p.train.checkpoint_every = 4, 3, 4
+    assert runs.train_predictors(p, tmp_path / "pred")["steps"] == 4
+    assert [name for name, _ in fake_zoo] == ["smollm2-135m"] * 2

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
-from tokensparse import data, hf, lora, sharding, train
+from tokensparse import data, hf, lora, sharding, train, zoo
 from tokensparse.config import LeMoConfig, LoRAConfig, MeshConfig, ModelConfig, TrainConfig, preset
 from tokensparse.lemo import predictor, predictor_training
 from tokensparse.lemo.model import check_lemo, lemo_loss
@@ -374,11 +374,20 @@ def subllm_stats(model: SubLLM, batch) -> dict:
 
 def load_base(base: str, *, attention_backend: str = "auto"):
     """(model, config, tokenizer-or-None) from a pretraining workdir of ours (its ``hf/`` export and
-    ``tokenizer.json``) or a Hugging Face directory (config.json + *.safetensors)."""
+    ``tokenizer.json``), a Hugging Face directory (config.json + *.safetensors), or the name of a
+    :mod:`tokensparse.zoo` model (e.g. ``"smollm2-135m"``) when no such path exists, so a real
+    pretrained base needs no export step. A zoo model comes with its own tokenizer, which
+    fine-tuning then uses for the corpus (its ids are the ones the weights were trained on)."""
     if not base:
-        raise ValueError("config.base is empty: point it at a pretraining --workdir or a Hugging "
-                         "Face directory (config.json + *.safetensors).")
+        raise ValueError("config.base is empty: point it at a pretraining --workdir, a Hugging "
+                         f"Face directory (config.json + *.safetensors) or a zoo model "
+                         f"({', '.join(sorted(zoo.MODELS))}).")
     path = pathlib.Path(base)
+    if not path.exists():  # an existing path always wins over a zoo name
+        if base in zoo.MODELS:
+            return zoo.load(base, attention_backend=attention_backend)
+        raise ValueError(f"config.base={base!r} is neither an existing directory nor a zoo model; "
+                         f"zoo models: {', '.join(sorted(zoo.MODELS))}.")
     if (path / "hf").is_dir():
         from tokenizers import Tokenizer
 
@@ -389,8 +398,9 @@ def load_base(base: str, *, attention_backend: str = "auto"):
 
 
 def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """LoRA fine-tuning of a base model at ``config.train.seq_len`` on long-document windows, with
-    RoPE linear scaling to the target length; evaluation is dense perplexity on validation windows.
+    """LoRA fine-tuning of a base model (see :func:`load_base`) at ``config.train.seq_len`` on
+    long-document windows, with RoPE linear scaling to the target length when it exceeds the base's
+    context; evaluation is dense perplexity on validation windows.
 
     The summary's ``val_*`` keys are that dense evaluation (the LeMo spec's protocol, §2.9). With
     ``method="lemo"`` the same windows are also scored with the LeMo forward the model was trained

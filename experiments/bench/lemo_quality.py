@@ -3,10 +3,16 @@
     python -m experiments.bench.lemo_quality --out bench_results/lemo_quality.json \\
         [--preset=small --base_seq_len=512 --base_steps=400 --seq_len=2048 --steps=1000]
     python -m experiments.bench.lemo_quality --smoke --out /tmp/lemo_quality.json  # tiny, seconds
+    python -m experiments.bench.lemo_quality --base=smollm2-135m --seq_len=2048 --steps=40 \\
+        --eval_batches=6 --nomlp_drop_ablation --workdir=DIR --checkpoint_every=10  # a real base
 
 1. **Base.** Pretrain ``--preset`` on the corpus at the short context ``--base_seq_len``
    (:func:`tokensparse.runs.pretrain`, ``experiments/configs/pretrain_small.py``). The base lives in
    ``--base_workdir`` and is reused when its ``summary.json`` exists, so reruns skip pretraining.
+   With ``--base`` (a :mod:`tokensparse.zoo` name such as ``smollm2-135m``, or anything else
+   :func:`tokensparse.runs.load_base` takes) nothing is pretrained: that real model is the base, and
+   the corpus is tokenized with its own tokenizer (SmolLM2: 49152 ids, 8K context, so 2K fine-tuning
+   needs no RoPE scaling). The ``--preset``/``--base_*`` flags then do not apply.
 2. **Fine-tune** it at ``--seq_len`` for ``--steps`` (RoPE linear scaling; LoRA r=8, α=16 on
    q,k,v,o; AdamW β=(0.9, 0.95), 20 warm-up steps then constant: ``finetune_small.py``) with
    ``method=lora`` and ``method=lemo`` (default LeMoConfig: keep 0.4 in layers L/2-1..L-2, MLP
@@ -16,14 +22,21 @@
    ``--seq_len`` (sliding-window protocol): dense, with the trained LoRA (the spec's protocol), and
    for LeMo runs also with the sparse LeMo forward they were trained with. The base is scored on the
    same target tokens at its own context and at ``--seq_len`` with RoPE scaling but no training, so
-   the reader sees what fine-tuning bought.
+   the reader sees what fine-tuning bought. A ``--base`` whose context already covers ``--seq_len``
+   is scored at ``--seq_len`` only (summary ``base_ppl@<T>``; there is no short context of its own
+   to compare with, and no ``base_ppl_rope_scaled`` key since nothing is scaled).
+
+**Resuming.** With ``--workdir``, every finished fine-tuning (and the base evaluation) leaves its
+row there and a rerun of the same command reuses it; an unfinished run resumes from its last
+checkpoint (``--checkpoint_every``; SIGTERM / Ctrl-C also save one and stop the benchmark).
 
 Summary: ``ppl_ratio`` = LeMo (mlp_drop 0.8) / LoRA perplexity, dense eval; ``ppl_ratio_mlp_drop0.5``
 the same for mlp_drop 0.5; ``sparse_ppl_ratio`` = LeMo's sparse-eval perplexity / LoRA's (dense)
 perplexity. With ``--predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
 (``predictor_ppl_ratio`` = that / oracle-selection LeMo; the target is <= 1.01). Unlike the speed
 and memory ratios these are method / baseline: smaller is better, and
-the library's target is ``ppl_ratio <= 1.03`` (spec §3).
+the library's target is ``ppl_ratio <= 1.03`` (spec §3). ``base_ppl@<T>`` (no RoPE scaling) or
+``base_ppl_rope_scaled@<T>`` name the base's perplexity at each context it was scored at.
 
 Cost: the defaults (``small``, 1000 steps at 2048, three runs) are hours on a CPU: a ``small`` LoRA
 step at 1024 took ~4 s on 2 busy cores, and the cost grows faster than linearly with T. Fewer
@@ -53,6 +66,9 @@ _BASE_BATCH = flags.DEFINE_integer("base_batch_size", 8, "Pretraining batch size
 _BASE_WORKDIR = flags.DEFINE_string(
     "base_workdir", None, "Pretraining workdir, reused if it holds summary.json (default: "
     "<cache>/bench/lemo_quality/<preset>-T<base_seq_len>-s<base_steps>).")
+_BASE = flags.DEFINE_string(
+    "base", "", "A real pretrained base instead of pretraining --preset: a tokensparse.zoo name "
+    "(e.g. smollm2-135m) or a directory runs.load_base accepts.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Fine-tuning and evaluation context.")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (spec §4.11).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation windows of seq_len.")
@@ -63,6 +79,9 @@ _PREDICTORS = flags.DEFINE_string("predictors", "", "Also fine-tune LeMo (mlp_dr
                                   "directory); summary predictor_ppl_ratio = that / oracle LeMo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the fine-tuning runs go (default: a temporary "
                                "directory); an existing run there is resumed.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 0, "Checkpoint every fine-tuning this often (LoRA state only), so a killed "
+    "run loses at most that many steps; 0: only at the end, keeping checkpoint I/O out of the timing.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, few steps, short context (tests); flags given "
                            "explicitly still win.")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_quality.json", "Where to write the JSON.")
@@ -79,11 +98,17 @@ def log(message: str) -> None:
 
 
 def settings() -> dict:
-    """The run's settings: flag values, with ``--smoke`` replacing the defaults of unset flags."""
+    """The run's settings: flag values, with ``--smoke`` replacing the defaults of unset flags.
+
+    With ``--base`` the pretraining settings (preset, base context, steps, batch, vocabulary) are
+    left out: they describe nothing about a base that was not pretrained here."""
     out = {}
     for name, flag in _FLAGS.items():
         given = flags.FLAGS[name].present
         out[name] = SMOKE[name] if _SMOKE.value and not given else flag.value
+    out["base"] = _BASE.value
+    if out["base"]:
+        return {k: out[k] for k in ("base", "seq_len", "steps", "eval_batches")}
     out["vocab_size"] = 512 if out["preset"] == "tiny" else 8192
     if out["seq_len"] <= out["base_seq_len"]:
         raise ValueError(f"--seq_len={out['seq_len']} must exceed --base_seq_len="
@@ -115,13 +140,23 @@ def windows_covering(docs, seq_len: int, n_targets: int) -> list[data.EvalWindow
 
 
 def _dense_eval(model, windows) -> dict:
-    step = train.make_eval_step(lambda model, batch: train.lm_loss(model, batch))
+    """Dense perplexity with the fine-tuning configs' segmented loss: the same numbers as the full
+    loss, without [T, vocab] logits at once (2K x 49152 floats for SmolLM2)."""
+    segment = finetune_small.get_config().train.loss_segment
+    step = train.make_eval_step(lambda model, batch: train.lm_loss(model, batch, loss_segment=segment))
     return train.evaluate(step, model, windows)
 
 
-def evaluate_base(s: dict, base: pathlib.Path) -> list[dict]:
-    """Rows for the base before fine-tuning: at its own context, and at seq_len with RoPE scaling,
-    both on the target tokens of the fine-tuned runs' validation windows."""
+def base_contexts(s: dict) -> list[int]:
+    """Contexts the base is scored at: a pretrained base at its own and at seq_len; a ``--base`` at
+    seq_len only (its own context is what it was released with, not a setting of this run)."""
+    return [s["seq_len"]] if s.get("base") else [s["base_seq_len"], s["seq_len"]]
+
+
+def evaluate_base(s: dict, base: pathlib.Path | str) -> list[dict]:
+    """Rows for the base before fine-tuning at each of :func:`base_contexts` (RoPE scaled as
+    fine-tuning would scale it), all on the target tokens of the fine-tuned runs' validation
+    windows. ``rope_factor`` says how much each row's RoPE was stretched (1: not at all)."""
     model, config, tokenizer = runs.load_base(str(base), attention_backend=_ATTENTION.value)
     corpus = data.load_corpus(finetune_small.get_config().data.source)
     val_docs = data.encode_documents(tokenizer, corpus.validation)
@@ -129,15 +164,36 @@ def evaluate_base(s: dict, base: pathlib.Path) -> list[dict]:
                                  s["eval_batches"]))
     n_targets = int(sum(w.loss_mask.sum() for w in long))
     rows = []
-    for seq_len, windows in ((s["base_seq_len"], windows_covering(val_docs, s["base_seq_len"], n_targets)),
-                             (s["seq_len"], long)):
-        runs.set_context(model, config.with_context(seq_len))
+    for seq_len in base_contexts(s):
+        windows = long if seq_len == s["seq_len"] else windows_covering(val_docs, seq_len, n_targets)
+        context = config.with_context(seq_len)
+        runs.set_context(model, context)
         start = time.perf_counter()
         result = _dense_eval(model, windows)
-        rows.append(_row("base", None, 0, seq_len, {f"val_{k}": v for k, v in result.items()},
-                         time.perf_counter() - start))
+        row = _row("base", None, 0, seq_len, {f"val_{k}": v for k, v in result.items()},
+                   time.perf_counter() - start)
+        rows.append({**row, "rope_factor": context.rope_scaling.factor})
         log(f"base at T={seq_len}: val ppl {result['ppl']:.3f} over {result['tokens']:.0f} tokens")
     return rows
+
+
+def _reuse_or_run(path: pathlib.Path, key: dict, compute):
+    """``compute()``, remembered in ``path`` under ``key`` (JSON): a rerun with the same key reads
+    it back instead, so an interrupted benchmark does not repeat finished fine-tunings."""
+    key = json.loads(json.dumps(key))
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            log(f"reusing {path}")
+            return saved["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "value": value}, indent=1))
+    return value
+
+
+class Interrupted(RuntimeError):
+    """A fine-tuning stopped early (SIGTERM / Ctrl-C); its checkpoint is where a rerun continues."""
 
 
 def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | None,
@@ -149,9 +205,11 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
     c.lemo.predictors = predictors
     if mlp_drop is not None:
         c.lemo.mlp_drop = mlp_drop
-    c.data.vocab_size = s["vocab_size"]
+    if "vocab_size" in s:  # a --base brings its own tokenizer, which finetune uses instead
+        c.data.vocab_size = s["vocab_size"]
     c.train.seq_len, c.train.steps, c.train.eval_batches = s["seq_len"], s["steps"], s["eval_batches"]
-    c.train.checkpoint_every = s["steps"]  # only at the end: no checkpoint I/O inside the timing
+    # By default only at the end: no checkpoint I/O inside the timing.
+    c.train.checkpoint_every = _CHECKPOINT_EVERY.value or s["steps"]
     c.train.log_every = max(min(c.train.log_every, s["steps"]), 1)
     return c
 
@@ -169,11 +227,20 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
     name = method if mlp_drop is None else f"{method}_mlp_drop{mlp_drop}"
     name += "_predictor" if predictors else ""
     selector = None if method != "lemo" else "predictor" if predictors else "oracle"
-    log(f"fine-tuning {name} at T={s['seq_len']} for {s['steps']} steps")
-    start = time.perf_counter()
-    summary = runs.finetune(finetune_config(s, base, method, mlp_drop, predictors), workdir / name)
-    row = _row(method, mlp_drop, s["steps"], s["seq_len"], summary, time.perf_counter() - start,
-               selector)
+    c = finetune_config(s, base, method, mlp_drop, predictors)
+
+    def compute():
+        log(f"fine-tuning {name} at T={s['seq_len']} for {s['steps']} steps")
+        start = time.perf_counter()
+        summary = runs.finetune(c, workdir / name)
+        if summary["interrupted"]:
+            raise Interrupted(f"{name} stopped at step {summary['steps']}/{s['steps']}; rerun the "
+                              f"same command with --workdir={workdir} to continue from there.")
+        return _row(method, mlp_drop, s["steps"], s["seq_len"], summary,
+                    time.perf_counter() - start, selector)
+
+    key = {k: v for k, v in c.to_dict().items() if k != "progress"}
+    row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
     sparse = "" if row["val_sparse_ppl"] is None else f", sparse-eval ppl {row['val_sparse_ppl']:.3f}"
     log(f"{name}: val ppl {row['val_ppl']:.3f}{sparse}, {row['tokens_per_s'] or 0:.0f} train tokens/s, "
         f"{row['wall_s']:.0f} s")
@@ -188,9 +255,9 @@ def summarise(s: dict, base_rows: list[dict], lora: dict, lemo: list[dict]) -> d
     if 0.5 in by_drop:
         summary["ppl_ratio_mlp_drop0.5"] = by_drop[0.5]["val_ppl"] / lora["val_ppl"]
     summary["sparse_ppl_ratio"] = main["val_sparse_ppl"] / lora["val_ppl"]
-    native, scaled = base_rows
-    summary[f"base_ppl@{native['seq_len']}"] = native["val_ppl"]
-    summary[f"base_ppl_rope_scaled@{scaled['seq_len']}"] = scaled["val_ppl"]
+    for row in base_rows:
+        scaled = "_rope_scaled" if row["rope_factor"] > 1 else ""
+        summary[f"base_ppl{scaled}@{row['seq_len']}"] = row["val_ppl"]
     summary[f"lora_ppl@{s['seq_len']}"] = lora["val_ppl"]
     summary[f"lemo_ppl@{s['seq_len']}"] = main["val_ppl"]
     if predicted:
@@ -211,11 +278,15 @@ def print_table(rows: list[dict]) -> None:
               f"{sparse:>10} {r['tokens_per_s'] or 0:>8.0f} {r['wall_s']:>7.1f}")
 
 
-def run(s: dict, base: pathlib.Path, workdir: pathlib.Path) -> tuple[list[dict], dict]:
-    base_summary = pretrain_base(s, base)
-    log(f"base: train loss {base_summary['train_loss']:.3f}, val ppl at T={s['base_seq_len']} "
-        f"(packed rows) {base_summary['val_ppl']:.3f}")
-    base_rows = evaluate_base(s, base)
+def run(s: dict, base: pathlib.Path | str, workdir: pathlib.Path) -> tuple[list[dict], dict]:
+    """The base (pretrained here unless ``--base``), its evaluation, then every fine-tuning."""
+    if not s.get("base"):
+        base_summary = pretrain_base(s, base)
+        log(f"base: train loss {base_summary['train_loss']:.3f}, val ppl at T={s['base_seq_len']} "
+            f"(packed rows) {base_summary['val_ppl']:.3f}")
+    key = {"base": str(base), "contexts": base_contexts(s), "eval_batches": s["eval_batches"],
+           "attention": _ATTENTION.value}
+    base_rows = _reuse_or_run(workdir / "base_rows.json", key, lambda: evaluate_base(s, base))
     lora = finetune_run(s, base, workdir, "lora", None)
     drops = (0.8, 0.5) if _MLP_ABLATION.value else (0.8,)
     lemo = [finetune_run(s, base, workdir, "lemo", p) for p in drops]
@@ -229,15 +300,22 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     s = settings()
-    base = pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
+    base = s["base"] or pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
     with tempfile.TemporaryDirectory(prefix="lemo_quality_") as tmp:
         workdir = pathlib.Path(_WORKDIR.value or tmp).expanduser()
-        rows, summary = run(s, base, workdir)
+        try:
+            rows, summary = run(s, base, workdir)
+        except Interrupted as e:
+            log(f"interrupted: {e}" + ("" if _WORKDIR.value else " (pass --workdir to be able to "
+                                        "resume: this one was temporary)"))
+            raise SystemExit(1) from None
     print_table(rows)
     print(json.dumps(summary, indent=1))
     c = finetune_small.get_config()
     write_result(_OUT.value, "lemo_quality", rows, summary, settings={
-        **s, "smoke": _SMOKE.value, "attention": _ATTENTION.value, "base_workdir": str(base),
+        **s, "smoke": _SMOKE.value, "attention": _ATTENTION.value,
+        **({} if s["base"] else {"base_workdir": str(base)}),
+        "checkpoint_every": _CHECKPOINT_EVERY.value,
         "lora": c.lora.to_dict(), "lemo": c.lemo.to_dict(), "lr": c.train.lr,
         "warmup_steps": c.train.warmup_steps, "schedule": c.train.schedule,
         "batch_size": c.train.batch_size, "seed": c.train.seed,

@@ -1,8 +1,9 @@
 """LoRA fine-tuning of a pretrained base at 2x its context (LeMo's recipe: r=8, α=16 on q,k,v,o;
 AdamW β=(0.9, 0.95), 20 warm-up steps then constant; RoPE linear scaling to the target length).
 
-Set ``--config.base`` to a pretraining workdir (e.g. from pretrain_small.py) or a Hugging Face
-directory.
+Set ``--config.base`` to a pretraining workdir (e.g. from pretrain_small.py), a Hugging Face
+directory, or a ``tokensparse.zoo`` model name (e.g. ``smollm2-135m``: its own tokenizer and 8K
+context, so no RoPE scaling up to 8K).
 """
 
 from ml_collections import config_dict
