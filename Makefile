@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test lint bench clean
+.PHONY: run demo test lint bench bench-quality plots clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "tokensparse needs Python >= 3.12, found " + sys.version.split()[0] + "; set PYTHON=/path/to/python3.12")'
@@ -30,6 +30,34 @@ test: $(STAMP)  ## lint + the whole test suite (CPU)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The README's Results commands, exactly: `make bench` regenerates the memory and speed rows
+# (about an hour on 2 busy CPU cores: lemo_memory's 16 compiles ~25 min, lemo_speed ~4 min,
+# subllm_speed ~35 min, most of it at 4096), `make bench-quality` the quality rows (hours; the
+# workdirs make a rerun resume). Each benchmark writes bench_results/<name>.json and its figure.
+BENCH := $(BIN)/python -m experiments.bench
+QUALITY_WORKDIR ?= workdirs/bench
+
+bench: $(STAMP)  ## CPU-affordable benchmarks (memory, speed) into bench_results/, then every figure
+	$(BENCH).lemo_memory
+	$(BENCH).lemo_speed --seq_lens=2048
+	$(BENCH).subllm_speed --seq_lens=2048,4096 --reps=5
+	$(MAKE) plots
+
+bench-quality: $(STAMP)  ## hours on CPU: LeMo and SUBLLM quality, predictors; resumable
+	$(BENCH).lemo_quality --base_seq_len=256 --base_steps=200 --seq_len=2048 --steps=150 \
+		--eval_batches=8 --nomlp_drop_ablation --workdir=$(QUALITY_WORKDIR)/lemo_quality
+	$(BENCH).lemo_predictor --base_seq_len=256 --base_steps=200 \
+		--workdir=$(QUALITY_WORKDIR)/lemo_predictor
+	$(BENCH).lemo_quality --base_seq_len=256 --base_steps=200 --seq_len=2048 --steps=150 \
+		--eval_batches=8 --nomlp_drop_ablation --workdir=$(QUALITY_WORKDIR)/lemo_quality \
+		--predictors=$(QUALITY_WORKDIR)/lemo_predictor/predictors \
+		--out=bench_results/lemo_quality_predictor.json
+	$(BENCH).subllm_quality
+	$(MAKE) plots
+
+plots: $(STAMP)  ## redraw every bench_results/*.png from the committed JSONs (runs nothing)
+	$(BIN)/python -m experiments.plots bench_results
 
 clean:
 	rm -rf $(VENV)

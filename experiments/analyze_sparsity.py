@@ -24,8 +24,9 @@ every layer of every window the dense forward is run once and, from that layer's
 
 Writes the JSON (per-layer ``rows`` and a ``summary`` with ``block_sparsity@<T>``,
 ``score_sparsity@<T>``, ``softmax_sparsity@<T>``, ``cross_input_jaccard@<T>``,
-``adjacent_layer_jaccard@<T>``) and, when matplotlib is installed (``pip install
-tokensparse[plots]``), a PNG of the per-layer curves next to it.
+``adjacent_layer_jaccard@<T>``; rows also list each window's kept blocks, ``keep_blocks``) and,
+when matplotlib is installed (``pip install tokensparse[plots]``), a PNG next to it: the per-layer
+curves and the first window's kept blocks per layer (:func:`experiments.plots.analyze_sparsity`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import time
 
 from absl import app, flags
 
+from experiments import _checks
 from experiments.bench import write_result
 from tokensparse import zoo
 from tokensparse.lemo.sparsity import BLOCK, BLOCK_THRESHOLD, KEEP, SCORE_THRESHOLD, analyze, held_out_windows
@@ -47,31 +49,12 @@ _WINDOWS = flags.DEFINE_list("windows", ["2", "3", "1", "1"], "Windows per lengt
 _ROWS = flags.DEFINE_integer("rows", 256, "Query rows sampled per window for the score sparsities.")
 _ATTENTION = flags.DEFINE_string("attention", "chunked", "Attention backend of the forward.")
 
-def plot(rows: list[dict], path: pathlib.Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    keys = ("block_min_over_max", "score_sparsity", "score_sparsity_nosink", "softmax_sparsity",
-            "cross_input_jaccard", "adjacent_layer_jaccard")
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
-    axes = axes.ravel()
-    for ax, key in zip(axes, keys, strict=True):
-        for seq_len in sorted({r["seq_len"] for r in rows}):
-            pts = [(r["layer"], r[key]) for r in rows if r["seq_len"] == seq_len and r[key] is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", label=f"T={seq_len}")
-        ax.set_title(key.replace("_", " "))
-        ax.set_xlabel("layer")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+_checks.int_list(_SEQ_LENS, minimum=BLOCK, multiple_of=BLOCK, why="whole key blocks")
+_checks.int_list(_WINDOWS)
+_checks.same_length(_SEQ_LENS, _WINDOWS)
+_checks.at_least(_ROWS, 1)
+_checks.one_of(_MODEL, sorted(zoo.MODELS))
+_checks.one_of(_ATTENTION, _checks.attention_backends())
 
 
 def main(argv):
@@ -79,8 +62,6 @@ def main(argv):
     t0 = time.perf_counter()
     seq_lens = [int(s) for s in _SEQ_LENS.value]
     counts = [int(c) for c in _WINDOWS.value]
-    if len(counts) != len(seq_lens):
-        raise app.UsageError(f"--windows has {len(counts)} entries, --seq_lens {len(seq_lens)}.")
     model, config, tokenizer = zoo.load(_MODEL.value, attention_backend=_ATTENTION.value)
     if max(seq_lens) > config.max_positions:
         raise app.UsageError(f"--seq_lens exceeds the model's context ({config.max_positions}).")
@@ -92,14 +73,11 @@ def main(argv):
                 "block_size": BLOCK, "keep": KEEP, "block_threshold": BLOCK_THRESHOLD,
                 "score_threshold": SCORE_THRESHOLD, "score_options": "target kernel, pre-RoPE",
                 "corpus": "shakespeare validation+test", "attention": _ATTENTION.value}
-    write_result(out, "analyze_sparsity", rows, summary, settings=settings)
-    png = pathlib.Path(_PNG.value) if _PNG.value else out.with_suffix(".png")
-    if plot(rows, png):
-        print(f"wrote {png}")
+    write_result(out, "analyze_sparsity", rows, summary, settings=settings, png=_PNG.value or None)
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         print(f"{key:<{width}}  {value:.4g}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from experiments import _checks
 from tokensparse import config as cfg
 from tokensparse import lora
 from tokensparse.llama import Llama
@@ -56,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

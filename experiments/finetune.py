@@ -1,12 +1,19 @@
-"""LoRA fine-tuning of a pretrained base at a longer context.
+"""LoRA fine-tuning of a pretrained base at a longer context, dense LoRA or LeMo.
 
-    python -m experiments.finetune --config=experiments/configs/finetune_small.py --workdir=DIR
-        --config.base=PRETRAIN_WORKDIR_OR_HF_DIR
+    python -m experiments.finetune --config=experiments/configs/finetune_small.py --workdir=DIR \\
+        --config.base=PRETRAIN_WORKDIR_OR_HF_DIR [--config.method=lemo --config.train.steps=N]
+
+The context is extended with RoPE linear scaling (factor ceil(seq_len / base context)); LoRA is
+r=8, alpha=16 on q, k, v, o by default (--config.lora.*), LeMo's options are --config.lemo.*.
+Writes DIR/config.json, DIR/metrics.jsonl, DIR/checkpoints/ (LoRA state) and DIR/summary.json
+(dense validation perplexity; LeMo runs also the sparse one). Rerunning with the same DIR resumes;
+SIGTERM or Ctrl-C saves a checkpoint first. Progress with ETA goes to stderr
+(--config.progress=False: off). Bad flags and config values fail before anything is compiled.
 """
 
-from absl import app, flags
+from absl import flags
 
-from experiments import _cli
+from experiments import _checks, _cli
 from experiments._cli import define_flags, main_for
 from tokensparse import runs
 
@@ -15,4 +22,4 @@ _CONFIG, _WORKDIR = define_flags("finetune_small.py")
 flags.adopt_module_key_flags(_cli)  # --help lists --config and --workdir
 
 if __name__ == "__main__":
-    app.run(main_for(runs.finetune, _CONFIG, _WORKDIR))
+    _checks.run(main_for(runs.finetune, _CONFIG, _WORKDIR))

@@ -1,12 +1,20 @@
-"""Pretrain a Llama-family model from scratch on the offline corpus.
+"""Pretrain a Llama-family model (or SUBLLM / its dense twin) from scratch on the offline corpus.
 
-    python -m experiments.pretrain --config=experiments/configs/pretrain_tiny.py --workdir=DIR
-        [--config.train.steps=N]
+    python -m experiments.pretrain --config=experiments/configs/pretrain_tiny.py --workdir=DIR \\
+        [--config.train.steps=N --config.train.remat=full --config.model.overrides.n_layers=4]
+    python -m experiments.pretrain --config=experiments/configs/pretrain_subllm_small.py \\
+        --workdir=DIR --config.model=subllm        # or dense: SUBLLM's twin, same recipe
+
+Writes DIR/config.json, DIR/metrics.jsonl (one JSON object per logged step), DIR/checkpoints/,
+DIR/summary.json, DIR/tokenizer.json and DIR/hf/ (the fine-tuning base, HF format). Rerunning with
+the same DIR resumes exactly; SIGTERM or Ctrl-C saves a checkpoint first. Progress (loss, tokens/s,
+ETA) goes to stderr; --config.progress=False turns it off. Bad flags and config values fail before
+anything is compiled.
 """
 
-from absl import app, flags
+from absl import flags
 
-from experiments import _cli
+from experiments import _checks, _cli
 from experiments._cli import define_flags, main_for
 from tokensparse import runs
 
@@ -15,4 +23,4 @@ _CONFIG, _WORKDIR = define_flags("pretrain_tiny.py")
 flags.adopt_module_key_flags(_cli)  # --help lists --config and --workdir
 
 if __name__ == "__main__":
-    app.run(main_for(runs.pretrain, _CONFIG, _WORKDIR))
+    _checks.run(main_for(runs.pretrain, _CONFIG, _WORKDIR))

@@ -118,6 +118,7 @@ def test_analyze_on_a_tiny_model():
     tops = [np.asarray(w[0]["top"]) for w in (A.window_stats(model, x, 32) for x in windows[384])]
     expected = np.mean([A.jaccard(tops[a], tops[b]) for a, b in itertools.combinations(range(3), 2)])
     assert short[0]["cross_input_jaccard"] == pytest.approx(expected)
+    assert short[0]["keep_blocks"] == [np.flatnonzero(t).tolist() for t in tops]
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """The SUBLLM speed and quality benchmarks end to end on subllm-tiny: their JSON is complete."""
 
+import importlib.util
+
 import pytest
 from test_bench_lemo import _bench, _finite
 
@@ -33,6 +35,10 @@ def test_subllm_quality_smoke(tmp_path):
     assert summary["val_loss_ratio"] == sub["val_loss"] / dense["val_loss"]
     assert summary["val_loss_ratio_topk"] == sub["val_topk_loss"] / dense["val_loss"]
     assert {"subllm_positive_fraction_0", "subllm_bypass_c_1"} <= set(summary)
+    for row in (dense, sub):  # the loss curve: every logged step (here only the last)
+        assert row["loss_history"] == {"step": [2], "loss": [row["train_loss"]]}
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "q.png").stat().st_size > 5000
     again, _ = _bench("subllm_quality", tmp_path / "q2.json", "--preset=subllm-tiny", "--steps=2",
                       "--seq_len=64", "--batch_size=2", "--eval_batches=1", f"--workdir={tmp_path / 'runs'}")
     assert again["summary"] == summary  # finished runs are reused, not retrained

@@ -23,9 +23,11 @@ def git_sha() -> str:
         return "unknown"
 
 
-def write_result(path: str | os.PathLike, benchmark: str, rows: list, summary: dict,
-                 **extra) -> dict:
-    """Write BENCHMARKS.md's JSON (benchmark, backend, device, jax, git, rows, summary, extras)."""
+def write_result(path: str | os.PathLike, benchmark: str, rows: list, summary: dict, *,
+                 png: str | os.PathLike | bool | None = None, **extra) -> dict:
+    """Write BENCHMARKS.md's JSON (benchmark, backend, device, jax, git, rows, summary, extras),
+    then its figure (:mod:`experiments.plots`) to ``png`` (default: ``path`` with ``.png``;
+    ``False``: none). A missing matplotlib skips the figure with a one-line notice."""
     import jax
 
     result = {"benchmark": benchmark, "backend": jax.default_backend(),
@@ -34,4 +36,27 @@ def write_result(path: str | os.PathLike, benchmark: str, rows: list, summary: d
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    if png is not False:
+        from experiments import plots
+
+        notice = plots.plot(result, out.with_suffix(".png") if png in (None, True) else png)
+        if not notice.startswith("no figure"):
+            print(notice)
     return result
+
+
+def loss_history(run_dir: str | os.PathLike) -> dict | None:
+    """``{"step": [...], "loss": [...]}`` from a run's ``metrics.jsonl`` (one entry per logged step;
+    a step logged twice, by a run resumed from an earlier checkpoint, keeps its last value), or
+    None when the run logged nothing. Compact enough for a benchmark row; the loss-curve figures
+    are drawn from it."""
+    metrics = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    losses = {}
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[int(record["step"])] = float(record["loss"])
+    steps = sorted(losses)
+    return {"step": steps, "loss": [losses[s] for s in steps]} if steps else None

@@ -16,14 +16,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from experiments import _checks
 from experiments.bench import write_result
 from tokensparse import lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import LeMoConfig, LoRAConfig, preset, preset_names
 from tokensparse.lemo.model import lemo_loss
 from tokensparse.llama import Llama
+from tokensparse.remat import REMAT_POLICIES
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768"], "Sequence lengths.")
@@ -31,7 +33,13 @@ _REMAT = flags.DEFINE_list("remat", ["none", "full"], "Remat policies (each for 
                            "summary's unsuffixed keys are for 'none'.")
 _ATTENTION = flags.DEFINE_string("attention", "chunked", "Attention backend for both methods "
                                  "(chunked: flash-like memory on any platform).")
-_OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON "
+                           "(and its figure, the same path with .png).")
+
+_checks.one_of(_PRESET, preset_names())
+_checks.int_list(_SEQ_LENS, multiple_of=LeMoConfig().block_size, why="LeMo keeps whole blocks")
+_checks.one_of(_REMAT, REMAT_POLICIES)
+_checks.one_of(_ATTENTION, _checks.attention_backends())
 
 
 class Batch(NamedTuple):
@@ -88,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

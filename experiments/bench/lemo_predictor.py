@@ -28,13 +28,14 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
+from experiments import _checks
 from experiments.bench import bases, timing, write_result
 from experiments.configs import finetune_small, predictors_small
 from tokensparse import data, lora, runs, train
-from tokensparse.config import LeMoConfig, LoRAConfig
+from tokensparse.config import LeMoConfig, LoRAConfig, preset_names
 from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo.model import lemo_loss
 
@@ -55,7 +56,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Predictor run directory (defaul
 _REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions per variant (median; at least 3).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, few steps, short context (tests); flags "
                            "given explicitly still win.")
-_OUT = flags.DEFINE_string("out", "bench_results/lemo_predictor.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "bench_results/lemo_predictor.json", "Where to write the JSON "
+                           "(and its per-layer figure, the same path with .png).")
+
+_checks.one_of(_PRESET, preset_names())
+_checks.at_least(_BASE_SEQ_LEN, 2)
+_checks.at_least(_BASE_STEPS, 1)
+_checks.at_least(_BASE_BATCH, 1)
+_checks.at_least(_SEQ_LEN, LeMoConfig().block_size, multiple_of=LeMoConfig().block_size,
+                 why="LeMo keeps whole blocks")
+_checks.at_least(_STEPS, 1)
+_checks.at_least(_TRAIN_WINDOWS, 1)
+_checks.at_least(_EVAL_WINDOWS, 1)
+_checks.at_least(_REPS, 1)
 
 SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
          "seq_len": 256, "steps": 12, "train_windows": 4, "eval_windows": 2, "reps": 3}
@@ -180,4 +193,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

@@ -53,9 +53,10 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.bench import bases, write_result
+from experiments import _checks
+from experiments.bench import bases, loss_history, write_result
 from experiments.configs import finetune_small
 from tokensparse import data, runs, train
 
@@ -84,7 +85,13 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "run loses at most that many steps; 0: only at the end, keeping checkpoint I/O out of the timing.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, few steps, short context (tests); flags given "
                            "explicitly still win.")
-_OUT = flags.DEFINE_string("out", "bench_results/lemo_quality.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "bench_results/lemo_quality.json", "Where to write the JSON "
+                           "(and the runs' loss curves, the same path with .png).")
+
+for _flag, _minimum in ((_BASE_SEQ_LEN, 2), (_BASE_STEPS, 1), (_BASE_BATCH, 1), (_STEPS, 1),
+                        (_EVAL_BATCHES, 1)):
+    _checks.at_least(_flag, _minimum)
+_checks.at_least(_SEQ_LEN, 64, multiple_of=64, why="LeMo keeps whole 64-token blocks")
 
 SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
          "seq_len": 256, "steps": 3, "eval_batches": 2}
@@ -236,8 +243,9 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
         if summary["interrupted"]:
             raise Interrupted(f"{name} stopped at step {summary['steps']}/{s['steps']}; rerun the "
                               f"same command with --workdir={workdir} to continue from there.")
-        return _row(method, mlp_drop, s["steps"], s["seq_len"], summary,
-                    time.perf_counter() - start, selector)
+        return {**_row(method, mlp_drop, s["steps"], s["seq_len"], summary,
+                       time.perf_counter() - start, selector),
+                "loss_history": loss_history(workdir / name)}
 
     key = {k: v for k, v in c.to_dict().items() if k != "progress"}
     row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
@@ -324,4 +332,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

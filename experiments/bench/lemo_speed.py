@@ -27,18 +27,20 @@ import functools
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from experiments import _checks
 from experiments.bench import timing, write_result
 from experiments.bench.inputs import random_batch, resolve_dtype
 from experiments.bench.timing import timed_step
 from experiments.configs import finetune_small
 from tokensparse import lora, runs, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import DTYPES, LeMoConfig, LoRAConfig, preset, preset_names
 from tokensparse.lemo.model import check_lemo, lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.metrics import compiled_memory
+from tokensparse.remat import REMAT_POLICIES
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model preset (random weights).")
 _N_LAYERS = flags.DEFINE_integer("n_layers", 0, "Override the preset's layer count (0: keep it).")
@@ -52,6 +54,17 @@ _DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter and compute dtype of bo
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy of both methods.")
 _LOSS_SEGMENT = flags.DEFINE_integer("loss_segment", 2048, "LM-head loss segment of both methods.")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_speed.json", "Where to write the JSON.")
+
+_checks.one_of(_PRESET, preset_names())
+_checks.at_least(_N_LAYERS, 0)
+_checks.int_list(_SEQ_LENS, multiple_of=LeMoConfig().block_size, why="LeMo keeps whole blocks")
+_checks.at_least(_BATCH, 1)
+_checks.at_least(_REPS, 1)
+_checks.at_least(_WARMUP, 0)
+_checks.one_of(_ATTENTION, _checks.attention_backends())
+_checks.one_of(_DTYPE, ("auto", *DTYPES))
+_checks.one_of(_REMAT, REMAT_POLICIES)
+_checks.at_least(_LOSS_SEGMENT, 0)
 
 METHODS = ("lora", "lemo")
 
@@ -137,4 +150,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

@@ -68,14 +68,16 @@ os.environ["XLA_FLAGS"] = _FLAGS
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments import _checks  # noqa: E402
 from experiments.bench import write_result  # noqa: E402
 from tokensparse import lora, sharding, train  # noqa: E402
-from tokensparse.config import MESH_AXES, LeMoConfig, LoRAConfig, MeshConfig, preset  # noqa: E402
+from tokensparse.config import MESH_AXES, LeMoConfig, LoRAConfig, MeshConfig, preset, preset_names  # noqa: E402
 from tokensparse.lemo.model import lemo_loss  # noqa: E402
 from tokensparse.llama import Llama  # noqa: E402
+from tokensparse.remat import REMAT_POLICIES  # noqa: E402
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Sequence length (LeMo: a multiple of 64 x seq axis).")
@@ -97,6 +99,15 @@ _HLO_DIR = flags.DEFINE_string("hlo_dir", "", "If set, write each compiled progr
 _ONE = flags.DEFINE_string("one", "", "Internal: measure one 'mesh|method|remat', print its row.")
 _OUT = flags.DEFINE_string("out", "bench_results/sharded_memory.json", "Where to write the JSON.")
 
+_checks.one_of(_PRESET, preset_names())
+_checks.at_least(_SEQ_LEN, 1)
+_checks.at_least(_BATCH, 1)
+_checks.one_of(_REMAT, REMAT_POLICIES)
+_checks.one_of(_ATTENTION, _checks.attention_backends())
+_checks.at_least(_LOSS_SEGMENT, -1)
+_checks.at_least(_TIMEOUT, 1)
+_checks.at_least(_JOBS, 1)
+
 METHODS = ("lora", "lemo")
 _ROW_MARK = "ROW "
 
@@ -112,6 +123,16 @@ def parse_mesh(text: str) -> MeshConfig:
     if len(sizes) != 4:
         raise ValueError(f"mesh {text!r} must have 4 sizes: data,fsdp,tensor,seq.")
     return MeshConfig(*sizes)
+
+
+@flags.validator("meshes")
+def _meshes_parse(text: str) -> bool:
+    for mesh in filter(str.strip, text.split(";")):
+        try:
+            parse_mesh(mesh)
+        except (ValueError, TypeError) as e:
+            raise flags.ValidationError(str(e)) from None
+    return True
 
 
 def mesh_label(mesh: MeshConfig) -> str:
@@ -285,4 +306,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

@@ -10,8 +10,10 @@ same backbone init, data order, recipe and number of tokens. Runs are cached und
 evaluated in threshold mode (the causal inference rule; the spec's quality protocol) and in
 deterministic top-k mode; ``val_loss_ratio`` = SUBLLM threshold-mode loss / dense loss (lower is
 better, ≤ 1.02 is the acceptance bar) and ``val_loss_ratio_topk`` the same in top-k mode. Rows also
-carry each run's training throughput and the SUBLLM's score statistics (fraction of positive scores
-per subsampler: the Balancer's band is keep ± 0.05; threshold-mode keep rates; bypass scales).
+carry each run's training throughput, its ``loss_history`` (training loss per logged step, from its
+``metrics.jsonl``; drawn as the loss curves ``<out>.png``) and the SUBLLM's score statistics
+(fraction of positive scores per subsampler: the Balancer's band is keep ± 0.05; threshold-mode keep
+rates; bypass scales).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from __future__ import annotations
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
-from experiments.bench import write_result
+from experiments import _checks
+from experiments.bench import loss_history, write_result
 from experiments.configs import pretrain_subllm_small
 from tokensparse import data, runs
+from tokensparse.subllm.structure import subllm_preset_names
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Pretraining steps of each model.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Packed row length.")
@@ -34,7 +38,16 @@ _MULTIPLIER = flags.DEFINE_float("schedule_step_multiplier", 1.0,
                                  "Balancer / bypass schedules see step × this (spec §4.7).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Held-out batches evaluated.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where the two runs live (default: a cache dir).")
-_OUT = flags.DEFINE_string("out", "bench_results/subllm_quality.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "bench_results/subllm_quality.json", "Where to write the JSON "
+                           "(and the loss curves, the same path with .png).")
+
+_checks.at_least(_STEPS, 1)
+_checks.at_least(_SEQ_LEN, 2)
+_checks.at_least(_BATCH, 1)
+_checks.at_least(_EVAL_BATCHES, 1)
+_checks.in_range(_LR, 0.0, float("inf"))
+_checks.in_range(_MULTIPLIER, 0.0, float("inf"))
+_checks.one_of(_PRESET, subllm_preset_names())
 
 MODELS = ("dense", "subllm")
 
@@ -83,7 +96,8 @@ def main(argv):
     summaries = {kind: run(kind) for kind in MODELS}
     dense, sub = summaries["dense"], summaries["subllm"]
     tokens = _STEPS.value * _BATCH.value * _SEQ_LEN.value
-    rows = [{"model": kind, **settings(), "train_tokens": tokens, **summaries[kind]} for kind in MODELS]
+    rows = [{"model": kind, **settings(), "train_tokens": tokens, **summaries[kind],
+             "loss_history": loss_history(workdir() / kind)} for kind in MODELS]
     summary = {"val_loss_ratio": sub["val_loss"] / dense["val_loss"],
                "val_loss_ratio_topk": sub["val_topk_loss"] / dense["val_loss"],
                "dense_val_loss": dense["val_loss"], "subllm_val_loss": sub["val_loss"],
@@ -96,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

@@ -32,20 +32,22 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from experiments import _checks
 from experiments.bench import timing, write_result
 from experiments.bench.inputs import random_batch, resolve_dtype
 from experiments.bench.timing import timed_step
 from tokensparse import decode, train
-from tokensparse.config import TrainConfig
+from tokensparse.config import DTYPES, TrainConfig
 from tokensparse.generate import Decoder
 from tokensparse.metrics import compiled_memory
+from tokensparse.remat import REMAT_POLICIES
 from tokensparse.subllm import decode as subllm_decode
 from tokensparse.subllm import training as subllm_training
 from tokensparse.subllm.model import SubLLM
-from tokensparse.subllm.structure import dense_twin, subllm_preset
+from tokensparse.subllm.structure import dense_twin, subllm_preset, subllm_preset_names
 
 _PRESET = flags.DEFINE_string("preset", "subllm-small", "SUBLLM preset (random weights).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "4096"], "Sequence lengths.")
@@ -59,7 +61,28 @@ _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of both
 _DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter and compute dtype (auto: bfloat16 on a GPU "
                              "or TPU, float32 on a CPU, where bf16 dots are slow).")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy of both models.")
-_OUT = flags.DEFINE_string("out", "bench_results/subllm_speed.json", "Where to write the JSON.")
+_OUT = flags.DEFINE_string("out", "bench_results/subllm_speed.json", "Where to write the JSON "
+                           "(and its figure, the same path with .png).")
+
+_checks.one_of(_PRESET, subllm_preset_names())
+_checks.int_list(_SEQ_LENS, minimum=2)
+_checks.at_least(_BATCH, 1)
+_checks.at_least(_REPS, 1)
+_checks.at_least(_WARMUP, 0)
+_checks.at_least(_DECODE_TOKENS, 0)
+_checks.at_least(_DECODE_BATCH, 1)
+_checks.in_range(_KEEP_RATE, 0.0, 1.0)
+_checks.one_of(_ATTENTION, _checks.attention_backends())
+_checks.one_of(_DTYPE, ("auto", *DTYPES))
+_checks.one_of(_REMAT, REMAT_POLICIES)
+
+
+@flags.multi_flags_validator(["seq_lens", "decode_tokens"],
+                             "--decode_tokens must be smaller than every --seq_lens (the prompt is "
+                             "T - decode_tokens tokens).")
+def _prompt_left(values) -> bool:
+    lengths = [int(t) for t in values["seq_lens"] if t.strip().isdigit()]
+    return not lengths or values["decode_tokens"] < min(lengths)
 
 MODELS = ("dense", "subllm")
 
@@ -180,4 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)

@@ -133,7 +133,8 @@ def random_jaccard(n_blocks: int, keep: float = KEEP) -> float:
 
 
 def analyze(model, windows: dict[int, list[np.ndarray]], n_rows: int) -> tuple[list, dict]:
-    """``(rows, summary)``: per (T, layer) rows averaged over windows, and the headline numbers."""
+    """``(rows, summary)``: per (T, layer) rows averaged over windows (plus ``keep_blocks``, each
+    window's top-40% block indices, for drawing the keep pattern), and the headline numbers."""
     rows, summary = [], {}
     for seq_len, toks in windows.items():
         per_window = [window_stats(model, t, n_rows) for t in toks]  # [W][L]
@@ -152,6 +153,7 @@ def analyze(model, windows: dict[int, list[np.ndarray]], n_rows: int) -> tuple[l
             row["adjacent_layer_jaccard"] = (
                 float(np.mean([jaccard(tops[w, layer], tops[w, layer + 1]) for w in range(len(toks))]))
                 if layer + 1 < n_layers else None)
+            row["keep_blocks"] = [np.flatnonzero(tops[w, layer]).tolist() for w in range(len(toks))]
             rows.append(row)
         mine = [r for r in rows if r["seq_len"] == seq_len]
         for key in (*STAT_KEYS, "argmax_first_block", "cross_input_jaccard",

@@ -1,0 +1,158 @@
+"""Command-line checks every entry point shares, so a bad flag costs seconds, not a compile.
+
+- :func:`run` is ``absl.app.run`` with two changes: ``--help`` / ``-h`` / ``--helpshort`` exit 0 (absl
+  exits 1), and an override of a field the config does not have (``--config.train.stepz=3``, which
+  ``ml_collections`` reports as a bare ``KeyError`` traceback) becomes a one-line error naming it.
+- The validators (:func:`int_list`, :func:`at_least`, :func:`same_length`) run while absl parses
+  the flags, before ``main`` and therefore before anything is built or compiled; absl reports a
+  failure as ``FATAL Flags parsing error: flag --NAME=VALUE: why`` and exits 1.
+- :func:`fail` reports an error found later (a config value) in that same format.
+
+No flags are defined here: benchmarks import this module without the experiment scripts' multi-host
+flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from absl import app, flags
+
+HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+
+
+def fail(message: str) -> NoReturn:
+    """Exit 1 with absl's flag-error format (the same first words as a flag that fails to parse)."""
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --help to see the flags.\n")
+    sys.exit(1)
+
+
+def unknown_field_message(error: Exception, argv: Sequence[str]) -> str:
+    """Which ``--config.a.b`` override names a missing field, from ml_collections' KeyError text
+    (``'stepz'`` plus, when it has one, ``Did you mean "steps" instead of "stepz"?``)."""
+    text = str(error.args[0] if error.args else error).replace("\\n", "\n")
+    names = re.findall(r"'([^'\\]+)", text)
+    field = names[0] if names else text
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    given = [a.split("=", 1)[0] for a in argv if re.match(r"-{1,2}(no)?config\.", a)]
+    flag = next((g for g in given if field in g.split(".")[1:]), given[0] if given else "--config")
+    return (f"flag {flag}: the config has no field {field!r}"
+            + (f"; did you mean {hint.group(1)!r}?" if hint else "."))
+
+
+@contextlib.contextmanager
+def config_overrides_checked(argv: Sequence[str] | None = None):
+    """Turn ml_collections' error for an override of a missing field into :func:`fail`.
+
+    Needed around ``DEFINE_config_file`` too: without ``--config=FILE`` on the command line,
+    ml_collections applies the overrides while the flag is being defined."""
+    try:
+        yield
+    except (KeyError, AttributeError) as e:
+        fail(unknown_field_message(e, sys.argv if argv is None else argv))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """``app.run``'s ``flags_parser``: help exits 0; flag errors print one line and exit 1."""
+    if any(a in HELP for a in argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+    try:
+        with config_overrides_checked(argv):
+            return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e))
+
+
+def run(main) -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+def attention_backends() -> tuple[str, ...]:
+    """Names an ``--attention`` / ``config.attention_backend`` may take."""
+    from tokensparse import attention
+
+    return ("auto", *attention.backends())
+
+
+def _check_int(v: int, minimum: int, multiple_of: int, why: str) -> None:
+    if v < minimum:
+        raise flags.ValidationError(f"{v} must be >= {minimum}.")
+    if v % multiple_of:
+        raise flags.ValidationError(f"{v} must be a multiple of {multiple_of}"
+                                    + (f" ({why})" if why else "") + ".")
+
+
+def int_list(holder: flags.FlagHolder, *, minimum: int = 1, multiple_of: int = 1,
+             why: str = "") -> None:
+    """Validate a ``DEFINE_list`` of integers: each >= ``minimum`` and a multiple of ``multiple_of``
+    (``why`` says what needs it). absl's message starts ``flag --NAME=VALUE:``."""
+    def check(values) -> bool:
+        if not values:
+            raise flags.ValidationError("give at least one value.")
+        for v in values:
+            try:
+                number = int(v)
+            except ValueError:
+                raise flags.ValidationError(f"{v!r} is not an integer (comma-separated integers, "
+                                            "e.g. 2048,4096).") from None
+            _check_int(number, minimum, multiple_of, why)
+        return True
+
+    flags.register_validator(holder, check)
+
+
+def at_least(holder: flags.FlagHolder, minimum: int, *, multiple_of: int = 1, why: str = "") -> None:
+    """Validate an integer flag: >= ``minimum`` and a multiple of ``multiple_of``."""
+    def check(value) -> bool:
+        if value is not None:
+            _check_int(value, minimum, multiple_of, why)
+        return True
+
+    flags.register_validator(holder, check)
+
+
+def one_of(holder: flags.FlagHolder, allowed: Sequence[str]) -> None:
+    """Validate a string flag, or each entry of a list flag, against ``allowed`` (for choices known
+    only once the library is imported, e.g. registered attention backends)."""
+    allowed = tuple(allowed)
+
+    def check(value) -> bool:
+        bad = [v for v in ([value] if isinstance(value, str) else value or []) if v not in allowed]
+        if bad:
+            raise flags.ValidationError(f"{', '.join(map(repr, bad))} is not one of "
+                                        f"{', '.join(allowed)}.")
+        return True
+
+    flags.register_validator(holder, check)
+
+
+def in_range(holder: flags.FlagHolder, low: float, high: float) -> None:
+    """Validate a float flag in the open interval (``low``, ``high``)."""
+    flags.register_validator(holder, lambda v: low < v < high,
+                             f"must be in ({low:g}, {high:g}).")
+
+
+def same_length(a: flags.FlagHolder, b: flags.FlagHolder) -> None:
+    """Two list flags that pair up entry by entry (``--seq_lens`` with ``--windows``)."""
+    def check(values) -> bool:
+        if len(values[a.name]) != len(values[b.name]):
+            raise flags.ValidationError(f"--{b.name} has {len(values[b.name])} entries, --{a.name} "
+                                        f"{len(values[a.name])}: give one per entry.")
+        return True
+
+    flags.register_multi_flags_validator([a, b], check)
+
+
+def flag_for_config_error(message: str) -> str:
+    """``config.train: TrainConfig.remat='bogus' must be ...`` → ``flag --config.train.remat='bogus' must
+    be ...``:
+    the library names the config section and the dataclass field, the user typed the flag."""
+    m = re.match(r"(config(?:\.\w+)*): \w+Config(?:\.|: )(\w+)=(.*)", message, re.S)
+    if m:
+        return f"flag --{m.group(1)}.{m.group(2)}={m.group(3)}"
+    return f"flag --{message}" if message.startswith("config.") else message
