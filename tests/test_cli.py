@@ -40,6 +40,7 @@ HELP = {
     "experiments.bench.subllm_speed": ("throughput", "--seq_lens", "--decode_tokens", "--out"),
     "experiments.bench.subllm_quality": ("held-out loss", "--steps", "--seq_len", "--out"),
     "experiments.bench.sharded_memory": ("mesh", "--meshes", "--seq_len", "--out"),
+    "experiments.bench.kernels": ("correctness sweep", "--seq_lens", "--kernels", "--out"),
 }
 
 

@@ -35,8 +35,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from experiments import _checks
 from experiments.bench import write_result
 from kernels_pallas import block_scores as score_kernel
 from kernels_pallas.segment_attention import default_config, segment_attention
@@ -62,16 +63,15 @@ _KERNELS = flags.DEFINE_list("kernels", ["segment_attention", "segment_attention
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes everywhere (tests); on CPU the timing "
                            "path then runs in interpret mode against the XLA baselines.")
 
-for _flag in ("seq_lens", "kv_heads", "score_heads"):
-    flags.register_validator(
-        _flag, lambda v: all(x.strip().isdigit() and int(x) > 0 for x in v),
-        message="must be a comma-separated list of positive integers")
-flags.register_validator(
-    "kernels", lambda v: set(v) <= {"segment_attention", "segment_attention_tpu", "block_scores"},
-    message="--kernels: choose from segment_attention, segment_attention_tpu, block_scores")
-flags.register_validator("reps", lambda v: v >= 1, message="--reps must be >= 1")
-flags.register_validator("score_seq_len", lambda v: v >= 64 and v % 64 == 0,
-                         message="--score_seq_len must be a positive multiple of 64")
+KERNELS = ("segment_attention", "segment_attention_tpu", "block_scores")
+_checks.int_list(_SEQ_LENS, minimum=16)
+_checks.int_list(_KV_HEADS)
+_checks.int_list(_SCORE_HEADS)
+flags.register_validator(_SCORE_HEADS, lambda v: len(v) == 3,
+                         "give three integers: query heads, KV heads, head dim.")
+_checks.at_least(_REPS, 1)
+_checks.at_least(_SCORE_T, 64, multiple_of=64, why="whole 64-token blocks")
+_checks.one_of(_KERNELS, KERNELS)
 
 # H100, first sweep (bf16, D=128, T=8192, Hkv=8), fwd ms: 128x64 w8 s2 2.02, 128x64 w8 s3 1.90,
 # 128x128 w8 s2 1.77, 64x64 w4 s3 2.95, 128x64 w4 s3 1.84; fwd+bwd ms with dq/dkv blocks:
@@ -505,4 +505,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _checks.run(main)
