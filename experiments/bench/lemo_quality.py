@@ -249,6 +249,8 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
 
     key = {k: v for k, v in c.to_dict().items() if k != "progress"}
     row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
+    if row.get("loss_history") is None:  # a row saved before rows carried it: the log still has it
+        row["loss_history"] = loss_history(workdir / name)
     sparse = "" if row["val_sparse_ppl"] is None else f", sparse-eval ppl {row['val_sparse_ppl']:.3f}"
     log(f"{name}: val ppl {row['val_ppl']:.3f}{sparse}, {row['tokens_per_s'] or 0:.0f} train tokens/s, "
         f"{row['wall_s']:.0f} s")
