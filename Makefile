@@ -33,7 +33,7 @@ lint: $(STAMP)
 
 # The README's Results commands, exactly: `make bench` regenerates the memory and speed rows
 # (about an hour on 2 busy CPU cores: lemo_memory's 16 compiles ~25 min, lemo_speed ~4 min,
-# subllm_speed ~35 min, most of it at 4096), `make bench-quality` the quality rows (hours; the
+# subllm_speed ~35 min, most of it at 4096, kernels ~3 min), `make bench-quality` the quality rows (hours; the
 # workdirs make a rerun resume). Each benchmark writes bench_results/<name>.json and its figure.
 BENCH := $(BIN)/python -m experiments.bench
 QUALITY_WORKDIR ?= workdirs/bench
@@ -42,6 +42,7 @@ bench: $(STAMP)  ## CPU-affordable benchmarks (memory, speed) into bench_results
 	$(BENCH).lemo_memory
 	$(BENCH).lemo_speed --seq_lens=2048
 	$(BENCH).subllm_speed --seq_lens=2048,4096 --reps=5
+	$(BENCH).kernels  # CPU: the kernels' correctness sweep (a few minutes), no timings
 	$(MAKE) plots
 
 bench-quality: $(STAMP)  ## hours on CPU: LeMo and SUBLLM quality, predictors; resumable
