@@ -80,9 +80,9 @@ def _train(c):
 
 
 def _base(c) -> None:
-    if not c.get("base"):
-        raise ValueError("config.base is empty: point --config.base at a pretraining --workdir or a "
-                         "Hugging Face directory (config.json + *.safetensors).")
+    from tokensparse import runs
+
+    runs.check_base(c.get("base", ""))
 
 
 def _pretrain(c) -> None:
@@ -113,22 +113,13 @@ def _pretrain(c) -> None:
 
 def _finetune(c) -> None:
     from tokensparse import runs
-    from tokensparse.config import LoRAConfig
 
     _base(c)
     tc = _train(c)
-    if c.method not in ("lora", "lemo"):
-        raise ValueError(f"config.method={c.method!r} must be 'lora' or 'lemo'.")
-    try:
-        LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                   targets=tuple(c.lora.targets))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config.lora: {e}") from None
-    if c.method == "lemo":
-        lemo = runs.build_lemo_config(c.lemo)
-        if tc.seq_len % lemo.block_size:
-            raise ValueError(f"config.train.seq_len={tc.seq_len} must be a multiple of "
-                             f"config.lemo.block_size={lemo.block_size}: LeMo keeps whole blocks.")
+    _, lemo = runs.build_finetune_method(c)
+    if lemo is not None and tc.seq_len % lemo.block_size:
+        raise ValueError(f"config.train.seq_len={tc.seq_len} must be a multiple of "
+                         f"config.lemo.block_size={lemo.block_size}: LeMo keeps whole blocks.")
     _attention(c)
 
 

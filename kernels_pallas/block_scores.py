@@ -130,11 +130,6 @@ def block_tiles(
     return tiles[:, :, :nb]
 
 
-def interpret_mode() -> bool:
-    """Interpret mode off a GPU (only reachable when ``TOKENSPARSE_PALLAS_INTERPRET`` forces it)."""
-    return jax.default_backend() != "gpu"
-
-
 def supports(block_size: int) -> str | None:
     """None when :func:`block_tiles` runs natively here (or interpret mode is forced); else why not."""
     from kernels_pallas.register import gpu_reason, interpret_forced

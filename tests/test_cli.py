@@ -108,7 +108,7 @@ def _config_error(kind, c):
     return _checks.flag_for_config_error(str(e.value))
 
 
-def test_config_checks_name_the_flag():
+def test_config_checks_name_the_flag(tmp_path):
     c = pretrain_tiny.get_config()
     _cli.check_config("pretrain", c)  # the shipped configs pass
     c.train.remat = "bogus"
@@ -129,13 +129,15 @@ def test_config_checks_name_the_flag():
 
     c = finetune_small.get_config()
     assert "--config.base is empty" in _config_error("finetune", c)
-    c.base, c.method = "some/dir", "lemo"
+    c.base = str(tmp_path / "missing")
+    assert "neither an existing directory nor a zoo model" in _config_error("finetune", c)
+    c.base, c.method = str(tmp_path), "lemo"
     _cli.check_config("finetune", c)
     c.train.seq_len = 100
     assert _config_error("finetune", c).startswith("flag --config.train.seq_len=100 must be a multiple "
                                                    "of config.lemo.block_size=64")
     c = finetune_small.get_config()
-    c.base, c.method = "some/dir", "sparse"
+    c.base, c.method = str(tmp_path), "sparse"
     assert _config_error("finetune", c).startswith("flag --config.method='sparse'")
     c.method, c.lora.targets = "lora", ["q", "nope"]
     assert _config_error("finetune", c).startswith("flag --config.lora: LoRAConfig.targets")
@@ -143,7 +145,7 @@ def test_config_checks_name_the_flag():
     assert _config_error("finetune", c).startswith("flag --config.attention_backend='bogus'")
 
     c = predictors_small.get_config()
-    c.base = "some/dir"
+    c.base = "smollm2-135m"  # a zoo name passes without reading any weights
     _cli.check_config("train_predictors", c)
     c.train.seq_len = 100
     assert _config_error("train_predictors", c).startswith("flag --config.train.seq_len=100 must be a "
@@ -160,9 +162,9 @@ def test_unknown_config_field_message_names_the_override():
 # End to end: the real entry points exit 1 before building anything.
 @pytest.mark.parametrize(("module", "args", "flag"), [
     ("experiments.pretrain", ["--config.train.remat=bogus"], "--config.train.remat='bogus'"),
-    ("experiments.finetune", ["--config.base=nowhere", "--config.method=lemo",
+    ("experiments.finetune", ["--config.base=TMP", "--config.method=lemo",
                               "--config.train.seq_len=100"], "--config.train.seq_len=100"),
-    ("experiments.train_predictors", ["--config.base=nowhere", "--config.train.steps=-5"],
+    ("experiments.train_predictors", ["--config.base=TMP", "--config.train.steps=-5"],
      "--config.train: PredictorTrainConfig: steps"),
     ("experiments.bench.lemo_memory", ["--seq_lens=100"], "--seq_lens"),
     ("experiments.bench.subllm_speed", ["--seq_lens=abc"], "--seq_lens"),
@@ -171,6 +173,7 @@ def test_bad_values_fail_before_anything_is_built(tmp_path, module, args, flag):
     workdir, out = tmp_path / "run", tmp_path / "out.json"
     is_run = module.split(".")[-1] in _cli.CHECKS
     extra = [f"--workdir={workdir}", "--config.progress=False"] if is_run else [f"--out={out}"]
+    args = [a.replace("TMP", str(tmp_path)) for a in args]  # a base that exists
     start = time.perf_counter()
     done = _run(module, *extra, *args)
     assert done.returncode == 1, done.stdout[-2000:]

@@ -124,6 +124,21 @@ def build_lemo_config(c: config_dict.ConfigDict) -> LeMoConfig:
     return _dataclass_from(LeMoConfig, values, "config.lemo")
 
 
+FINETUNE_METHODS = ("lora", "lemo")
+
+
+def build_finetune_method(c: config_dict.ConfigDict) -> tuple[LoRAConfig, LeMoConfig | None]:
+    """The fine-tuning run's LoRA config and, for ``method="lemo"``, its LeMo config."""
+    if c.method not in FINETUNE_METHODS:
+        raise ValueError(f"config.method={c.method!r} must be one of {FINETUNE_METHODS}.")
+    try:
+        lora_config = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+                                 targets=tuple(c.lora.targets))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.lora: {e}") from None
+    return lora_config, build_lemo_config(c.lemo) if c.method == "lemo" else None
+
+
 def build_model_config(c: config_dict.ConfigDict, *, vocab_size: int | None = None) -> ModelConfig:
     overrides = {k: v for k, v in c.overrides.to_dict().items() if v is not None}
     if vocab_size is not None and "vocab_size" not in overrides:
@@ -372,22 +387,27 @@ def subllm_stats(model: SubLLM, batch) -> dict:
     return out
 
 
+def check_base(base: str) -> None:
+    """Raise ``ValueError`` unless ``base`` is an existing path or a zoo name (no weights read)."""
+    if not base:
+        raise ValueError("config.base is empty: point it at a pretraining --workdir, a Hugging "
+                         f"Face directory (config.json + *.safetensors) or a zoo model "
+                         f"({', '.join(sorted(zoo.MODELS))}).")
+    if not pathlib.Path(base).exists() and base not in zoo.MODELS:
+        raise ValueError(f"config.base={base!r} is neither an existing directory nor a zoo model; "
+                         f"zoo models: {', '.join(sorted(zoo.MODELS))}.")
+
+
 def load_base(base: str, *, attention_backend: str = "auto"):
     """(model, config, tokenizer-or-None) from a pretraining workdir of ours (its ``hf/`` export and
     ``tokenizer.json``), a Hugging Face directory (config.json + *.safetensors), or the name of a
     :mod:`tokensparse.zoo` model (e.g. ``"smollm2-135m"``) when no such path exists, so a real
     pretrained base needs no export step. A zoo model comes with its own tokenizer, which
     fine-tuning then uses for the corpus (its ids are the ones the weights were trained on)."""
-    if not base:
-        raise ValueError("config.base is empty: point it at a pretraining --workdir, a Hugging "
-                         f"Face directory (config.json + *.safetensors) or a zoo model "
-                         f"({', '.join(sorted(zoo.MODELS))}).")
+    check_base(base)
     path = pathlib.Path(base)
     if not path.exists():  # an existing path always wins over a zoo name
-        if base in zoo.MODELS:
-            return zoo.load(base, attention_backend=attention_backend)
-        raise ValueError(f"config.base={base!r} is neither an existing directory nor a zoo model; "
-                         f"zoo models: {', '.join(sorted(zoo.MODELS))}.")
+        return zoo.load(base, attention_backend=attention_backend)
     if (path / "hf").is_dir():
         from tokenizers import Tokenizer
 
@@ -408,11 +428,7 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     workdir = pathlib.Path(workdir)
     tc = build_train_config(c.train)
     mesh = build_mesh(c)
-    lora_config = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                             targets=tuple(c.lora.targets))
-    if c.method not in ("lora", "lemo"):
-        raise ValueError(f"config.method={c.method!r} must be 'lora' or 'lemo'.")
-    lemo_config = build_lemo_config(c.lemo) if c.method == "lemo" else None
+    lora_config, lemo_config = build_finetune_method(c)
     workdir.mkdir(parents=True, exist_ok=True)
     model, base_config, base_tokenizer = load_base(c.base, attention_backend=c.attention_backend)
     corpus = data.load_corpus(c.data.source)

@@ -243,14 +243,12 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
         if summary["interrupted"]:
             raise Interrupted(f"{name} stopped at step {summary['steps']}/{s['steps']}; rerun the "
                               f"same command with --workdir={workdir} to continue from there.")
-        return {**_row(method, mlp_drop, s["steps"], s["seq_len"], summary,
-                       time.perf_counter() - start, selector),
-                "loss_history": loss_history(workdir / name)}
+        return _row(method, mlp_drop, s["steps"], s["seq_len"], summary,
+                    time.perf_counter() - start, selector)
 
     key = {k: v for k, v in c.to_dict().items() if k != "progress"}
     row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
-    if row.get("loss_history") is None:  # a row saved before rows carried it: the log still has it
-        row["loss_history"] = loss_history(workdir / name)
+    row["loss_history"] = loss_history(workdir / name)  # from the run's log, reused or not
     sparse = "" if row["val_sparse_ppl"] is None else f", sparse-eval ppl {row['val_sparse_ppl']:.3f}"
     log(f"{name}: val ppl {row['val_ppl']:.3f}{sparse}, {row['tokens_per_s'] or 0:.0f} train tokens/s, "
         f"{row['wall_s']:.0f} s")

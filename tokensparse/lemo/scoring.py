@@ -95,13 +95,19 @@ def _prepare(q, k, opts: ScoreOptions, valid):
     pad = valid.shape[1] - t
     q = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
     k = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    factor = (1.0 / math.sqrt(d) if opts.scale_by_sqrt_d else 1.0) / (
-        h if opts.divide_by_heads else 1.0)
-    return q, k, valid, factor
+    return q, k, valid, _logit_factor(opts, h, d)
 
 
-def _key_block_valid(valid: Bool[Array, "b tp"], block_size: int) -> Bool[Array, "b nb"]:
-    return valid.reshape(valid.shape[0], -1, block_size).any(axis=-1)
+def _logit_factor(opts: ScoreOptions, heads: int, head_dim: int) -> float:
+    return (1.0 / math.sqrt(head_dim) if opts.scale_by_sqrt_d else 1.0) / (
+        heads if opts.divide_by_heads else 1.0)
+
+
+def _empty_columns_neginf(tiles: Float[Array, "b nb nb"], valid: Bool[Array, "b tp"],
+                          block_size: int) -> Float[Array, "b nb nb"]:
+    """−inf in the columns of key blocks without a valid token (``valid`` padded to whole blocks)."""
+    key_ok = valid.reshape(valid.shape[0], -1, block_size).any(axis=-1)
+    return jnp.where(key_ok[:, None, :], tiles, -jnp.inf)
 
 
 def block_scores_reference(
@@ -130,8 +136,7 @@ def block_scores_reference(
     tiles = a.reshape(bsz, nb, bs, nb, bs).max(axis=(2, 4)) / opts.normalizer
     if opts.causal:
         tiles = jnp.where(jnp.tril(jnp.ones((nb, nb), bool)), tiles, 0.0)
-    key_ok = _key_block_valid(valid, bs)
-    return jnp.where(key_ok[:, None, :], tiles, -jnp.inf)
+    return _empty_columns_neginf(tiles, valid, bs)
 
 
 def column_scores(tiles: Float[Array, "b nb nb"]) -> Float[Array, "b nb"]:
@@ -168,13 +173,12 @@ def _resolve_backend(backend: str, block_size: int) -> str:
 def _pallas_tiles(q, k, opts: ScoreOptions, valid):
     from kernels_pallas import block_scores as kernel
 
-    d, h = q.shape[3], q.shape[2]
-    factor = (1.0 / math.sqrt(d) if opts.scale_by_sqrt_d else 1.0) / (
-        h if opts.divide_by_heads else 1.0)
+    factor = _logit_factor(opts, q.shape[2], q.shape[3])
     return kernel.block_tiles(q, k, block_size=opts.block_size, valid=valid,
                               scale=factor / opts.normalizer, causal=opts.causal,
                               exclude_diagonal=opts.exclude_diagonal,
-                              interpret=kernel.interpret_mode())
+                              # off a GPU only reachable when TOKENSPARSE_PALLAS_INTERPRET is set
+                              interpret=jax.default_backend() != "gpu")
 
 
 def block_tiles(
@@ -200,8 +204,12 @@ def block_tiles(
     if _resolve_backend(backend, opts.block_size) == "pallas":
         tiles = _pallas_tiles(q, k, opts, valid)
         mask = _token_mask(valid, q.shape[0], q.shape[1], opts.block_size)
-        key_ok = _key_block_valid(mask, opts.block_size)
-        return jnp.where(key_ok[:, None, :], tiles, -jnp.inf)
+        return _empty_columns_neginf(tiles, mask, opts.block_size)
+    return _scan_tiles(q, k, opts, valid)
+
+
+def _scan_tiles(q, k, opts: ScoreOptions, valid):
+    """:func:`block_tiles`' ``"xla"`` backend: one query block per ``lax.scan`` step."""
     q, k, valid, factor = _prepare(q, k, opts, valid)
     bsz, tp, h, d = q.shape
     hkv, bs = k.shape[2], opts.block_size
@@ -226,8 +234,7 @@ def block_tiles(
         return carry, tiles
 
     _, rows = jax.lax.scan(row, None, (q_blocks, q_valid, block_ids))
-    key_ok = _key_block_valid(valid, bs)
-    return jnp.where(key_ok[:, None, :], rows.transpose(1, 0, 2), -jnp.inf)
+    return _empty_columns_neginf(rows.transpose(1, 0, 2), valid, bs)
 
 
 def block_scores(
