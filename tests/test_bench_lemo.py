@@ -51,7 +51,7 @@ def test_lemo_quality_smoke(tmp_path, predictor_smoke):
     assert "[lemo_quality] fine-tuning lemo_mlp_drop0.8 " in stdout and "drop0.5" not in stdout
     summary = result["summary"]
     assert set(summary) == {"ppl_ratio", "sparse_ppl_ratio", "base_ppl@128",
-                            "base_ppl_rope_scaled@256", "lora_ppl@256", "lemo_ppl@256",
+                            "base_ppl_rope_scaled@256", "lora_ppl@256", "lemo_ppl@256", "lemo_mean_keep",
                             "predictor_ppl_ratio", "predictor_lora_ppl_ratio",
                             "lemo_predictor_ppl@256"}
     _finite(summary, summary)
@@ -111,7 +111,7 @@ def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
     assert "[fake zoo] load" in stdout and "pretraining" not in stdout
     summary = result["summary"]
     assert set(summary) == {"ppl_ratio", "sparse_ppl_ratio", "base_ppl@256", "lora_ppl@256",
-                            "lemo_ppl@256"}
+                            "lemo_ppl@256", "lemo_mean_keep"}
     _finite(summary, summary)
     rows = result["rows"]
     assert [(r["method"], r["selector"], r["mlp_drop"], r["seq_len"]) for r in rows] == [
@@ -131,6 +131,24 @@ def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
     again, stdout = _quality_with_fake_zoo(tmp_path / "q2.json", *args)
     assert "fine-tuning" not in stdout and stdout.count("[lemo_quality] reusing") == 3
     assert again["summary"] == summary
+    # The tiny preset's 'half' schedule: layers L/2-1 .. L-2 keep 0.4, the others are dense.
+    n_layers = json.loads((tmp_path / "w" / "lora" / "config.json").read_text())["model"]["n_layers"]
+    half = [0.4 if n_layers // 2 - 1 <= i <= n_layers - 2 else 1.0 for i in range(n_layers)]
+    assert rows[2]["keep_profile"] == half
+    assert summary["lemo_mean_keep"] == pytest.approx(np.mean(half))
+    # Another schedule is another LeMo run beside the first (base and LoRA rows reused); Algorithm 1
+    # tunes its profile before fine-tuning and the row reports that profile.
+    tuned, stdout = _quality_with_fake_zoo(tmp_path / "q3.json", *args, "--lemo_schedule=algorithm1",
+                                           "--calibration_windows=1", "--tune_rounds=1")
+    assert stdout.count("[lemo_quality] reusing") == 2
+    assert "fine-tuning lemo_algorithm1_mlp_drop0.8 " in stdout
+    profile = json.loads((tmp_path / "w" / "lemo_algorithm1_mlp_drop0.8" / "lemo_profile.json")
+                         .read_text())["profile"]
+    row = tuned["rows"][2]
+    assert row["keep_profile"] == profile and len(profile) == n_layers
+    assert all(0.0 < k <= 1.0 for k in profile)
+    assert tuned["summary"]["lemo_mean_keep"] == pytest.approx(np.mean(profile))
+    assert tuned["settings"]["lemo_schedule"] == "algorithm1"
 
 
 def test_reuse_or_run_recomputes_when_the_key_changes(tmp_path):

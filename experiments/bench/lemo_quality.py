@@ -18,6 +18,12 @@
    ``method=lora`` and ``method=lemo`` (default LeMoConfig: keep 0.4 in layers L/2-1..L-2, MLP
    backward drops 80% of channels), plus LeMo with ``mlp_drop=0.5`` (spec §4.7;
    ``--nomlp_drop_ablation`` skips it). Every run has the same steps, data order and seed.
+   ``--lemo_schedule`` / ``--keep_ratio`` choose other LeMo schedules: ``all`` layers at the keep
+   ratio, or ``algorithm1`` (a per-layer keep profile tuned on ``--calibration_windows`` training
+   windows for ``--tune_rounds`` rounds before fine-tuning; spec §2.4). Each variant is its own run
+   (``lemo_algorithm1_mlp_drop0.8``, ``lemo_keep0.7_mlp_drop0.8``, ...), so one ``--workdir`` holds
+   them all beside one LoRA run. LeMo rows carry the per-layer ``keep_profile`` they trained with
+   and its ``mean_keep`` (1.0 = dense).
 3. **Evaluate** each fine-tuned model on the same ``--eval_batches`` validation windows of
    ``--seq_len`` (sliding-window protocol): dense, with the trained LoRA (the spec's protocol), and
    for LeMo runs also with the sparse LeMo forward they were trained with. The base is scored on the
@@ -32,10 +38,11 @@ checkpoint (``--checkpoint_every``; SIGTERM / Ctrl-C also save one and stop the 
 
 Summary: ``ppl_ratio`` = LeMo (mlp_drop 0.8) / LoRA perplexity, dense eval; ``ppl_ratio_mlp_drop0.5``
 the same for mlp_drop 0.5; ``sparse_ppl_ratio`` = LeMo's sparse-eval perplexity / LoRA's (dense)
-perplexity. With ``--predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
+perplexity; ``lemo_mean_keep`` that run's mean per-layer keep ratio (how much it eliminated).
+With ``--predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
 (``predictor_ppl_ratio`` = that / oracle-selection LeMo; the target is <= 1.01). Unlike the speed
-and memory ratios these are method / baseline: smaller is better, and
-the library's target is ``ppl_ratio <= 1.03`` (spec §3). ``base_ppl@<T>`` (no RoPE scaling) or
+and memory ratios these are method / baseline: smaller is better, and the library's target is
+``ppl_ratio <= 1.03`` (spec §3). ``base_ppl@<T>`` (no RoPE scaling) or
 ``base_ppl_rope_scaled@<T>`` name the base's perplexity at each context it was scored at.
 
 Cost: the defaults (``small``, 1000 steps at 2048, three runs) are hours on a CPU: a ``small`` LoRA
@@ -75,6 +82,13 @@ _STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (sp
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation windows of seq_len.")
 _MLP_ABLATION = flags.DEFINE_bool("mlp_drop_ablation", True, "Also fine-tune LeMo with mlp_drop=0.5.")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of every run.")
+_SCHEDULE = flags.DEFINE_enum("lemo_schedule", "half", ["half", "all", "algorithm1"],
+                              "Which layers LeMo sparsifies (LeMoConfig.schedule): 'algorithm1' tunes a "
+                              "per-layer keep profile on training windows first (spec §2.4).")
+_KEEP = flags.DEFINE_float("keep_ratio", 0.4, "Fraction of blocks the sparse layers keep ('half' and "
+                           "'all' schedules).")
+_CALIBRATION = flags.DEFINE_integer("calibration_windows", 8, "Algorithm 1's calibration windows.")
+_TUNE_ROUNDS = flags.DEFINE_integer("tune_rounds", 5, "Algorithm 1's rounds.")
 _PREDICTORS = flags.DEFINE_string("predictors", "", "Also fine-tune LeMo (mlp_drop 0.8) selecting "
                                   "with these trained predictors (a train_predictors predictors/ "
                                   "directory); summary predictor_ppl_ratio = that / oracle LeMo.")
@@ -92,6 +106,9 @@ for _flag, _minimum in ((_BASE_SEQ_LEN, 2), (_BASE_STEPS, 1), (_BASE_BATCH, 1), 
                         (_EVAL_BATCHES, 1)):
     _checks.at_least(_flag, _minimum)
 _checks.at_least(_SEQ_LEN, 64, multiple_of=64, why="LeMo keeps whole 64-token blocks")
+_checks.at_least(_CALIBRATION, 1)
+_checks.at_least(_TUNE_ROUNDS, 0)
+flags.register_validator(_KEEP, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
 
 SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
          "seq_len": 256, "steps": 3, "eval_batches": 2}
@@ -210,6 +227,9 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
     c = finetune_small.get_config()
     c.base, c.method, c.attention_backend = str(base), method, _ATTENTION.value
     c.lemo.predictors = predictors
+    if method == "lemo":  # (a LoRA run's key, and so its reuse, must not depend on LeMo's flags)
+        c.lemo.schedule, c.lemo.keep_ratio = _SCHEDULE.value, _KEEP.value
+        c.lemo.calibration_windows, c.lemo.tune_rounds = _CALIBRATION.value, _TUNE_ROUNDS.value
     if mlp_drop is not None:
         c.lemo.mlp_drop = mlp_drop
     if "vocab_size" in s:  # a --base brings its own tokenizer, which finetune uses instead
@@ -219,6 +239,25 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
     c.train.checkpoint_every = _CHECKPOINT_EVERY.value or s["steps"]
     c.train.log_every = max(min(c.train.log_every, s["steps"]), 1)
     return c
+
+
+def lemo_variant() -> str:
+    """The run-name part that tells LeMo schedules apart ("" for the default: keep 0.4, "half")."""
+    if _SCHEDULE.value == "algorithm1":
+        return "_algorithm1"
+    keep = "" if _KEEP.value == 0.4 else f"_keep{_KEEP.value:g}"
+    return ("" if _SCHEDULE.value == "half" else f"_{_SCHEDULE.value}") + keep
+
+
+def kept_fractions(workdir: pathlib.Path, n_layers: int) -> list[float]:
+    """The per-layer keep ratios a LeMo run trained with: Algorithm 1's tuned profile when the run
+    wrote one, else the schedule's."""
+    tuned = workdir / "lemo_profile.json"
+    if tuned.exists():
+        return list(json.loads(tuned.read_text())["profile"])
+    lemo = runs.build_lemo_config(finetune_small.get_config().lemo).replace(
+        schedule=_SCHEDULE.value, keep_ratio=_KEEP.value)
+    return list(lemo.keep_ratios(n_layers))
 
 
 def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s: float,
@@ -231,7 +270,8 @@ def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s:
 
 def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str,
                  mlp_drop: float | None, predictors: str = "") -> dict:
-    name = method if mlp_drop is None else f"{method}_mlp_drop{mlp_drop}"
+    name = method + ("" if method != "lemo" else lemo_variant())
+    name += "" if mlp_drop is None else f"_mlp_drop{mlp_drop}"
     name += "_predictor" if predictors else ""
     selector = None if method != "lemo" else "predictor" if predictors else "oracle"
     c = finetune_config(s, base, method, mlp_drop, predictors)
@@ -249,6 +289,10 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
     key = {k: v for k, v in c.to_dict().items() if k != "progress"}
     row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
     row["loss_history"] = loss_history(workdir / name)  # from the run's log, reused or not
+    if method == "lemo":
+        n_layers = json.loads((workdir / name / "config.json").read_text())["model"]["n_layers"]
+        row["keep_profile"] = kept_fractions(workdir / name, n_layers)
+        row["mean_keep"] = float(np.mean(row["keep_profile"]))
     sparse = "" if row["val_sparse_ppl"] is None else f", sparse-eval ppl {row['val_sparse_ppl']:.3f}"
     log(f"{name}: val ppl {row['val_ppl']:.3f}{sparse}, {row['tokens_per_s'] or 0:.0f} train tokens/s, "
         f"{row['wall_s']:.0f} s")
@@ -268,6 +312,7 @@ def summarise(s: dict, base_rows: list[dict], lora: dict, lemo: list[dict]) -> d
         summary[f"base_ppl{scaled}@{row['seq_len']}"] = row["val_ppl"]
     summary[f"lora_ppl@{s['seq_len']}"] = lora["val_ppl"]
     summary[f"lemo_ppl@{s['seq_len']}"] = main["val_ppl"]
+    summary["lemo_mean_keep"] = main["mean_keep"]
     if predicted:
         summary["predictor_ppl_ratio"] = predicted[0]["val_ppl"] / main["val_ppl"]
         summary["predictor_lora_ppl_ratio"] = predicted[0]["val_ppl"] / lora["val_ppl"]
@@ -319,9 +364,9 @@ def main(argv):
             raise SystemExit(1) from None
     print_table(rows)
     print(json.dumps(summary, indent=1))
-    c = finetune_small.get_config()
+    c = finetune_config(s, base, "lemo", None)
     write_result(_OUT.value, "lemo_quality", rows, summary, settings={
-        **s, "smoke": _SMOKE.value, "attention": _ATTENTION.value,
+        **s, "smoke": _SMOKE.value, "attention": _ATTENTION.value, "lemo_schedule": _SCHEDULE.value,
         **({} if s["base"] else {"base_workdir": str(base)}),
         "checkpoint_every": _CHECKPOINT_EVERY.value,
         "lora": c.lora.to_dict(), "lemo": c.lemo.to_dict(), "lr": c.train.lr,
