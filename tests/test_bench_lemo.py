@@ -217,3 +217,21 @@ def test_lemo_predictor_smoke(predictor_smoke):
     _, again = _bench("lemo_predictor", tmp / "p2.json", "--smoke", f"--workdir={tmp / 'run'}",
                       f"--base_workdir={tmp / 'base'}")
     assert "reusing the predictors" in again and "training predictors" not in again
+
+
+def test_lemo_memory_with_a_keep_profile(tmp_path):
+    """Compile-only memory on the tiny preset: the default schedule, then a profile that eliminates
+    more (every layer keeps a quarter): the LoRA rows are the same, LeMo's activations shrink."""
+    common = ("--preset=tiny", "--seq_lens=512", "--remat=none")
+    default, _ = _bench("lemo_memory", tmp_path / "d.json", *common)
+    n_layers = 2  # the tiny preset
+    (tmp_path / "profile.json").write_text(json.dumps({"profile": [0.25] * n_layers}))
+    sparser, _ = _bench("lemo_memory", tmp_path / "s.json", *common,
+                        f"--lemo_profile={tmp_path / 'profile.json'}")
+    rows = {(r["method"], name): r for name, result in (("d", default), ("s", sparser))
+            for r in result["rows"]}
+    assert rows["lora", "d"]["temp_bytes"] == rows["lora", "s"]["temp_bytes"]
+    assert rows["lemo", "s"]["temp_bytes"] < rows["lemo", "d"]["temp_bytes"]
+    assert sparser["summary"]["activation_ratio@512"] > default["summary"]["activation_ratio@512"] > 1
+    assert sparser["settings"]["mean_keep"] == 0.25 and default["settings"]["mean_keep"] > 0.25
+    assert "profile from" in sparser["settings"]["lemo"]

@@ -12,6 +12,7 @@ kernel on a GPU); the ratio is LoRA / LeMo (larger is better).
 from __future__ import annotations
 
 import json
+import pathlib
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,9 @@ _REMAT = flags.DEFINE_list("remat", ["none", "full"], "Remat policies (each for 
                            "summary's unsuffixed keys are for 'none'.")
 _ATTENTION = flags.DEFINE_string("attention", "chunked", "Attention backend for both methods "
                                  "(chunked: flash-like memory on any platform).")
+_PROFILE = flags.DEFINE_string("lemo_profile", "", "A JSON file with a per-layer keep \"profile\" (e.g. "
+                               "the lemo_profile.json Algorithm 1 writes into a fine-tuning workdir): "
+                               "LeMo uses it instead of the default keep 0.4 in layers L/2-1..L-2.")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON "
                            "(and its figure, the same path with .png).")
 
@@ -48,6 +52,14 @@ class Batch(NamedTuple):
     segment_ids: jax.Array
 
 
+def lemo_config() -> LeMoConfig:
+    """The default LeMoConfig, or ``--lemo_profile``'s per-layer keep ratios."""
+    if not _PROFILE.value:
+        return LeMoConfig()
+    profile = json.loads(pathlib.Path(_PROFILE.value).read_text())["profile"]
+    return LeMoConfig(schedule="profile", profile=tuple(float(r) for r in profile))
+
+
 def step_cost(config, seq_len: int, method: str, remat: str) -> dict:
     def build():
         model = Llama(config.with_context(seq_len), attention_backend=_ATTENTION.value, remat=remat,
@@ -55,7 +67,7 @@ def step_cost(config, seq_len: int, method: str, remat: str) -> dict:
         return lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
 
     graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
-    lemo = LeMoConfig()
+    lemo = lemo_config()
 
     def loss(lora_state, rest, batch):
         model = nnx.merge(graphdef, lora_state, rest)
@@ -90,9 +102,13 @@ def main(argv):
                                                              / pair["lemo"]["temp_bytes"])
             summary[f"total_ratio{suffix}@{seq_len}"] = total["lora"] / total["lemo"]
     print(json.dumps(summary, indent=1))
+    lemo = lemo_config()
+    schedule = (f"profile from {_PROFILE.value}: {list(lemo.profile)}" if _PROFILE.value
+                else "keep 0.4 in layers L/2-1..L-2")
     write_result(_OUT.value, "lemo_memory", rows, summary, settings={
-        "dtype": "bfloat16", "lemo": "keep 0.4 in layers L/2-1..L-2, oracle selection, MLP backward "
-        "keeps 20% channels", "loss_segment": 2048, "batch": 1})
+        "dtype": "bfloat16", "lemo": f"{schedule}, oracle selection, MLP backward keeps 20% channels",
+        "mean_keep": sum(lemo.keep_ratios(config.n_layers)) / config.n_layers,
+        "loss_segment": 2048, "batch": 1})
 
 
 if __name__ == "__main__":
