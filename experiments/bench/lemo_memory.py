@@ -60,14 +60,13 @@ def lemo_config() -> LeMoConfig:
     return LeMoConfig(schedule="profile", profile=tuple(float(r) for r in profile))
 
 
-def step_cost(config, seq_len: int, method: str, remat: str) -> dict:
+def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -> dict:
     def build():
         model = Llama(config.with_context(seq_len), attention_backend=_ATTENTION.value, remat=remat,
                       rngs=nnx.Rngs(0))
         return lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
 
     graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
-    lemo = lemo_config()
 
     def loss(lora_state, rest, batch):
         model = nnx.merge(graphdef, lora_state, rest)
@@ -87,12 +86,12 @@ def step_cost(config, seq_len: int, method: str, remat: str) -> dict:
 def main(argv):
     del argv
     config = preset(_PRESET.value, dtype="bfloat16", param_dtype="bfloat16")
-    rows, summary = [], {}
+    rows, summary, lemo = [], {}, lemo_config()
     print(f"{'seq_len':>8} {'remat':>6} {'method':>6} {'temp GiB':>9} {'args GiB':>9}")
     for remat in _REMAT.value:
         suffix = "" if remat == "none" else f"_remat_{remat}"
         for seq_len in map(int, _SEQ_LENS.value):
-            pair = {m: step_cost(config, seq_len, m, remat) for m in ("lora", "lemo")}
+            pair = {m: step_cost(config, seq_len, m, remat, lemo) for m in ("lora", "lemo")}
             for row in pair.values():
                 rows.append(row)
                 print(f"{seq_len:>8} {remat:>6} {row['method']:>6} {row['temp_bytes'] / 2**30:>9.2f} "
@@ -102,7 +101,6 @@ def main(argv):
                                                              / pair["lemo"]["temp_bytes"])
             summary[f"total_ratio{suffix}@{seq_len}"] = total["lora"] / total["lemo"]
     print(json.dumps(summary, indent=1))
-    lemo = lemo_config()
     schedule = (f"profile from {_PROFILE.value}: {list(lemo.profile)}" if _PROFILE.value
                 else "keep 0.4 in layers L/2-1..L-2")
     write_result(_OUT.value, "lemo_memory", rows, summary, settings={

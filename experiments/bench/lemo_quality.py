@@ -249,15 +249,14 @@ def lemo_variant() -> str:
     return ("" if _SCHEDULE.value == "half" else f"_{_SCHEDULE.value}") + keep
 
 
-def kept_fractions(workdir: pathlib.Path, n_layers: int) -> list[float]:
-    """The per-layer keep ratios a LeMo run trained with: Algorithm 1's tuned profile when the run
-    wrote one, else the schedule's."""
+def kept_fractions(workdir: pathlib.Path, lemo_dict) -> list[float]:
+    """The per-layer keep ratios a LeMo run (config ``lemo_dict``) trained with: Algorithm 1's tuned
+    profile when the run wrote one, else its schedule's."""
     tuned = workdir / "lemo_profile.json"
     if tuned.exists():
         return list(json.loads(tuned.read_text())["profile"])
-    lemo = runs.build_lemo_config(finetune_small.get_config().lemo).replace(
-        schedule=_SCHEDULE.value, keep_ratio=_KEEP.value)
-    return list(lemo.keep_ratios(n_layers))
+    n_layers = json.loads((workdir / "config.json").read_text())["model"]["n_layers"]
+    return list(runs.build_lemo_config(lemo_dict).keep_ratios(n_layers))
 
 
 def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s: float,
@@ -290,8 +289,7 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
     row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
     row["loss_history"] = loss_history(workdir / name)  # from the run's log, reused or not
     if method == "lemo":
-        n_layers = json.loads((workdir / name / "config.json").read_text())["model"]["n_layers"]
-        row["keep_profile"] = kept_fractions(workdir / name, n_layers)
+        row["keep_profile"] = kept_fractions(workdir / name, c.lemo)
         row["mean_keep"] = float(np.mean(row["keep_profile"]))
     sparse = "" if row["val_sparse_ppl"] is None else f", sparse-eval ppl {row['val_sparse_ppl']:.3f}"
     log(f"{name}: val ppl {row['val_ppl']:.3f}{sparse}, {row['tokens_per_s'] or 0:.0f} train tokens/s, "
