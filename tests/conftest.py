@@ -2,8 +2,10 @@
 
 import os
 
+from _env import FAST_COMPILE  # noqa: E402  (no jax import there)
+
 _FLAGS = ("--xla_force_host_platform_device_count=8",
-          "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+          "--xla_cpu_enable_concurrency_optimized_scheduler=false", FAST_COMPILE)
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
 # Tests run on CPU unless asked otherwise (e.g. TOKENSPARSE_TEST_PLATFORM=gpu on a GPU machine).
 _PLATFORM = os.environ.get("TOKENSPARSE_TEST_PLATFORM", "cpu")

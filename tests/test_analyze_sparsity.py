@@ -3,7 +3,6 @@
 import importlib.util
 import itertools
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _env import subprocess_env
 from flax import nnx
 
 from tokensparse.config import preset
@@ -125,7 +125,7 @@ def test_analyze_on_a_tiny_model():
 def test_cli_smoke(tmp_path):
     """The entry point on SmolLM2 (zoo cache) and held-out Shakespeare, two short windows."""
     out = tmp_path / "sparsity.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     done = subprocess.run([sys.executable, "-m", "experiments.analyze_sparsity", f"--out={out}",
                            "--seq_lens=128", "--windows=2", "--rows=16"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

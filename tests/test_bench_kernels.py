@@ -1,17 +1,17 @@
 """``experiments.bench.kernels`` on CPU: no timings reported, a correctness sweep instead, flag checks."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
+
+from _env import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*args, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-m", "experiments.bench.kernels", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -3,13 +3,13 @@
 import itertools
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from _env import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -18,8 +18,7 @@ TOP_LEVEL = {"benchmark", "backend", "device", "jax", "git", "settings", "rows",
 
 
 def _bench(name, out, *args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the bench package sets its own
-    env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+    env = subprocess_env()  # the bench package adds its own flags
     done = subprocess.run([sys.executable, "-m", f"experiments.bench.{name}", f"--out={out}", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,18 +90,23 @@ def load(name, *, dtype=None, attention_backend="auto"):
     return Llama(config, attention_backend=attention_backend, rngs=nnx.Rngs(0)), config, tokenizer
 
 zoo.load = load
-sys.argv = ["lemo_quality", *sys.argv[1:]]
-runpy.run_module("experiments.bench.lemo_quality", run_name="__main__", alter_sys=True)
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_module(f"experiments.bench.{sys.argv[0]}", run_name="__main__", alter_sys=True)
 """
 
 
-def _quality_with_fake_zoo(out, *args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
-    done = subprocess.run([sys.executable, "-c", _FAKE_ZOO, f"--out={out}", *args], cwd=ROOT,
+def _bench_with_fake_zoo(name, out, *args, check=True):
+    env = subprocess_env()
+    done = subprocess.run([sys.executable, "-c", _FAKE_ZOO, name, f"--out={out}", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
+    if not check:
+        return done
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout
+
+
+def _quality_with_fake_zoo(out, *args):
+    return _bench_with_fake_zoo("lemo_quality", out, *args)
 
 
 def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
@@ -217,6 +221,27 @@ def test_lemo_predictor_smoke(predictor_smoke):
     _, again = _bench("lemo_predictor", tmp / "p2.json", "--smoke", f"--workdir={tmp / 'run'}",
                       f"--base_workdir={tmp / 'base'}")
     assert "reusing the predictors" in again and "training predictors" not in again
+
+
+def test_lemo_predictor_on_a_zoo_base(tmp_path):
+    """``--base`` trains predictors for that model (its tokenizer, nothing pretrained) with the
+    chosen loss and rate; a workdir trained with other settings is refused, not silently reused."""
+    args = ("--smoke", "--base=smollm2-135m", f"--workdir={tmp_path / 'run'}", "--loss=smooth_l1",
+            "--lr=1e-3")
+    result, stdout = _bench_with_fake_zoo("lemo_predictor", tmp_path / "p.json", *args)
+    assert "[fake zoo] load" in stdout and "pretraining" not in stdout
+    settings = result["settings"]
+    assert settings["base"] == "smollm2-135m" and "preset" not in settings
+    assert "base_workdir" not in settings and "vocab_size" not in settings
+    trained = json.loads((tmp_path / "run" / "config.json").read_text())["experiment"]
+    assert trained["base"] == "smollm2-135m"
+    assert (trained["train"]["loss"], trained["train"]["lr"]) == ("smooth_l1", 1e-3)
+    assert settings["predictor_training"] == trained["train"]
+    _finite(result["summary"], ("mean_recall@0.4", "overhead_ratio"))
+    refused = _bench_with_fake_zoo("lemo_predictor", tmp_path / "p2.json", *args[:-1], "--lr=2e-3",
+                                   check=False)
+    assert refused.returncode != 0 and "trained with another 'train'" in refused.stderr
+    assert not (tmp_path / "p2.json").exists()
 
 
 def test_lemo_memory_with_a_keep_profile(tmp_path):

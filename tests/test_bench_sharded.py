@@ -1,12 +1,12 @@
 """The sharded compile-only memory benchmark end to end on the tiny preset and 8 simulated devices."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from _env import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -17,8 +17,7 @@ MEMORY_KEYS = ("temp_bytes", "arg_bytes", "output_bytes", "total_bytes", "param_
 def test_sharded_memory_smoke(tmp_path):
     out = tmp_path / "sharded.json"
     # The module sets its own XLA flags (8 host devices) before importing jax: start it without ours.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+    env = subprocess_env()
     # LeMo on the seq8 mesh selects 64-token blocks per shard: 512 = 64 x 8. One process for speed
     # (--noisolate); the real run compiles each configuration in its own.
     done = subprocess.run([sys.executable, "-m", "experiments.bench.sharded_memory", "--preset=tiny",

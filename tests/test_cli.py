@@ -4,7 +4,6 @@ The flag validators and config checks are tested in-process (fast); a few end-to
 the real entry points use them: exit 1, the flag's name on stderr, nothing written."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import time
 
 import pytest
+from _env import subprocess_env
 from absl import flags
 
 from experiments import _checks, _cli
@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(module, *args, cwd=ROOT, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -194,7 +194,7 @@ def test_ctrl_c_leaves_a_checkpoint_the_predictor_run_resumes_from(tmp_path):
             f"--config={ROOT / 'experiments/configs/predictors_tiny.py'}", f"--config.base={base}",
             "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
             "--config.train.prune_every=0", "--config.progress=False"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, *args, "--config.train.steps=100000"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "pred" / "metrics.jsonl"

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import pathlib
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import time
 
 import pytest
+from _env import subprocess_env
 from ml_collections import config_dict
 
 from experiments.configs import finetune_tiny, pretrain_tiny
@@ -25,7 +25,7 @@ def _cli(module, workdir, *overrides, config=None, wait=True):
            "--config.progress=False", *overrides]
     if config:
         cmd.insert(3, f"--config={ROOT / 'experiments/configs' / config}")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = subprocess_env()
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from _env import FAST_COMPILE, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -64,8 +65,8 @@ def load(name: str) -> dict:
 
 def execute(notebook: pathlib.Path, workdir: pathlib.Path, timeout: int = 600) -> tuple[dict, str]:
     """Run ``notebook`` in a fresh process inside ``workdir``: (recorded values, stdout)."""
-    env = {k: v for k, v in os.environ.items() if k not in (SIZE_VAR, "TOKENSPARSE_BASE")}
-    env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", SIZE_VAR: "tiny", "MPLBACKEND": "Agg",
+    env = {k: v for k, v in subprocess_env().items() if k not in (SIZE_VAR, "TOKENSPARSE_BASE")}
+    env.update({SIZE_VAR: "tiny", "MPLBACKEND": "Agg",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
     out = workdir / "executed.json"
     cmd = [sys.executable, "-c", RUNNER, str(notebook), str(out), _IPYTHON_LINE]
@@ -145,7 +146,7 @@ def test_executor_runs_cells_in_one_clean_namespace_and_reports_failures(tmp_pat
                      "flags = os.environ['XLA_FLAGS']\nsize = os.environ['TOKENSPARSE_NOTEBOOK_SIZE']\n"
                      "y = [x, 3.5]\nprint('done', x)\nopen('written.txt', 'w').write('z')")
     values, stdout = execute(path, tmp_path)
-    assert values["y"] == [2, 3.5] and values["flags"] == "" and values["size"] == "tiny"
+    assert values["y"] == [2, 3.5] and values["flags"] == FAST_COMPILE and values["size"] == "tiny"
     assert "done 2" in stdout and (tmp_path / "written.txt").is_file()
     with pytest.raises(AssertionError, match="ValueError: boom"):
         execute(_notebook(tmp_path, "x = 1", "raise ValueError('boom')"), tmp_path)

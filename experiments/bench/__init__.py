@@ -2,7 +2,8 @@
 
 Importing this package (which ``python -m experiments.bench.<name>`` does before the benchmark module
 imports jax) turns off XLA's concurrency-optimised CPU scheduler, without which rematerialisation has
-no visible effect on compile-only memory (DESIGN.md). A value already in ``XLA_FLAGS`` wins.
+no visible effect on compile-only memory (DESIGN.md), unless ``XLA_FLAGS`` already sets it; other
+flags there are kept.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import os
 import pathlib
 import subprocess
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler"
+if _SCHEDULER not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SCHEDULER}=false".strip()
 
 
 def git_sha() -> str:
