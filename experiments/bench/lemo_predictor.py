@@ -3,10 +3,15 @@
     python -m experiments.bench.lemo_predictor --out bench_results/lemo_predictor.json \\
         [--preset=small --base_seq_len=512 --base_steps=400 --seq_len=2048 --steps=800]
     python -m experiments.bench.lemo_predictor --smoke --out /tmp/lemo_predictor.json  # tiny
+    python -m experiments.bench.lemo_predictor --base=smollm2-135m --steps=400 --train_windows=64 \\
+        --eval_windows=8 --reps=3 --out bench_results/lemo_predictor_smollm2.json  # a real base
 
-1. **Base**: the same cached base as ``lemo_quality`` (pretrained at ``--base_seq_len``).
+1. **Base**: the same cached base as ``lemo_quality`` (pretrained at ``--base_seq_len``), or with
+   ``--base`` a real pretrained model (a :mod:`tokensparse.zoo` name or anything
+   :func:`tokensparse.runs.load_base` takes), with its own tokenizer; nothing is pretrained then.
 2. **Predictors**: ``experiments.train_predictors`` (``predictors_small.py``) at ``--seq_len`` with
-   RoPE scaling, ``--steps`` steps, elastic pruning; reused when that run finished before.
+   RoPE scaling, ``--steps`` steps, elastic pruning, ``--loss`` and ``--lr``; reused when that run
+   finished before with the same training settings (a workdir trained otherwise is an error).
    Rows per layer: held-out recall@0.4 (``|TopK(ĉ) ∩ TopK(c)| / K``) and Spearman of ĉ with the
    oracle's column scores c, on ``--eval_windows`` validation windows.
 3. **Overhead**: one LeMo LoRA step (default LeMoConfig, the base's weights, batch 1, ``--seq_len``)
@@ -36,7 +41,7 @@ from experiments.bench import bases, timing, write_result
 from experiments.configs import finetune_small, predictors_small
 from tokensparse import data, lora, runs, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset_names
-from tokensparse.lemo import predictor, scoring
+from tokensparse.lemo import predictor, predictor_training, scoring
 from tokensparse.lemo.model import lemo_loss
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model preset of the base.")
@@ -46,6 +51,13 @@ _BASE_BATCH = flags.DEFINE_integer("base_batch_size", 8, "The base's pretraining
 _BASE_WORKDIR = flags.DEFINE_string(
     "base_workdir", None, "Pretraining workdir of the base, reused if it holds summary.json, else "
     "pretrained there (default: the lemo_quality cache, <cache>/bench/lemo_quality/<preset>-T...).")
+_BASE = flags.DEFINE_string(
+    "base", "", "A real pretrained base instead of pretraining --preset: a tokensparse.zoo name "
+    "(e.g. smollm2-135m) or a directory runs.load_base accepts.")
+_LOSS = flags.DEFINE_enum("loss", "column", predictor_training.LOSSES, "Predictor loss: 'column' "
+                          "(standardised column scores, predictors_small.py's) or the spec's tile "
+                          "loss 'smooth_l1'.")
+_LR = flags.DEFINE_float("lr", 3e-4, "Predictor AdamW learning rate.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Predictor training, evaluation and timing context.")
 _STEPS = flags.DEFINE_integer("steps", 800, "Predictor training steps.")
 _TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 256, "Distinct training windows (cycled).")
@@ -69,6 +81,7 @@ _checks.at_least(_STEPS, 1)
 _checks.at_least(_TRAIN_WINDOWS, 1)
 _checks.at_least(_EVAL_WINDOWS, 1)
 _checks.at_least(_REPS, 1)
+flags.register_validator(_LR, lambda v: v > 0, "must be positive.")
 
 SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
          "seq_len": 256, "steps": 12, "train_windows": 4, "eval_windows": 2, "reps": 3}
@@ -83,30 +96,46 @@ def log(message: str) -> None:
 
 
 def settings() -> dict:
+    """Flag values, with ``--smoke`` replacing the defaults of unset flags. With ``--base`` the
+    pretraining settings are left out: they describe nothing about a base not pretrained here."""
     out = {name: (SMOKE[name] if _SMOKE.value and not flags.FLAGS[name].present else flag.value)
            for name, flag in _FLAGS.items()}
-    out["vocab_size"] = 512 if out["preset"] == "tiny" else 8192
-    out["block_size"] = LeMoConfig().block_size
+    out.update(base=_BASE.value, loss=_LOSS.value, lr=_LR.value, block_size=LeMoConfig().block_size)
+    if out["base"]:
+        for name in ("preset", "base_seq_len", "base_steps", "base_batch_size"):
+            del out[name]
+    else:
+        out["vocab_size"] = 512 if out["preset"] == "tiny" else 8192
     return out
 
 
-def predictor_config(s: dict, base: pathlib.Path):
+def predictor_config(s: dict, base: pathlib.Path | str):
     c = predictors_small.get_config()
-    c.base, c.data.vocab_size, c.progress = str(base), s["vocab_size"], True
+    c.base, c.progress = str(base), True
+    if "vocab_size" in s:  # a pretrained-here base: the corpus BPE of that size
+        c.data.vocab_size = s["vocab_size"]
     c.train.seq_len, c.train.steps, c.train.block_size = s["seq_len"], s["steps"], s["block_size"]
     c.train.train_windows, c.train.eval_windows = s["train_windows"], s["eval_windows"]
+    c.train.loss, c.train.lr = s["loss"], s["lr"]
     if s["steps"] < 100:  # short (smoke) runs prune too, twice
         c.train.prune_every, c.train.prune_until = max(s["steps"] // 2, 1), s["steps"]
     return c
 
 
-def train_or_load(s: dict, base: pathlib.Path, workdir: pathlib.Path) -> dict:
+def train_or_load(s: dict, base: pathlib.Path | str, workdir: pathlib.Path) -> dict:
+    c = predictor_config(s, base)
     done = workdir / "summary.json"
     if done.exists():
+        trained = json.loads((workdir / "config.json").read_text())["experiment"]
+        wanted = c.to_dict()
+        for key in ("base", "train", "data"):
+            if trained[key] != json.loads(json.dumps(wanted[key])):
+                raise ValueError(f"{workdir} holds predictors trained with another {key!r} "
+                                 f"({trained[key]} != {wanted[key]}); pass another --workdir.")
         log(f"reusing the predictors in {workdir}")
         return json.loads(done.read_text())
     log(f"training predictors at T={s['seq_len']} for {s['steps']} steps into {workdir}")
-    return runs.train_predictors(predictor_config(s, base), workdir)
+    return runs.train_predictors(c, workdir)
 
 
 def fixed_selections(model, lemo: LeMoConfig, seq_len: int) -> list:
@@ -117,7 +146,7 @@ def fixed_selections(model, lemo: LeMoConfig, seq_len: int) -> list:
             for r in lemo.keep_ratios(len(model.layers))]
 
 
-def overhead(s: dict, base: pathlib.Path, predictors_dir: pathlib.Path) -> list[dict]:
+def overhead(s: dict, base: pathlib.Path | str, predictors_dir: pathlib.Path) -> list[dict]:
     """Rows: the LeMo step with each selection variant, timed side by side."""
     model, config, tokenizer = runs.load_base(str(base))
     config = config.with_context(s["seq_len"])
@@ -129,7 +158,7 @@ def overhead(s: dict, base: pathlib.Path, predictors_dir: pathlib.Path) -> list[
     tc = runs.build_train_config(c.train).replace(seq_len=s["seq_len"], batch_size=1)
     optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
     corpus = data.load_corpus(c.data.source)
-    tokenizer = tokenizer or data.get_tokenizer(corpus, s["vocab_size"])
+    tokenizer = tokenizer or data.get_tokenizer(corpus, s["vocab_size"])  # a zoo base has its own
     docs = data.encode_documents(tokenizer, corpus.train)
     batch = data.WindowBatches(docs, batch_size=1, seq_len=s["seq_len"], seed=0).batch(0)
     lemo = LeMoConfig(block_size=s["block_size"], selector="predictor")
@@ -156,9 +185,14 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     s = settings()
-    base = pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
-    bases.pretrain_base(s, base, log=log)
-    name = f"{base.name}-T{s['seq_len']}-s{s['steps']}-w{s['train_windows']}"
+    if s["base"]:
+        base, base_name = s["base"], pathlib.Path(s["base"]).name
+    else:
+        base = pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
+        bases.pretrain_base(s, base, log=log)
+        base_name = base.name
+    name = (f"{base_name}-T{s['seq_len']}-s{s['steps']}-w{s['train_windows']}-{s['loss']}"
+            f"-lr{s['lr']:g}")
     workdir = pathlib.Path(_WORKDIR.value or data.cache_dir() / "bench" / "lemo_predictor" / name)
     trained = train_or_load(s, base, workdir)
     key = "@0.4"
@@ -184,7 +218,8 @@ def main(argv):
     print(json.dumps(summary, indent=1))
     trained_with = json.loads((workdir / "config.json").read_text())["experiment"]["train"]
     write_result(_OUT.value, "lemo_predictor", rows, summary, settings={
-        **s, "smoke": _SMOKE.value, "base_workdir": str(base), "predictor_workdir": str(workdir),
+        **s, "smoke": _SMOKE.value, **({} if s["base"] else {"base_workdir": str(base)}),
+        "predictor_workdir": str(workdir),
         "predictor_training": trained_with,
         "recall": "per sparse layer and held-out window, |TopK(pred) & TopK(oracle)| / K, "
         "K = floor(0.4 n_b); mean over windows, then over the default schedule's sparse layers",
