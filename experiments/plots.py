@@ -189,7 +189,7 @@ def lemo_predictor(result: dict, png: pathlib.Path) -> bool:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     s = result.get("settings", {})
-    ax.set_title(f"LeMo predictors, {s.get('preset', '')} at T={s.get('seq_len')}, held-out "
+    ax.set_title(f"LeMo predictors, {s.get('base') or s.get('preset', '')} at T={s.get('seq_len')}, held-out "
                  f"({_provenance(result)})", fontsize=10)
     _save(fig, png)
     return True
