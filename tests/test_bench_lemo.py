@@ -260,3 +260,17 @@ def test_lemo_memory_with_a_keep_profile(tmp_path):
     assert sparser["summary"]["activation_ratio@512"] > default["summary"]["activation_ratio@512"] > 1
     assert sparser["settings"]["mean_keep"] == 0.25 and default["settings"]["mean_keep"] > 0.25
     assert "profile from" in sparser["settings"]["lemo"]
+
+
+def test_predictor_generalisation_script_scores_the_same_held_out_windows(predictor_smoke):
+    """scripts/predictor_generalisation.py on the smoke's predictors: its held-out recall is the
+    benchmark's, and its train and position-prior recalls are recalls."""
+    tmp, result, _ = predictor_smoke
+    done = subprocess.run([sys.executable, "scripts/predictor_generalisation.py", str(tmp / "run"),
+                           "--train_windows=4"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout[done.stdout.index("{"):])
+    assert out["heldout_recall@0.4"] == pytest.approx(result["summary"]["mean_recall@0.4"])
+    assert 0.0 <= out["train_recall@0.4"] <= 1.0 and 0.0 <= out["position_prior_recall@0.4"] <= 1.0
+    assert out["train_windows_scored"] == 4 and list(out["per_layer"]) == ["0"]

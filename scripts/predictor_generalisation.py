@@ -1,0 +1,82 @@
+"""Do trained LeMo predictors generalise? Recall@keep on training windows, on held-out windows, and
+that of a position-only prior (each layer's mean standardised column-score profile over the
+training windows, the same ranking for every input).
+
+    python scripts/predictor_generalisation.py PREDICTOR_WORKDIR [--train_windows=16]
+
+PREDICTOR_WORKDIR is a finished ``experiments.train_predictors`` (or ``lemo_predictor``) run; its
+config.json names the base, context, windows and keep ratio. Prints JSON: mean recalls over the
+default schedule's sparse layers, and per layer ``[train, held-out, position prior]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import numpy as np
+from ml_collections import config_dict
+
+from tokensparse import data, runs
+from tokensparse.config import LeMoConfig
+from tokensparse.lemo import predictor, scoring
+from tokensparse.lemo import predictor_training as pt
+
+
+def standardise(c: np.ndarray) -> np.ndarray:
+    return (c - c.mean()) / (c.std() + 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir")
+    parser.add_argument("--train_windows", type=int, default=16)
+    args = parser.parse_args()
+    c = json.loads((pathlib.Path(args.workdir) / "config.json").read_text())["experiment"]
+    tc = runs.predictor_train_config(config_dict.ConfigDict(c["train"]))
+    model, base_config, tokenizer = runs.load_base(c["base"], attention_backend=c["attention_backend"])
+    corpus = data.load_corpus(c["data"]["source"])
+    tokenizer = tokenizer or data.get_tokenizer(corpus, c["data"]["vocab_size"])
+    config = base_config.with_context(tc.seq_len)
+    runs.set_context(model, config)
+    # The same windows runs.train_predictors trains and evaluates on.
+    train = data.WindowBatches(data.encode_documents(tokenizer, corpus.train), batch_size=1,
+                               seq_len=tc.seq_len, seed=tc.seed)
+    held_out = data.WindowBatches(data.encode_documents(tokenizer, corpus.validation), batch_size=1,
+                                  seq_len=tc.seq_len, seed=tc.seed + 1)
+    predictors = predictor.load_predictors(f"{args.workdir}/predictors", config)
+    start = time.perf_counter()
+    train_cache = pt.TargetCache(model, train, predictors.layer_ids, tc.block_size)
+    held_cache = pt.TargetCache(model, held_out, predictors.layer_ids, tc.block_size)
+    n_train = min(args.train_windows, tc.train_windows)
+    profiles: dict[str, list[np.ndarray]] = {}
+    for i in range(n_train):
+        for layer, (_, tiles) in train_cache(i).items():
+            c_scores = np.asarray(scoring.column_scores(tiles), np.float64)[0]
+            profiles.setdefault(layer, []).append(standardise(c_scores))
+    prior = {layer: np.mean(v, axis=0) for layer, v in profiles.items()}
+    on_train = pt.evaluate(predictors, train_cache, range(n_train), tc.keep_ratio)["recall"]
+    on_held = pt.evaluate(predictors, held_cache, range(tc.eval_windows), tc.keep_ratio)["recall"]
+    by_position: dict[str, list[float]] = {}
+    for i in range(tc.eval_windows):
+        for layer, (_, tiles) in held_cache(i).items():
+            c_scores = np.asarray(scoring.column_scores(tiles), np.float64)[0]
+            by_position.setdefault(layer, []).append(pt.recall_at(prior[layer], c_scores, tc.keep_ratio))
+    sparse = [str(i) for i, r in enumerate(LeMoConfig(block_size=tc.block_size).keep_ratios(
+        config.n_layers)) if r < 1.0 and str(i) in on_held]
+    key = f"@{tc.keep_ratio:g}"
+    print(json.dumps({
+        f"train_recall{key}": float(np.mean([on_train[i] for i in sparse])),
+        f"heldout_recall{key}": float(np.mean([on_held[i] for i in sparse])),
+        f"position_prior_recall{key}": float(np.mean([np.mean(by_position[i]) for i in sparse])),
+        "train_windows_scored": n_train, "eval_windows": tc.eval_windows, "sparse_layers": sparse,
+        "per_layer": {layer: [round(on_train[layer], 3), round(on_held[layer], 3),
+                              round(float(np.mean(by_position[layer])), 3)]
+                      for layer in sorted(on_held, key=int)},
+        "seconds": time.perf_counter() - start}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
