@@ -19,8 +19,7 @@ import time
 import numpy as np
 from ml_collections import config_dict
 
-from tokensparse import data, runs
-from tokensparse.config import LeMoConfig
+from tokensparse import runs
 from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo import predictor_training as pt
 
@@ -34,18 +33,10 @@ def main() -> None:
     parser.add_argument("workdir")
     parser.add_argument("--train_windows", type=int, default=16)
     args = parser.parse_args()
-    c = json.loads((pathlib.Path(args.workdir) / "config.json").read_text())["experiment"]
-    tc = runs.predictor_train_config(config_dict.ConfigDict(c["train"]))
-    model, base_config, tokenizer = runs.load_base(c["base"], attention_backend=c["attention_backend"])
-    corpus = data.load_corpus(c["data"]["source"])
-    tokenizer = tokenizer or data.get_tokenizer(corpus, c["data"]["vocab_size"])
-    config = base_config.with_context(tc.seq_len)
-    runs.set_context(model, config)
-    # The same windows runs.train_predictors trains and evaluates on.
-    train = data.WindowBatches(data.encode_documents(tokenizer, corpus.train), batch_size=1,
-                               seq_len=tc.seq_len, seed=tc.seed)
-    held_out = data.WindowBatches(data.encode_documents(tokenizer, corpus.validation), batch_size=1,
-                                  seq_len=tc.seq_len, seed=tc.seed + 1)
+    c = config_dict.ConfigDict(
+        json.loads((pathlib.Path(args.workdir) / "config.json").read_text())["experiment"])
+    tc = runs.predictor_train_config(c.train)
+    model, config, train, held_out = runs.predictor_setup(c, tc)  # the run's own windows
     predictors = predictor.load_predictors(f"{args.workdir}/predictors", config)
     start = time.perf_counter()
     train_cache = pt.TargetCache(model, train, predictors.layer_ids, tc.block_size)
@@ -64,8 +55,7 @@ def main() -> None:
         for layer, (_, tiles) in held_cache(i).items():
             c_scores = np.asarray(scoring.column_scores(tiles), np.float64)[0]
             by_position.setdefault(layer, []).append(pt.recall_at(prior[layer], c_scores, tc.keep_ratio))
-    sparse = [str(i) for i, r in enumerate(LeMoConfig(block_size=tc.block_size).keep_ratios(
-        config.n_layers)) if r < 1.0 and str(i) in on_held]
+    sparse = runs.predictor_sparse_layers(config, tc, on_held)
     key = f"@{tc.keep_ratio:g}"
     print(json.dumps({
         f"train_recall{key}": float(np.mean([on_train[i] for i in sparse])),

@@ -11,10 +11,9 @@ import os
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     """``os.environ`` for a child process: CPU, offline, fast compiles, and none of the suite's own
     XLA flags (its 8 simulated devices: a child that wants devices sets up its own)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "XLA_FLAGS": FAST_COMPILE})
-    env.update(extra)
     return env

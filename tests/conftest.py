@@ -2,7 +2,7 @@
 
 import os
 
-from _env import FAST_COMPILE  # noqa: E402  (no jax import there)
+from _env import FAST_COMPILE  # imports no jax: the flags below are set before jax loads
 
 _FLAGS = ("--xla_force_host_platform_device_count=8",
           "--xla_cpu_enable_concurrency_optimized_scheduler=false", FAST_COMPILE)

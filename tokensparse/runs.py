@@ -508,15 +508,9 @@ def predictor_train_config(c: config_dict.ConfigDict) -> PredictorTrainConfig:
     return _dataclass_from(PredictorTrainConfig, values, "config.train")
 
 
-def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Train LeMo predictors for a frozen base at ``config.train.seq_len`` (RoPE linear scaling to
-    it, as fine-tuning will use) on train-split windows; report held-out recall and Spearman.
-
-    Writes ``workdir/predictors`` (load with ``--config.lemo.predictors`` in fine-tuning),
-    ``metrics.jsonl``, ``summary.json``; resumes from ``workdir/checkpoints``."""
-    workdir = pathlib.Path(workdir)
-    tc = predictor_train_config(c.train)
-    workdir.mkdir(parents=True, exist_ok=True)
+def predictor_setup(c: config_dict.ConfigDict, tc: PredictorTrainConfig):
+    """``(model, model_config, train_windows, held_out)`` of a predictor run: the frozen base at
+    ``tc.seq_len`` (RoPE scaled), and the train / validation windows it trains and is scored on."""
     model, base_config, base_tokenizer = load_base(c.base, attention_backend=c.attention_backend)
     corpus = data.load_corpus(c.data.source)
     tokenizer = base_tokenizer or data.get_tokenizer(corpus, c.data.vocab_size)
@@ -527,6 +521,26 @@ def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> 
     val_docs = data.encode_documents(tokenizer, corpus.validation)
     train_windows = data.WindowBatches(train_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed)
     held_out = data.WindowBatches(val_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed + 1)
+    return model, model_config, train_windows, held_out
+
+
+def predictor_sparse_layers(config: ModelConfig, tc: PredictorTrainConfig, scored) -> list[str]:
+    """The default LeMo schedule's sparse layers among those in ``scored`` (keys are str(layer)):
+    the layers the recall summaries average over."""
+    ratios = LeMoConfig(block_size=tc.block_size).keep_ratios(config.n_layers)
+    return [str(i) for i, r in enumerate(ratios) if r < 1.0 and str(i) in scored]
+
+
+def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Train LeMo predictors for a frozen base at ``config.train.seq_len`` (RoPE linear scaling to
+    it, as fine-tuning will use) on train-split windows; report held-out recall and Spearman.
+
+    Writes ``workdir/predictors`` (load with ``--config.lemo.predictors`` in fine-tuning),
+    ``metrics.jsonl``, ``summary.json``; resumes from ``workdir/checkpoints``."""
+    workdir = pathlib.Path(workdir)
+    tc = predictor_train_config(c.train)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, model_config, train_windows, held_out = predictor_setup(c, tc)
     _write_json(workdir / "config.json", {"experiment": c.to_dict(),
                                           "model": model_config.to_dict()})
     run = predictor_training.train_predictors(model, train_windows, tc, workdir,
@@ -541,8 +555,7 @@ def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> 
                                                tc.block_size)
         metrics = predictor_training.evaluate(run.predictors, cache, range(tc.eval_windows),
                                               tc.keep_ratio)
-        sparse = [str(i) for i, r in enumerate(LeMoConfig(block_size=tc.block_size).keep_ratios(
-            model_config.n_layers)) if r < 1.0 and str(i) in metrics["recall"]]
+        sparse = predictor_sparse_layers(model_config, tc, metrics["recall"])
         key = f"@{tc.keep_ratio:g}"
         summary.update({
             f"mean_recall{key}": float(np.mean([metrics["recall"][i] for i in sparse])),
