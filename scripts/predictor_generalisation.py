@@ -39,8 +39,11 @@ def main() -> None:
     model, config, train, held_out = runs.predictor_setup(c, tc)  # the run's own windows
     predictors = predictor.load_predictors(f"{args.workdir}/predictors", config)
     start = time.perf_counter()
-    train_cache = pt.TargetCache(model, train, predictors.layer_ids, tc.block_size)
-    held_cache = pt.TargetCache(model, held_out, predictors.layer_ids, tc.block_size)
+    stored = pt.targets_directory(tc, args.workdir)  # the run's own targets, when still there
+    train_cache = pt.TargetCache(model, train, predictors.layer_ids, tc.block_size,
+                                 directory=stored / "train")
+    held_cache = pt.TargetCache(model, held_out, predictors.layer_ids, tc.block_size,
+                                directory=stored / "held_out")
     n_train = min(args.train_windows, tc.train_windows)
     profiles: dict[str, list[np.ndarray]] = {}
     for i in range(n_train):

@@ -227,6 +227,7 @@ def test_lemo_predictor_on_a_zoo_base(tmp_path):
     """``--base`` trains predictors for that model (its tokenizer, nothing pretrained) with the
     chosen loss and rate; a workdir trained with other settings is refused, not silently reused."""
     args = ("--smoke", "--base=smollm2-135m", f"--workdir={tmp_path / 'run'}", "--loss=smooth_l1",
+            "--weight_decay=0.01", "--h2=32", "--sparse_only", f"--targets_dir={tmp_path / 'tg'}",
             "--lr=1e-3")
     result, stdout = _bench_with_fake_zoo("lemo_predictor", tmp_path / "p.json", *args)
     assert "[fake zoo] load" in stdout and "pretraining" not in stdout
@@ -236,6 +237,10 @@ def test_lemo_predictor_on_a_zoo_base(tmp_path):
     trained = json.loads((tmp_path / "run" / "config.json").read_text())["experiment"]
     assert trained["base"] == "smollm2-135m"
     assert (trained["train"]["loss"], trained["train"]["lr"]) == ("smooth_l1", 1e-3)
+    assert (trained["train"]["weight_decay"], trained["train"]["h2"]) == (0.01, 32)
+    assert trained["train"]["sparse_only"] and trained["train"]["targets_dir"] == str(tmp_path / "tg")
+    assert sorted(p.name for p in (tmp_path / "tg").iterdir()) == ["held_out", "train"]
+    assert not (tmp_path / "run" / "targets").exists()
     assert settings["predictor_training"] == trained["train"]
     _finite(result["summary"], ("mean_recall@0.4", "overhead_ratio"))
     refused = _bench_with_fake_zoo("lemo_predictor", tmp_path / "p2.json", *args[:-1], "--lr=2e-3",

@@ -14,6 +14,7 @@ from tokensparse.checkpoint import CheckpointError
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
 from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo import predictor_training as pt
+from tokensparse.lemo import targets as target_store
 from tokensparse.lemo.model import check_lemo, layer_selection, lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.metrics import compiled_memory
@@ -199,7 +200,7 @@ def test_recall_against_brute_force():
 def test_targets_are_the_oracle_tiles_of_each_layer_input():
     model = _model()
     tokens = jnp.asarray(_windows().batch(0).tokens)
-    targets = nnx.jit(lambda m, t: pt.collect_targets(m, t, (0, 2), scoring.ScoreOptions(BLOCK)))(
+    targets = nnx.jit(lambda m, t: target_store.collect_targets(m, t, (0, 2), scoring.ScoreOptions(BLOCK)))(
         model, tokens)
     assert set(targets) == {"0", "2"}
     h = model.embed(tokens)
@@ -243,6 +244,7 @@ def test_resumed_training_equals_straight_training(trained, tmp_path):
     _, straight = trained
     pt.train_predictors(_model(), _windows(), _train_config(steps=7), tmp_path, progress=False)
     resumed = pt.train_predictors(_model(), _windows(), _train_config(), tmp_path, progress=False)
+    assert straight.collect_s > 0 and resumed.collect_s == 0.0  # its targets were on disk
     assert resumed.predictors.widths() == straight.predictors.widths()
     jax.tree.map(np.testing.assert_array_equal, resumed.predictors.params(),
                  straight.predictors.params())
@@ -266,6 +268,20 @@ def test_config_rejects_bad_values():
         pt.PredictorTrainConfig(loss="l1")
     with pytest.raises(ValueError, match="keep_ratio"):
         pt.PredictorTrainConfig(keep_ratio=0.0)
+    with pytest.raises(ValueError, match="layers or sparse_only"):
+        pt.PredictorTrainConfig(layers=(1, 2), sparse_only=True)
+
+
+def test_sparse_only_trains_the_default_schedules_sparse_layers(tmp_path):
+    assert pt.PredictorTrainConfig(sparse_only=True).layer_ids(32) == tuple(range(15, 31))  # spec
+    assert pt.PredictorTrainConfig(layers=(0, 2)).layer_ids(32) == (0, 2)
+    assert pt.PredictorTrainConfig().layer_ids(32) is None
+    config = preset("tiny", n_layers=5)  # sparse: 1, 2, 3 (every layer but the last: 0..3)
+    run = pt.train_predictors(Llama(config, rngs=nnx.Rngs(0)), _windows(),
+                              _train_config(steps=1, sparse_only=True, prune_every=0), tmp_path,
+                              progress=False)
+    assert run.predictors.layer_ids == (1, 2, 3)
+    assert predictor.load_predictors(tmp_path / "predictors", config).layer_ids == (1, 2, 3)
 
 
 # ----------------------------------------------------------------------------- the LeMo forward

@@ -551,8 +551,9 @@ def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> 
                "params_before": before, "params_after": after, "params_kept_ratio": after / before,
                "collect_s": run.collect_s, "train_s": run.train_s}
     if tc.eval_windows:
-        cache = predictor_training.TargetCache(model, held_out, run.predictors.layer_ids,
-                                               tc.block_size)
+        cache = predictor_training.TargetCache(
+            model, held_out, run.predictors.layer_ids, tc.block_size,
+            directory=predictor_training.targets_directory(tc, workdir) / "held_out")
         metrics = predictor_training.evaluate(run.predictors, cache, range(tc.eval_windows),
                                               tc.keep_ratio)
         sparse = predictor_sparse_layers(model_config, tc, metrics["recall"])

@@ -12,6 +12,8 @@
 2. **Predictors**: ``experiments.train_predictors`` (``predictors_small.py``) at ``--seq_len`` with
    RoPE scaling, ``--steps`` steps, elastic pruning, ``--loss`` and ``--lr``; reused when that run
    finished before with the same training settings (a workdir trained otherwise is an error).
+   ``--weight_decay``, ``--h2`` and ``--sparse_only`` (predictors for the sparse layers only) change
+   the training; the collected targets live on disk (``--targets_dir``, default in the workdir).
    Rows per layer: held-out recall@0.4 (``|TopK(ĉ) ∩ TopK(c)| / K``) and Spearman of ĉ with the
    oracle's column scores c, on ``--eval_windows`` validation windows.
 3. **Overhead**: one LeMo LoRA step (default LeMoConfig, the base's weights, batch 1, ``--seq_len``)
@@ -58,6 +60,14 @@ _LOSS = flags.DEFINE_enum("loss", "column", predictor_training.LOSSES, "Predicto
                           "(standardised column scores, predictors_small.py's) or the spec's tile "
                           "loss 'smooth_l1'.")
 _LR = flags.DEFINE_float("lr", 3e-4, "Predictor AdamW learning rate.")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Predictor AdamW weight decay.")
+_H2 = flags.DEFINE_integer("h2", 0, "Width of the predictors' second linear (0: the spec's b·d).")
+_SPARSE_ONLY = flags.DEFINE_bool(
+    "sparse_only", False, "Predictors only for the default schedule's sparse layers (the only ones "
+    "fine-tuning runs); the dense layers' rows are then absent.")
+_TARGETS_DIR = flags.DEFINE_string(
+    "targets_dir", "", "Where the collected training targets are stored (default: "
+    "<workdir>/targets); runs over the same base, context and layers can share one.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Predictor training, evaluation and timing context.")
 _STEPS = flags.DEFINE_integer("steps", 800, "Predictor training steps.")
 _TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 256, "Distinct training windows (cycled).")
@@ -82,6 +92,8 @@ _checks.at_least(_TRAIN_WINDOWS, 1)
 _checks.at_least(_EVAL_WINDOWS, 1)
 _checks.at_least(_REPS, 1)
 flags.register_validator(_LR, lambda v: v > 0, "must be positive.")
+flags.register_validator(_WEIGHT_DECAY, lambda v: v >= 0, "must be >= 0.")
+_checks.at_least(_H2, 0)
 
 SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
          "seq_len": 256, "steps": 12, "train_windows": 4, "eval_windows": 2, "reps": 3}
@@ -100,7 +112,9 @@ def settings() -> dict:
     pretraining settings are left out: they describe nothing about a base not pretrained here."""
     out = {name: (SMOKE[name] if _SMOKE.value and not flags.FLAGS[name].present else flag.value)
            for name, flag in _FLAGS.items()}
-    out.update(base=_BASE.value, loss=_LOSS.value, lr=_LR.value, block_size=LeMoConfig().block_size)
+    out.update(base=_BASE.value, loss=_LOSS.value, lr=_LR.value, weight_decay=_WEIGHT_DECAY.value,
+               h2=_H2.value, sparse_only=_SPARSE_ONLY.value, targets_dir=_TARGETS_DIR.value,
+               block_size=LeMoConfig().block_size)
     if out["base"]:
         for name in ("preset", "base_seq_len", "base_steps", "base_batch_size"):
             del out[name]
@@ -116,7 +130,8 @@ def predictor_config(s: dict, base: pathlib.Path | str):
         c.data.vocab_size = s["vocab_size"]
     c.train.seq_len, c.train.steps, c.train.block_size = s["seq_len"], s["steps"], s["block_size"]
     c.train.train_windows, c.train.eval_windows = s["train_windows"], s["eval_windows"]
-    c.train.loss, c.train.lr = s["loss"], s["lr"]
+    c.train.loss, c.train.lr, c.train.weight_decay = s["loss"], s["lr"], s["weight_decay"]
+    c.train.h2, c.train.sparse_only, c.train.targets_dir = s["h2"], s["sparse_only"], s["targets_dir"]
     if s["steps"] < 100:  # short (smoke) runs prune too, twice
         c.train.prune_every, c.train.prune_until = max(s["steps"] // 2, 1), s["steps"]
     return c
@@ -192,7 +207,8 @@ def main(argv):
         bases.pretrain_base(s, base, log=log)
         base_name = base.name
     name = (f"{base_name}-T{s['seq_len']}-s{s['steps']}-w{s['train_windows']}-{s['loss']}"
-            f"-lr{s['lr']:g}")
+            f"-lr{s['lr']:g}" + (f"-wd{s['weight_decay']:g}" if s["weight_decay"] else "")
+            + (f"-h2_{s['h2']}" if s["h2"] else "") + ("-sparse" if s["sparse_only"] else ""))
     workdir = pathlib.Path(_WORKDIR.value or data.cache_dir() / "bench" / "lemo_predictor" / name)
     trained = train_or_load(s, base, workdir)
     key = "@0.4"

@@ -3,7 +3,10 @@
 1. **Targets.** For each training window the frozen model runs dense; at every predictor layer the
    layer's normed input X and the oracle tile matrix of its pre-RoPE q, k (the artifact's target
    kernel, :func:`tokensparse.lemo.scoring.block_tiles`, linear memory) are kept. Windows are a pure
-   function of their index and are collected once, then cycled (``train_windows`` of them).
+   function of their index and are collected once, then cycled (``train_windows`` of them). They
+   are stored on disk (:mod:`tokensparse.lemo.targets`) under ``tc.targets_dir`` or
+   ``workdir/targets``: host memory holds one window, a resumed run collects nothing again, and
+   runs with other training settings over the same model and windows can share one directory.
 2. **Fit.** All layers' predictors at once: SmoothL1 (β = 1, mean over the n_b² tiles) between the
    predicted tile matrix P and ``target_scale ·`` the oracle's, summed over layers; AdamW with
    linear warm-up then a constant rate. ``loss="column"`` fits standardised column scores instead:
@@ -42,8 +45,8 @@ from flax import nnx
 
 from tokensparse import routing
 from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
+from tokensparse.config import LeMoConfig
 from tokensparse.lemo import scoring
-from tokensparse.lemo.model import pre_rope_qk
 from tokensparse.lemo.predictor import (
     PATHS,
     LeMoPredictors,
@@ -54,7 +57,8 @@ from tokensparse.lemo.predictor import (
     predicted_tiles,
     save_predictors,
 )
-from tokensparse.llama import Llama, default_positions
+from tokensparse.lemo.targets import TargetCache
+from tokensparse.llama import Llama
 from tokensparse.metrics import JsonlLogger, Progress
 
 LOSSES = ("smooth_l1", "mse", "column")
@@ -78,6 +82,7 @@ class PredictorTrainConfig:
     h1: int = 128
     h2: int = 0  # 0: block_size · d_model / n_heads (the spec's b·d)
     layers: tuple[int, ...] = ()  # (): every layer but the last
+    sparse_only: bool = False  # only the default LeMo schedule's sparse layers (fine-tuning's)
     block_size: int = 64
     prune_every: int = 100  # 0: no pruning
     prune_until: int = 620
@@ -87,6 +92,7 @@ class PredictorTrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
+    targets_dir: str = ""  # where collected targets are stored; "": <workdir>/targets
 
     def __post_init__(self):
         def check(ok: bool, message: str) -> None:
@@ -106,6 +112,16 @@ class PredictorTrainConfig:
         check(0.0 < self.keep_ratio <= 1.0, f"keep_ratio={self.keep_ratio} must be in (0, 1].")
         check(self.log_every >= 1 and self.checkpoint_every >= 1,
               "log_every and checkpoint_every must be >= 1.")
+        check(not (self.layers and self.sparse_only), "give layers or sparse_only, not both.")
+
+    def layer_ids(self, n_layers: int) -> tuple[int, ...] | None:
+        """The layers that get predictors: ``layers``; with ``sparse_only`` those the default
+        :class:`LeMoConfig` schedule makes sparse (dense layers skip their predictors in
+        fine-tuning); None for the predictors' default, every layer but the last."""
+        if self.sparse_only:
+            ratios = LeMoConfig(block_size=self.block_size).keep_ratios(n_layers)
+            return tuple(i for i, r in enumerate(ratios) if r < 1.0)
+        return self.layers or None
 
     def prune_tau(self, step: int) -> float | None:
         """τ of the prune after ``step`` completed steps, or None when no prune happens there."""
@@ -113,50 +129,6 @@ class PredictorTrainConfig:
             return None
         k = step // self.prune_every
         return self.prune_start_tau - self.prune_tau_step * (k - 1)
-
-
-# ----------------------------------------------------------------------------- targets
-
-
-def collect_targets(model: Llama, tokens, layer_ids: Sequence[int], opts: scoring.ScoreOptions
-                    ) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``{str(layer): (X [B, T, D], oracle tiles [B, n_b, n_b])}`` from one dense forward.
-
-    X is the layer's normed input; the tiles score its pre-RoPE q, k (with whatever LoRA the model
-    carries; training uses the frozen base). Jit it with :func:`nnx.jit`."""
-    positions = default_positions(tokens)
-    wanted = set(layer_ids)
-    out = {}
-    h = model.embed(tokens)
-    for i, block in enumerate(model.layers):
-        if i > max(wanted):
-            break
-        if i in wanted:
-            u = block.input_norm(h)
-            out[str(i)] = (u, scoring.block_tiles(*pre_rope_qk(block, u), opts))
-        h = block(h, positions, None, None)
-    return out
-
-
-class TargetCache:
-    """Targets of window ``i`` of ``windows`` (``windows.batch(i)``), collected on first use and
-    kept on the host."""
-
-    def __init__(self, model: Llama, windows, layer_ids: Sequence[int], block_size: int):
-        self.windows = windows
-        opts = scoring.ScoreOptions(block_size=block_size)
-        self._collect = nnx.jit(lambda m, t: collect_targets(m, t, layer_ids, opts))
-        self._model = model
-        self._cache: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self.seconds = 0.0
-
-    def __call__(self, index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        if index not in self._cache:
-            start = time.perf_counter()
-            tokens = jnp.asarray(self.windows.batch(index).tokens)
-            self._cache[index] = jax.tree.map(np.asarray, self._collect(self._model, tokens))
-            self.seconds += time.perf_counter() - start
-        return self._cache[index]
 
 
 # ----------------------------------------------------------------------------- loss and step
@@ -330,12 +302,18 @@ class PredictorRun:
     train_s: float
 
 
-_RUN_LENGTH_FIELDS = ("steps", "log_every", "checkpoint_every", "eval_windows")
+_RUN_LENGTH_FIELDS = ("steps", "log_every", "checkpoint_every", "eval_windows", "targets_dir")
 
 
 def _resume_relevant(train: Mapping) -> dict:
     """Training settings a resumed run must share (it may run longer, log or save differently)."""
     return {k: v for k, v in train.items() if k not in _RUN_LENGTH_FIELDS}
+
+
+def targets_directory(tc: PredictorTrainConfig, workdir: str | pathlib.Path) -> pathlib.Path:
+    """Where a run's targets live: ``tc.targets_dir`` or ``workdir/targets`` (``train/`` and
+    ``held_out/`` below it)."""
+    return pathlib.Path(tc.targets_dir) if tc.targets_dir else pathlib.Path(workdir) / "targets"
 
 
 def _metadata(params, step: int, rows: int, extra: Mapping) -> dict:
@@ -350,14 +328,15 @@ def train_predictors(model: Llama, train_windows, tc: PredictorTrainConfig,
     resuming from ``workdir/checkpoints``; saves the result to ``workdir/predictors``."""
     workdir = pathlib.Path(workdir)
     config = model.config
-    layer_ids = tc.layers or None
+    layer_ids = tc.layer_ids(config.n_layers)
     predictors = LeMoPredictors(config, block_size=tc.block_size, layer_ids=layer_ids, h1=tc.h1,
                                 h2=tc.h2 or None, dtype=config.compute_dtype,
                                 rngs=nnx.Rngs(tc.seed))
     params_before = predictors.num_params()
     metadata = json.loads(json.dumps({"model": config.to_dict(), **dict(metadata or {}),
                                       "train": dataclasses.asdict(tc)}))  # as stored
-    cache = TargetCache(model, train_windows, predictors.layer_ids, tc.block_size)
+    cache = TargetCache(model, train_windows, predictors.layer_ids, tc.block_size,
+                        directory=targets_directory(tc, workdir) / "train")
     tx = make_optimizer(tc)
     step_fn = make_step(tx, n_heads=config.n_heads, block_size=tc.block_size,
                         dtype=config.compute_dtype, loss=tc.loss, target_scale=tc.target_scale)
