@@ -279,3 +279,33 @@ def test_predictor_generalisation_script_scores_the_same_held_out_windows(predic
     assert out["heldout_recall@0.4"] == pytest.approx(result["summary"]["mean_recall@0.4"])
     assert 0.0 <= out["train_recall@0.4"] <= 1.0 and 0.0 <= out["position_prior_recall@0.4"] <= 1.0
     assert out["train_windows_scored"] == 4 and list(out["per_layer"]) == ["0"]
+
+
+def test_predictor_input_slices_script_trains_both_layouts_on_stored_targets(predictor_smoke):
+    """scripts/predictor_input_slices.py on the smoke run's stored targets (no model loaded): the
+    spec's head-slice layout and the whole-block one, each with the spec's widths; bad requests
+    fail clearly."""
+    tmp, _, _ = predictor_smoke
+    targets = tmp / "run" / "targets"
+    script = [sys.executable, "scripts/predictor_input_slices.py", str(targets)]
+
+    def run(*args):
+        return subprocess.run(script + list(args), cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    done = run("--layers=0", "--windows=4", "--eval_windows=2", "--steps=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout[done.stdout.index("{"):])
+    manifest = json.loads((targets / "train" / "manifest.json").read_text())
+    config, block = manifest["model"], manifest["block_size"]  # tiny: 4 heads of 16
+    d, hd = config["d_model"], config["head_dim"]
+    layouts = {r["slices"]: r for r in out["layouts"]}
+    assert sorted(layouts) == [1, config["n_heads"]] and config["n_heads"] > 1
+    for slices, r in layouts.items():
+        in_dim = block * d // slices
+        assert r["input_width"] == in_dim
+        assert r["params_per_path"] == in_dim * 128 + 128 * block * hd + block * hd * hd
+        assert 0.0 <= r["recall"]["0"] <= 1.0 and math.isfinite(r["final_loss"])
+    assert "must divide d_model" in run("--layers=0", "--slices=3", "--windows=4",
+                                        "--eval_windows=2").stderr
+    assert "holds 4 windows" in run("--layers=0", "--windows=9", "--eval_windows=2").stderr

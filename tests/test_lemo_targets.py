@@ -60,6 +60,8 @@ def test_bfloat16_inputs_round_trip(tmp_path):
     loaded, sha = target_store.load_targets(tmp_path / "w.npz")
     assert sha == "abc"
     _assert_same(loaded, {"3": (x, tiles)})
+    target_store.save_targets(tmp_path / "v.npz", {"3": (x, tiles), "5": (x[:, :4], tiles)}, "d")
+    assert set(target_store.load_targets(tmp_path / "v.npz", ["5"])[0]) == {"5"}
 
 
 def test_a_directory_of_another_model_layers_or_windows_is_refused(model, tmp_path):

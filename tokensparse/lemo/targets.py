@@ -93,14 +93,17 @@ def save_targets(path: pathlib.Path, targets: Targets, tokens_sha: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_targets(path: pathlib.Path) -> tuple[Targets, str]:
-    """``(targets, tokens_sha)`` of a file written by :func:`save_targets`."""
+def load_targets(path: pathlib.Path, layers: Sequence[str] | None = None) -> tuple[Targets, str]:
+    """``(targets, tokens_sha)`` of a file written by :func:`save_targets`; only ``layers`` (str
+    layer ids) when given, reading nothing else."""
     with np.load(path) as f:
         pairs: dict[str, dict[str, np.ndarray]] = {}
         for key in f.files:
             if key == "tokens_sha":
                 continue
             name, layer, dtype = key.split("_")
+            if layers is not None and layer not in layers:
+                continue
             x = f[key]
             pairs.setdefault(layer, {})[name] = x.view(_VIEWED[dtype][0]) if dtype in _VIEWED else x
         sha = str(f["tokens_sha"])
