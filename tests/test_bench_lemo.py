@@ -306,6 +306,12 @@ def test_predictor_input_slices_script_trains_both_layouts_on_stored_targets(pre
         assert r["input_width"] == in_dim
         assert r["params_per_path"] == in_dim * 128 + 128 * block * hd + block * hd * hd
         assert 0.0 <= r["recall"]["0"] <= 1.0 and math.isfinite(r["final_loss"])
+    assert out["loss"] == "column"
+    tile = run("--layers=0", "--windows=4", "--eval_windows=2", "--steps=2", "--slices=1",
+               "--loss=smooth_l1")
+    assert tile.returncode == 0, tile.stderr[-3000:]
+    tile = json.loads(tile.stdout[tile.stdout.index("{"):])
+    assert tile["loss"] == "smooth_l1" and [r["slices"] for r in tile["layouts"]] == [1]
     assert "must divide d_model" in run("--layers=0", "--slices=3", "--windows=4",
                                         "--eval_windows=2").stderr
     assert "holds 4 windows" in run("--layers=0", "--windows=9", "--eval_windows=2").stderr
