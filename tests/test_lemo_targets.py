@@ -2,7 +2,7 @@
 when written for another model, other layers or other windows, written atomically."""
 
 import jax
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -54,7 +54,7 @@ def test_disk_targets_equal_memory_targets_and_are_collected_once(model, tmp_pat
 
 
 def test_bfloat16_inputs_round_trip(tmp_path):
-    x = np.random.default_rng(0).normal(size=(1, 8, 4)).astype(ml_dtypes.bfloat16)
+    x = np.random.default_rng(0).normal(size=(1, 8, 4)).astype(jnp.bfloat16)
     tiles = np.random.default_rng(1).normal(size=(1, 2, 2)).astype(np.float32)
     target_store.save_targets(tmp_path / "w.npz", {"3": (x, tiles)}, "abc")
     loaded, sha = target_store.load_targets(tmp_path / "w.npz")

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -33,7 +32,7 @@ from tokensparse.lemo.model import pre_rope_qk
 from tokensparse.llama import Llama, default_positions
 
 Targets = dict[str, tuple[np.ndarray, np.ndarray]]  # {str(layer): (X [B, T, D], tiles [B, n_b, n_b])}
-_VIEWED = {"bfloat16": (ml_dtypes.bfloat16, np.uint16)}  # dtypes .npz cannot store natively
+_VIEWED = {"bfloat16": (jnp.bfloat16, np.uint16)}  # dtypes .npz cannot store natively
 
 
 class TargetStoreError(ValueError):
