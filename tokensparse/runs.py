@@ -527,8 +527,7 @@ def predictor_setup(c: config_dict.ConfigDict, tc: PredictorTrainConfig):
 def predictor_sparse_layers(config: ModelConfig, tc: PredictorTrainConfig, scored) -> list[str]:
     """The default LeMo schedule's sparse layers among those in ``scored`` (keys are str(layer)):
     the layers the recall summaries average over."""
-    ratios = LeMoConfig(block_size=tc.block_size).keep_ratios(config.n_layers)
-    return [str(i) for i, r in enumerate(ratios) if r < 1.0 and str(i) in scored]
+    return [str(i) for i in tc.default_sparse_layers(config.n_layers) if str(i) in scored]
 
 
 def train_predictors(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:

@@ -119,9 +119,13 @@ class PredictorTrainConfig:
         :class:`LeMoConfig` schedule makes sparse (dense layers skip their predictors in
         fine-tuning); None for the predictors' default, every layer but the last."""
         if self.sparse_only:
-            ratios = LeMoConfig(block_size=self.block_size).keep_ratios(n_layers)
-            return tuple(i for i, r in enumerate(ratios) if r < 1.0)
+            return self.default_sparse_layers(n_layers)
         return self.layers or None
+
+    def default_sparse_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The layers the default :class:`LeMoConfig` schedule (at ``block_size``) makes sparse."""
+        ratios = LeMoConfig(block_size=self.block_size).keep_ratios(n_layers)
+        return tuple(i for i, r in enumerate(ratios) if r < 1.0)
 
     def prune_tau(self, step: int) -> float | None:
         """τ of the prune after ``step`` completed steps, or None when no prune happens there."""
