@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -315,3 +316,35 @@ def test_predictor_input_slices_script_trains_both_layouts_on_stored_targets(pre
     assert "must divide d_model" in run("--layers=0", "--slices=3", "--windows=4",
                                         "--eval_windows=2").stderr
     assert "holds 4 windows" in run("--layers=0", "--windows=9", "--eval_windows=2").stderr
+
+
+def test_predictor_recall_ceiling_script_on_stored_targets(predictor_smoke):
+    """scripts/predictor_recall_ceiling.py: noise rows fall with σ; with the base, ``exact`` recomputes
+    the stored oracle (recall 1) and the estimators score; a model the targets are not from, or an
+    unknown layer, is refused."""
+    tmp, _, _ = predictor_smoke
+    targets = tmp / "run" / "targets"
+    script = [sys.executable, "scripts/predictor_recall_ceiling.py", str(targets), "--windows=2"]
+
+    def run(*args):
+        return subprocess.run(script + list(args), cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    done = run("--noise=0,0.3,100", f"--base={tmp / 'base'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    methods = json.loads(done.stdout[done.stdout.index("{"):])["methods"]
+    assert list(methods) == ["noise0", "noise0.3", "noise100", "exact", "block_mean", "query_mean",
+                             "top_norm"]
+    assert methods["exact"]["mean_recall"] == methods["noise0"]["mean_recall"] == 1.0
+    assert methods["noise0.3"]["mean_recall"] > methods["noise100"]["mean_recall"]
+    for m in methods.values():
+        assert 0.0 <= m["mean_recall"] <= 1.0 and set(m["recall"]) == set(m["spearman"])
+    foreign = tmp / "foreign_targets"  # as if collected from another model
+    shutil.copytree(targets, foreign, dirs_exist_ok=True)
+    manifest = foreign / "held_out" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "weights": "0" * 32}))
+    refused = subprocess.run([sys.executable, "scripts/predictor_recall_ceiling.py", str(foreign),
+                              "--windows=2", f"--base={tmp / 'base'}"], cwd=ROOT, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "weights digest differs" in refused.stderr, refused.stderr[-2000:]
+    assert "are not in" in run("--layers=99").stderr

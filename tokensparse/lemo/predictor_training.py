@@ -269,6 +269,18 @@ def spearman(pred: np.ndarray, oracle: np.ndarray) -> float:
     return float(rho) if np.isfinite(rho) else 0.0
 
 
+def recall_under_noise(oracle: np.ndarray, sigma: float, keep_ratio: float,
+                       rng: np.random.Generator, draws: int = 8) -> tuple[float, float]:
+    """(mean recall@``keep_ratio``, mean Spearman) of a predictor that gets one row's oracle column
+    scores exactly but for Gaussian noise of ``sigma`` times their spread over the blocks: the
+    prediction accuracy a recall target demands on this data. Mean over ``draws`` noise draws."""
+    oracle = np.asarray(oracle, np.float64)
+    spread = oracle.std() or 1.0
+    noisy = [oracle + sigma * spread * rng.standard_normal(oracle.shape) for _ in range(draws)]
+    return (float(np.mean([recall_at(n, oracle, keep_ratio) for n in noisy])),
+            float(np.mean([spearman(n, oracle) for n in noisy])))
+
+
 def evaluate(predictors: LeMoPredictors, cache: TargetCache, indices: Sequence[int],
              keep_ratio: float) -> dict[str, dict[str, float]]:
     """Per layer, mean recall@``keep_ratio`` and Spearman of ĉ against the oracle's c."""
