@@ -42,6 +42,7 @@ def predictor_smoke(tmp_path_factory):
     return tmp, result, stdout
 
 
+@pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")
 def test_lemo_quality_smoke(tmp_path, predictor_smoke):
     # The mlp_drop=0.5 run (on by default) is the same code with another value: skipped for time.
     shared, _, _ = predictor_smoke
@@ -203,6 +204,7 @@ def test_a_finished_base_is_reused(tmp_path):
     assert pretrain_base({}, tmp_path, log=lambda message: None) == {"train_loss": 1.0, "val_ppl": 2.0}
 
 
+@pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")
 def test_lemo_predictor_smoke(predictor_smoke):
     tmp, result, _ = predictor_smoke
     summary = result["summary"]
@@ -268,6 +270,7 @@ def test_lemo_memory_with_a_keep_profile(tmp_path):
     assert "profile from" in sparser["settings"]["lemo"]
 
 
+@pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")
 def test_predictor_generalisation_script_scores_the_same_held_out_windows(predictor_smoke):
     """scripts/predictor_generalisation.py on the smoke's predictors: its held-out recall is the
     benchmark's, and its train and position-prior recalls are recalls."""
@@ -282,6 +285,7 @@ def test_predictor_generalisation_script_scores_the_same_held_out_windows(predic
     assert out["train_windows_scored"] == 4 and list(out["per_layer"]) == ["0"]
 
 
+@pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")
 def test_predictor_input_slices_script_trains_both_layouts_on_stored_targets(predictor_smoke):
     """scripts/predictor_input_slices.py on the smoke run's stored targets (no model loaded): the
     spec's head-slice layout and the whole-block one, each with the spec's widths; bad requests
@@ -318,6 +322,7 @@ def test_predictor_input_slices_script_trains_both_layouts_on_stored_targets(pre
     assert "holds 4 windows" in run("--layers=0", "--windows=9", "--eval_windows=2").stderr
 
 
+@pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")
 def test_predictor_recall_ceiling_script_on_stored_targets(predictor_smoke):
     """scripts/predictor_recall_ceiling.py: noise rows fall with σ; with the base, ``exact`` recomputes
     the stored oracle (recall 1) and the estimators score; a model the targets are not from, or an

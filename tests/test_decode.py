@@ -92,6 +92,7 @@ def case(request):
     return request.param, model, decoder, tokens, lay, full, aux, got, cache
 
 
+@pytest.mark.xdist_group("test_decode:case")
 def test_subllm_prefill_then_decode_equals_forward(case):
     name, model, _, tokens, lay, full, aux, got, _ = case
     np.testing.assert_allclose(got, _reference(full, PROMPT_LENGTHS, STEPS), atol=2e-5, rtol=2e-5)
@@ -106,6 +107,7 @@ def test_subllm_prefill_then_decode_equals_forward(case):
         assert np.any(wanted > lay.group_sizes[1]) and np.all(kept1 <= lay.group_sizes[1])
 
 
+@pytest.mark.xdist_group("test_decode:case")
 def test_decode_caches_equal_prefill_caches(case):
     """After decoding, every group's cache (slots, positions, lengths) equals a one-shot prefill's."""
     _, _, decoder, tokens, lay, _, _, _, cache = case
@@ -124,6 +126,7 @@ def test_decode_caches_equal_prefill_caches(case):
                                            atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.xdist_group("test_decode:case")
 def test_group_positions_are_original_or_parent_ranks(case):
     name, model, _, _, _, _, aux, _, cache = case
     sel1, sel2 = aux["selections"]

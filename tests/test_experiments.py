@@ -46,6 +46,7 @@ def pretrained(tmp_path_factory):
     return workdir, done
 
 
+@pytest.mark.xdist_group("test_experiments:pretrained")
 def test_pretrain_writes_its_outputs(pretrained):
     workdir, done = pretrained
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 64
@@ -56,6 +57,7 @@ def test_pretrain_writes_its_outputs(pretrained):
     assert "val_loss" in done.stdout and "activation_bytes" in done.stdout
 
 
+@pytest.mark.xdist_group("test_experiments:pretrained")
 def test_resume_across_processes_gives_identical_losses(pretrained, tmp_path):
     straight, _ = pretrained
     first = _cli("pretrain", tmp_path, "--config.train.steps=6", "--config.train.log_every=1",
@@ -87,6 +89,7 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
     assert max(_losses(tmp_path)) == steps[-1] + 2
 
 
+@pytest.mark.xdist_group("test_experiments:pretrained")
 @pytest.mark.parametrize("method", ["lora", "lemo"])
 def test_finetune_from_our_pretraining(pretrained, tmp_path, method):
     workdir, _ = pretrained
@@ -106,6 +109,7 @@ def test_finetune_from_our_pretraining(pretrained, tmp_path, method):
         assert "val_sparse_loss" not in summary
 
 
+@pytest.mark.xdist_group("test_experiments:pretrained")
 def test_lemo_sparse_eval_equals_dense_eval_when_nothing_is_dropped(pretrained, tmp_path):
     workdir, _ = pretrained
     c = finetune_tiny.get_config()
@@ -118,6 +122,7 @@ def test_lemo_sparse_eval_equals_dense_eval_when_nothing_is_dropped(pretrained, 
     assert summary["val_sparse_ppl"] == pytest.approx(summary["val_ppl"], rel=1e-5)
 
 
+@pytest.mark.xdist_group("test_experiments:pretrained")
 def test_lemo_algorithm1_schedule_tunes_a_profile_then_trains_with_it(pretrained, tmp_path):
     workdir, _ = pretrained
     c = finetune_tiny.get_config()
@@ -134,6 +139,7 @@ def test_lemo_algorithm1_schedule_tunes_a_profile_then_trains_with_it(pretrained
     assert math.isfinite(summary["val_sparse_loss"])
 
 
+@pytest.mark.xdist_group("test_experiments:pretrained")
 def test_train_predictors_then_finetune_with_them(pretrained, tmp_path):
     workdir, _ = pretrained
     done = _cli("train_predictors", tmp_path / "pred", f"--config.base={workdir}",
@@ -180,6 +186,7 @@ def _tiny(**train):
     return c
 
 
+@pytest.mark.xdist_group("test_experiments:pretrained")
 def test_bad_inputs_fail_with_clear_errors(tmp_path, pretrained):
     with pytest.raises(ValueError, match="seq_len"):
         runs.pretrain(_tiny(seq_len=1), tmp_path / "a")

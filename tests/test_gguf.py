@@ -428,6 +428,7 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return logz[:-1] - x[np.arange(len(x) - 1), ids[1:]]
 
 
+@pytest.mark.xdist_group("test_gguf:smollm2")
 def test_smollm2_config(smollm2, reference):
     _, config, tok = smollm2
     ref = reference["meta"]["config"]
@@ -442,6 +443,7 @@ def test_smollm2_config(smollm2, reference):
                                                     reference["meta"]["eos_token_id"])
 
 
+@pytest.mark.xdist_group("test_gguf:smollm2")
 def test_smollm2_weights_match_transformers(smollm2, reference):
     """Dequantised values and the q/k un-permutation, tensor by tensor (transformers: [out, in])."""
     model, _, _ = smollm2
@@ -480,6 +482,7 @@ def test_smollm2_logits_match_transformers(smollm2_logits, reference):
 _PASSAGES = ("prose", "code", "unicode", "numbers", "whitespace", "special")
 
 
+@pytest.mark.xdist_group("test_gguf:smollm2")
 @pytest.mark.parametrize("passage", _PASSAGES)
 def test_smollm2_tokenizer_matches_reference(smollm2, reference, passage):
     _, _, tok = smollm2
@@ -491,6 +494,7 @@ def test_smollm2_tokenizer_matches_reference(smollm2, reference, passage):
     assert tok.decode(ids, skip_special_tokens=False) == text
 
 
+@pytest.mark.xdist_group("test_gguf:smollm2")
 def test_smollm2_tokenizer_known_divergence(smollm2, reference):
     _, _, tok = smollm2
     ours = tok.encode(reference["meta"]["passages"]["unicode"]).tokens
@@ -501,6 +505,7 @@ def test_smollm2_tokenizer_known_divergence(smollm2, reference):
     assert tok.encode(reference["meta"]["nll_passage"]).ids == reference["input_ids"].tolist()
 
 
+@pytest.mark.xdist_group("test_gguf:smollm2")
 def test_greedy_generation_continues_code(smollm2):
     """Smoke test of tokensparse.generate on the real model: greedy decoding through the KV cache
     continues a Python function header with Python (the instruct model knows Fibonacci)."""
@@ -512,6 +517,7 @@ def test_greedy_generation_continues_code(smollm2):
     assert "return" in text or "fibonacci(" in text or "if n" in text, text
 
 
+@pytest.mark.xdist_group("test_gguf:smollm2")
 def test_smollm2_preset_matches_the_checkpoint(smollm2):
     """``preset("smollm2-135m")`` (random weights, for memory benchmarks) has the real model's shape."""
     _, config, _ = smollm2

@@ -227,6 +227,7 @@ def trained(tmp_path_factory):
                                         progress=False)
 
 
+@pytest.mark.xdist_group("test_lemo_predictor:trained")
 def test_training_lowers_the_loss_prunes_and_saves(trained):
     workdir, run = trained
     losses = [r["loss"] for r in run.history]
@@ -240,6 +241,7 @@ def test_training_lowers_the_loss_prunes_and_saves(trained):
     jax.tree.map(np.testing.assert_array_equal, loaded.params(), run.predictors.params())
 
 
+@pytest.mark.xdist_group("test_lemo_predictor:trained")
 def test_resumed_training_equals_straight_training(trained, tmp_path):
     _, straight = trained
     pt.train_predictors(_model(), _windows(), _train_config(steps=7), tmp_path, progress=False)
@@ -252,6 +254,7 @@ def test_resumed_training_equals_straight_training(trained, tmp_path):
         pt.train_predictors(_model(), _windows(), _train_config(lr=1e-2), tmp_path, progress=False)
 
 
+@pytest.mark.xdist_group("test_lemo_predictor:trained")
 def test_loading_checks_the_model_and_the_directory(trained, tmp_path):
     workdir, _ = trained
     with pytest.raises(ValueError, match="trained for"):

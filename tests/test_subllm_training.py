@@ -149,6 +149,7 @@ def subllm_run(tmp_path_factory):
     return workdir, runs.pretrain(_config("subllm", 4), workdir)
 
 
+@pytest.mark.xdist_group("test_subllm_training:subllm_run")
 def test_pretrain_subllm_outputs(subllm_run):
     workdir, summary = subllm_run
     assert {"val_loss", "val_topk_loss", "subllm"} <= set(summary)
@@ -158,6 +159,7 @@ def test_pretrain_subllm_outputs(subllm_run):
     assert not (workdir / "hf").exists()  # no Llama export: the SUBLLM modules would be lost
 
 
+@pytest.mark.xdist_group("test_subllm_training:subllm_run")
 @pytest.mark.slow
 def test_pretrain_subllm_resumes_with_identical_losses(subllm_run, tmp_path):
     """The coins are a function of the step, so 2 steps + resume to 4 equals 4 straight steps."""
@@ -167,6 +169,7 @@ def test_pretrain_subllm_resumes_with_identical_losses(subllm_run, tmp_path):
     assert _losses(tmp_path) == _losses(straight)
 
 
+@pytest.mark.xdist_group("test_subllm_training:subllm_run")
 def test_pretrain_on_an_fsdp_mesh_matches_one_device(subllm_run, tmp_path):
     """``config.mesh`` shards parameters, optimizer state and batch rows; without a seq axis the
     routing is unchanged, so the losses are the single-device run's."""
@@ -184,6 +187,7 @@ def test_pretrain_on_an_fsdp_mesh_matches_one_device(subllm_run, tmp_path):
         runs.pretrain(c, tmp_path / "bad")
 
 
+@pytest.mark.xdist_group("test_subllm_training:subllm_run")
 def test_dense_twin_setup(subllm_run):
     """``config.model="dense"``: the same backbone (same seed → the same initial weights) without the
     SUBLLM modules, one evaluation mode, and its checkpoints are not interchangeable with SUBLLM's."""
