@@ -21,3 +21,5 @@ import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
+
+from _xdist_groups import pytest_collection_modifyitems  # noqa: E402,F401  (a hook)
