@@ -72,7 +72,8 @@ def main() -> None:
     sigmas = [float(s) for s in args.noise.split(",") if s]
     model = _load_model(args.base, manifest) if args.base else None
     block = manifest["block_size"]
-    methods = [f"noise{s:g}" for s in sigmas]
+    noise = {f"noise{s:g}": s for s in sigmas}
+    methods = list(noise)
     if model is not None:
         methods += ["exact", *estimators.ESTIMATORS]
 
@@ -96,7 +97,7 @@ def main() -> None:
         for layer in layers:
             x, tiles = targets[layer]
             oracle = np.asarray(scoring.column_scores(tiles), np.float64)
-            for s, name in zip(sigmas, methods, strict=False):
+            for name, s in noise.items():
                 for row in oracle:
                     add(name, layer, *pt.recall_under_noise(row, s, args.keep, rng))
             if model is not None:

@@ -1,4 +1,4 @@
-"""``xdist_group`` marks that work under pytest 9 (imported by ``conftest.py`` as a hook).
+"""``xdist_group`` marks that work under pytest 9 (a plugin ``conftest.py`` registers).
 
 Under ``--dist loadgroup`` (``make test``), pytest-xdist keeps a group on one worker by naming the
 group in each test's node id (``id@group``), so a module fixture the group shares is built once.

@@ -2,6 +2,7 @@
 
 import os
 
+import _xdist_groups  # imports no jax either
 from _env import FAST_COMPILE  # imports no jax: the flags below are set before jax loads
 
 _FLAGS = ("--xla_force_host_platform_device_count=8",
@@ -22,4 +23,6 @@ import hypothesis  # noqa: E402
 hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
 
-from _xdist_groups import pytest_collection_modifyitems  # noqa: E402,F401  (a hook)
+
+def pytest_configure(config):
+    config.pluginmanager.register(_xdist_groups, "xdist_groups")

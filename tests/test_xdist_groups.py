@@ -29,8 +29,7 @@ def test_d(): time.sleep(0.2)
 
 def test_a_groups_module_fixture_is_built_once_on_two_workers(tmp_path):
     (tmp_path / "conftest.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-        "from _xdist_groups import pytest_collection_modifyitems  # noqa: F401\n")
+        f"import sys\nsys.path.insert(0, {str(TESTS)!r})\npytest_plugins = ['_xdist_groups']\n")
     (tmp_path / "test_cases.py").write_text(_CASES)
     log = tmp_path / "built.log"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup",

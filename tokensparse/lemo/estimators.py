@@ -23,8 +23,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-ESTIMATORS = ("block_mean", "query_mean", "top_norm")
-
 
 def _blocks(q, k, block_size: int):
     """fp32 [B, n_b, b, H, d] views of q and of k with its heads repeated to H."""
@@ -67,9 +65,12 @@ def top_norm(q, k, block_size: int = 64, r: int = 8) -> Float[Array, "b nb"]:
     return _pair_max(top(qb), top(kb))
 
 
+_BY_NAME = {"block_mean": block_mean, "query_mean": query_mean, "top_norm": top_norm}
+ESTIMATORS = tuple(_BY_NAME)
+
+
 def estimate(name: str, q, k, block_size: int = 64) -> Float[Array, "b nb"]:
     """Column scores of the estimator ``name`` (one of :data:`ESTIMATORS`)."""
-    if name not in ESTIMATORS:
+    if name not in _BY_NAME:
         raise ValueError(f"estimator {name!r} must be one of {ESTIMATORS}.")
-    return {"block_mean": block_mean, "query_mean": query_mean, "top_norm": top_norm}[name](
-        q, k, block_size)
+    return _BY_NAME[name](q, k, block_size)
