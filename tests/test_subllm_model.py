@@ -103,6 +103,8 @@ def test_config_validation():
         cfg.replace(level_positions="absolute")
     with pytest.raises(ValueError, match="infer_capacity"):
         cfg.replace(infer_capacity=0.0)
+    with pytest.raises(ValueError, match="balancer_statistic"):
+        cfg.replace(balancer_statistic="median")
     assert dense_twin(cfg).structure == "TTTTTT"
     assert subllm_preset("subllm-small").parsed.levels == (0,) * 3 + (1,) * 2 + (2,) * 2 + (1,) * 2 + (0,) * 3
 

@@ -68,7 +68,8 @@ def test_coin_frequency():
 
 
 def test_band_values():
-    (m_lo, m_hi), (r_lo, r_hi) = BANDS
+    (m_lo, m_hi), (r_lo, r_hi), (p_lo, p_hi) = BANDS
+    assert (p_lo, p_hi) == pytest.approx((0.59, 0.69))
     assert m_lo == pytest.approx(0.148125, abs=1e-6)
     assert m_hi == pytest.approx(0.325630, abs=1e-6)
     assert r_lo == pytest.approx(1.253314, abs=1e-6)
@@ -93,7 +94,7 @@ def _np_stats(s: np.ndarray) -> tuple[float, float]:
 
 def _np_penalty(s: np.ndarray) -> float:
     ratio, r = _np_stats(s)
-    (m_lo, m_hi), (r_lo, r_hi) = BANDS
+    (m_lo, m_hi), (r_lo, r_hi) = BANDS.mean_std, BANDS.rms
     return abs(ratio - np.clip(ratio, m_lo, m_hi)) + abs(math.log(np.clip(r, r_lo, r_hi) / r))
 
 
@@ -105,7 +106,7 @@ def _np_correction(s: np.ndarray, scale: float = 0.04) -> np.ndarray:
     ratio = mu / sigma
     d_ratio = 1.0 / (n * sigma) - mu * (s - mu) / (n * sigma**3)
     d_log_r = s / (n * r * r)
-    (m_lo, m_hi), (r_lo, r_hi) = BANDS
+    (m_lo, m_hi), (r_lo, r_hi) = BANDS.mean_std, BANDS.rms
     g = np.zeros_like(s)
     g += -d_ratio if ratio < m_lo else d_ratio if ratio > m_hi else 0.0
     g += -d_log_r if r < r_lo else d_log_r if r > r_hi else 0.0
@@ -158,7 +159,7 @@ def test_balancer_correction_moves_stats_toward_band(ratio, rms, which):
 
     stepped = s - 2.0 * correction  # a gradient-descent step along the correction
     assert _np_penalty(stepped) < _np_penalty(s)
-    (m_lo, m_hi), (r_lo, r_hi) = BANDS
+    (m_lo, m_hi), (r_lo, r_hi) = BANDS.mean_std, BANDS.rms
     (ratio0, r0), (ratio1, r1) = _np_stats(s), _np_stats(stepped)
     dist = lambda v, lo, hi: max(lo - v, v - hi, 0.0)
     if which in ("ratio", "both"):
@@ -205,6 +206,46 @@ def test_balancer_under_jit_with_traced_coin():
 
     np.testing.assert_array_equal(grad(s, jnp.array(False)), g)
     np.testing.assert_allclose(grad(s, jnp.array(True)), 1.0 + _np_correction(np.asarray(s)), atol=2e-6)
+
+
+def _skewed_scores(positive: float, n=4000, seed=0) -> np.ndarray:
+    """Right-skewed (exponential, skewness 2) scores with exactly ``positive`` of them > 0, rms 2."""
+    e = np.sort(np.random.default_rng(seed).exponential(size=n))
+    s = e - (e[int(round((1.0 - positive) * n)) - 1] + e[int(round((1.0 - positive) * n))]) / 2
+    return (s * (2.0 / math.sqrt((s**2).mean()))).astype(np.float32)[None]
+
+
+def test_proportion_statistic_follows_the_measured_fraction_not_the_gaussian_estimate():
+    """Skewed scores with 64% positive (inside the proportion band) have μ/σ ≈ 0.64, far above the μ/σ
+    band: ``mean_std`` pushes them down, ``proportion`` leaves the gradient alone. With 50% positive
+    (μ/σ ≈ 0.3, inside the μ/σ band) it is the other way round, and ``proportion`` pushes up."""
+    g = np.random.default_rng(4).standard_normal((1, 4000)).astype(np.float32)
+
+    def grad(s, statistic):
+        fn = lambda x: balance(x, keep=KEEP, active=True, statistic=statistic)
+        return np.asarray(jax.vjp(fn, jnp.asarray(s))[1](jnp.asarray(g))[0])
+
+    in_band = _skewed_scores(0.64)
+    assert _np_stats(in_band)[0] > BANDS.mean_std[1] + 0.2
+    np.testing.assert_array_equal(grad(in_band, "proportion"), g)
+    pushed = (grad(in_band, "mean_std") - g) / np.abs(g)
+    assert np.mean(in_band[0] - pushed[0] > 0) < 0.64  # a descent step lowers the fraction
+
+    below = _skewed_scores(0.50)
+    assert BANDS.mean_std[0] < _np_stats(below)[0] < BANDS.mean_std[1]
+    np.testing.assert_array_equal(grad(below, "mean_std"), g)
+    correction = (grad(below, "proportion") - g) / np.abs(g)
+    assert math.sqrt((correction.astype(np.float64) ** 2).mean()) == pytest.approx(0.04, rel=1e-3)
+    # the direction of the spec's μ/σ term when μ/σ is below its band: −∂(μ/σ)/∂s, rescaled
+    b = below[0].astype(np.float64)
+    mu, sigma = b.mean(), b.std()
+    want = -(1.0 / sigma - mu * (b - mu) / sigma**3)
+    want *= 0.04 / math.sqrt((want**2).mean())
+    np.testing.assert_allclose(correction[0], want, rtol=2e-3, atol=2e-6)
+    stepped = below - 3.0 * correction
+    assert np.mean(stepped > 0) > 0.52 and _np_stats(stepped)[0] > _np_stats(below)[0]
+    with pytest.raises(ValueError, match="statistic"):
+        balance(jnp.asarray(below), keep=KEEP, active=True, statistic="median")
 
 
 def test_balancer_all_zero_scores_stay_finite():

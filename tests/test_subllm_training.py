@@ -81,10 +81,12 @@ def test_scorer_learning_rate_is_scaled():
         training.make_optimizer(tc, scorer_lr_scale=0.0)
 
 
-def _scorer_run(start: float, active: bool, keep=0.64, n=4096, d=16, steps=500):
+def _scorer_run(start: float, active: bool, keep=0.64, n=4096, d=16, steps=500, drift=0.0,
+                statistic="mean_std"):
     """Fractions of positive scores over the last 100 of ``steps`` Adam steps, and the final rms, of a
     bias-free scorer on features with one constant channel, trained on a loss whose gradient is fresh
-    per-token noise: only the Balancer's nudges (when ``active``) push coherently."""
+    per-token noise g_t plus ``drift``·|g_t|: a coherent push (downwards for drift > 0) of that share
+    of each token's gradient. Only the Balancer's nudges (when ``active``) push back."""
     x = jax.random.normal(jax.random.key(0), (n, d)).at[:, 0].set(1.0)
     w0 = (0.05 * jax.random.normal(jax.random.key(1), (d,))).at[0].set(start)
     tx = optax.adam(3e-3)
@@ -94,8 +96,9 @@ def _scorer_run(start: float, active: bool, keep=0.64, n=4096, d=16, steps=500):
         noise = jax.random.normal(key, (n,))
 
         def loss(w):
-            s = balance((x @ w)[None], keep=keep, valid=jnp.ones((1, n), bool), active=active)
-            return jnp.mean(noise * s[0])
+            s = balance((x @ w)[None], keep=keep, valid=jnp.ones((1, n), bool), active=active,
+                        statistic=statistic)
+            return jnp.mean((noise + drift * jnp.abs(noise)) * s[0])
 
         updates, state = tx.update(jax.grad(loss)(w), state)
         return optax.apply_updates(w, updates), state
@@ -121,6 +124,25 @@ def test_balancer_control_loop_brings_scores_to_the_band(start):
     assert bands.rms[0] * 0.9 <= rms <= bands.rms[1], rms
     idle, _ = _scorer_run(start, active=False)
     assert idle.max() < 0.2 if start < 0 else idle.min() > 0.9, idle[::10]
+
+
+def test_balancer_holds_the_band_against_a_coherent_push_below_its_grad_scale():
+    """The Balancer's reach is its 4% (grad_scale) of each token's |g|. Against a loss pushing every
+    score down by 2% of its gradient, the ``proportion`` statistic holds the fraction at the band's
+    lower edge 0.59 and ``mean_std`` at 0.56: the Gaussian image Φ(0.148) of its μ/σ band's lower
+    edge (icefall's 0.814·atanh(2p − 1) is not Φ⁻¹, so the μ/σ band [0.148, 0.326] means
+    [0.559, 0.628] positive for Gaussian scores). A 6% push beats either; without the Balancer even
+    1% drives the fraction far out."""
+    lo, hi = balancer_bands(0.64).proportion
+    held, _ = _scorer_run(0.3, active=True, drift=0.02, statistic="proportion")
+    assert lo - 0.01 <= held.min() and held.max() <= hi, held[::10]
+    gaussian_edge, _ = _scorer_run(0.3, active=True, drift=0.02)
+    assert 0.545 <= gaussian_edge.mean() <= 0.575, gaussian_edge[::10]
+    for statistic in ("proportion", "mean_std"):
+        beaten, _ = _scorer_run(0.3, active=True, drift=0.06, statistic=statistic)
+        assert beaten.mean() < 0.45, (statistic, beaten[::10])
+    idle, _ = _scorer_run(0.3, active=False, drift=0.01)
+    assert idle.mean() < 0.3, idle[::10]
 
 
 # --- pretraining runs ----------------------------------------------------------------------------

@@ -206,7 +206,8 @@ def subllm_config_dict(preset_name: str = "subllm-small", **changes: Any) -> con
               "discard_penalty": base.discard_penalty, "infer_threshold": base.infer_threshold,
               "infer_capacity": base.infer_capacity, "level_positions": base.level_positions,
               "level_keep": [] if isinstance(base.keep, float) else list(base.keep),
-              "route_shards": base.route_shards, "scorer_lr_scale": 0.5,
+              "route_shards": base.route_shards, "balancer_statistic": base.balancer_statistic,
+              "scorer_lr_scale": 0.5,
               "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
     overrides = changes.pop("overrides", {})
     unknown = set(changes) - set(values)
@@ -309,7 +310,7 @@ def _subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) -
     metadata = {"model": config.model.to_dict(), "subllm": {
         "kind": kind, "structure": config.structure,
         "keep": config.keep if isinstance(config.keep, float) else list(config.keep),
-        "route_shards": config.route_shards,
+        "route_shards": config.route_shards, "balancer_statistic": config.balancer_statistic,
         "discard_penalty": config.discard_penalty, "infer_threshold": config.infer_threshold,
         "infer_capacity": config.infer_capacity, "level_positions": config.level_positions}}
     return _PretrainSetup(model, config.model, metadata, tx, loss_fn, True, evals)

@@ -25,11 +25,18 @@ ABS_TO_RMS = 1.25331414
 GRAD_SCALE = 0.04
 
 
+STATISTICS = ("mean_std", "proportion")
+
+
 class BalancerBands(NamedTuple):
-    """Target bands for the score statistics (static Python floats; ±inf means unbounded)."""
+    """Target bands for the score statistics (static Python floats; ±inf means unbounded).
+
+    ``proportion`` is the proportion-positive band that ``mean_std`` approximates for Gaussian scores.
+    """
 
     mean_std: tuple[float, float]
     rms: tuple[float, float]
+    proportion: tuple[float, float] = (0.0, 1.0)
 
 
 def _proportion_to_mean_std(p: float) -> float:
@@ -58,6 +65,7 @@ def balancer_bands(
     return BalancerBands(
         mean_std=(_proportion_to_mean_std(keep - margin), _proportion_to_mean_std(keep + margin)),
         rms=(ABS_TO_RMS * min_abs, ABS_TO_RMS * max_abs),
+        proportion=(keep - margin, keep + margin),
     )
 
 
@@ -84,22 +92,44 @@ def balancer_stats(
     return mean, rms, std
 
 
+def _check_statistic(statistic: str) -> str:
+    if statistic not in STATISTICS:
+        raise ValueError(f"Balancer statistic={statistic!r} must be one of {STATISTICS}.")
+    return statistic
+
+
 def balancer_penalty(
-    scores: Float[Array, "b n"], valid: Bool[Array, "b n"] | None, bands: BalancerBands
+    scores: Float[Array, "b n"], valid: Bool[Array, "b n"] | None, bands: BalancerBands,
+    statistic: str = "mean_std",
 ) -> Float[Array, ""]:
     """L_bal = |μ/σ − clamp(μ/σ, m_lo, m_hi)| + |log(clamp(r, r_lo, r_hi)/r)|; zero inside the bands.
 
     Written as a sum of ReLUs (the same function) so its gradient inside a band is exactly zero, not
     rounding noise that the rescaling in :func:`balancer_correction` would blow up to full size.
+
+    ``statistic="proportion"`` (not the spec's; an option): the μ/σ term is switched on by the
+    *measured* proportion of positive scores p̂ leaving ``bands.proportion`` instead of by μ/σ leaving
+    its Gaussian equivalent. Its gradient is ±∂(μ/σ)/∂s, the same direction the spec uses. For
+    skewed scores the two disagree: μ/σ = 0.33 (the band's top) can mean p̂ = 0.54.
     """
+    _check_statistic(statistic)
     mean, rms, std = balancer_stats(scores, valid)
     ratio = mean / std
     log_rms = jnp.log(rms)
-    (m_lo, m_hi), (r_lo, r_hi) = bands
+    (m_lo, m_hi), (r_lo, r_hi) = bands.mean_std, bands.rms
     relu = jax.nn.relu
     with np.errstate(divide="ignore"):
         log_lo, log_hi = np.log(r_lo), np.log(r_hi)
-    return relu(m_lo - ratio) + relu(ratio - m_hi) + relu(log_lo - log_rms) + relu(log_rms - log_hi)
+    if statistic == "mean_std":
+        location = relu(m_lo - ratio) + relu(ratio - m_hi)
+    else:
+        p_lo, p_hi = bands.proportion
+        mask = _valid_mask(scores, valid)
+        count = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
+        positive = jax.lax.stop_gradient(jnp.sum(mask & (scores > 0), dtype=jnp.float32) / count)
+        direction = (positive < p_lo).astype(jnp.float32) - (positive > p_hi).astype(jnp.float32)
+        location = -direction * ratio
+    return location + relu(log_lo - log_rms) + relu(log_rms - log_hi)
 
 
 def balancer_correction(
@@ -107,13 +137,14 @@ def balancer_correction(
     valid: Bool[Array, "b n"] | None,
     bands: BalancerBands,
     grad_scale: float = GRAD_SCALE,
+    statistic: str = "mean_std",
 ) -> Float[Array, "b n"]:
     """g_b = ∂L_bal/∂s (fp32), rescaled so its rms over valid tokens is ``grad_scale`` (zero stays zero).
 
     This is the per-token direction the backward adds, before the ``|g|`` scaling.
     """
     valid = _valid_mask(scores, valid)
-    grad = jax.grad(balancer_penalty)(scores.astype(jnp.float32), valid, bands)
+    grad = jax.grad(balancer_penalty)(scores.astype(jnp.float32), valid, bands, statistic)
     grad = jnp.where(valid, grad, 0.0)
     count = jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
     rms = jnp.sqrt(jnp.sum(grad * grad) / count)
@@ -121,20 +152,20 @@ def balancer_correction(
     return jnp.where(nonzero, grad * (grad_scale / jnp.where(nonzero, rms, 1.0)), 0.0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _balance(scores, valid, active, bands, grad_scale):
-    del valid, active, bands, grad_scale
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _balance(scores, valid, active, bands, grad_scale, statistic):
+    del valid, active, bands, grad_scale, statistic
     return scores
 
 
-def _balance_fwd(scores, valid, active, bands, grad_scale):
-    del bands, grad_scale
+def _balance_fwd(scores, valid, active, bands, grad_scale, statistic):
+    del bands, grad_scale, statistic
     return scores, (scores, valid, active)
 
 
-def _balance_bwd(bands, grad_scale, residuals, g):
+def _balance_bwd(bands, grad_scale, statistic, residuals, g):
     scores, valid, active = residuals
-    g_b = balancer_correction(scores, valid, bands, grad_scale)
+    g_b = balancer_correction(scores, valid, bands, grad_scale, statistic)
     g32 = g.astype(jnp.float32)
     corrected = (g32 + jnp.abs(g32) * g_b).astype(g.dtype)
     return jnp.where(active & valid, corrected, g), None, None
@@ -153,12 +184,15 @@ def balance(
     margin: float = 0.05,
     min_abs: float = 1.0,
     max_abs: float = 4.0,
+    statistic: str = "mean_std",
 ) -> Float[Array, "b n"]:
     """Identity forward; backward ``g ← g + |g| ⊙ g_b`` at valid tokens when ``active``.
 
     ``active`` is the per-call coin (drawn by the caller with probability
     :func:`~tokensparse.subllm.modules.balancer_prob` of the step); a traced bool is fine. Statistics are
     taken over the valid tokens of the whole batch; invalid tokens' gradients pass unchanged.
+    ``statistic``: ``"mean_std"`` (the spec's) or ``"proportion"`` (see :func:`balancer_penalty`).
     """
     bands = balancer_bands(keep, margin=margin, min_abs=min_abs, max_abs=max_abs)
-    return _balance(scores, _valid_mask(scores, valid), jnp.asarray(active, bool), bands, float(grad_scale))
+    return _balance(scores, _valid_mask(scores, valid), jnp.asarray(active, bool), bands, float(grad_scale),
+                    _check_statistic(statistic))

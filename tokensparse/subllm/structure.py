@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from tokensparse.config import ModelConfig, preset
+from tokensparse.subllm.balancer import STATISTICS
 
 LEVEL_POSITIONS = ("composed", "parent")
 
@@ -131,6 +132,9 @@ class SubLLMConfig:
     convention: below level 1 a token's position is its rank among the parent level's tokens).
     ``route_shards`` > 0 makes training and top-k selection pick per that many contiguous sequence
     pieces (0: the mesh's ``seq`` axis, i.e. global top-k on one device); see ``routing.per_shard``.
+    ``balancer_statistic`` is what switches the Balancer's location term: ``"mean_std"`` (the spec's
+    Gaussian μ/σ band) or ``"proportion"`` (the measured fraction of positive scores; see
+    :func:`tokensparse.subllm.balancer.balancer_penalty`).
     """
 
     model: ModelConfig
@@ -142,6 +146,7 @@ class SubLLMConfig:
     capacity_multiple: int = 1
     level_positions: str = "composed"
     route_shards: int = 0
+    balancer_statistic: str = "mean_std"
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
@@ -160,6 +165,9 @@ class SubLLMConfig:
         if not (isinstance(self.route_shards, int) and self.route_shards >= 0):
             raise ValueError(f"SubLLMConfig.route_shards={self.route_shards!r} must be an integer "
                              ">= 0 (0 follows the mesh's seq axis).")
+        if self.balancer_statistic not in STATISTICS:
+            raise ValueError(f"SubLLMConfig.balancer_statistic={self.balancer_statistic!r} must be one "
+                             f"of {STATISTICS}.")
         if self.level_positions not in LEVEL_POSITIONS:
             raise ValueError(f"SubLLMConfig.level_positions={self.level_positions!r} must be one of "
                              f"{LEVEL_POSITIONS}.")
