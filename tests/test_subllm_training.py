@@ -60,6 +60,23 @@ def test_train_loss_uses_the_step_for_coins_and_schedules():
         training.eval_loss("train")
 
 
+def test_train_mode_passes_the_configured_balancer_statistic(monkeypatch):
+    import tokensparse.subllm.model as model_module
+
+    seen = []
+
+    def recording_balance(scores, **kwargs):
+        seen.append(kwargs["statistic"])
+        return balance(scores, **kwargs)
+
+    monkeypatch.setattr(model_module, "balance", recording_balance)
+    model = _model()
+    assert model.subllm_config.balancer_statistic == "mean_std"  # the spec's, by default
+    model.subllm_config = model.subllm_config.replace(balancer_statistic="proportion")
+    nnx.jit(lambda m, b: training.train_loss()(m, b, 0)[0])(model, _batch())
+    assert seen == ["proportion"] * 2  # one call per subsampler
+
+
 def test_scorer_learning_rate_is_scaled():
     """One AdamW step from the same gradients: the scorer moves exactly half as far, nothing else
     differs; the model's scorer weights are the leaves the optimiser scales."""
