@@ -105,6 +105,8 @@ def test_config_validation():
         cfg.replace(infer_capacity=0.0)
     with pytest.raises(ValueError, match="balancer_statistic"):
         cfg.replace(balancer_statistic="median")
+    with pytest.raises(ValueError, match="bypass_init"):
+        cfg.replace(bypass_init=0.0)
     assert dense_twin(cfg).structure == "TTTTTT"
     assert subllm_preset("subllm-small").parsed.levels == (0,) * 3 + (1,) * 2 + (2,) * 2 + (1,) * 2 + (0,) * 3
 
@@ -122,11 +124,9 @@ def test_param_difference_1p3b_is_8192():
 
 
 def test_dense_reduction():
-    """keep=1, unit weights, c=1: SUBLLM equals the dense Llama with the same weights."""
-    cfg = _config(keep=1.0)
+    """keep=1, unit weights, c=1 (``bypass_init``): SUBLLM equals the dense Llama with the same weights."""
+    cfg = _config(keep=1.0, bypass_init=1.0)
     sub = SubLLM(cfg, rngs=nnx.Rngs(0))
-    for bp in sub.bypasses:
-        bp.scale[...] = jnp.ones_like(bp.scale[...])
     dense = Llama(cfg.model, rngs=nnx.Rngs(1))
     for name in ("embed", "final_norm", "lm_head"):
         nnx.update(getattr(dense, name), nnx.state(getattr(sub, name)))

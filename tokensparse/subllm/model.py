@@ -58,7 +58,7 @@ class SubLLM(Llama):
         n_sub = self.structure.n_subsamplers
         self.scorers = nnx.List([Scorer(mc.d_model, dtype=jnp.float32, param_dtype=mc.weight_dtype,
                                         rngs=rngs) for _ in range(n_sub)])
-        self.bypasses = nnx.List([Bypass(mc.d_model, param_dtype=mc.weight_dtype)
+        self.bypasses = nnx.List([Bypass(mc.d_model, init=config.bypass_init, param_dtype=mc.weight_dtype)
                                   for _ in range(n_sub)])
 
     def forward(

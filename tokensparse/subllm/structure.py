@@ -134,7 +134,8 @@ class SubLLMConfig:
     pieces (0: the mesh's ``seq`` axis, i.e. global top-k on one device); see ``routing.per_shard``.
     ``balancer_statistic`` is what switches the Balancer's location term: ``"mean_std"`` (the spec's
     Gaussian μ/σ band) or ``"proportion"`` (the measured fraction of positive scores; see
-    :func:`tokensparse.subllm.balancer.balancer_penalty`).
+    :func:`tokensparse.subllm.balancer.balancer_penalty`). ``bypass_init`` is every bypass scale's
+    initial c (the spec's 0.5; 0.9 starts where the c_min schedule begins).
     """
 
     model: ModelConfig
@@ -147,6 +148,7 @@ class SubLLMConfig:
     level_positions: str = "composed"
     route_shards: int = 0
     balancer_statistic: str = "mean_std"
+    bypass_init: float = 0.5
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
@@ -165,6 +167,8 @@ class SubLLMConfig:
         if not (isinstance(self.route_shards, int) and self.route_shards >= 0):
             raise ValueError(f"SubLLMConfig.route_shards={self.route_shards!r} must be an integer "
                              ">= 0 (0 follows the mesh's seq axis).")
+        if not 0.0 < self.bypass_init <= 1.0:
+            raise ValueError(f"SubLLMConfig.bypass_init={self.bypass_init} must be in (0, 1].")
         if self.balancer_statistic not in STATISTICS:
             raise ValueError(f"SubLLMConfig.balancer_statistic={self.balancer_statistic!r} must be one "
                              f"of {STATISTICS}.")
