@@ -42,3 +42,12 @@ def test_subllm_quality_smoke(tmp_path):
     again, _ = _bench("subllm_quality", tmp_path / "q2.json", "--preset=subllm-tiny", "--steps=2",
                       "--seq_len=64", "--batch_size=2", "--eval_batches=1", f"--workdir={tmp_path / 'runs'}")
     assert again["summary"] == summary  # finished runs are reused, not retrained
+    options, _ = _bench("subllm_quality", tmp_path / "q3.json", "--preset=subllm-tiny", "--steps=2",
+                        "--seq_len=64", "--batch_size=2", "--eval_batches=1",
+                        f"--workdir={tmp_path / 'runs'}", "--balancer_statistic=proportion",
+                        "--bypass_init=0.9")
+    assert options["rows"][0]["val_loss"] == dense["val_loss"]  # the dense twin's run is shared
+    assert options["settings"]["balancer_statistic"] == "proportion"
+    assert abs(options["summary"]["subllm_bypass_c_0"] - 0.9) < 0.01
+    assert abs(summary["subllm_bypass_c_0"] - 0.5) < 0.01
+    assert (tmp_path / "runs" / "subllm-proportion-c0.9" / "summary.json").exists()

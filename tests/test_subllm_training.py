@@ -2,6 +2,7 @@
 loop, and pretraining runs (SUBLLM and its dense twin) end to end (spec §2.3, §2.8, §4)."""
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,16 @@ def test_pretrain_subllm_outputs(subllm_run):
     meta = json.loads((workdir / "config.json").read_text())
     assert meta["subllm"]["structure"] == "T(T)" and meta["subllm"]["kind"] == "subllm"
     assert not (workdir / "hf").exists()  # no Llama export: the SUBLLM modules would be lost
+
+
+def test_a_shut_subsampler_is_warned_about():
+    stats = {"positive_fraction_0": 0.7, "keep_rate_0": 0.7, "bypass_c_0": 0.5,
+             "positive_fraction_1": 0.0, "keep_rate_1": 0.0, "bypass_c_1": 0.5}
+    with pytest.warns(RuntimeWarning, match=r"subsampler\(s\) \[1\] keep no token"):
+        assert runs.warn_shut_subsamplers(stats) == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runs.warn_shut_subsamplers({**stats, "keep_rate_1": 0.01}) == []
 
 
 @pytest.mark.xdist_group("test_subllm_training:subllm_run")

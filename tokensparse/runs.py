@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -369,6 +370,7 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
         hf.save_llama(model, model_config, workdir / "hf")  # the base for fine-tuning
     elif model.structure.n_subsamplers:
         summary["subllm"] = subllm_stats(model, eval_batches[0])
+        warn_shut_subsamplers(summary["subllm"])
     _write_json(workdir / "summary.json", summary)
     return summary
 
@@ -387,6 +389,19 @@ def subllm_stats(model: SubLLM, batch) -> dict:
         out[f"keep_rate_{j}"] = float(np.asarray(aux["selections"][j].valid).sum() / valid.sum())
         out[f"bypass_c_{j}"] = float(np.asarray(model.bypasses[j].scale[...]).mean())
     return out
+
+
+def warn_shut_subsamplers(stats: dict) -> list[int]:
+    """Warn about (and return) the subsamplers that keep no token in threshold mode: inference then
+    skips their inner levels entirely, so the model is effectively the one without them."""
+    shut = sorted(int(k.removeprefix("keep_rate_")) for k, v in stats.items()
+                  if k.startswith("keep_rate_") and v == 0.0)
+    if shut:
+        warnings.warn(f"SUBLLM subsampler(s) {shut} keep no token in threshold mode (every score <= "
+                      "threshold): inference skips their inner levels. Short, high-lr runs often shut "
+                      "a level; see docs/subllm.md, 'What the Balancer can and cannot hold'.",
+                      RuntimeWarning, stacklevel=2)
+    return shut
 
 
 def check_base(base: str) -> None:

@@ -13,7 +13,8 @@ better, ≤ 1.02 is the acceptance bar) and ``val_loss_ratio_topk`` the same in 
 carry each run's training throughput, its ``loss_history`` (training loss per logged step, from its
 ``metrics.jsonl``; drawn as the loss curves ``<out>.png``) and the SUBLLM's score statistics
 (fraction of positive scores per subsampler: the Balancer's band is keep ± 0.05; threshold-mode keep
-rates; bypass scales).
+rates; bypass scales). ``--balancer_statistic`` and ``--bypass_init`` set the SUBLLM's
+``SubLLMConfig`` options of those names (defaults: the spec's); the dense twin's run is shared.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from experiments import _checks
 from experiments.bench import loss_history, write_result
 from experiments.configs import pretrain_subllm_small
 from tokensparse import data, runs
+from tokensparse.subllm.balancer import STATISTICS
 from tokensparse.subllm.structure import subllm_preset_names
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Pretraining steps of each model.")
@@ -36,6 +38,9 @@ _LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate of both.")
 _PRESET = flags.DEFINE_string("preset", "subllm-small", "SUBLLM preset.")
 _MULTIPLIER = flags.DEFINE_float("schedule_step_multiplier", 1.0,
                                  "Balancer / bypass schedules see step × this (spec §4.7).")
+_STATISTIC = flags.DEFINE_string("balancer_statistic", "mean_std",
+                                  "SubLLMConfig.balancer_statistic: mean_std (the spec's) or proportion.")
+_BYPASS_INIT = flags.DEFINE_float("bypass_init", 0.5, "SubLLMConfig.bypass_init (the spec's 0.5).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Held-out batches evaluated.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where the two runs live (default: a cache dir).")
 _OUT = flags.DEFINE_string("out", "bench_results/subllm_quality.json", "Where to write the JSON "
@@ -48,6 +53,8 @@ _checks.at_least(_EVAL_BATCHES, 1)
 _checks.in_range(_LR, 0.0, float("inf"))
 _checks.in_range(_MULTIPLIER, 0.0, float("inf"))
 _checks.one_of(_PRESET, subllm_preset_names())
+_checks.one_of(_STATISTIC, STATISTICS)
+flags.register_validator(_BYPASS_INIT, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
 
 MODELS = ("dense", "subllm")
 
@@ -55,22 +62,33 @@ MODELS = ("dense", "subllm")
 def settings() -> dict:
     return {"preset": _PRESET.value, "steps": _STEPS.value, "seq_len": _SEQ_LEN.value,
             "batch_size": _BATCH.value, "lr": _LR.value, "eval_batches": _EVAL_BATCHES.value,
-            "schedule_step_multiplier": _MULTIPLIER.value}
+            "schedule_step_multiplier": _MULTIPLIER.value, "balancer_statistic": _STATISTIC.value,
+            "bypass_init": _BYPASS_INIT.value}
 
 
-def workdir() -> pathlib.Path:
+def workdir(kind: str = "") -> pathlib.Path:
+    """The runs' directory; with ``kind``, that model's run. The dense twin has no Balancer or bypass,
+    so its run is shared by every ``--balancer_statistic`` / ``--bypass_init``."""
     if _WORKDIR.value:
-        return pathlib.Path(_WORKDIR.value)
-    s = settings()
-    name = (f"{s['preset']}-T{s['seq_len']}-s{s['steps']}-b{s['batch_size']}-lr{s['lr']:g}"
-            f"-m{s['schedule_step_multiplier']:g}")
-    return data.cache_dir() / "bench" / "subllm_quality" / name
+        root = pathlib.Path(_WORKDIR.value)
+    else:
+        s = settings()
+        name = (f"{s['preset']}-T{s['seq_len']}-s{s['steps']}-b{s['batch_size']}-lr{s['lr']:g}"
+                f"-m{s['schedule_step_multiplier']:g}")
+        root = data.cache_dir() / "bench" / "subllm_quality" / name
+    if not kind:
+        return root
+    options = (_STATISTIC.value, _BYPASS_INIT.value)
+    if kind == "subllm" and options != ("mean_std", 0.5):  # the default's run keeps its old name
+        return root / f"subllm-{options[0]}-c{options[1]:g}"
+    return root / kind
 
 
 def config(kind: str):
     c = pretrain_subllm_small.get_config()
     c.model = kind
     c.subllm = runs.subllm_config_dict(_PRESET.value, schedule_step_multiplier=_MULTIPLIER.value,
+                                       balancer_statistic=_STATISTIC.value, bypass_init=_BYPASS_INIT.value,
                                        overrides={"max_positions": max(_SEQ_LEN.value, 2048)})
     c.train.steps, c.train.seq_len, c.train.batch_size = _STEPS.value, _SEQ_LEN.value, _BATCH.value
     c.train.lr, c.train.eval_batches = _LR.value, _EVAL_BATCHES.value
@@ -82,7 +100,7 @@ def config(kind: str):
 
 
 def run(kind: str) -> dict:
-    d = workdir() / kind
+    d = workdir(kind)
     done = d / "summary.json"
     if done.exists() and json.loads(done.read_text()).get("steps") == _STEPS.value:
         print(f"reusing {d}")
@@ -97,7 +115,7 @@ def main(argv):
     dense, sub = summaries["dense"], summaries["subllm"]
     tokens = _STEPS.value * _BATCH.value * _SEQ_LEN.value
     rows = [{"model": kind, **settings(), "train_tokens": tokens, **summaries[kind],
-             "loss_history": loss_history(workdir() / kind)} for kind in MODELS]
+             "loss_history": loss_history(workdir(kind))} for kind in MODELS]
     summary = {"val_loss_ratio": sub["val_loss"] / dense["val_loss"],
                "val_loss_ratio_topk": sub["val_topk_loss"] / dense["val_loss"],
                "dense_val_loss": dense["val_loss"], "subllm_val_loss": sub["val_loss"],
