@@ -244,6 +244,14 @@ def test_proportion_statistic_follows_the_measured_fraction_not_the_gaussian_est
     np.testing.assert_allclose(correction[0], want, rtol=2e-3, atol=2e-6)
     stepped = below - 3.0 * correction
     assert np.mean(stepped > 0) > 0.52 and _np_stats(stepped)[0] > _np_stats(below)[0]
+    # padding is not counted: 1000 extra slots of large positive garbage change nothing
+    padded = np.concatenate([below, np.full((1, 1000), 1e6, np.float32)], axis=1)
+    valid = np.arange(padded.shape[1])[None] < below.shape[1]
+    fn = lambda x: balance(x, keep=KEEP, active=True, valid=jnp.asarray(valid), statistic="proportion")
+    g_padded = np.concatenate([g, np.ones((1, 1000), np.float32)], axis=1)
+    out = np.asarray(jax.vjp(fn, jnp.asarray(padded))[1](jnp.asarray(g_padded))[0])
+    np.testing.assert_allclose(out[:, :4000], grad(below, "proportion"), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(out[:, 4000:], 1.0)
     with pytest.raises(ValueError, match="statistic"):
         balance(jnp.asarray(below), keep=KEEP, active=True, statistic="median")
 
