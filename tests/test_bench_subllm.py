@@ -51,3 +51,23 @@ def test_subllm_quality_smoke(tmp_path):
     assert abs(options["summary"]["subllm_bypass_c_0"] - 0.9) < 0.01
     assert abs(summary["subllm_bypass_c_0"] - 0.5) < 0.01
     assert (tmp_path / "runs" / "subllm-proportion-c0.9" / "summary.json").exists()
+
+
+def test_subllm_balancer_smoke(tmp_path):
+    result, stdout = _bench("subllm_balancer", tmp_path / "b.json", "--steps=3", "--batch_size=2",
+                            "--seq_len=32", "--every=1", "--tail=2", "--seeds=0,1", "--bypass_init=0.9")
+    rows = result["rows"]
+    assert [(r["seed"], r["step"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    for row in rows:
+        _finite(row, ("positive_fraction_0", "mean_std_1", "rms_0", "bypass_c_1", "loss"))
+        assert 0.0 <= row["positive_fraction_0"] <= 1.0
+    assert abs(rows[0]["bypass_c_0"] - 0.9) < 1e-6  # recorded before the first update
+    summary = result["summary"]
+    for j in (0, 1):
+        tail = [r[f"positive_fraction_{j}"] for r in rows if r["step"] >= 1]
+        assert summary[f"positive_fraction_min_{j}"] == min(tail)
+        assert summary[f"positive_fraction_max_{j}"] == max(tail)
+        assert summary[f"band_{j}"] == pytest.approx([0.59, 0.69])
+        assert summary[f"in_band_{j}"] == (min(tail) >= 0.59 and max(tail) <= 0.69)
+    assert result["settings"]["balancer_statistic"] == "proportion" and "level 2" in stdout
+    assert rows[0]["positive_fraction_0"] != rows[3]["positive_fraction_0"]  # the seed is used

@@ -1,0 +1,154 @@
+"""SUBLLM's Balancer at model level: the fraction of positive scores per subsampler along a run.
+
+    python -m experiments.bench.subllm_balancer --out bench_results/subllm_balancer.json \\
+        [--preset=subllm-tiny --structure="T(T(T)T)" --steps=2000 --batch_size=64 --seq_len=128 \\
+         --lr=3e-4 --warmup_steps=200 --balancer_statistic=proportion --bypass_init=0.5 \\
+         --seeds=0,2 --every=50 --tail=1000]
+
+Pretrains the SUBLLM from scratch on the corpus once per seed (the ``pretrain_subllm_tiny`` recipe:
+:func:`tokensparse.subllm.training.make_optimizer`, the step-aware loss, Balancer coins and
+schedules as in pretraining; no checkpoints). Every ``--every`` steps, before the update, it records
+per subsampler, on that step's batch, at the subsampler's training-capacity input (a top-k forward):
+the fraction of positive scores (the inference keep rate's driver; the Balancer's band is
+keep ± 0.05), μ/σ and rms of the scores, and the bypass scale c.
+
+Summary, per subsampler j, over the recorded steps of the last ``--tail`` steps of every seed:
+``positive_fraction_min_<j>`` / ``_mean_<j>`` / ``_max_<j>`` and ``in_band_<j>`` (every one of them
+inside the band). This is a measurement of training dynamics, not a speed benchmark; see
+docs/subllm.md, "What the Balancer can and cannot hold".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from experiments import _checks
+from experiments.bench import write_result
+from experiments.configs import pretrain_subllm_tiny
+from tokensparse import data, runs, train
+from tokensparse.subllm import training as subllm_training
+from tokensparse.subllm.balancer import STATISTICS, balancer_bands
+from tokensparse.subllm.model import SubLLM
+from tokensparse.subllm.structure import subllm_preset_names
+
+_PRESET = flags.DEFINE_string("preset", "subllm-tiny", "SUBLLM preset.")
+_STRUCTURE = flags.DEFINE_string("structure", "T(T(T)T)", "Structure string (empty: the preset's); "
+                                 "the backbone gets as many layers as it has T's.")
+_STEPS = flags.DEFINE_integer("steps", 2000, "Training steps per seed.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Rows per step.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Packed row length.")
+_LR = flags.DEFINE_float("lr", 3e-4, "Peak learning rate.")
+_WARMUP = flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
+_STATISTIC = flags.DEFINE_string("balancer_statistic", "proportion",
+                                 "SubLLMConfig.balancer_statistic: mean_std (the spec's) or proportion.")
+_BYPASS_INIT = flags.DEFINE_float("bypass_init", 0.5, "SubLLMConfig.bypass_init (the spec's 0.5).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "2"], "Seeds (init, data order, coins), run one after another.")
+_EVERY = flags.DEFINE_integer("every", 50, "Record the statistics every this many steps.")
+_TAIL = flags.DEFINE_integer("tail", 1000, "The summary covers the recorded steps of the last this many.")
+_OUT = flags.DEFINE_string("out", "bench_results/subllm_balancer.json", "Where to write the JSON.")
+
+for _holder in (_STEPS, _BATCH, _EVERY, _TAIL):
+    _checks.at_least(_holder, 1)
+_checks.at_least(_SEQ_LEN, 2)
+_checks.at_least(_WARMUP, 0)
+_checks.in_range(_LR, 0.0, float("inf"))
+_checks.one_of(_PRESET, subllm_preset_names())
+_checks.one_of(_STATISTIC, STATISTICS)
+flags.register_validator(_BYPASS_INIT, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
+flags.register_validator(_SEEDS, lambda v: bool(v) and all(s.strip().isdigit() for s in v),
+                         "must be a non-empty list of non-negative integers.")
+
+
+def settings() -> dict:
+    return {"preset": _PRESET.value, "structure": _STRUCTURE.value, "steps": _STEPS.value,
+            "batch_size": _BATCH.value, "seq_len": _SEQ_LEN.value, "lr": _LR.value,
+            "warmup_steps": _WARMUP.value, "balancer_statistic": _STATISTIC.value,
+            "bypass_init": _BYPASS_INIT.value, "seeds": [int(s) for s in _SEEDS.value],
+            "every": _EVERY.value, "tail": _TAIL.value}
+
+
+def config(seed: int):
+    c = pretrain_subllm_tiny.get_config()
+    overrides = {"max_positions": max(_SEQ_LEN.value, 128)}
+    structure = {}
+    if _STRUCTURE.value:
+        structure["structure"] = _STRUCTURE.value
+        overrides["n_layers"] = _STRUCTURE.value.count("T")
+    c.subllm = runs.subllm_config_dict(_PRESET.value, balancer_statistic=_STATISTIC.value,
+                                       bypass_init=_BYPASS_INIT.value, overrides=overrides, **structure)
+    c.train.steps, c.train.batch_size, c.train.seq_len = _STEPS.value, _BATCH.value, _SEQ_LEN.value
+    c.train.lr, c.train.warmup_steps, c.train.seed = _LR.value, _WARMUP.value, seed
+    return c
+
+
+def score_stats(scores: np.ndarray) -> dict:
+    """Fraction positive, μ/σ and rms of one subsampler's scores (float64)."""
+    s = np.asarray(scores, np.float64).ravel()
+    mean, rms = s.mean(), math.sqrt((s * s).mean())
+    std = math.sqrt(max(rms * rms - mean * mean, 1e-20))
+    return {"positive_fraction": float((s > 0).mean()), "mean_std": mean / std, "rms": rms}
+
+
+def run_seed(seed: int) -> list[dict]:
+    c = config(seed)
+    corpus = data.load_corpus(c.data.source)
+    tokenizer = data.get_tokenizer(corpus, c.data.vocab_size)
+    tc = runs.build_train_config(c.train)
+    model = SubLLM(runs.build_subllm_config(c.subllm, "subllm", vocab_size=tokenizer.get_vocab_size()),
+                   rngs=nnx.Rngs(seed))
+    tx = subllm_training.make_optimizer(tc, scorer_lr_scale=c.subllm.scorer_lr_scale)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    step_fn = train.make_train_step(subllm_training.train_loss(seed=seed), pass_step=True)
+    batches = data.PackedBatches(data.encode_documents(tokenizer, corpus.train), batch_size=tc.batch_size,
+                                 seq_len=tc.seq_len, seed=seed)
+    scores_fn = nnx.jit(lambda m, b: m.forward(b.tokens, b.positions, b.segment_ids,
+                                               mode="topk")[1]["scores"])
+    records, start = [], time.perf_counter()
+    for step in range(tc.steps):
+        batch = batches.batch(step)
+        if step % _EVERY.value == 0 or step == tc.steps - 1:
+            record = {"seed": seed, "step": step}
+            for j, scores in enumerate(scores_fn(model, batch)):  # every slot is valid: packed rows
+                record.update({f"{k}_{j}": v for k, v in score_stats(scores).items()})
+                record[f"bypass_c_{j}"] = float(np.asarray(model.bypasses[j].scale[...]).mean())
+        metrics = step_fn(model, optimizer, batch)
+        if step % _EVERY.value == 0 or step == tc.steps - 1:
+            record["loss"] = float(metrics["loss"])
+            records.append(record)
+            levels = ", ".join(f"level {j + 1} {record[f'positive_fraction_{j}']:.3f}"
+                               for j in range(model.structure.n_subsamplers))
+            print(f"seed {seed} step {step}: {levels}, loss {record['loss']:.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return records
+
+
+def summarize(records: list[dict], keep: float | tuple, steps: int, tail: int) -> dict:
+    n_sub = sum(1 for k in records[0] if k.startswith("positive_fraction_"))
+    keeps = [keep] * n_sub if isinstance(keep, float) else list(keep)
+    summary = {}
+    for j in range(n_sub):
+        lo, hi = balancer_bands(keeps[j]).proportion
+        values = [r[f"positive_fraction_{j}"] for r in records if r["step"] >= steps - tail]
+        summary.update({f"positive_fraction_min_{j}": min(values), f"positive_fraction_mean_{j}":
+                        float(np.mean(values)), f"positive_fraction_max_{j}": max(values),
+                        f"in_band_{j}": bool(lo <= min(values) and max(values) <= hi),
+                        f"band_{j}": [lo, hi]})
+    return summary
+
+
+def main(argv):
+    del argv
+    records = [r for seed in settings()["seeds"] for r in run_seed(seed)]
+    keep = runs.build_subllm_config(config(0).subllm, "subllm").keep
+    summary = summarize(records, keep, _STEPS.value, _TAIL.value)
+    print(summary)
+    write_result(_OUT.value, "subllm_balancer", records, summary, png=False, settings=settings())
+
+
+if __name__ == "__main__":
+    _checks.run(main)
