@@ -69,5 +69,8 @@ def test_subllm_balancer_smoke(tmp_path):
         assert summary[f"positive_fraction_max_{j}"] == max(tail)
         assert summary[f"band_{j}"] == pytest.approx([0.59, 0.69])
         assert summary[f"in_band_{j}"] == (min(tail) >= 0.59 and max(tail) <= 0.69)
+        want = max(max(0.59 - v, v - 0.69, 0.0) for v in tail)
+        assert summary[f"distance_from_band_{j}"] == pytest.approx(want, abs=1e-12)
+        assert summary[f"in_band_{j}"] == (summary[f"distance_from_band_{j}"] == 0.0)
     assert result["settings"]["balancer_statistic"] == "proportion" and "level 2" in stdout
     assert rows[0]["positive_fraction_0"] != rows[3]["positive_fraction_0"]  # the seed is used

@@ -13,9 +13,10 @@ the fraction of positive scores (the inference keep rate's driver; the Balancer'
 keep ± 0.05), μ/σ and rms of the scores, and the bypass scale c.
 
 Summary, per subsampler j, over the recorded steps of the last ``--tail`` steps of every seed:
-``positive_fraction_min_<j>`` / ``_mean_<j>`` / ``_max_<j>`` and ``in_band_<j>`` (every one of them
-inside the band). This is a measurement of training dynamics, not a speed benchmark; see
-docs/subllm.md, "What the Balancer can and cannot hold".
+``positive_fraction_min_<j>`` / ``_mean_<j>`` / ``_max_<j>``, ``in_band_<j>`` (every one of them
+inside the band) and ``distance_from_band_<j>`` (the farthest any of them lies outside it). This
+is a measurement of training dynamics, not a speed benchmark; see docs/subllm.md, "What the
+Balancer can and cannot hold".
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def summarize(records: list[dict], keep: float | tuple, steps: int, tail: int) -
         summary.update({f"positive_fraction_min_{j}": min(values), f"positive_fraction_mean_{j}":
                         float(np.mean(values)), f"positive_fraction_max_{j}": max(values),
                         f"in_band_{j}": bool(lo <= min(values) and max(values) <= hi),
+                        f"distance_from_band_{j}": max(max(lo - v, v - hi, 0.0) for v in values),
                         f"band_{j}": [lo, hi]})
     return summary
 
