@@ -30,6 +30,7 @@ from tokensparse.subllm import (
     infer_select,
     limit_grad,
     piecewise_linear,
+    positive_fraction,
     train_select,
     upsample,
 )
@@ -228,12 +229,16 @@ def test_proportion_statistic_follows_the_measured_fraction_not_the_gaussian_est
     in_band = _skewed_scores(0.64)
     assert _np_stats(in_band)[0] > BANDS.mean_std[1] + 0.2
     np.testing.assert_array_equal(grad(in_band, "proportion"), g)
+    assert float(balancer_penalty(jnp.asarray(in_band), None, BANDS, "proportion")) == 0.0
+    assert float(positive_fraction(jnp.asarray(in_band))) == pytest.approx(0.64)
     pushed = (grad(in_band, "mean_std") - g) / np.abs(g)
     assert np.mean(in_band[0] - pushed[0] > 0) < 0.64  # a descent step lowers the fraction
 
     below = _skewed_scores(0.50)
     assert BANDS.mean_std[0] < _np_stats(below)[0] < BANDS.mean_std[1]
     np.testing.assert_array_equal(grad(below, "mean_std"), g)
+    # the penalty's value is p̂'s distance from the band (rms 2 is inside its band)
+    assert float(balancer_penalty(jnp.asarray(below), None, BANDS, "proportion")) == pytest.approx(0.09)
     correction = (grad(below, "proportion") - g) / np.abs(g)
     assert math.sqrt((correction.astype(np.float64) ** 2).mean()) == pytest.approx(0.04, rel=1e-3)
     # the direction of the spec's μ/σ term when μ/σ is below its band: −∂(μ/σ)/∂s, rescaled

@@ -242,8 +242,8 @@ def test_dense_twin_setup(subllm_run):
     """``config.model="dense"``: the same backbone (same seed → the same initial weights) without the
     SUBLLM modules, one evaluation mode, and its checkpoints are not interchangeable with SUBLLM's."""
     tc = runs.build_train_config(_config("dense", 2).train)
-    twin = runs._subllm_setup(_config("dense", 2), "dense", 512, tc)
-    sub = runs._subllm_setup(_config("subllm", 2), "subllm", 512, tc)
+    twin = runs.subllm_setup(_config("dense", 2), "dense", 512, tc)
+    sub = runs.subllm_setup(_config("subllm", 2), "subllm", 512, tc)
     assert twin.model.structure.text == "TT" and list(twin.eval_losses) == [""]
     assert twin.metadata["model"] == sub.metadata["model"]
     twin_params = nnx.state(twin.model, nnx.Param)

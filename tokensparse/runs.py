@@ -252,7 +252,9 @@ def _check_kind(kind: str) -> None:
 
 
 @dataclasses.dataclass
-class _PretrainSetup:
+class PretrainSetup:
+    """What :func:`pretrain` trains: the model, its optimizer and losses, and the run metadata."""
+
     model: nnx.Module
     model_config: ModelConfig
     metadata: dict
@@ -271,7 +273,7 @@ def sequence_layout(tc: TrainConfig, mesh, multiple: int = 1):
     return functools.partial(sharding.zigzag_order, shards=shards, multiple=multiple)
 
 
-def _llama_setup(c, vocab_size: int, tc: TrainConfig, layout=None) -> _PretrainSetup:
+def _llama_setup(c, vocab_size: int, tc: TrainConfig, layout=None) -> PretrainSetup:
     model_config = build_model_config(c.model, vocab_size=vocab_size)
     model = Llama(model_config, attention_backend=c.attention_backend, remat=tc.remat,
                   remat_names=tc.remat_names, rngs=nnx.Rngs(tc.seed))
@@ -282,12 +284,16 @@ def _llama_setup(c, vocab_size: int, tc: TrainConfig, layout=None) -> _PretrainS
     def train_loss_fn(model, batch):
         return train.lm_loss(model, batch, loss_segment=tc.loss_segment, layout=layout)
 
-    return _PretrainSetup(model, model_config, {"model": model_config.to_dict()}, train.make_optimizer(tc),
+    return PretrainSetup(model, model_config, {"model": model_config.to_dict()}, train.make_optimizer(tc),
                           train_loss_fn, False, {"": loss_fn})
 
 
-def _subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) -> _PretrainSetup:
-    """SUBLLM or its dense twin: the same backbone init (same seed), the same recipe and data."""
+def subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) -> PretrainSetup:
+    """SUBLLM or its dense twin: the same backbone init (same seed), the same recipe and data.
+
+    ``c`` is a pretraining config (``config.subllm``, ``config.attention_backend``); ``kind`` is
+    ``"subllm"`` or ``"dense"``. Other experiments use it to train exactly what pretraining trains.
+    """
     if "subllm" not in c:
         raise ValueError(f"config.model={kind!r} needs config.subllm (see runs.subllm_config_dict).")
     config = build_subllm_config(c.subllm, kind, vocab_size=vocab_size)
@@ -315,7 +321,7 @@ def _subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) -
         "bypass_init": config.bypass_init, "discard_penalty": config.discard_penalty,
         "infer_threshold": config.infer_threshold,
         "infer_capacity": config.infer_capacity, "level_positions": config.level_positions}}
-    return _PretrainSetup(model, config.model, metadata, tx, loss_fn, True, evals)
+    return PretrainSetup(model, config.model, metadata, tx, loss_fn, True, evals)
 
 
 def _evaluate_all(eval_batches, losses: dict):
@@ -342,7 +348,7 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
     vocab = tokenizer.get_vocab_size()
     layout = sequence_layout(tc, mesh)
     setup = (_llama_setup(c, vocab, tc, layout) if kind is None
-             else _subllm_setup(c, kind, vocab, tc, layout))
+             else subllm_setup(c, kind, vocab, tc, layout))
     model_config = setup.model_config
     _check_vocab(tokenizer, model_config)
     check_resumable(workdir, setup.metadata)

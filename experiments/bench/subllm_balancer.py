@@ -5,12 +5,13 @@
          --lr=3e-4 --warmup_steps=200 --balancer_statistic=proportion --bypass_init=0.5 \\
          --seeds=0,2 --every=50 --tail=1000]
 
-Pretrains the SUBLLM from scratch on the corpus once per seed (the ``pretrain_subllm_tiny`` recipe:
-:func:`tokensparse.subllm.training.make_optimizer`, the step-aware loss, Balancer coins and
-schedules as in pretraining; no checkpoints). Every ``--every`` steps, before the update, it records
-per subsampler, on that step's batch, at the subsampler's training-capacity input (a top-k forward):
-the fraction of positive scores (the inference keep rate's driver; the Balancer's band is
-keep ± 0.05), μ/σ and rms of the scores, and the bypass scale c.
+Pretrains the SUBLLM from scratch on the corpus once per seed, exactly as
+:func:`tokensparse.runs.pretrain` would (:func:`tokensparse.runs.subllm_setup` with the
+``pretrain_subllm_tiny`` recipe; no checkpoints or evaluation). Every ``--every`` steps, before
+the update, it records per subsampler, on that step's batch, at the subsampler's training-capacity
+input (a top-k forward): the fraction of positive scores (the inference keep rate's driver; the
+Balancer's band is keep ± 0.05), μ/σ and rms of the scores (as the Balancer measures them), and
+the bypass scale c.
 
 Summary, per subsampler j, over the recorded steps of the last ``--tail`` steps of every seed:
 ``positive_fraction_min_<j>`` / ``_mean_<j>`` / ``_max_<j>``, ``in_band_<j>`` (every one of them
@@ -21,7 +22,6 @@ Balancer can and cannot hold".
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -32,9 +32,7 @@ from experiments import _checks
 from experiments.bench import write_result
 from experiments.configs import pretrain_subllm_tiny
 from tokensparse import data, runs, train
-from tokensparse.subllm import training as subllm_training
-from tokensparse.subllm.balancer import STATISTICS, balancer_bands
-from tokensparse.subllm.model import SubLLM
+from tokensparse.subllm.balancer import STATISTICS, balancer_bands, balancer_stats, positive_fraction
 from tokensparse.subllm.structure import subllm_preset_names
 
 _PRESET = flags.DEFINE_string("preset", "subllm-tiny", "SUBLLM preset.")
@@ -87,12 +85,11 @@ def config(seed: int):
     return c
 
 
-def score_stats(scores: np.ndarray) -> dict:
-    """Fraction positive, μ/σ and rms of one subsampler's scores (float64)."""
-    s = np.asarray(scores, np.float64).ravel()
-    mean, rms = s.mean(), math.sqrt((s * s).mean())
-    std = math.sqrt(max(rms * rms - mean * mean, 1e-20))
-    return {"positive_fraction": float((s > 0).mean()), "mean_std": mean / std, "rms": rms}
+def score_stats(scores) -> dict:
+    """Fraction positive, μ/σ and rms of one subsampler's scores, as the Balancer measures them."""
+    mean, rms, std = balancer_stats(scores)
+    return {"positive_fraction": float(positive_fraction(scores)), "mean_std": float(mean / std),
+            "rms": float(rms)}
 
 
 def run_seed(seed: int) -> list[dict]:
@@ -100,11 +97,10 @@ def run_seed(seed: int) -> list[dict]:
     corpus = data.load_corpus(c.data.source)
     tokenizer = data.get_tokenizer(corpus, c.data.vocab_size)
     tc = runs.build_train_config(c.train)
-    model = SubLLM(runs.build_subllm_config(c.subllm, "subllm", vocab_size=tokenizer.get_vocab_size()),
-                   rngs=nnx.Rngs(seed))
-    tx = subllm_training.make_optimizer(tc, scorer_lr_scale=c.subllm.scorer_lr_scale)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    step_fn = train.make_train_step(subllm_training.train_loss(seed=seed), pass_step=True)
+    setup = runs.subllm_setup(c, "subllm", tokenizer.get_vocab_size(), tc)
+    model = setup.model
+    optimizer = nnx.Optimizer(model, setup.tx, wrt=nnx.Param)
+    step_fn = train.make_train_step(setup.train_loss, pass_step=True)
     batches = data.PackedBatches(data.encode_documents(tokenizer, corpus.train), batch_size=tc.batch_size,
                                  seq_len=tc.seq_len, seed=seed)
     scores_fn = nnx.jit(lambda m, b: m.forward(b.tokens, b.positions, b.segment_ids,
@@ -112,13 +108,14 @@ def run_seed(seed: int) -> list[dict]:
     records, start = [], time.perf_counter()
     for step in range(tc.steps):
         batch = batches.batch(step)
-        if step % _EVERY.value == 0 or step == tc.steps - 1:
+        recording = step % _EVERY.value == 0 or step == tc.steps - 1
+        if recording:
             record = {"seed": seed, "step": step}
             for j, scores in enumerate(scores_fn(model, batch)):  # every slot is valid: packed rows
                 record.update({f"{k}_{j}": v for k, v in score_stats(scores).items()})
                 record[f"bypass_c_{j}"] = float(np.asarray(model.bypasses[j].scale[...]).mean())
         metrics = step_fn(model, optimizer, batch)
-        if step % _EVERY.value == 0 or step == tc.steps - 1:
+        if recording:
             record["loss"] = float(metrics["loss"])
             records.append(record)
             levels = ", ".join(f"level {j + 1} {record[f'positive_fraction_{j}']:.3f}"

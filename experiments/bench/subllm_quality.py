@@ -78,9 +78,10 @@ def workdir(kind: str = "") -> pathlib.Path:
         root = data.cache_dir() / "bench" / "subllm_quality" / name
     if not kind:
         return root
+    preset = runs.subllm_config_dict(_PRESET.value)
     options = (_STATISTIC.value, _BYPASS_INIT.value)
-    if kind == "subllm" and options != ("mean_std", 0.5):  # the default's run keeps its old name
-        return root / f"subllm-{options[0]}-c{options[1]:g}"
+    if kind == "subllm" and options != (preset.balancer_statistic, preset.bypass_init):
+        return root / f"subllm-{options[0]}-c{options[1]:g}"  # the preset's own run keeps its old name
     return root / kind
 
 

@@ -16,6 +16,7 @@ from tokensparse.subllm.balancer import (
     balancer_correction,
     balancer_penalty,
     balancer_stats,
+    positive_fraction,
 )
 from tokensparse.subllm.model import SubLLM, hidden_fn
 from tokensparse.subllm.modules import (
@@ -64,6 +65,7 @@ __all__ = [
     "balancer_penalty",
     "balancer_prob",
     "balancer_stats",
+    "positive_fraction",
     "bypass",
     "bypass_min",
     "coin",

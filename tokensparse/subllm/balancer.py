@@ -75,6 +75,19 @@ def _valid_mask(scores: Array, valid: Array | None) -> Bool[Array, "..."]:
     return jnp.broadcast_to(jnp.asarray(valid, bool), scores.shape)
 
 
+def _valid_mean(values: Array, valid: Array | None) -> Float[Array, ""]:
+    """fp32 mean of ``values`` over the valid entries (0 when there are none)."""
+    valid = _valid_mask(values, valid)
+    total = jnp.sum(jnp.where(valid, values.astype(jnp.float32), 0.0))
+    return total / jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
+
+
+def positive_fraction(scores: Float[Array, "b n"], valid: Bool[Array, "b n"] | None = None
+                      ) -> Float[Array, ""]:
+    """The fraction of valid scores > 0: what the inference threshold keeps (no gradient)."""
+    return jax.lax.stop_gradient(_valid_mean(scores > 0, valid))
+
+
 def balancer_stats(
     scores: Float[Array, "b n"], valid: Bool[Array, "b n"] | None = None
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
@@ -82,11 +95,8 @@ def balancer_stats(
 
     r = √mean(s²) and σ = √max(r² − μ², 1e-20); r is floored at 1e-10 so all-zero scores stay finite.
     """
-    valid = _valid_mask(scores, valid)
-    s = jnp.where(valid, scores.astype(jnp.float32), 0.0)
-    count = jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
-    mean = jnp.sum(s) / count
-    mean_sq = jnp.sum(s * s) / count
+    s = scores.astype(jnp.float32)
+    mean, mean_sq = _valid_mean(s, valid), _valid_mean(s * s, valid)
     rms = jnp.sqrt(jnp.maximum(mean_sq, 1e-20))
     std = jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 1e-20))
     return mean, rms, std
@@ -107,10 +117,11 @@ def balancer_penalty(
     Written as a sum of ReLUs (the same function) so its gradient inside a band is exactly zero, not
     rounding noise that the rescaling in :func:`balancer_correction` would blow up to full size.
 
-    ``statistic="proportion"`` (not the spec's; an option): the μ/σ term is switched on by the
-    *measured* proportion of positive scores p̂ leaving ``bands.proportion`` instead of by μ/σ leaving
-    its Gaussian equivalent. Its gradient is ±∂(μ/σ)/∂s, the same direction the spec uses. For
-    skewed scores the two disagree: μ/σ = 0.33 (the band's top) can mean p̂ = 0.54.
+    ``statistic="proportion"`` (not the spec's; an option): the location term is the distance of the
+    *measured* proportion of positive scores p̂ (:func:`positive_fraction`) from ``bands.proportion``
+    instead of μ/σ's from its Gaussian equivalent. p̂ has no gradient, so outside the band the term's
+    gradient is ∓∂(μ/σ)/∂s, the spec's direction. For skewed scores the two disagree: μ/σ = 0.33 (the
+    band's top) can mean p̂ = 0.54.
     """
     _check_statistic(statistic)
     mean, rms, std = balancer_stats(scores, valid)
@@ -124,11 +135,10 @@ def balancer_penalty(
         location = relu(m_lo - ratio) + relu(ratio - m_hi)
     else:
         p_lo, p_hi = bands.proportion
-        mask = _valid_mask(scores, valid)
-        count = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
-        positive = jax.lax.stop_gradient(jnp.sum(mask & (scores > 0), dtype=jnp.float32) / count)
-        direction = (positive < p_lo).astype(jnp.float32) - (positive > p_hi).astype(jnp.float32)
-        location = -direction * ratio
+        positive = positive_fraction(scores, valid)
+        below, above = relu(p_lo - positive), relu(positive - p_hi)  # at most one is nonzero
+        direction = jnp.sign(below) - jnp.sign(above)  # +1: push the scores up
+        location = below + above + direction * (jax.lax.stop_gradient(ratio) - ratio)
     return location + relu(log_lo - log_rms) + relu(log_rms - log_hi)
 
 
