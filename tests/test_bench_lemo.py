@@ -155,6 +155,44 @@ def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
     assert all(0.0 < k <= 1.0 for k in profile)
     assert tuned["summary"]["lemo_mean_keep"] == pytest.approx(np.mean(profile))
     assert tuned["settings"]["lemo_schedule"] == "algorithm1"
+    # The sensitivity schedule measures its profile once; the mlp_drop 0.5 run reuses it.
+    budgeted, stdout = _quality_with_fake_zoo(
+        tmp_path / "q4.json", *[a for a in args if a != "--nomlp_drop_ablation"],
+        "--lemo_schedule=sensitivity", "--calibration_windows=1", "--keep_ratio=0.5",
+        "--loss_budget=10")
+    name = "lemo_sensitivity_keep0.5_budget10"
+    assert f"fine-tuning {name}_mlp_drop0.8 " in stdout and f"fine-tuning {name}_mlp_drop0.5 " in stdout
+    assert f"{name}_mlp_drop0.5 uses the profile {name}_mlp_drop0.8 tuned" in stdout
+    measured = json.loads((tmp_path / "w" / f"{name}_mlp_drop0.8" / "lemo_profile.json").read_text())
+    assert measured["schedule"] == "sensitivity" and len(measured["costs"]) == n_layers
+    assert measured["profile"] == [0.5] * n_layers  # a 10-nat budget affords every layer
+    assert measured["profile_loss"] > measured["dense_loss"] - 1.0
+    assert [r["keep_profile"] for r in budgeted["rows"][2:]] == [measured["profile"]] * 2
+    assert set(budgeted["summary"]) >= {"ppl_ratio", "ppl_ratio_mlp_drop0.5"}
+    # A profile file: its keep ratios, as given.
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps({"profile": [1.0] + [0.75] * (n_layers - 1)}))
+    fixed, stdout = _quality_with_fake_zoo(tmp_path / "q5.json", *args, "--lemo_schedule=profile",
+                                           f"--lemo_profile={given}")
+    assert "fine-tuning lemo_profile-given_mlp_drop0.8 " in stdout
+    assert fixed["rows"][2]["keep_profile"] == [1.0] + [0.75] * (n_layers - 1)
+
+
+def test_keep_profile_files_and_flags_are_checked(tmp_path):
+    from experiments.bench import read_keep_profile
+
+    with pytest.raises(ValueError, match="no such file"):
+        read_keep_profile(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"thresholds": [0.5]}))
+    with pytest.raises(ValueError, match='"profile" list'):
+        read_keep_profile(tmp_path / "bad.json")
+    (tmp_path / "ok.json").write_text(json.dumps({"profile": [1, 0.5]}))
+    assert read_keep_profile(tmp_path / "ok.json") == (1.0, 0.5)
+    refused = _bench_with_fake_zoo("lemo_quality", tmp_path / "q.json", "--smoke",
+                                   f"--lemo_profile={tmp_path / 'ok.json'}", check=False)
+    assert refused.returncode != 0
+    assert "--lemo_profile is given exactly when --lemo_schedule=profile" in refused.stderr
+    assert not (tmp_path / "q.json").exists()
 
 
 def test_reuse_or_run_recomputes_when_the_key_changes(tmp_path):

@@ -140,6 +140,26 @@ def test_lemo_algorithm1_schedule_tunes_a_profile_then_trains_with_it(pretrained
 
 
 @pytest.mark.xdist_group("test_experiments:pretrained")
+def test_lemo_sensitivity_schedule_measures_a_profile_then_trains_with_it(pretrained, tmp_path):
+    workdir, _ = pretrained
+    c = finetune_tiny.get_config()
+    c.base, c.method, c.progress = str(workdir), "lemo", False
+    c.train.steps = 2
+    c.lemo.block_size, c.lemo.schedule, c.lemo.keep_ratio = 32, "sensitivity", 0.5
+    c.lemo.calibration_windows, c.lemo.loss_budget = 1, 10.0  # affords every layer
+    summary = runs.finetune(c, tmp_path)
+    measured = json.loads((tmp_path / "lemo_profile.json").read_text())
+    n_layers = json.loads((tmp_path / "config.json").read_text())["model"]["n_layers"]
+    assert measured["schedule"] == "sensitivity" and len(measured["costs"]) == n_layers
+    assert measured["profile"] == [0.5] * n_layers
+    assert (measured["keep_ratio"], measured["budget"]) == (0.5, 10.0)
+    assert measured["profile_loss"] != pytest.approx(measured["dense_loss"], abs=1e-4)
+    # the run trained and evaluates with that profile: its sparse evaluation is not the dense one
+    assert math.isfinite(summary["val_sparse_loss"])
+    assert summary["val_sparse_loss"] != pytest.approx(summary["val_loss"], abs=1e-4)
+
+
+@pytest.mark.xdist_group("test_experiments:pretrained")
 def test_train_predictors_then_finetune_with_them(pretrained, tmp_path):
     workdir, _ = pretrained
     done = _cli("train_predictors", tmp_path / "pred", f"--config.base={workdir}",

@@ -304,7 +304,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-LEMO_SCHEDULES = ("half", "profile", "all", "algorithm1")
+LEMO_SCHEDULES = ("half", "profile", "all", "algorithm1", "sensitivity")
 LEMO_SELECTORS = ("oracle", "predictor")
 LEMO_MLP_MODES = ("channel_sparse_bwd", "dense")
 
@@ -318,6 +318,9 @@ class LeMoConfig:
     ``"profile"``: ``profile[l]`` is layer l's keep ratio (1.0 = dense). ``"algorithm1"``: the
     profile is tuned on ``calibration_windows`` training windows before fine-tuning
     (:func:`tokensparse.lemo.threshold.tune_thresholds`, ``tune_rounds`` rounds).
+    ``"sensitivity"``: the profile keeps ``keep_ratio`` in the layers where that costs the least
+    calibration loss, cheapest first, within ``loss_budget`` nats, and is dense elsewhere
+    (:func:`tokensparse.lemo.sensitivity.tune_profile`, a library choice).
     """
 
     block_size: int = 64
@@ -329,8 +332,9 @@ class LeMoConfig:
     mlp_drop: float = 0.8  # fraction of MLP channels dropped in backward
     keep_first_block: bool = False
     route_shards: int = 0  # blocks are chosen per this many sequence pieces; 0: the mesh seq axis
-    calibration_windows: int = 8  # schedule="algorithm1" only
+    calibration_windows: int = 8  # schedules "algorithm1" and "sensitivity"
     tune_rounds: int = 5  # schedule="algorithm1" only
+    loss_budget: float = 0.05  # schedule="sensitivity" only: nats of calibration loss to spend
 
     def __post_init__(self):
         _check(self.route_shards >= 0, f"LeMoConfig.route_shards={self.route_shards} must be >= 0 "
@@ -352,6 +356,8 @@ class LeMoConfig:
         _check(0.0 <= self.mlp_drop < 1.0, f"LeMoConfig.mlp_drop={self.mlp_drop} must be in [0, 1).")
         _check(self.calibration_windows >= 1 and self.tune_rounds >= 0,
                "LeMoConfig.calibration_windows must be >= 1 and tune_rounds >= 0.")
+        _check(self.loss_budget >= 0.0, f"LeMoConfig.loss_budget={self.loss_budget} must be >= 0 "
+               "(nats of calibration loss).")
 
     def keep_ratios(self, n_layers: int) -> tuple[float, ...]:
         """Per-layer keep ratio (1.0 = dense layer) for a model with ``n_layers`` layers."""
@@ -364,6 +370,9 @@ class LeMoConfig:
             return (self.keep_ratio,) * n_layers
         _check(self.schedule != "algorithm1", "LeMoConfig.schedule='algorithm1' has no keep ratios "
                "until tuned: run tokensparse.lemo.threshold.tune_thresholds and train with "
+               "schedule='profile' (runs.finetune does this for you).")
+        _check(self.schedule != "sensitivity", "LeMoConfig.schedule='sensitivity' has no keep "
+               "ratios until measured: run tokensparse.lemo.sensitivity.tune_profile and train with "
                "schedule='profile' (runs.finetune does this for you).")
         first, last = n_layers // 2 - 1, n_layers - 2
         return tuple(self.keep_ratio if first <= i <= last else 1.0 for i in range(n_layers))

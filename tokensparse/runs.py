@@ -487,7 +487,7 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
             return train.lm_loss(model, batch, loss_segment=tc.loss_segment, layout=layout)
         return lemo_loss(model, batch, lemo=lemo_config, loss_segment=tc.loss_segment, layout=layout)
 
-    if lemo_config is not None and lemo_config.schedule == "algorithm1":
+    if lemo_config is not None and lemo_config.schedule in ("algorithm1", "sensitivity"):
         lemo_config = _tune_lemo_profile(model, lemo_config, train_docs, tc, workdir)
     if lemo_config is not None:
         check_lemo(model, lemo_config, tc.seq_len)
@@ -508,20 +508,29 @@ def finetune(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
 def _tune_lemo_profile(model, lemo_config: LeMoConfig, train_docs, tc: TrainConfig,
                        workdir: pathlib.Path) -> LeMoConfig:
-    """Algorithm 1 on calibration windows of the train split (their own seed, batch 1); the tuned
-    profile is written to ``workdir/lemo_profile.json`` and reused when resuming."""
+    """Algorithm 1, or the loss-budgeted sensitivity profile, on calibration windows of the train
+    split (their own seed, batch 1); the profile is written to ``workdir/lemo_profile.json`` with
+    what produced it, and reused when resuming."""
     path = workdir / "lemo_profile.json"
     if path.exists():
         profile = tuple(json.loads(path.read_text())["profile"])
     else:
-        from tokensparse.lemo.threshold import tune_thresholds
-
         windows = data.WindowBatches(train_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed + 1)
         calibration = [windows.batch(i) for i in range(lemo_config.calibration_windows)]
-        tuned = tune_thresholds(model, calibration, lemo_config, rounds=lemo_config.tune_rounds)
-        profile = tuned.profile
-        _write_json(path, {"thresholds": tuned.thresholds, "profile": profile,
-                           "history": tuned.history})
+        if lemo_config.schedule == "algorithm1":
+            from tokensparse.lemo.threshold import tune_thresholds
+
+            tuned = tune_thresholds(model, calibration, lemo_config, rounds=lemo_config.tune_rounds)
+            record = {"thresholds": tuned.thresholds, "profile": tuned.profile,
+                      "history": tuned.history}
+        else:
+            from tokensparse.lemo.sensitivity import tune_profile
+
+            record = dataclasses.asdict(tune_profile(model, calibration, lemo_config,
+                                                     keep_ratio=lemo_config.keep_ratio,
+                                                     budget=lemo_config.loss_budget))
+        profile = tuple(record["profile"])
+        _write_json(path, {"schedule": lemo_config.schedule, **record})
     return lemo_config.replace(schedule="profile", profile=profile)
 
 

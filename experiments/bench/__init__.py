@@ -63,3 +63,18 @@ def loss_history(run_dir: str | os.PathLike) -> dict | None:
             losses[int(record["step"])] = float(record["loss"])
     steps = sorted(losses)
     return {"step": steps, "loss": [losses[s] for s in steps]} if steps else None
+
+
+def read_keep_profile(path: str | os.PathLike) -> tuple[float, ...]:
+    """The per-layer keep ratios in a JSON file's ``"profile"`` (a ``lemo_profile.json`` written by
+    an Algorithm 1 fine-tuning run or by :func:`tokensparse.lemo.sensitivity.budget_profile`'s
+    caller); a clear error when the file or the key is missing."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"--lemo_profile={path}: no such file.")
+    try:
+        profile = json.loads(path.read_text())["profile"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"--lemo_profile={path} must be JSON with a \"profile\" list of per-layer "
+                         "keep ratios.") from None
+    return tuple(float(r) for r in profile)

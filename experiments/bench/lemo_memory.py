@@ -12,7 +12,6 @@ kernel on a GPU); the ratio is LoRA / LeMo (larger is better).
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import NamedTuple
 
 import jax
@@ -21,7 +20,7 @@ from absl import flags
 from flax import nnx
 
 from experiments import _checks
-from experiments.bench import write_result
+from experiments.bench import read_keep_profile, write_result
 from tokensparse import lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset, preset_names
 from tokensparse.lemo.model import lemo_loss
@@ -56,8 +55,7 @@ def lemo_config() -> LeMoConfig:
     """The default LeMoConfig, or ``--lemo_profile``'s per-layer keep ratios."""
     if not _PROFILE.value:
         return LeMoConfig()
-    profile = json.loads(pathlib.Path(_PROFILE.value).read_text())["profile"]
-    return LeMoConfig(schedule="profile", profile=tuple(float(r) for r in profile))
+    return LeMoConfig(schedule="profile", profile=read_keep_profile(_PROFILE.value))
 
 
 def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -> dict:

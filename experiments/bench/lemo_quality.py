@@ -19,8 +19,11 @@
    backward drops 80% of channels), plus LeMo with ``mlp_drop=0.5`` (spec §4.7;
    ``--nomlp_drop_ablation`` skips it). Every run has the same steps, data order and seed.
    ``--lemo_schedule`` / ``--keep_ratio`` choose other LeMo schedules: ``all`` layers at the keep
-   ratio, or ``algorithm1`` (a per-layer keep profile tuned on ``--calibration_windows`` training
-   windows for ``--tune_rounds`` rounds before fine-tuning; spec §2.4). Each variant is its own run
+   ratio, ``profile`` (the per-layer keep ratios in ``--lemo_profile``), ``algorithm1`` (a
+   per-layer keep profile tuned on ``--calibration_windows`` training windows for ``--tune_rounds``
+   rounds before fine-tuning; spec §2.4) or ``sensitivity`` (``--keep_ratio`` in the layers where it
+   costs the least calibration loss, within ``--loss_budget`` nats;
+   :mod:`tokensparse.lemo.sensitivity`). Each variant is its own run
    (``lemo_algorithm1_mlp_drop0.8``, ``lemo_keep0.7_mlp_drop0.8``, ...), so one ``--workdir`` holds
    them all beside one LoRA run. LeMo rows carry the per-layer ``keep_profile`` they trained with
    and its ``mean_keep`` (1.0 = dense).
@@ -56,6 +59,7 @@ from __future__ import annotations
 import itertools
 import json
 import pathlib
+import shutil
 import tempfile
 import time
 
@@ -63,7 +67,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import _checks
-from experiments.bench import bases, loss_history, write_result
+from experiments.bench import bases, loss_history, read_keep_profile, write_result
 from experiments.configs import finetune_small
 from tokensparse import data, runs, train
 
@@ -82,13 +86,22 @@ _STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (sp
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation windows of seq_len.")
 _MLP_ABLATION = flags.DEFINE_bool("mlp_drop_ablation", True, "Also fine-tune LeMo with mlp_drop=0.5.")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of every run.")
-_SCHEDULE = flags.DEFINE_enum("lemo_schedule", "half", ["half", "all", "algorithm1"],
-                              "Which layers LeMo sparsifies (LeMoConfig.schedule): 'algorithm1' tunes a "
-                              "per-layer keep profile on training windows first (spec §2.4).")
+_SCHEDULE = flags.DEFINE_enum("lemo_schedule", "half",
+                              ["half", "all", "profile", "algorithm1", "sensitivity"],
+                              "Which layers LeMo sparsifies (LeMoConfig.schedule): 'profile' takes the "
+                              "per-layer keep ratios of --lemo_profile; 'algorithm1' tunes a per-layer "
+                              "keep profile on training windows first (spec §2.4); 'sensitivity' keeps "
+                              "--keep_ratio in the cheapest layers within --loss_budget.")
+_PROFILE = flags.DEFINE_string("lemo_profile", "", "With --lemo_schedule=profile: a JSON file with a "
+                               "per-layer keep \"profile\" (a lemo_profile.json from an Algorithm 1 "
+                               "run, or tokensparse.lemo.sensitivity's).")
 _KEEP = flags.DEFINE_float("keep_ratio", 0.4, "Fraction of blocks the sparse layers keep ('half' and "
                            "'all' schedules).")
-_CALIBRATION = flags.DEFINE_integer("calibration_windows", 8, "Algorithm 1's calibration windows.")
+_CALIBRATION = flags.DEFINE_integer("calibration_windows", 8, "Calibration windows of the "
+                                    "'algorithm1' and 'sensitivity' schedules.")
 _TUNE_ROUNDS = flags.DEFINE_integer("tune_rounds", 5, "Algorithm 1's rounds.")
+_BUDGET = flags.DEFINE_float("loss_budget", 0.05, "The 'sensitivity' schedule's budget: nats of "
+                             "calibration loss its eliminations may cost together.")
 _PREDICTORS = flags.DEFINE_string("predictors", "", "Also fine-tune LeMo (mlp_drop 0.8) selecting "
                                   "with these trained predictors (a train_predictors predictors/ "
                                   "directory); summary predictor_ppl_ratio = that / oracle LeMo.")
@@ -108,7 +121,11 @@ for _flag, _minimum in ((_BASE_SEQ_LEN, 2), (_BASE_STEPS, 1), (_BASE_BATCH, 1), 
 _checks.at_least(_SEQ_LEN, 64, multiple_of=64, why="LeMo keeps whole 64-token blocks")
 _checks.at_least(_CALIBRATION, 1)
 _checks.at_least(_TUNE_ROUNDS, 0)
+flags.register_validator(_BUDGET, lambda v: v >= 0.0, "must be >= 0.")
 flags.register_validator(_KEEP, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
+flags.register_multi_flags_validator(
+    ["lemo_schedule", "lemo_profile"], lambda f: (f["lemo_schedule"] == "profile") == bool(f["lemo_profile"]),
+    "--lemo_profile is given exactly when --lemo_schedule=profile.")
 
 SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
          "seq_len": 256, "steps": 3, "eval_batches": 2}
@@ -230,6 +247,9 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
     if method == "lemo":  # (a LoRA run's key, and so its reuse, must not depend on LeMo's flags)
         c.lemo.schedule, c.lemo.keep_ratio = _SCHEDULE.value, _KEEP.value
         c.lemo.calibration_windows, c.lemo.tune_rounds = _CALIBRATION.value, _TUNE_ROUNDS.value
+        c.lemo.loss_budget = _BUDGET.value
+        if _SCHEDULE.value == "profile":
+            c.lemo.profile = list(read_keep_profile(_PROFILE.value))
     if mlp_drop is not None:
         c.lemo.mlp_drop = mlp_drop
     if "vocab_size" in s:  # a --base brings its own tokenizer, which finetune uses instead
@@ -245,6 +265,10 @@ def lemo_variant() -> str:
     """The run-name part that tells LeMo schedules apart ("" for the default: keep 0.4, "half")."""
     if _SCHEDULE.value == "algorithm1":
         return "_algorithm1"
+    if _SCHEDULE.value == "profile":
+        return f"_profile-{pathlib.Path(_PROFILE.value).stem}"
+    if _SCHEDULE.value == "sensitivity":
+        return f"_sensitivity_keep{_KEEP.value:g}_budget{_BUDGET.value:g}"
     keep = "" if _KEEP.value == 0.4 else f"_keep{_KEEP.value:g}"
     return ("" if _SCHEDULE.value == "half" else f"_{_SCHEDULE.value}") + keep
 
@@ -267,11 +291,29 @@ def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s:
             "seq_len": seq_len, **{k: summary.get(k) for k in keys}, "wall_s": wall_s}
 
 
-def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str,
-                 mlp_drop: float | None, predictors: str = "") -> dict:
+def run_name(method: str, mlp_drop: float | None, predictors: str = "") -> str:
     name = method + ("" if method != "lemo" else lemo_variant())
     name += "" if mlp_drop is None else f"_mlp_drop{mlp_drop}"
-    name += "_predictor" if predictors else ""
+    return name + ("_predictor" if predictors else "")
+
+
+TUNED_SCHEDULES = ("algorithm1", "sensitivity")
+
+
+def share_tuned_profile(workdir: pathlib.Path, source: str, target: str) -> None:
+    """Give run ``target`` the profile run ``source`` tuned (``lemo_profile.json``), unless it has
+    one: both tune on the same calibration windows with the same exact forward (mlp_drop only
+    changes the backward), so tuning again would repeat the same minutes of forwards."""
+    tuned, destination = workdir / source / "lemo_profile.json", workdir / target / "lemo_profile.json"
+    if tuned.exists() and not destination.exists():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tuned, destination)
+        log(f"{target} uses the profile {source} tuned")
+
+
+def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str,
+                 mlp_drop: float | None, predictors: str = "") -> dict:
+    name = run_name(method, mlp_drop, predictors)
     selector = None if method != "lemo" else "predictor" if predictors else "oracle"
     c = finetune_config(s, base, method, mlp_drop, predictors)
 
@@ -340,7 +382,11 @@ def run(s: dict, base: pathlib.Path | str, workdir: pathlib.Path) -> tuple[list[
     base_rows = _reuse_or_run(workdir / "base_rows.json", key, lambda: evaluate_base(s, base))
     lora = finetune_run(s, base, workdir, "lora", None)
     drops = (0.8, 0.5) if _MLP_ABLATION.value else (0.8,)
-    lemo = [finetune_run(s, base, workdir, "lemo", p) for p in drops]
+    lemo = []
+    for p in drops:
+        if lemo and _SCHEDULE.value in TUNED_SCHEDULES:
+            share_tuned_profile(workdir, run_name("lemo", drops[0]), run_name("lemo", p))
+        lemo.append(finetune_run(s, base, workdir, "lemo", p))
     if _PREDICTORS.value:
         lemo.append(finetune_run(s, base, workdir, "lemo", 0.8, _PREDICTORS.value))
     rows = [*base_rows, lora, *lemo]

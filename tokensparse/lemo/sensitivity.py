@@ -1,0 +1,122 @@
+"""A keep-ratio profile from measured per-layer costs under a loss budget (LeMo option
+``schedule="sensitivity"``; a library choice, spec §2.4's "can re-profile").
+
+Algorithm 1 (:mod:`tokensparse.lemo.threshold`) climbs a finite-difference gradient of the
+calibration loss from thresholds that start out eliminating about half of every layer; on a model
+whose block scores are flat (SmolLM2-135M, docs/lemo.md) that start costs several nats and the climb
+ends where the differences vanish, not where the loss is low. This asks the model directly instead:
+
+1. ``cost[l]`` = calibration loss with layer l alone keeping ``keep_ratio`` of its blocks (the
+   training forward's own top-k selection, every other layer dense) minus the dense loss. The dense
+   hidden states are computed once, so probing layer l re-runs only layers l..L-1.
+2. Layers are made sparse cheapest first (a negative cost, elimination that helps, comes first)
+   while the summed cost stays within ``budget`` nats; the rest stay dense.
+3. The profile's own loss is measured once more with the whole profile (costs need not add up).
+
+Cost: about L/2 + 1 dense forwards per calibration window, no backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tokensparse import train
+from tokensparse.config import LeMoConfig
+from tokensparse.lemo.model import check_lemo, layer_selection, lemo_block, lemo_loss
+from tokensparse.llama import Llama, default_positions
+
+_EXACT_MLP = 2**31 - 1  # lemo_block's channel count meaning "the dense MLP" (forwards are exact)
+
+
+def _mean_loss(model: Llama, h, tokens, segment_ids):
+    targets, weights = train.next_token_targets(tokens, segment_ids)
+    total = train.cross_entropy_sum(model.head(model.final_norm(h)), targets, weights)
+    return total / jnp.maximum(weights.sum(), 1.0)
+
+
+def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> np.ndarray:
+    """[n_batches, L]: each batch's loss with only layer l keeping ``keep_ratio`` of its blocks
+    (selected as training selects them: ``lemo.selector``'s oracle scores, ``keep_first_block``),
+    minus its dense loss."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("layer_costs needs at least one calibration batch.")
+    if not 0.0 < keep_ratio < 1.0:
+        raise ValueError(f"keep_ratio={keep_ratio} must be in (0, 1): 1 eliminates nothing.")
+    for b in batches:
+        check_lemo(model, lemo.replace(schedule="all", profile=None), b.tokens.shape[1])
+
+    @nnx.jit
+    def dense(block, h, positions, segment_ids):
+        return lemo_block(block, h, positions, segment_ids, None, mlp_keep=_EXACT_MLP)
+
+    @nnx.jit
+    def sparse(block, h, positions, segment_ids):
+        selection = layer_selection(block, block.input_norm(h), keep_ratio, lemo)
+        return lemo_block(block, h, positions, segment_ids, selection, mlp_keep=_EXACT_MLP)
+
+    loss = nnx.jit(_mean_loss)
+    n_layers = len(model.layers)
+    costs = np.zeros((len(batches), n_layers))
+    for i, b in enumerate(batches):
+        tokens = jnp.asarray(b.tokens)
+        positions = default_positions(tokens) if b.positions is None else jnp.asarray(b.positions)
+        segment_ids = None if b.segment_ids is None else jnp.asarray(b.segment_ids)
+        hidden = [model.embed(tokens)]  # hidden[l]: layer l's input in the dense forward
+        for block in model.layers:
+            hidden.append(dense(block, hidden[-1], positions, segment_ids))
+        dense_loss = float(loss(model, hidden[-1], tokens, segment_ids))
+        for layer in range(n_layers):
+            h = sparse(model.layers[layer], hidden[layer], positions, segment_ids)
+            for block in model.layers[layer + 1:]:
+                h = dense(block, h, positions, segment_ids)
+            costs[i, layer] = float(loss(model, h, tokens, segment_ids)) - dense_loss
+    return costs
+
+
+def budget_profile(costs, keep_ratio: float, budget: float) -> tuple[float, ...]:
+    """Per-layer keep ratios: ``keep_ratio`` in the cheapest layers (by ``costs``, one per layer),
+    taken in ascending order while their summed cost stays ≤ ``budget``; 1.0 (dense) elsewhere."""
+    costs = np.asarray(costs, dtype=np.float64)
+    if costs.ndim != 1:
+        raise ValueError(f"costs must be one value per layer; got shape {costs.shape}.")
+    if budget < 0:
+        raise ValueError(f"budget={budget} must be >= 0 (nats of calibration loss).")
+    profile, spent = np.ones(costs.shape[0]), 0.0
+    for layer in np.argsort(costs, kind="stable"):
+        if spent + costs[layer] > budget:
+            break
+        spent += costs[layer]
+        profile[layer] = keep_ratio
+    return tuple(float(r) for r in profile)
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityResult:
+    profile: tuple[float, ...]  # per-layer keep ratio (1.0 = dense)
+    costs: tuple[float, ...]  # per-layer mean cost (nats) of keeping keep_ratio there alone
+    keep_ratio: float
+    budget: float
+    dense_loss: float  # mean calibration loss, dense forward
+    profile_loss: float  # the same with the whole profile (measured, not the sum of costs)
+
+
+def tune_profile(model: Llama, batches, lemo: LeMoConfig, *, keep_ratio: float,
+                 budget: float) -> SensitivityResult:
+    """:func:`layer_costs` averaged over ``batches``, :func:`budget_profile`, and both losses."""
+    batches = list(batches)
+    costs = layer_costs(model, batches, lemo, keep_ratio).mean(axis=0)
+    profile = budget_profile(costs, keep_ratio, budget)
+    sparse_lemo = lemo.replace(schedule="profile", profile=profile)
+
+    def mean_loss(loss_fn):
+        step = nnx.jit(lambda m, b: loss_fn(m, b)[0])
+        return float(np.mean([float(step(model, b)) for b in batches]))
+
+    return SensitivityResult(profile, tuple(float(c) for c in costs), keep_ratio, budget,
+                             mean_loss(train.lm_loss),
+                             mean_loss(lambda m, b: lemo_loss(m, b, lemo=sparse_lemo)))
