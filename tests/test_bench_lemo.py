@@ -306,6 +306,13 @@ def test_lemo_memory_with_a_keep_profile(tmp_path):
     assert sparser["summary"]["activation_ratio@512"] > default["summary"]["activation_ratio@512"] > 1
     assert sparser["settings"]["mean_keep"] == 0.25 and default["settings"]["mean_keep"] > 0.25
     assert "profile from" in sparser["settings"]["lemo"]
+    # Keeping more MLP channels for the backward saves more of the MLP's activations.
+    wider, _ = _bench("lemo_memory", tmp_path / "w.json", *common,
+                      f"--lemo_profile={tmp_path / 'profile.json'}", "--mlp_drop=0.5")
+    lemo_rows = [r for r in wider["rows"] if r["method"] == "lemo"]
+    assert lemo_rows[0]["temp_bytes"] > rows["lemo", "s"]["temp_bytes"]
+    assert "keeps 50% channels" in wider["settings"]["lemo"]
+    assert "keeps 20% channels" in sparser["settings"]["lemo"]
 
 
 @pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")

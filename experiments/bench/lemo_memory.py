@@ -36,6 +36,8 @@ _ATTENTION = flags.DEFINE_string("attention", "chunked", "Attention backend for 
 _PROFILE = flags.DEFINE_string("lemo_profile", "", "A JSON file with a per-layer keep \"profile\" (e.g. "
                                "the lemo_profile.json Algorithm 1 writes into a fine-tuning workdir): "
                                "LeMo uses it instead of the default keep 0.4 in layers L/2-1..L-2.")
+_MLP_DROP = flags.DEFINE_float("mlp_drop", 0.8, "Fraction of MLP channels LeMo's backward drops "
+                               "(LeMoConfig.mlp_drop; spec §4.7 also reports 0.5).")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON "
                            "(and its figure, the same path with .png).")
 
@@ -43,6 +45,7 @@ _checks.one_of(_PRESET, preset_names())
 _checks.int_list(_SEQ_LENS, multiple_of=LeMoConfig().block_size, why="LeMo keeps whole blocks")
 _checks.one_of(_REMAT, REMAT_POLICIES)
 _checks.one_of(_ATTENTION, _checks.attention_backends())
+flags.register_validator(_MLP_DROP, lambda v: 0.0 <= v < 1.0, "must be in [0, 1).")
 
 
 class Batch(NamedTuple):
@@ -52,10 +55,11 @@ class Batch(NamedTuple):
 
 
 def lemo_config() -> LeMoConfig:
-    """The default LeMoConfig, or ``--lemo_profile``'s per-layer keep ratios."""
+    """The default LeMoConfig, or ``--lemo_profile``'s per-layer keep ratios; ``--mlp_drop``."""
     if not _PROFILE.value:
-        return LeMoConfig()
-    return LeMoConfig(schedule="profile", profile=read_keep_profile(_PROFILE.value))
+        return LeMoConfig(mlp_drop=_MLP_DROP.value)
+    return LeMoConfig(schedule="profile", profile=read_keep_profile(_PROFILE.value),
+                      mlp_drop=_MLP_DROP.value)
 
 
 def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -> dict:
@@ -102,7 +106,8 @@ def main(argv):
     schedule = (f"profile from {_PROFILE.value}: {list(lemo.profile)}" if _PROFILE.value
                 else "keep 0.4 in layers L/2-1..L-2")
     write_result(_OUT.value, "lemo_memory", rows, summary, settings={
-        "dtype": "bfloat16", "lemo": f"{schedule}, oracle selection, MLP backward keeps 20% channels",
+        "dtype": "bfloat16", "lemo": f"{schedule}, oracle selection, MLP backward keeps "
+                f"{1 - lemo.mlp_drop:.0%} channels",
         "mean_keep": sum(lemo.keep_ratios(config.n_layers)) / config.n_layers,
         "loss_segment": 2048, "batch": 1})
 
