@@ -109,12 +109,17 @@ def test_finetune_from_our_pretraining(pretrained, tmp_path, method):
         assert "val_sparse_loss" not in summary
 
 
+def _lemo_finetune_config(pretrained):
+    """finetune_tiny on the shared pretrained base: LeMo, 2 steps, no progress bar."""
+    c = finetune_tiny.get_config()
+    c.base, c.method, c.progress = str(pretrained[0]), "lemo", False
+    c.train.steps = 2
+    return c
+
+
 @pytest.mark.xdist_group("test_experiments:pretrained")
 def test_lemo_sparse_eval_equals_dense_eval_when_nothing_is_dropped(pretrained, tmp_path):
-    workdir, _ = pretrained
-    c = finetune_tiny.get_config()
-    c.base, c.method, c.progress = str(workdir), "lemo", False
-    c.train.steps = 2
+    c = _lemo_finetune_config(pretrained)
     c.lemo.block_size, c.lemo.keep_ratio, c.lemo.mlp_mode = 32, 1.0, "dense"
     summary = runs.finetune(c, tmp_path)
     assert math.isfinite(summary["val_sparse_loss"])
@@ -124,10 +129,7 @@ def test_lemo_sparse_eval_equals_dense_eval_when_nothing_is_dropped(pretrained, 
 
 @pytest.mark.xdist_group("test_experiments:pretrained")
 def test_lemo_algorithm1_schedule_tunes_a_profile_then_trains_with_it(pretrained, tmp_path):
-    workdir, _ = pretrained
-    c = finetune_tiny.get_config()
-    c.base, c.method, c.progress = str(workdir), "lemo", False
-    c.train.steps = 2
+    c = _lemo_finetune_config(pretrained)
     c.lemo.block_size, c.lemo.schedule = 32, "algorithm1"
     c.lemo.calibration_windows, c.lemo.tune_rounds = 1, 1
     summary = runs.finetune(c, tmp_path)
@@ -141,10 +143,7 @@ def test_lemo_algorithm1_schedule_tunes_a_profile_then_trains_with_it(pretrained
 
 @pytest.mark.xdist_group("test_experiments:pretrained")
 def test_lemo_sensitivity_schedule_measures_a_profile_then_trains_with_it(pretrained, tmp_path):
-    workdir, _ = pretrained
-    c = finetune_tiny.get_config()
-    c.base, c.method, c.progress = str(workdir), "lemo", False
-    c.train.steps = 2
+    c = _lemo_finetune_config(pretrained)
     c.lemo.block_size, c.lemo.schedule, c.lemo.keep_ratio = 32, "sensitivity", 0.5
     c.lemo.calibration_windows, c.lemo.loss_budget = 1, 10.0  # affords every layer
     summary = runs.finetune(c, tmp_path)
