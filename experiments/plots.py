@@ -135,7 +135,8 @@ def _run_label(row: dict) -> str:
         return "dense twin" if row["model"] == "dense" else "SUBLLM"
     label = {"lora": "LoRA", "lemo": "LeMo"}.get(row.get("method"), str(row.get("method")))
     if row.get("method") == "lemo":
-        label += f", mlp_drop {row.get('mlp_drop')}"
+        label += (", MLP recomputed" if row.get("mlp_mode") == "recompute"
+                  else f", mlp_drop {row.get('mlp_drop')}")
         if row.get("selector") == "predictor":
             label += ", predictors"
     return label

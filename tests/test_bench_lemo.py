@@ -44,10 +44,10 @@ def predictor_smoke(tmp_path_factory):
 
 @pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")
 def test_lemo_quality_smoke(tmp_path, predictor_smoke):
-    # The mlp_drop=0.5 run (on by default) is the same code with another value: skipped for time.
+    # The mlp_drop=0.5 and recomputed-MLP runs (on by default) are tested on the fake zoo base.
     shared, _, _ = predictor_smoke
     result, stdout = _bench("lemo_quality", tmp_path / "q.json", "--smoke", "--nomlp_drop_ablation",
-                            f"--base_workdir={shared / 'base'}",
+                            "--nomlp_recompute", f"--base_workdir={shared / 'base'}",
                             f"--predictors={shared / 'run' / 'predictors'}")
     assert "[lemo_quality] fine-tuning lemo_mlp_drop0.8 " in stdout and "drop0.5" not in stdout
     summary = result["summary"]
@@ -112,7 +112,8 @@ def _quality_with_fake_zoo(out, *args):
 
 
 def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
-    args = ("--smoke", "--nomlp_drop_ablation", "--base=smollm2-135m", f"--workdir={tmp_path / 'w'}")
+    args = ("--smoke", "--nomlp_drop_ablation", "--nomlp_recompute", "--base=smollm2-135m",
+            f"--workdir={tmp_path / 'w'}")
     result, stdout = _quality_with_fake_zoo(tmp_path / "q.json", *args)
     assert "[fake zoo] load" in stdout and "pretraining" not in stdout
     summary = result["summary"]
@@ -155,20 +156,28 @@ def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
     assert all(0.0 < k <= 1.0 for k in profile)
     assert tuned["summary"]["lemo_mean_keep"] == pytest.approx(np.mean(profile))
     assert tuned["settings"]["lemo_schedule"] == "algorithm1"
-    # The sensitivity schedule measures its profile once; the mlp_drop 0.5 run reuses it.
+    # The sensitivity schedule measures its profile once; the mlp_drop 0.5 and recomputed-MLP runs
+    # reuse it.
     budgeted, stdout = _quality_with_fake_zoo(
-        tmp_path / "q4.json", *[a for a in args if a != "--nomlp_drop_ablation"],
+        tmp_path / "q4.json", *[a for a in args if a not in ("--nomlp_drop_ablation",
+                                                             "--nomlp_recompute")],
         "--lemo_schedule=sensitivity", "--calibration_windows=1", "--keep_ratio=0.5",
         "--loss_budget=10")
     name = "lemo_sensitivity_keep0.5_budget10"
     assert f"fine-tuning {name}_mlp_drop0.8 " in stdout and f"fine-tuning {name}_mlp_drop0.5 " in stdout
     assert f"{name}_mlp_drop0.5 uses the profile {name}_mlp_drop0.8 tuned" in stdout
+    assert f"{name}_mlp_recompute uses the profile {name}_mlp_drop0.8 tuned" in stdout
     measured = json.loads((tmp_path / "w" / f"{name}_mlp_drop0.8" / "lemo_profile.json").read_text())
     assert measured["schedule"] == "sensitivity" and len(measured["costs"]) == n_layers
     assert measured["profile"] == [0.5] * n_layers  # a 10-nat budget affords every layer
     assert measured["profile_loss"] > measured["dense_loss"] - 1.0
-    assert [r["keep_profile"] for r in budgeted["rows"][2:]] == [measured["profile"]] * 2
-    assert set(budgeted["summary"]) >= {"ppl_ratio", "ppl_ratio_mlp_drop0.5"}
+    assert [r["keep_profile"] for r in budgeted["rows"][2:]] == [measured["profile"]] * 3
+    assert [(r["mlp_drop"], r["mlp_mode"]) for r in budgeted["rows"][2:]] == [
+        (0.8, "channel_sparse_bwd"), (0.5, "channel_sparse_bwd"), (None, "recompute")]
+    summary = budgeted["summary"]
+    assert set(summary) >= {"ppl_ratio", "ppl_ratio_mlp_drop0.5", "ppl_ratio_mlp_recompute"}
+    lora_ppl = budgeted["rows"][1]["val_ppl"]
+    assert summary["ppl_ratio_mlp_recompute"] == pytest.approx(budgeted["rows"][4]["val_ppl"] / lora_ppl)
     # A profile file: its keep ratios, as given.
     given = tmp_path / "given.json"
     given.write_text(json.dumps({"profile": [1.0] + [0.75] * (n_layers - 1)}))
@@ -313,6 +322,14 @@ def test_lemo_memory_with_a_keep_profile(tmp_path):
     assert lemo_rows[0]["temp_bytes"] > rows["lemo", "s"]["temp_bytes"]
     assert "keeps 50% channels" in wider["settings"]["lemo"]
     assert "keeps 20% channels" in sparser["settings"]["lemo"]
+    # The recomputed MLP saves only its input: less than the dense MLP backward's g and v.
+    by_mode = {mode: _bench("lemo_memory", tmp_path / f"{mode}.json", *common,
+                            f"--lemo_profile={tmp_path / 'profile.json'}", f"--mlp_mode={mode}")[0]
+               for mode in ("recompute", "dense")}
+    temp = {mode: next(r["temp_bytes"] for r in result["rows"] if r["method"] == "lemo")
+            for mode, result in by_mode.items()}
+    assert temp["recompute"] < temp["dense"], temp
+    assert "recomputed from its input" in by_mode["recompute"]["settings"]["lemo"]
 
 
 @pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")
@@ -398,3 +415,29 @@ def test_predictor_recall_ceiling_script_on_stored_targets(predictor_smoke):
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "weights digest differs" in refused.stderr, refused.stderr[-2000:]
     assert "are not in" in run("--layers=99").stderr
+
+
+@pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")
+def test_mlp_backward_fidelity_script(predictor_smoke):
+    """scripts/mlp_backward_fidelity.py on the smoke's base: the recomputed MLP and a backward that
+    drops nothing give the exact LoRA gradients (cosine 1); dropping 90% of channels does not."""
+    tmp, _, _ = predictor_smoke
+
+    def run(*args):
+        return subprocess.run([sys.executable, "scripts/mlp_backward_fidelity.py",
+                               f"--base={tmp / 'base'}", *args], cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    done = run("--seq_len=128", "--drops=0,0.9")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout[done.stdout.index("{"):])
+    v = out["variants"]
+    assert list(v) == ["channel_sparse_bwd@0", "channel_sparse_bwd@0.9", "recompute", "per_token@0",
+                       "per_token_equal_memory@0", "per_token@0.9", "per_token_equal_memory@0.9"]
+    for exact in ("recompute", "channel_sparse_bwd@0", "per_token@0"):
+        assert v[exact]["cosine"] > 1 - 1e-6 and v[exact]["norm_ratio"] == pytest.approx(1, abs=1e-4)
+    for lossy in ("channel_sparse_bwd@0.9", "per_token@0.9", "per_token_equal_memory@0.9"):
+        assert -1 <= v[lossy]["cosine"] < 0.999, (lossy, v[lossy])
+    n_layers = json.loads((tmp / "base" / "hf" / "config.json").read_text())["num_hidden_layers"]
+    assert all(len(r["layer_cosine"]) == n_layers for r in v.values())
+    assert "multiple of 64" in run("--seq_len=100").stderr

@@ -65,6 +65,47 @@ def test_keep_everything_equals_dense_lora(model, lemo):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def _lemo_grads(model, batch, **lemo):
+    return _loss_and_lora_grads(lambda m, b: lemo_model.lemo_loss(m, b, lemo=LeMoConfig(**lemo)),
+                                model, batch)
+
+
+def test_recomputed_mlp_equals_the_dense_mlp_under_elimination(model):
+    """``mlp_mode="recompute"`` changes what the backward saves, not what it computes: with blocks
+    eliminated its loss and LoRA gradients are the dense MLP's; the channel-sparse backward's are not."""
+    batch = _batch()
+    common = {"block_size": BLOCK, "keep_ratio": 0.5, "schedule": "all"}
+    loss_d, g_d = _lemo_grads(model, batch, mlp_mode="dense", **common)
+    loss_r, g_r = _lemo_grads(model, batch, mlp_mode="recompute", **common)
+    _, g_c = _lemo_grads(model, batch, mlp_mode="channel_sparse_bwd", mlp_drop=0.8, **common)
+    np.testing.assert_allclose(loss_r, loss_d, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g_d), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    worst = max(float(jnp.max(jnp.abs(a - b)))
+                for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_d), strict=True))
+    assert worst > 1e-4, worst
+
+
+def test_recomputed_mlp_trains_mlp_adapters():
+    """LoRA on the MLP: the channel-sparse backward refuses it (no weight gradients); the recomputed
+    MLP gives every adapter, the MLP's included, the dense MLP's gradient."""
+    targets = ("q", "k", "v", "o", "gate", "up", "down")
+    m = lora.add_lora(Llama(CONFIG, rngs=nnx.Rngs(0)), LoRAConfig(targets=targets), rngs=nnx.Rngs(1))
+    _randomise_adapters(m, seed=4)
+    with pytest.raises(ValueError, match="LoRA on its MLP"):
+        lemo_model.check_lemo(m, LeMoConfig(block_size=BLOCK), T)
+    batch = _batch(1)
+    common = {"block_size": BLOCK, "keep_ratio": 0.5, "schedule": "all"}
+    _, g_d = _lemo_grads(m, batch, mlp_mode="dense", **common)
+    _, g_r = _lemo_grads(m, batch, mlp_mode="recompute", **common)
+    mlp_grads = [x for path, x in jax.tree.leaves_with_path(g_r)
+                 if "mlp" in jax.tree_util.keystr(path)]
+    assert len(mlp_grads) == 2 * 3 * CONFIG.n_layers  # a and b of gate, up, down in every layer
+    assert all(float(jnp.max(jnp.abs(x))) > 0 for x in mlp_grads)
+    for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g_d), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def _kept_mask(sel):
     kept = np.zeros((B, T), bool)
     for r in range(B):
@@ -146,6 +187,9 @@ def test_activation_memory_falls_with_keep_ratio_and_mlp_drop():
     # fractions depends on XLA's schedule at this tiny size, so only dense-vs-sparse is asserted).
     dense_mlp, sparse_mlp = temp(keep_ratio=0.25, mlp_drop=0.0), temp(keep_ratio=0.25, mlp_drop=0.8)
     assert sparse_mlp < dense_mlp, (dense_mlp, sparse_mlp)
+    # So does recomputing the MLP from its input (D values per token instead of g and v's 2·I).
+    recomputed = temp(keep_ratio=0.25, mlp_mode="recompute")
+    assert recomputed < dense_mlp, (dense_mlp, recomputed)
 
 
 def test_bad_inputs(model):

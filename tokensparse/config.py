@@ -306,7 +306,7 @@ class TrainConfig:
 
 LEMO_SCHEDULES = ("half", "profile", "all", "algorithm1", "sensitivity")
 LEMO_SELECTORS = ("oracle", "predictor")
-LEMO_MLP_MODES = ("channel_sparse_bwd", "dense")
+LEMO_MLP_MODES = ("channel_sparse_bwd", "recompute", "dense")
 
 
 @dataclasses.dataclass(frozen=True)

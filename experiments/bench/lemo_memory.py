@@ -22,7 +22,7 @@ from flax import nnx
 from experiments import _checks
 from experiments.bench import read_keep_profile, write_result
 from tokensparse import lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset, preset_names
+from tokensparse.config import LEMO_MLP_MODES, LeMoConfig, LoRAConfig, preset, preset_names
 from tokensparse.lemo.model import lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.remat import REMAT_POLICIES
@@ -38,6 +38,9 @@ _PROFILE = flags.DEFINE_string("lemo_profile", "", "A JSON file with a per-layer
                                "LeMo uses it instead of the default keep 0.4 in layers L/2-1..L-2.")
 _MLP_DROP = flags.DEFINE_float("mlp_drop", 0.8, "Fraction of MLP channels LeMo's backward drops "
                                "(LeMoConfig.mlp_drop; spec §4.7 also reports 0.5).")
+_MLP_MODE = flags.DEFINE_string("mlp_mode", "channel_sparse_bwd", "LeMo's MLP backward "
+                                 "(LeMoConfig.mlp_mode): channel_sparse_bwd (spec), recompute (exact, "
+                                 "saves only the MLP input) or dense.")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON "
                            "(and its figure, the same path with .png).")
 
@@ -46,6 +49,7 @@ _checks.int_list(_SEQ_LENS, multiple_of=LeMoConfig().block_size, why="LeMo keeps
 _checks.one_of(_REMAT, REMAT_POLICIES)
 _checks.one_of(_ATTENTION, _checks.attention_backends())
 flags.register_validator(_MLP_DROP, lambda v: 0.0 <= v < 1.0, "must be in [0, 1).")
+_checks.one_of(_MLP_MODE, LEMO_MLP_MODES)
 
 
 class Batch(NamedTuple):
@@ -55,11 +59,12 @@ class Batch(NamedTuple):
 
 
 def lemo_config() -> LeMoConfig:
-    """The default LeMoConfig, or ``--lemo_profile``'s per-layer keep ratios; ``--mlp_drop``."""
+    """The default LeMoConfig, or ``--lemo_profile``'s per-layer keep ratios; ``--mlp_drop``,
+    ``--mlp_mode``."""
+    mlp = {"mlp_drop": _MLP_DROP.value, "mlp_mode": _MLP_MODE.value}
     if not _PROFILE.value:
-        return LeMoConfig(mlp_drop=_MLP_DROP.value)
-    return LeMoConfig(schedule="profile", profile=read_keep_profile(_PROFILE.value),
-                      mlp_drop=_MLP_DROP.value)
+        return LeMoConfig(**mlp)
+    return LeMoConfig(schedule="profile", profile=read_keep_profile(_PROFILE.value), **mlp)
 
 
 def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -> dict:
@@ -105,9 +110,11 @@ def main(argv):
     print(json.dumps(summary, indent=1))
     schedule = (f"profile from {_PROFILE.value}: {list(lemo.profile)}" if _PROFILE.value
                 else "keep 0.4 in layers L/2-1..L-2")
+    mlp = {"channel_sparse_bwd": f"MLP backward keeps {1 - lemo.mlp_drop:.0%} channels",
+           "recompute": "exact MLP backward recomputed from its input",
+           "dense": "dense MLP backward"}[lemo.mlp_mode]
     write_result(_OUT.value, "lemo_memory", rows, summary, settings={
-        "dtype": "bfloat16", "lemo": f"{schedule}, oracle selection, MLP backward keeps "
-                f"{1 - lemo.mlp_drop:.0%} channels",
+        "dtype": "bfloat16", "lemo": f"{schedule}, oracle selection, {mlp}",
         "mean_keep": sum(lemo.keep_ratios(config.n_layers)) / config.n_layers,
         "loss_segment": 2048, "batch": 1})
 

@@ -17,7 +17,9 @@
    q,k,v,o; AdamW β=(0.9, 0.95), 20 warm-up steps then constant: ``finetune_small.py``) with
    ``method=lora`` and ``method=lemo`` (default LeMoConfig: keep 0.4 in layers L/2-1..L-2, MLP
    backward drops 80% of channels), plus LeMo with ``mlp_drop=0.5`` (spec §4.7;
-   ``--nomlp_drop_ablation`` skips it). Every run has the same steps, data order and seed.
+   ``--nomlp_drop_ablation`` skips it) and LeMo with ``mlp_mode="recompute"`` (the exact MLP
+   backward from the MLP's input, a library option; ``--nomlp_recompute`` skips it). Every run has
+   the same steps, data order and seed.
    ``--lemo_schedule`` / ``--keep_ratio`` choose other LeMo schedules: ``all`` layers at the keep
    ratio, ``profile`` (the per-layer keep ratios in ``--lemo_profile``), ``algorithm1`` (a
    per-layer keep profile tuned on ``--calibration_windows`` training windows for ``--tune_rounds``
@@ -40,8 +42,9 @@ row there and a rerun of the same command reuses it; an unfinished run resumes f
 checkpoint (``--checkpoint_every``; SIGTERM / Ctrl-C also save one and stop the benchmark).
 
 Summary: ``ppl_ratio`` = LeMo (mlp_drop 0.8) / LoRA perplexity, dense eval; ``ppl_ratio_mlp_drop0.5``
-the same for mlp_drop 0.5; ``sparse_ppl_ratio`` = LeMo's sparse-eval perplexity / LoRA's (dense)
-perplexity; ``lemo_mean_keep`` that run's mean per-layer keep ratio (how much it eliminated).
+the same for mlp_drop 0.5, ``ppl_ratio_mlp_recompute`` for the recomputed (exact) MLP backward;
+``sparse_ppl_ratio`` = LeMo's sparse-eval perplexity / LoRA's (dense) perplexity;
+``lemo_mean_keep`` that run's mean per-layer keep ratio (how much it eliminated).
 With ``--predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
 (``predictor_ppl_ratio`` = that / oracle-selection LeMo; the target is <= 1.01). Unlike the speed
 and memory ratios these are method / baseline: smaller is better, and the library's target is
@@ -85,6 +88,9 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Fine-tuning and evaluation con
 _STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (spec §4.11).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation windows of seq_len.")
 _MLP_ABLATION = flags.DEFINE_bool("mlp_drop_ablation", True, "Also fine-tune LeMo with mlp_drop=0.5.")
+_MLP_RECOMPUTE = flags.DEFINE_bool("mlp_recompute", True, "Also fine-tune LeMo with "
+                                   "mlp_mode='recompute' (the exact MLP backward, recomputed from "
+                                   "the MLP's input; no channels dropped).")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of every run.")
 _SCHEDULE = flags.DEFINE_enum("lemo_schedule", "half",
                               ["half", "all", "profile", "algorithm1", "sensitivity"],
@@ -238,9 +244,10 @@ class Interrupted(RuntimeError):
 
 
 def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | None,
-                    predictors: str = ""):
+                    predictors: str = "", mlp_mode: str = "channel_sparse_bwd"):
     """``finetune_small.py`` with this benchmark's base, method, length, steps and eval windows
-    (LeMo selects with the oracle, or with ``predictors`` when given)."""
+    (LeMo selects with the oracle, or with ``predictors`` when given; ``mlp_drop`` applies to the
+    channel-sparse ``mlp_mode`` only)."""
     c = finetune_small.get_config()
     c.base, c.method, c.attention_backend = str(base), method, _ATTENTION.value
     c.lemo.predictors = predictors
@@ -250,6 +257,8 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
         c.lemo.loss_budget = _BUDGET.value
         if _SCHEDULE.value == "profile":
             c.lemo.profile = list(read_keep_profile(_PROFILE.value))
+    if method == "lemo":
+        c.lemo.mlp_mode = mlp_mode
     if mlp_drop is not None:
         c.lemo.mlp_drop = mlp_drop
     if "vocab_size" in s:  # a --base brings its own tokenizer, which finetune uses instead
@@ -284,16 +293,19 @@ def kept_fractions(workdir: pathlib.Path, lemo_dict) -> list[float]:
 
 
 def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s: float,
-         selector: str | None = None) -> dict:
+         selector: str | None = None, mlp_mode: str | None = None) -> dict:
     keys = ("val_loss", "val_ppl", "val_tokens", "val_sparse_loss", "val_sparse_ppl", "train_loss",
             "tokens_per_s")
-    return {"method": method, "mlp_drop": mlp_drop, "selector": selector, "steps": steps,
+    return {"method": method, "mlp_drop": mlp_drop, "mlp_mode": mlp_mode, "selector": selector,
+            "steps": steps,
             "seq_len": seq_len, **{k: summary.get(k) for k in keys}, "wall_s": wall_s}
 
 
-def run_name(method: str, mlp_drop: float | None, predictors: str = "") -> str:
+def run_name(method: str, mlp_drop: float | None, predictors: str = "",
+             mlp_mode: str = "channel_sparse_bwd") -> str:
     name = method + ("" if method != "lemo" else lemo_variant())
     name += "" if mlp_drop is None else f"_mlp_drop{mlp_drop}"
+    name += "_mlp_recompute" if method == "lemo" and mlp_mode == "recompute" else ""
     return name + ("_predictor" if predictors else "")
 
 
@@ -302,7 +314,7 @@ TUNED_SCHEDULES = ("algorithm1", "sensitivity")
 
 def share_tuned_profile(workdir: pathlib.Path, source: str, target: str) -> None:
     """Give run ``target`` the profile run ``source`` tuned (``lemo_profile.json``), unless it has
-    one: both tune on the same calibration windows with the same exact forward (mlp_drop only
+    one: both tune on the same calibration windows with the same exact forward (the MLP mode only
     changes the backward), so tuning again would repeat the same minutes of forwards."""
     tuned, destination = workdir / source / "lemo_profile.json", workdir / target / "lemo_profile.json"
     if tuned.exists() and not destination.exists():
@@ -312,10 +324,11 @@ def share_tuned_profile(workdir: pathlib.Path, source: str, target: str) -> None
 
 
 def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str,
-                 mlp_drop: float | None, predictors: str = "") -> dict:
-    name = run_name(method, mlp_drop, predictors)
+                 mlp_drop: float | None, predictors: str = "",
+                 mlp_mode: str = "channel_sparse_bwd") -> dict:
+    name = run_name(method, mlp_drop, predictors, mlp_mode)
     selector = None if method != "lemo" else "predictor" if predictors else "oracle"
-    c = finetune_config(s, base, method, mlp_drop, predictors)
+    c = finetune_config(s, base, method, mlp_drop, predictors, mlp_mode)
 
     def compute():
         log(f"fine-tuning {name} at T={s['seq_len']} for {s['steps']} steps")
@@ -325,7 +338,7 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
             raise Interrupted(f"{name} stopped at step {summary['steps']}/{s['steps']}; rerun the "
                               f"same command with --workdir={workdir} to continue from there.")
         return _row(method, mlp_drop, s["steps"], s["seq_len"], summary,
-                    time.perf_counter() - start, selector)
+                    time.perf_counter() - start, selector, c.lemo.mlp_mode if method == "lemo" else None)
 
     key = {k: v for k, v in c.to_dict().items() if k != "progress"}
     row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
@@ -340,12 +353,16 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
 
 
 def summarise(s: dict, base_rows: list[dict], lora: dict, lemo: list[dict]) -> dict:
-    by_drop = {r["mlp_drop"]: r for r in lemo if r["selector"] == "oracle"}
+    oracle = [r for r in lemo if r["selector"] == "oracle"]
+    by_drop = {r["mlp_drop"]: r for r in oracle if r.get("mlp_mode") != "recompute"}
+    recomputed = [r for r in oracle if r.get("mlp_mode") == "recompute"]
     predicted = [r for r in lemo if r["selector"] == "predictor"]
     main = by_drop[0.8]
     summary = {"ppl_ratio": main["val_ppl"] / lora["val_ppl"]}
     if 0.5 in by_drop:
         summary["ppl_ratio_mlp_drop0.5"] = by_drop[0.5]["val_ppl"] / lora["val_ppl"]
+    if recomputed:
+        summary["ppl_ratio_mlp_recompute"] = recomputed[0]["val_ppl"] / lora["val_ppl"]
     summary["sparse_ppl_ratio"] = main["val_sparse_ppl"] / lora["val_ppl"]
     for row in base_rows:
         scaled = "_rope_scaled" if row["rope_factor"] > 1 else ""
@@ -381,12 +398,14 @@ def run(s: dict, base: pathlib.Path | str, workdir: pathlib.Path) -> tuple[list[
            "attention": _ATTENTION.value}
     base_rows = _reuse_or_run(workdir / "base_rows.json", key, lambda: evaluate_base(s, base))
     lora = finetune_run(s, base, workdir, "lora", None)
-    drops = (0.8, 0.5) if _MLP_ABLATION.value else (0.8,)
+    mlps = [(0.8, "channel_sparse_bwd")]
+    mlps += [(0.5, "channel_sparse_bwd")] if _MLP_ABLATION.value else []
+    mlps += [(None, "recompute")] if _MLP_RECOMPUTE.value else []
     lemo = []
-    for p in drops:
+    for p, mode in mlps:
         if lemo and _SCHEDULE.value in TUNED_SCHEDULES:
-            share_tuned_profile(workdir, run_name("lemo", drops[0]), run_name("lemo", p))
-        lemo.append(finetune_run(s, base, workdir, "lemo", p))
+            share_tuned_profile(workdir, run_name("lemo", 0.8), run_name("lemo", p, "", mode))
+        lemo.append(finetune_run(s, base, workdir, "lemo", p, mlp_mode=mode))
     if _PREDICTORS.value:
         lemo.append(finetune_run(s, base, workdir, "lemo", 0.8, _PREDICTORS.value))
     rows = [*base_rows, lora, *lemo]

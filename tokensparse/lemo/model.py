@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int
 from tokensparse import lora, routing, train
 from tokensparse.config import LeMoConfig
 from tokensparse.lemo import predictor, scoring
-from tokensparse.lemo.mlp import keep_channels, sparse_backward_mlp
+from tokensparse.lemo.mlp import keep_channels, recomputed_mlp, sparse_backward_mlp
 from tokensparse.llama import DecoderBlock, Llama, default_positions, shard_residual
 from tokensparse.sharding import route_shards
 
@@ -89,13 +89,18 @@ def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig,
                                  shards=route_shards(lemo.route_shards))
 
 
-def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *, mlp_keep: int):
+def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *, mlp_keep: int,
+               recompute_mlp: bool = False):
     """One decoder layer with LeMo's MLP backward; attention runs on ``selection`` (None: dense).
 
-    The caller picks the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any
-    remat region, so recomputation never re-scores."""
+    ``mlp_keep`` < I channels: the channel-sparse backward; ``recompute_mlp``: the exact backward
+    from the MLP's input alone (:func:`recomputed_mlp`); otherwise the ordinary MLP. The caller
+    picks the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any remat
+    region, so recomputation never re-scores."""
     h = checkpoint_name(h, "block_in")
     h, normed = block.attend_and_norm(h, positions, segment_ids, selection)
+    if recompute_mlp:
+        return block.feed_forward(h, normed, functools.partial(recomputed_mlp, block.mlp))
     if mlp_keep >= block.mlp.gate_proj.kernel.shape[1]:
         return block.feed_forward(h, normed)
     return block.feed_forward(h, normed, functools.partial(sparse_backward_mlp, block.mlp,
@@ -103,9 +108,18 @@ def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *
 
 
 def mlp_keep_channels(model: Llama, lemo: LeMoConfig) -> int:
-    """Channels the MLP backward keeps (all of them with ``mlp_mode="dense"``)."""
+    """Channels the MLP backward keeps: all of them unless ``mlp_mode="channel_sparse_bwd"``."""
     ffn_dim = model.config.ffn_dim
-    return ffn_dim if lemo.mlp_mode == "dense" else keep_channels(ffn_dim, lemo.mlp_drop)
+    if lemo.mlp_mode != "channel_sparse_bwd":
+        return ffn_dim
+    return keep_channels(ffn_dim, lemo.mlp_drop)
+
+
+def lemo_block_fn(model: Llama, lemo: LeMoConfig):
+    """:func:`lemo_block` with ``lemo``'s MLP backward bound: ``fn(block, h, positions,
+    segment_ids, selection)``."""
+    return functools.partial(lemo_block, mlp_keep=mlp_keep_channels(model, lemo),
+                             recompute_mlp=lemo.mlp_mode == "recompute")
 
 
 def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,
@@ -119,9 +133,8 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
         raise ValueError(f"selections has {len(selections)} entries; the model has {len(ratios)} "
                          "layers.")
     positions = default_positions(tokens) if positions is None else positions
-    mlp_keep = mlp_keep_channels(model, lemo)
     predictors = predictor.attached(model) if lemo.selector == "predictor" else None
-    run = model.rematerialised(functools.partial(lemo_block, mlp_keep=mlp_keep))
+    run = model.rematerialised(lemo_block_fn(model, lemo))
     h = shard_residual(model.embed(tokens))
     for i, (block, ratio) in enumerate(zip(model.layers, ratios, strict=True)):
         selection = None

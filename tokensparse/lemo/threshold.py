@@ -26,7 +26,7 @@ from jaxtyping import Array, Float
 from tokensparse import routing, train
 from tokensparse.config import LeMoConfig
 from tokensparse.lemo import scoring
-from tokensparse.lemo.model import check_lemo, lemo_block, mlp_keep_channels, oracle_block_scores
+from tokensparse.lemo.model import check_lemo, lemo_block_fn, oracle_block_scores
 from tokensparse.llama import Llama, default_positions
 
 
@@ -49,7 +49,7 @@ def _forward(model: Llama, batch, taus, lemo: LeMoConfig):
     tokens = batch.tokens
     positions = default_positions(tokens) if batch.positions is None else batch.positions
     opts = scoring.ScoreOptions(block_size=lemo.block_size)
-    mlp_keep = mlp_keep_channels(model, lemo)
+    run_block = lemo_block_fn(model, lemo)
     kept, means = [], []
 
     h = model.embed(tokens)
@@ -58,7 +58,7 @@ def _forward(model: Llama, batch, taus, lemo: LeMoConfig):
         selection = threshold_selection(scores, taus[i], lemo.block_size)
         kept.append(jnp.mean(selection.valid))
         means.append(jnp.mean(normalised_scores(scores)))
-        h = lemo_block(block, h, positions, batch.segment_ids, selection, mlp_keep=mlp_keep)
+        h = run_block(block, h, positions, batch.segment_ids, selection)
     hidden = model.final_norm(h)
     targets, weights = train.next_token_targets(tokens, batch.segment_ids)
     total = train.cross_entropy_sum(model.head(hidden), targets, weights)
