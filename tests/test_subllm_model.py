@@ -107,6 +107,9 @@ def test_config_validation():
         cfg.replace(balancer_statistic="median")
     with pytest.raises(ValueError, match="bypass_init"):
         cfg.replace(bypass_init=0.0)
+    for margin in (-0.01, 0.5):
+        with pytest.raises(ValueError, match="balancer_margin"):
+            cfg.replace(balancer_margin=margin)
     assert dense_twin(cfg).structure == "TTTTTT"
     assert subllm_preset("subllm-small").parsed.levels == (0,) * 3 + (1,) * 2 + (2,) * 2 + (1,) * 2 + (0,) * 3
 

@@ -554,3 +554,22 @@ def test_bypass_module_applies_limit_only_when_asked():
     np.testing.assert_allclose(grad(limit_active=True, step=30000), np.full(4, 3.0), rtol=1e-6)
     with pytest.raises(ValueError, match="step"):
         module(x, u, limit_active=True)
+
+
+def test_a_narrower_margin_acts_inside_the_spec_band():
+    """67% positive is inside the spec's band (keep 0.64 ± 0.05): the default margin leaves the
+    gradient alone; margin 0.01 (band [0.63, 0.65]) pushes the scores down, by the same 4% rescaled
+    correction; 64% is inside both."""
+    g = np.random.default_rng(5).standard_normal((1, 4000)).astype(np.float32)
+
+    def correction(s, margin):
+        fn = lambda x: balance(x, keep=KEEP, active=True, statistic="proportion", margin=margin)
+        return (np.asarray(jax.vjp(fn, jnp.asarray(s))[1](jnp.asarray(g))[0]) - g) / np.abs(g)
+
+    high = _skewed_scores(0.67)
+    assert float(positive_fraction(jnp.asarray(high))) == pytest.approx(0.67)
+    np.testing.assert_array_equal(correction(high, 0.05), 0.0)
+    pushed = correction(high, 0.01)
+    assert math.sqrt((pushed.astype(np.float64) ** 2).mean()) == pytest.approx(0.04, rel=1e-3)
+    assert np.mean(high - 3.0 * pushed > 0) < 0.67  # a descent step lowers the fraction
+    np.testing.assert_array_equal(correction(_skewed_scores(0.64), 0.01), 0.0)

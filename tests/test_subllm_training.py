@@ -61,21 +61,22 @@ def test_train_loss_uses_the_step_for_coins_and_schedules():
         training.eval_loss("train")
 
 
-def test_train_mode_passes_the_configured_balancer_statistic(monkeypatch):
+def test_train_mode_passes_the_configured_balancer_statistic_and_margin(monkeypatch):
     import tokensparse.subllm.model as model_module
 
     seen = []
 
     def recording_balance(scores, **kwargs):
-        seen.append(kwargs["statistic"])
+        seen.append((kwargs["statistic"], kwargs["margin"]))
         return balance(scores, **kwargs)
 
     monkeypatch.setattr(model_module, "balance", recording_balance)
     model = _model()
-    assert model.subllm_config.balancer_statistic == "mean_std"  # the spec's, by default
-    model.subllm_config = model.subllm_config.replace(balancer_statistic="proportion")
+    cfg = model.subllm_config
+    assert (cfg.balancer_statistic, cfg.balancer_margin) == ("mean_std", 0.05)  # the spec's, by default
+    model.subllm_config = cfg.replace(balancer_statistic="proportion", balancer_margin=0.01)
     nnx.jit(lambda m, b: training.train_loss()(m, b, 0)[0])(model, _batch())
-    assert seen == ["proportion"] * 2  # one call per subsampler
+    assert seen == [("proportion", 0.01)] * 2  # one call per subsampler
 
 
 def test_scorer_learning_rate_is_scaled():

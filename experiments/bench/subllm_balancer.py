@@ -2,8 +2,8 @@
 
     python -m experiments.bench.subllm_balancer --out bench_results/subllm_balancer.json \\
         [--preset=subllm-tiny --structure="T(T(T)T)" --steps=2000 --batch_size=64 --seq_len=128 \\
-         --lr=3e-4 --warmup_steps=200 --balancer_statistic=proportion --bypass_init=0.5 \\
-         --seeds=0,2 --every=50 --tail=1000]
+         --lr=3e-4 --warmup_steps=200 --balancer_statistic=proportion --balancer_margin=0.05 \\
+         --bypass_init=0.5 --seeds=0,2 --every=50 --tail=1000]
 
 Pretrains the SUBLLM from scratch on the corpus once per seed, exactly as
 :func:`tokensparse.runs.pretrain` would (:func:`tokensparse.runs.subllm_setup` with the
@@ -45,6 +45,9 @@ _LR = flags.DEFINE_float("lr", 3e-4, "Peak learning rate.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
 _STATISTIC = flags.DEFINE_string("balancer_statistic", "proportion",
                                  "SubLLMConfig.balancer_statistic: mean_std (the spec's) or proportion.")
+_MARGIN = flags.DEFINE_float("balancer_margin", 0.05, "SubLLMConfig.balancer_margin: the half-width of "
+                             "the band the Balancer acts on (the spec's 0.05). The summary always "
+                             "measures against the spec's band, keep ± 0.05.")
 _BYPASS_INIT = flags.DEFINE_float("bypass_init", 0.5, "SubLLMConfig.bypass_init (the spec's 0.5).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "2"], "Seeds (init, data order, coins), run one after another.")
 _EVERY = flags.DEFINE_integer("every", 50, "Record the statistics every this many steps.")
@@ -58,6 +61,7 @@ _checks.at_least(_WARMUP, 0)
 _checks.in_range(_LR, 0.0, float("inf"))
 _checks.one_of(_PRESET, subllm_preset_names())
 _checks.one_of(_STATISTIC, STATISTICS)
+flags.register_validator(_MARGIN, lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5).")
 flags.register_validator(_BYPASS_INIT, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
 flags.register_validator(_SEEDS, lambda v: bool(v) and all(s.strip().isdigit() for s in v),
                          "must be a non-empty list of non-negative integers.")
@@ -67,8 +71,8 @@ def settings() -> dict:
     return {"preset": _PRESET.value, "structure": _STRUCTURE.value, "steps": _STEPS.value,
             "batch_size": _BATCH.value, "seq_len": _SEQ_LEN.value, "lr": _LR.value,
             "warmup_steps": _WARMUP.value, "balancer_statistic": _STATISTIC.value,
-            "bypass_init": _BYPASS_INIT.value, "seeds": [int(s) for s in _SEEDS.value],
-            "every": _EVERY.value, "tail": _TAIL.value}
+            "balancer_margin": _MARGIN.value, "bypass_init": _BYPASS_INIT.value,
+            "seeds": [int(s) for s in _SEEDS.value], "every": _EVERY.value, "tail": _TAIL.value}
 
 
 def config(seed: int):
@@ -79,7 +83,8 @@ def config(seed: int):
         structure["structure"] = _STRUCTURE.value
         overrides["n_layers"] = _STRUCTURE.value.count("T")
     c.subllm = runs.subllm_config_dict(_PRESET.value, balancer_statistic=_STATISTIC.value,
-                                       bypass_init=_BYPASS_INIT.value, overrides=overrides, **structure)
+                                       balancer_margin=_MARGIN.value, bypass_init=_BYPASS_INIT.value,
+                                       overrides=overrides, **structure)
     c.train.steps, c.train.batch_size, c.train.seq_len = _STEPS.value, _BATCH.value, _SEQ_LEN.value
     c.train.lr, c.train.warmup_steps, c.train.seed = _LR.value, _WARMUP.value, seed
     return c

@@ -145,6 +145,7 @@ class SubLLM(Llama):
             sel, w = routing.per_shard(train_select, scores, k, shards, valid, discard_penalty=False)
         elif mode == "train":
             scores = balance(scores, keep=op.keep, valid=valid, statistic=cfg.balancer_statistic,
+                             margin=cfg.balancer_margin,
                              active=coin(jax.random.fold_in(key, 0), balancer_prob(step)))
             k = routing.capacity(n_in, op.keep, multiple=cfg.capacity_multiple)
             flip = coin(jax.random.fold_in(key, 1), 0.5) if cfg.discard_penalty else None

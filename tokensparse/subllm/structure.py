@@ -134,8 +134,10 @@ class SubLLMConfig:
     pieces (0: the mesh's ``seq`` axis, i.e. global top-k on one device); see ``routing.per_shard``.
     ``balancer_statistic`` is what switches the Balancer's location term: ``"mean_std"`` (the spec's
     Gaussian μ/σ band) or ``"proportion"`` (the measured fraction of positive scores; see
-    :func:`tokensparse.subllm.balancer.balancer_penalty`). ``bypass_init`` is every bypass scale's
-    initial c (the spec's 0.5; 0.9 starts where the c_min schedule begins).
+    :func:`tokensparse.subllm.balancer.balancer_penalty`). ``balancer_margin`` is the half-width of
+    the band the Balancer acts on, keep ± margin (the spec's 0.05); a narrower one aims inside the
+    spec's band, so that the fluctuations around where it holds stay in it. ``bypass_init`` is every
+    bypass scale's initial c (the spec's 0.5; 0.9 starts where the c_min schedule begins).
     """
 
     model: ModelConfig
@@ -148,6 +150,7 @@ class SubLLMConfig:
     level_positions: str = "composed"
     route_shards: int = 0
     balancer_statistic: str = "mean_std"
+    balancer_margin: float = 0.05
     bypass_init: float = 0.5
 
     def __post_init__(self):
@@ -169,6 +172,8 @@ class SubLLMConfig:
                              ">= 0 (0 follows the mesh's seq axis).")
         if not 0.0 < self.bypass_init <= 1.0:
             raise ValueError(f"SubLLMConfig.bypass_init={self.bypass_init} must be in (0, 1].")
+        if not 0.0 <= self.balancer_margin < 0.5:
+            raise ValueError(f"SubLLMConfig.balancer_margin={self.balancer_margin} must be in [0, 0.5).")
         if self.balancer_statistic not in STATISTICS:
             raise ValueError(f"SubLLMConfig.balancer_statistic={self.balancer_statistic!r} must be one "
                              f"of {STATISTICS}.")
