@@ -31,7 +31,6 @@ from tokensparse import data, lora, runs, train
 from tokensparse.config import LeMoConfig, LoRAConfig
 from tokensparse.lemo import mlp as lemo_mlp
 from tokensparse.lemo.model import lemo_loss
-from tokensparse.llama import default_positions
 
 
 def _randomised_lora(model, seed: int):
@@ -67,24 +66,27 @@ def _per_token_swiglu(keep: int):
 
 
 def _per_token_loss(model, batch, keep: int):
-    """The dense LoRA loss with every MLP's backward replaced by :func:`_per_token_swiglu`."""
+    """The dense LoRA loss (:func:`train.lm_loss`) with every MLP's backward replaced by
+    :func:`_per_token_swiglu`."""
     swiglu = _per_token_swiglu(keep)
-    tokens = batch.tokens
-    positions = default_positions(tokens)
-    h = model.embed(tokens)
-    for block in model.layers:
-        h, normed = block.attend_and_norm(h, positions)
-        m = block.mlp
-        weights = [p.kernel[...] for p in (m.gate_proj, m.up_proj, m.down_proj)]
-        h = block.feed_forward(h, normed, lambda u, w=weights: swiglu(u, *w))
-    targets, weights = train.next_token_targets(tokens, None)
-    logits = model.head(model.final_norm(h))
-    return train.cross_entropy_sum(logits, targets, weights) / weights.sum()
+
+    def hidden(model, tokens, positions, segment_ids):
+        h = model.embed(tokens)
+        for block in model.layers:
+            h, normed = block.attend_and_norm(h, positions, segment_ids)
+            m = block.mlp
+            weights = [p.kernel[...] for p in (m.gate_proj, m.up_proj, m.down_proj)]
+            h = block.feed_forward(h, normed, lambda u, w=weights: swiglu(u, *w))
+        return model.final_norm(h)
+
+    return train.lm_loss(model, batch, hidden_fn=hidden)[0]
 
 
-def _lora_grads(loss_fn, model, batch) -> list[np.ndarray]:
-    grad = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, lora.LoRAParam)))(model, batch)
-    return [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(grad)]
+def _lora_grad_fn(loss_fn):
+    """A compiled ``(model, batch) -> LoRA gradients as flat float64 arrays`` (one compile)."""
+    grad = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, lora.LoRAParam)))
+    return lambda model, batch: [np.asarray(x, np.float64).ravel()
+                                 for x in jax.tree.leaves(grad(model, batch))]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,15 +140,15 @@ def main() -> None:
     tokenizer = tokenizer or data.get_tokenizer(corpus, config.vocab_size)
     windows = data.WindowBatches(data.encode_documents(tokenizer, corpus.train), batch_size=1,
                                  seq_len=args.seq_len, seed=args.seed + 1)
-    exact_mode = functools.partial(_lemo_loss, lemo=LeMoConfig(keep_ratio=1.0, schedule="all",
-                                                                mlp_mode="dense"))
+    exact_grads = _lora_grad_fn(functools.partial(
+        _lemo_loss, lemo=LeMoConfig(keep_ratio=1.0, schedule="all", mlp_mode="dense")))
+    grad_fns = {name: _lora_grad_fn(fn) for name, fn in variants(drops, config.ffn_dim).items()}
     results: dict[str, list[dict]] = {}
     for w in range(args.windows):
         batch = windows.batch(w)
-        exact = _lora_grads(exact_mode, model, batch)
-        for name, loss_fn in variants(drops, config.ffn_dim).items():
-            results.setdefault(name, []).append(compare(exact, _lora_grads(loss_fn, model, batch),
-                                                        config.n_layers))
+        exact = exact_grads(model, batch)
+        for name, grads in grad_fns.items():
+            results.setdefault(name, []).append(compare(exact, grads(model, batch), config.n_layers))
     summary = {name: {"cosine": float(np.mean([r["cosine"] for r in rows])),
                       "norm_ratio": float(np.mean([r["norm_ratio"] for r in rows])),
                       "layer_cosine": np.mean([r["layer_cosine"] for r in rows], 0).round(4).tolist()}

@@ -122,7 +122,7 @@ def test_sparse_layer_equals_masked_dense_layer_and_passes_eliminated_tokens(mod
     sel = nnx.jit(lambda b, x: lemo_model.layer_selection(b, b.input_norm(x), 0.4, lemo))(block, x)
     kept = _kept_mask(sel)
     assert kept.sum(1).tolist() == [int(0.4 * T / BLOCK) * BLOCK] * B
-    run = nnx.jit(lambda b, x: lemo_model.lemo_block(b, x, pos, seg, sel, mlp_keep=CONFIG.ffn_dim))
+    run = nnx.jit(lambda b, x: lemo_model.lemo_block(b, x, pos, seg, sel))
     masked = nnx.jit(lambda b, x: b.feed_forward(b.attend(x, pos, jnp.where(kept, seg, -1))))
     np.testing.assert_allclose(run(block, x), masked(block, x), atol=1e-5)
     after_attention = nnx.jit(lambda b, x: b.attend(x, pos, seg, sel))(block, x)

@@ -297,8 +297,7 @@ def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s:
     keys = ("val_loss", "val_ppl", "val_tokens", "val_sparse_loss", "val_sparse_ppl", "train_loss",
             "tokens_per_s")
     return {"method": method, "mlp_drop": mlp_drop, "mlp_mode": mlp_mode, "selector": selector,
-            "steps": steps,
-            "seq_len": seq_len, **{k: summary.get(k) for k in keys}, "wall_s": wall_s}
+            "steps": steps, "seq_len": seq_len, **{k: summary.get(k) for k in keys}, "wall_s": wall_s}
 
 
 def run_name(method: str, mlp_drop: float | None, predictors: str = "",

@@ -89,22 +89,23 @@ def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig,
                                  shards=route_shards(lemo.route_shards))
 
 
-def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *, mlp_keep: int,
-               recompute_mlp: bool = False):
+def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *,
+               mlp_mode: str = "dense", mlp_keep: int | None = None):
     """One decoder layer with LeMo's MLP backward; attention runs on ``selection`` (None: dense).
 
-    ``mlp_keep`` < I channels: the channel-sparse backward; ``recompute_mlp``: the exact backward
-    from the MLP's input alone (:func:`recomputed_mlp`); otherwise the ordinary MLP. The caller
-    picks the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any remat
-    region, so recomputation never re-scores."""
+    ``mlp_mode`` (``LeMoConfig.mlp_mode``): ``"channel_sparse_bwd"`` keeps ``mlp_keep`` channels
+    in the backward (all I of them: the ordinary MLP); ``"recompute"`` is the exact backward from
+    the MLP's input alone (:func:`recomputed_mlp`); ``"dense"`` the ordinary MLP. The caller picks
+    the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any remat region, so
+    recomputation never re-scores."""
     h = checkpoint_name(h, "block_in")
     h, normed = block.attend_and_norm(h, positions, segment_ids, selection)
-    if recompute_mlp:
+    if mlp_mode == "recompute":
         return block.feed_forward(h, normed, functools.partial(recomputed_mlp, block.mlp))
-    if mlp_keep >= block.mlp.gate_proj.kernel.shape[1]:
-        return block.feed_forward(h, normed)
-    return block.feed_forward(h, normed, functools.partial(sparse_backward_mlp, block.mlp,
-                                                           keep=mlp_keep))
+    if mlp_mode == "channel_sparse_bwd" and mlp_keep < block.mlp.gate_proj.kernel.shape[1]:
+        return block.feed_forward(h, normed, functools.partial(sparse_backward_mlp, block.mlp,
+                                                               keep=mlp_keep))
+    return block.feed_forward(h, normed)
 
 
 def mlp_keep_channels(model: Llama, lemo: LeMoConfig) -> int:
@@ -118,8 +119,8 @@ def mlp_keep_channels(model: Llama, lemo: LeMoConfig) -> int:
 def lemo_block_fn(model: Llama, lemo: LeMoConfig):
     """:func:`lemo_block` with ``lemo``'s MLP backward bound: ``fn(block, h, positions,
     segment_ids, selection)``."""
-    return functools.partial(lemo_block, mlp_keep=mlp_keep_channels(model, lemo),
-                             recompute_mlp=lemo.mlp_mode == "recompute")
+    return functools.partial(lemo_block, mlp_mode=lemo.mlp_mode,
+                             mlp_keep=mlp_keep_channels(model, lemo))
 
 
 def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,

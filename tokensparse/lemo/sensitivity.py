@@ -29,8 +29,6 @@ from tokensparse.config import LeMoConfig
 from tokensparse.lemo.model import check_lemo, layer_selection, lemo_block, lemo_loss
 from tokensparse.llama import Llama, default_positions
 
-_EXACT_MLP = 2**31 - 1  # lemo_block's channel count meaning "the dense MLP" (forwards are exact)
-
 
 def _mean_loss(model: Llama, h, tokens, segment_ids):
     targets, weights = train.next_token_targets(tokens, segment_ids)
@@ -52,12 +50,12 @@ def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> n
 
     @nnx.jit
     def dense(block, h, positions, segment_ids):
-        return lemo_block(block, h, positions, segment_ids, None, mlp_keep=_EXACT_MLP)
+        return lemo_block(block, h, positions, segment_ids, None)  # the dense MLP: forwards are exact
 
     @nnx.jit
     def sparse(block, h, positions, segment_ids):
         selection = layer_selection(block, block.input_norm(h), keep_ratio, lemo)
-        return lemo_block(block, h, positions, segment_ids, selection, mlp_keep=_EXACT_MLP)
+        return lemo_block(block, h, positions, segment_ids, selection)
 
     loss = nnx.jit(_mean_loss)
     n_layers = len(model.layers)
