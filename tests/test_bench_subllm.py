@@ -56,7 +56,8 @@ def test_subllm_quality_smoke(tmp_path):
 def test_subllm_balancer_smoke(tmp_path):
     result, stdout = _bench("subllm_balancer", tmp_path / "b.json", "--steps=3", "--batch_size=2",
                             "--seq_len=32", "--every=1", "--tail=2", "--seeds=0,1", "--bypass_init=0.9",
-                            "--balancer_margin=0.02")
+                            "--balancer_margin=0.02", "--balancer_start_scale=0.5",
+                            "--balancer_start_steps=2")
     rows = result["rows"]
     assert [(r["seed"], r["step"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     for row in rows:
@@ -75,4 +76,6 @@ def test_subllm_balancer_smoke(tmp_path):
         assert summary[f"in_band_{j}"] == (summary[f"distance_from_band_{j}"] == 0.0)
     assert result["settings"]["balancer_statistic"] == "proportion" and "level 2" in stdout
     assert result["settings"]["balancer_margin"] == 0.02  # the band measured stays the spec's
+    settings = result["settings"]
+    assert (settings["balancer_start_scale"], settings["balancer_start_steps"]) == (0.5, 2)
     assert rows[0]["positive_fraction_0"] != rows[3]["positive_fraction_0"]  # the seed is used

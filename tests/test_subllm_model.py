@@ -110,6 +110,12 @@ def test_config_validation():
     for margin in (-0.01, 0.5):
         with pytest.raises(ValueError, match="balancer_margin"):
             cfg.replace(balancer_margin=margin)
+    for scale in (0.0, 11.0):
+        with pytest.raises(ValueError, match="balancer_start_scale"):
+            cfg.replace(balancer_start_scale=scale)
+    for steps in (-1, 2.5):
+        with pytest.raises(ValueError, match="balancer_start_steps"):
+            cfg.replace(balancer_start_steps=steps)
     assert dense_twin(cfg).structure == "TTTTTT"
     assert subllm_preset("subllm-small").parsed.levels == (0,) * 3 + (1,) * 2 + (2,) * 2 + (1,) * 2 + (0,) * 3
 

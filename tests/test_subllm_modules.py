@@ -21,6 +21,7 @@ from tokensparse.subllm import (
     balance,
     balancer_bands,
     balancer_correction,
+    balancer_grad_scale,
     balancer_penalty,
     balancer_prob,
     balancer_stats,
@@ -195,6 +196,32 @@ def test_balancer_uses_valid_tokens_of_whole_batch_only():
     np.testing.assert_array_equal(out[~valid], g[~valid])
     correction = (out[valid] - g[valid]) / np.abs(g[valid])
     np.testing.assert_allclose(correction, _np_correction(s[valid]), rtol=2e-3, atol=2e-6)
+
+
+def test_balancer_grad_scale_start_schedule():
+    """The spec's 0.04 throughout by default; with a start, linear from it to 0.04, then constant."""
+    for step in (0, 500, 10**6):
+        assert float(balancer_grad_scale(step)) == pytest.approx(0.04)
+        assert float(balancer_grad_scale(step, 1.0, 0)) == pytest.approx(0.04)  # no start steps: off
+    for step, scale in [(0, 1.0), (200, 0.52), (400, 0.04), (401, 0.04), (5000, 0.04)]:
+        assert float(jax.jit(balancer_grad_scale, static_argnums=(1, 2))(jnp.int32(step), 1.0, 400)) \
+            == pytest.approx(scale, abs=1e-6)
+
+
+def test_balancer_with_a_traced_grad_scale():
+    """A traced grad_scale gives the correction of that size: g ← g + |g| ⊙ g_b, rms(g_b) = scale."""
+    s = jnp.asarray(_scores_with(-0.5, 2.5))
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(s.shape).astype(np.float32))
+
+    @jax.jit
+    def grad(s, scale):
+        return jax.vjp(lambda x: balance(x, keep=KEEP, active=True, grad_scale=scale), s)[1](g)[0]
+
+    for scale in (0.04, 0.8):
+        expected = g + jnp.abs(g) * balancer_correction(s, None, BANDS, scale)
+        np.testing.assert_allclose(grad(s, jnp.float32(scale)), expected, rtol=1e-5, atol=1e-7)
+    g_b = (grad(s, jnp.float32(0.8)) - g) / jnp.abs(g)
+    assert float(jnp.sqrt(jnp.mean(g_b**2))) == pytest.approx(0.8, rel=1e-3)
 
 
 def test_balancer_under_jit_with_traced_coin():

@@ -61,22 +61,30 @@ def test_train_loss_uses_the_step_for_coins_and_schedules():
         training.eval_loss("train")
 
 
-def test_train_mode_passes_the_configured_balancer_statistic_and_margin(monkeypatch):
+def test_train_mode_passes_the_configured_balancer_statistic_margin_and_grad_scale(monkeypatch):
     import tokensparse.subllm.model as model_module
 
     seen = []
 
     def recording_balance(scores, **kwargs):
-        seen.append((kwargs["statistic"], kwargs["margin"]))
+        seen.append((kwargs["statistic"], kwargs["margin"], kwargs["grad_scale"]))
         return balance(scores, **kwargs)
+
+    def scales(model, step):
+        seen.clear()
+        training.train_loss()(model, _batch(), step)
+        return [(stat, margin, round(float(scale), 6)) for stat, margin, scale in seen]
 
     monkeypatch.setattr(model_module, "balance", recording_balance)
     model = _model()
     cfg = model.subllm_config
     assert (cfg.balancer_statistic, cfg.balancer_margin) == ("mean_std", 0.05)  # the spec's, by default
-    model.subllm_config = cfg.replace(balancer_statistic="proportion", balancer_margin=0.01)
-    nnx.jit(lambda m, b: training.train_loss()(m, b, 0)[0])(model, _batch())
-    assert seen == [("proportion", 0.01)] * 2  # one call per subsampler
+    assert scales(model, 0) == [("mean_std", 0.05, 0.04)] * 2  # one call per subsampler
+    model.subllm_config = cfg.replace(balancer_statistic="proportion", balancer_margin=0.01,
+                                      balancer_start_scale=0.5, balancer_start_steps=100)
+    assert scales(model, 0) == [("proportion", 0.01, 0.5)] * 2
+    assert scales(model, 50) == [("proportion", 0.01, 0.27)] * 2
+    assert scales(model, 100) == [("proportion", 0.01, 0.04)] * 2
 
 
 def test_scorer_learning_rate_is_scaled():

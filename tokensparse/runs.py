@@ -209,7 +209,8 @@ def subllm_config_dict(preset_name: str = "subllm-small", **changes: Any) -> con
               "level_keep": [] if isinstance(base.keep, float) else list(base.keep),
               "route_shards": base.route_shards, "balancer_statistic": base.balancer_statistic,
               "balancer_margin": base.balancer_margin, "bypass_init": base.bypass_init,
-              "scorer_lr_scale": 0.5,
+              "balancer_start_scale": base.balancer_start_scale,
+              "balancer_start_steps": base.balancer_start_steps, "scorer_lr_scale": 0.5,
               "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
     overrides = changes.pop("overrides", {})
     unknown = set(changes) - set(values)
@@ -320,7 +321,8 @@ def subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) ->
         "keep": config.keep if isinstance(config.keep, float) else list(config.keep),
         "route_shards": config.route_shards, "balancer_statistic": config.balancer_statistic,
         "balancer_margin": config.balancer_margin, "bypass_init": config.bypass_init,
-        "discard_penalty": config.discard_penalty,
+        "balancer_start_scale": config.balancer_start_scale,
+        "balancer_start_steps": config.balancer_start_steps, "discard_penalty": config.discard_penalty,
         "infer_threshold": config.infer_threshold,
         "infer_capacity": config.infer_capacity, "level_positions": config.level_positions}}
     return PretrainSetup(model, config.model, metadata, tx, loss_fn, True, evals)

@@ -48,6 +48,10 @@ _STATISTIC = flags.DEFINE_string("balancer_statistic", "proportion",
 _MARGIN = flags.DEFINE_float("balancer_margin", 0.05, "SubLLMConfig.balancer_margin: the half-width of "
                              "the band the Balancer acts on (the spec's 0.05). The summary always "
                              "measures against the spec's band, keep ± 0.05.")
+_START_SCALE = flags.DEFINE_float("balancer_start_scale", 0.04, "SubLLMConfig.balancer_start_scale: "
+                                  "the Balancer's grad_scale at step 0 (the spec's 0.04 throughout).")
+_START_STEPS = flags.DEFINE_integer("balancer_start_steps", 0, "SubLLMConfig.balancer_start_steps: "
+                                    "grad_scale falls linearly to 0.04 by this step (0: no start).")
 _BYPASS_INIT = flags.DEFINE_float("bypass_init", 0.5, "SubLLMConfig.bypass_init (the spec's 0.5).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "2"], "Seeds (init, data order, coins), run one after another.")
 _EVERY = flags.DEFINE_integer("every", 50, "Record the statistics every this many steps.")
@@ -62,6 +66,8 @@ _checks.in_range(_LR, 0.0, float("inf"))
 _checks.one_of(_PRESET, subllm_preset_names())
 _checks.one_of(_STATISTIC, STATISTICS)
 flags.register_validator(_MARGIN, lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5).")
+flags.register_validator(_START_SCALE, lambda v: 0.0 < v <= 10.0, "must be in (0, 10].")
+_checks.at_least(_START_STEPS, 0)
 flags.register_validator(_BYPASS_INIT, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
 flags.register_validator(_SEEDS, lambda v: bool(v) and all(s.strip().isdigit() for s in v),
                          "must be a non-empty list of non-negative integers.")
@@ -72,6 +78,7 @@ def settings() -> dict:
             "batch_size": _BATCH.value, "seq_len": _SEQ_LEN.value, "lr": _LR.value,
             "warmup_steps": _WARMUP.value, "balancer_statistic": _STATISTIC.value,
             "balancer_margin": _MARGIN.value, "bypass_init": _BYPASS_INIT.value,
+            "balancer_start_scale": _START_SCALE.value, "balancer_start_steps": _START_STEPS.value,
             "seeds": [int(s) for s in _SEEDS.value], "every": _EVERY.value, "tail": _TAIL.value}
 
 
@@ -84,6 +91,8 @@ def config(seed: int):
         overrides["n_layers"] = _STRUCTURE.value.count("T")
     c.subllm = runs.subllm_config_dict(_PRESET.value, balancer_statistic=_STATISTIC.value,
                                        balancer_margin=_MARGIN.value, bypass_init=_BYPASS_INIT.value,
+                                       balancer_start_scale=_START_SCALE.value,
+                                       balancer_start_steps=_START_STEPS.value,
                                        overrides=overrides, **structure)
     c.train.steps, c.train.batch_size, c.train.seq_len = _STEPS.value, _BATCH.value, _SEQ_LEN.value
     c.train.lr, c.train.warmup_steps, c.train.seed = _LR.value, _WARMUP.value, seed

@@ -162,23 +162,23 @@ def balancer_correction(
     return jnp.where(nonzero, grad * (grad_scale / jnp.where(nonzero, rms, 1.0)), 0.0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _balance(scores, valid, active, bands, grad_scale, statistic):
-    del valid, active, bands, grad_scale, statistic
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _balance(scores, valid, active, grad_scale, bands, statistic):
+    del valid, active, grad_scale, bands, statistic
     return scores
 
 
-def _balance_fwd(scores, valid, active, bands, grad_scale, statistic):
-    del bands, grad_scale, statistic
-    return scores, (scores, valid, active)
+def _balance_fwd(scores, valid, active, grad_scale, bands, statistic):
+    del bands, statistic
+    return scores, (scores, valid, active, grad_scale)
 
 
-def _balance_bwd(bands, grad_scale, statistic, residuals, g):
-    scores, valid, active = residuals
+def _balance_bwd(bands, statistic, residuals, g):
+    scores, valid, active, grad_scale = residuals
     g_b = balancer_correction(scores, valid, bands, grad_scale, statistic)
     g32 = g.astype(jnp.float32)
     corrected = (g32 + jnp.abs(g32) * g_b).astype(g.dtype)
-    return jnp.where(active & valid, corrected, g), None, None
+    return jnp.where(active & valid, corrected, g), None, None, jnp.zeros_like(grad_scale)
 
 
 _balance.defvjp(_balance_fwd, _balance_bwd)
@@ -190,7 +190,7 @@ def balance(
     keep: float,
     active: bool | Bool[Array, ""],
     valid: Bool[Array, "b n"] | None = None,
-    grad_scale: float = GRAD_SCALE,
+    grad_scale: float | Float[Array, ""] = GRAD_SCALE,
     margin: float = 0.05,
     min_abs: float = 1.0,
     max_abs: float = 4.0,
@@ -202,7 +202,9 @@ def balance(
     :func:`~tokensparse.subllm.modules.balancer_prob` of the step); a traced bool is fine. Statistics are
     taken over the valid tokens of the whole batch; invalid tokens' gradients pass unchanged.
     ``statistic``: ``"mean_std"`` (the spec's) or ``"proportion"`` (see :func:`balancer_penalty`).
+    ``grad_scale`` (the rms of g_b; the spec's 0.04) may be traced, e.g. a schedule of the step
+    (:func:`~tokensparse.subllm.modules.balancer_grad_scale`).
     """
     bands = balancer_bands(keep, margin=margin, min_abs=min_abs, max_abs=max_abs)
-    return _balance(scores, _valid_mask(scores, valid), jnp.asarray(active, bool), bands, float(grad_scale),
-                    _check_statistic(statistic))
+    return _balance(scores, _valid_mask(scores, valid), jnp.asarray(active, bool),
+                    jnp.asarray(grad_scale, jnp.float32), bands, _check_statistic(statistic))

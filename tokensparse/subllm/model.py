@@ -24,6 +24,7 @@ from tokensparse.subllm.modules import (
     BYPASS_LIMIT_PROB,
     Bypass,
     Scorer,
+    balancer_grad_scale,
     balancer_prob,
     coin,
     infer_select,
@@ -146,6 +147,8 @@ class SubLLM(Llama):
         elif mode == "train":
             scores = balance(scores, keep=op.keep, valid=valid, statistic=cfg.balancer_statistic,
                              margin=cfg.balancer_margin,
+                             grad_scale=balancer_grad_scale(step, cfg.balancer_start_scale,
+                                                            cfg.balancer_start_steps),
                              active=coin(jax.random.fold_in(key, 0), balancer_prob(step)))
             k = routing.capacity(n_in, op.keep, multiple=cfg.capacity_multiple)
             flip = coin(jax.random.fold_in(key, 1), 0.5) if cfg.discard_penalty else None

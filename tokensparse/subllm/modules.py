@@ -22,6 +22,7 @@ from jaxtyping import Array, Bool, Float
 
 from tokensparse import routing
 from tokensparse.routing import Selection
+from tokensparse.subllm.balancer import GRAD_SCALE
 
 BALANCER_PROB_POINTS = ((0.0, 1.0), (8000.0, 0.25))
 BYPASS_MIN_POINTS = ((0.0, 0.9), (20000.0, 0.2))
@@ -46,6 +47,18 @@ def piecewise_linear(step, points: Sequence[tuple[float, float]]) -> Float[Array
 def balancer_prob(step) -> Float[Array, ""]:
     """Probability that a Balancer call is active: 1.0 at step 0 → 0.25 at step 8000, then constant."""
     return piecewise_linear(step, BALANCER_PROB_POINTS)
+
+
+def balancer_grad_scale(step, start: float = GRAD_SCALE, steps: int = 0) -> Float[Array, ""]:
+    """The Balancer's grad_scale: ``start`` at step 0 → the spec's 0.04 at ``steps``, then constant.
+
+    Not the spec's (its grad_scale is 0.04 throughout, the default here: ``steps`` = 0). Early in
+    training the loss pushes a level's scores one way with 50–70% of |g| (docs/subllm.md), far beyond
+    the reach of a 4% nudge; a larger ``start`` lets the Balancer hold the band through that phase.
+    """
+    if steps <= 0:
+        return jnp.asarray(GRAD_SCALE, jnp.float32)
+    return piecewise_linear(step, ((0, start), (steps, GRAD_SCALE)))
 
 
 def bypass_min(step) -> Float[Array, ""]:

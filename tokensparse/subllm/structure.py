@@ -138,6 +138,9 @@ class SubLLMConfig:
     the band the Balancer acts on, keep ± margin (the spec's 0.05); a narrower one aims inside the
     spec's band, so that the fluctuations around where it holds stay in it. ``bypass_init`` is every
     bypass scale's initial c (the spec's 0.5; 0.9 starts where the c_min schedule begins).
+    ``balancer_start_scale`` / ``balancer_start_steps``: the Balancer's grad_scale starts at this and
+    falls linearly to the spec's 0.04 by that step (0 steps, the default: 0.04 throughout, the spec's);
+    see :func:`tokensparse.subllm.modules.balancer_grad_scale`.
     """
 
     model: ModelConfig
@@ -152,6 +155,8 @@ class SubLLMConfig:
     balancer_statistic: str = "mean_std"
     balancer_margin: float = 0.05
     bypass_init: float = 0.5
+    balancer_start_scale: float = 0.04
+    balancer_start_steps: int = 0
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
@@ -174,6 +179,12 @@ class SubLLMConfig:
             raise ValueError(f"SubLLMConfig.bypass_init={self.bypass_init} must be in (0, 1].")
         if not 0.0 <= self.balancer_margin < 0.5:
             raise ValueError(f"SubLLMConfig.balancer_margin={self.balancer_margin} must be in [0, 0.5).")
+        if not 0.0 < self.balancer_start_scale <= 10.0:
+            raise ValueError(f"SubLLMConfig.balancer_start_scale={self.balancer_start_scale} must be in "
+                             "(0, 10].")
+        if not (isinstance(self.balancer_start_steps, int) and self.balancer_start_steps >= 0):
+            raise ValueError(f"SubLLMConfig.balancer_start_steps={self.balancer_start_steps!r} must be "
+                             "an integer >= 0.")
         if self.balancer_statistic not in STATISTICS:
             raise ValueError(f"SubLLMConfig.balancer_statistic={self.balancer_statistic!r} must be one "
                              f"of {STATISTICS}.")
