@@ -54,7 +54,9 @@ def balancer_grad_scale(step, start: float = GRAD_SCALE, steps: int = 0) -> Floa
 
     Not the spec's (its grad_scale is 0.04 throughout, the default here: ``steps`` = 0). Early in
     training the loss pushes a level's scores one way with 50–70% of |g| (docs/subllm.md), far beyond
-    the reach of a 4% nudge; a larger ``start`` lets the Balancer hold the band through that phase.
+    the reach of a 4% nudge. Measured: a start of 1.0 over 400 steps keeps levels from shutting and
+    holds the band from about step 300 on, but not in the first ~250 steps, and larger starts do
+    no better there.
     """
     if steps <= 0:
         return jnp.asarray(GRAD_SCALE, jnp.float32)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from tokensparse.config import ModelConfig, preset
-from tokensparse.subllm.balancer import STATISTICS
+from tokensparse.subllm.balancer import GRAD_SCALE, STATISTICS
 
 LEVEL_POSITIONS = ("composed", "parent")
 
@@ -155,7 +155,7 @@ class SubLLMConfig:
     balancer_statistic: str = "mean_std"
     balancer_margin: float = 0.05
     bypass_init: float = 0.5
-    balancer_start_scale: float = 0.04
+    balancer_start_scale: float = GRAD_SCALE
     balancer_start_steps: int = 0
 
     def __post_init__(self):
