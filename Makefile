@@ -26,7 +26,7 @@ demo: $(STAMP)  ## seconds: random tiny Llama, forward + LoRA steps, compiled me
 
 test: $(STAMP)  ## lint + the whole test suite (CPU)
 	$(BIN)/ruff check .
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

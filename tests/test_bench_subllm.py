@@ -45,19 +45,22 @@ def test_subllm_quality_smoke(tmp_path):
     options, _ = _bench("subllm_quality", tmp_path / "q3.json", "--preset=subllm-tiny", "--steps=2",
                         "--seq_len=64", "--batch_size=2", "--eval_batches=1",
                         f"--workdir={tmp_path / 'runs'}", "--balancer_statistic=proportion",
-                        "--bypass_init=0.9")
+                        "--bypass_init=0.9", "--balancer_margin=0.02", "--balancer_start_scale=0.5",
+                        "--balancer_start_steps=1")
     assert options["rows"][0]["val_loss"] == dense["val_loss"]  # the dense twin's run is shared
-    assert options["settings"]["balancer_statistic"] == "proportion"
+    settings = options["settings"]
+    assert (settings["balancer_statistic"], settings["balancer_margin"]) == ("proportion", 0.02)
+    assert (settings["balancer_start_scale"], settings["balancer_start_steps"]) == (0.5, 1)
     assert abs(options["summary"]["subllm_bypass_c_0"] - 0.9) < 0.01
     assert abs(summary["subllm_bypass_c_0"] - 0.5) < 0.01
-    assert (tmp_path / "runs" / "subllm-proportion-c0.9" / "summary.json").exists()
+    assert (tmp_path / "runs" / "subllm-proportion-c0.9-m0.02-s0.5x1" / "summary.json").exists()
 
 
 def test_subllm_balancer_smoke(tmp_path):
     result, stdout = _bench("subllm_balancer", tmp_path / "b.json", "--steps=3", "--batch_size=2",
                             "--seq_len=32", "--every=1", "--tail=2", "--seeds=0,1", "--bypass_init=0.9",
                             "--balancer_margin=0.02", "--balancer_start_scale=0.5",
-                            "--balancer_start_steps=2")
+                            "--balancer_start_steps=2", "--decompose")
     rows = result["rows"]
     assert [(r["seed"], r["step"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     for row in rows:
@@ -78,4 +81,15 @@ def test_subllm_balancer_smoke(tmp_path):
     assert result["settings"]["balancer_margin"] == 0.02  # the band measured stays the spec's
     settings = result["settings"]
     assert (settings["balancer_start_scale"], settings["balancer_start_steps"]) == (0.5, 2)
+    # --decompose: the first record has nothing to compare with; the warm-up's step 0 has lr 0, so
+    # the weight put back at step 1 is the weight itself; step 1 moved it, so at step 2 the swap
+    # changes the scores. Level 2's statistics also move with its input (level 1's routing).
+    first, second, third = rows[:3]
+    assert "probe_positive_fraction_0" in first and "probe_old_w_mean_std_0" not in first
+    for j in (0, 1):
+        assert second[f"scorer_w_change_{j}"] == 0.0
+        assert second[f"probe_old_w_mean_std_{j}"] == second[f"probe_mean_std_{j}"]
+        assert third[f"scorer_w_change_{j}"] > 0.0
+        assert third[f"probe_old_w_mean_std_{j}"] != third[f"probe_mean_std_{j}"]
+        assert third[f"scorer_w_norm_{j}"] > 0.0
     assert rows[0]["positive_fraction_0"] != rows[3]["positive_fraction_0"]  # the seed is used

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import time
 
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
 
 from experiments import _checks
-from experiments.bench import write_result
+from experiments.bench import subllm_options, write_result
 from experiments.configs import pretrain_subllm_tiny
 from tokensparse import data, runs, train
-from tokensparse.subllm.balancer import STATISTICS, balancer_bands, balancer_stats, positive_fraction
+from tokensparse.subllm.balancer import balancer_bands, balancer_stats, positive_fraction
 from tokensparse.subllm.structure import subllm_preset_names
 
 _PRESET = flags.DEFINE_string("preset", "subllm-tiny", "SUBLLM preset.")
@@ -43,19 +44,13 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Rows per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Packed row length.")
 _LR = flags.DEFINE_float("lr", 3e-4, "Peak learning rate.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
-_STATISTIC = flags.DEFINE_string("balancer_statistic", "proportion",
-                                 "SubLLMConfig.balancer_statistic: mean_std (the spec's) or proportion.")
-_MARGIN = flags.DEFINE_float("balancer_margin", 0.05, "SubLLMConfig.balancer_margin: the half-width of "
-                             "the band the Balancer acts on (the spec's 0.05). The summary always "
-                             "measures against the spec's band, keep ± 0.05.")
-_START_SCALE = flags.DEFINE_float("balancer_start_scale", 0.04, "SubLLMConfig.balancer_start_scale: "
-                                  "the Balancer's grad_scale at step 0 (the spec's 0.04 throughout).")
-_START_STEPS = flags.DEFINE_integer("balancer_start_steps", 0, "SubLLMConfig.balancer_start_steps: "
-                                    "grad_scale falls linearly to 0.04 by this step (0: no start).")
-_BYPASS_INIT = flags.DEFINE_float("bypass_init", 0.5, "SubLLMConfig.bypass_init (the spec's 0.5).")
+flags.set_default(subllm_options.STATISTIC, "proportion")  # what the runs here compare against
 _SEEDS = flags.DEFINE_list("seeds", ["0", "2"], "Seeds (init, data order, coins), run one after another.")
 _EVERY = flags.DEFINE_integer("every", 50, "Record the statistics every this many steps.")
 _TAIL = flags.DEFINE_integer("tail", 1000, "The summary covers the recorded steps of the last this many.")
+_DECOMPOSE = flags.DEFINE_bool("decompose", False, "Also split each recorded change of the scores into "
+                               "the part from the scorer's input and the part from its weight (on a "
+                               "fixed probe batch; see probe_record).")
 _OUT = flags.DEFINE_string("out", "bench_results/subllm_balancer.json", "Where to write the JSON.")
 
 for _holder in (_STEPS, _BATCH, _EVERY, _TAIL):
@@ -64,11 +59,6 @@ _checks.at_least(_SEQ_LEN, 2)
 _checks.at_least(_WARMUP, 0)
 _checks.in_range(_LR, 0.0, float("inf"))
 _checks.one_of(_PRESET, subllm_preset_names())
-_checks.one_of(_STATISTIC, STATISTICS)
-flags.register_validator(_MARGIN, lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5).")
-flags.register_validator(_START_SCALE, lambda v: 0.0 < v <= 10.0, "must be in (0, 10].")
-_checks.at_least(_START_STEPS, 0)
-flags.register_validator(_BYPASS_INIT, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
 flags.register_validator(_SEEDS, lambda v: bool(v) and all(s.strip().isdigit() for s in v),
                          "must be a non-empty list of non-negative integers.")
 
@@ -76,9 +66,7 @@ flags.register_validator(_SEEDS, lambda v: bool(v) and all(s.strip().isdigit() f
 def settings() -> dict:
     return {"preset": _PRESET.value, "structure": _STRUCTURE.value, "steps": _STEPS.value,
             "batch_size": _BATCH.value, "seq_len": _SEQ_LEN.value, "lr": _LR.value,
-            "warmup_steps": _WARMUP.value, "balancer_statistic": _STATISTIC.value,
-            "balancer_margin": _MARGIN.value, "bypass_init": _BYPASS_INIT.value,
-            "balancer_start_scale": _START_SCALE.value, "balancer_start_steps": _START_STEPS.value,
+            "warmup_steps": _WARMUP.value, **subllm_options.values(),
             "seeds": [int(s) for s in _SEEDS.value], "every": _EVERY.value, "tail": _TAIL.value}
 
 
@@ -89,11 +77,8 @@ def config(seed: int):
     if _STRUCTURE.value:
         structure["structure"] = _STRUCTURE.value
         overrides["n_layers"] = _STRUCTURE.value.count("T")
-    c.subllm = runs.subllm_config_dict(_PRESET.value, balancer_statistic=_STATISTIC.value,
-                                       balancer_margin=_MARGIN.value, bypass_init=_BYPASS_INIT.value,
-                                       balancer_start_scale=_START_SCALE.value,
-                                       balancer_start_steps=_START_STEPS.value,
-                                       overrides=overrides, **structure)
+    c.subllm = runs.subllm_config_dict(_PRESET.value, **subllm_options.values(), overrides=overrides,
+                                       **structure)
     c.train.steps, c.train.batch_size, c.train.seq_len = _STEPS.value, _BATCH.value, _SEQ_LEN.value
     c.train.lr, c.train.warmup_steps, c.train.seed = _LR.value, _WARMUP.value, seed
     return c
@@ -104,6 +89,31 @@ def score_stats(scores) -> dict:
     mean, rms, std = balancer_stats(scores)
     return {"positive_fraction": float(positive_fraction(scores)), "mean_std": float(mean / std),
             "rms": float(rms)}
+
+
+def probe_record(scores_fn, model, probe, previous: list | None) -> dict:
+    """Score statistics on the fixed ``probe`` batch, and, given the scorer weights of the previous
+    record, the same with level j's weight put back to its previous value (one level at a time).
+
+    Level j's scores are x_j · w_j, and x_j does not depend on w_j, so the swapped run gives exactly
+    x_j(now) · w_j(then). Between two records the change of a statistic splits, exactly, into the
+    part from the input, ``old_w(now) − probe(then)``, and the part from the weight,
+    ``probe(now) − old_w(now)``. Also recorded: |w_j| and |Δw_j| / |w_j(then)|."""
+    record = {}
+    for j, scores in enumerate(scores_fn(model, probe)):
+        record.update({f"probe_{k}_{j}": v for k, v in score_stats(scores).items()})
+    if previous is None:
+        return record
+    for j, scorer in enumerate(model.scorers):
+        now = scorer.weight[...]
+        scorer.weight[...] = jnp.asarray(previous[j], now.dtype)
+        scores = scores_fn(model, probe)[j]
+        scorer.weight[...] = now
+        record.update({f"probe_old_w_{k}_{j}": v for k, v in score_stats(scores).items()})
+        record[f"scorer_w_norm_{j}"] = float(np.linalg.norm(np.asarray(now)))
+        record[f"scorer_w_change_{j}"] = float(np.linalg.norm(np.asarray(now) - previous[j])
+                                               / np.linalg.norm(previous[j]))
+    return record
 
 
 def run_seed(seed: int) -> list[dict]:
@@ -119,6 +129,7 @@ def run_seed(seed: int) -> list[dict]:
                                  seq_len=tc.seq_len, seed=seed)
     scores_fn = nnx.jit(lambda m, b: m.forward(b.tokens, b.positions, b.segment_ids,
                                                mode="topk")[1]["scores"])
+    probe, previous_w = batches.batch(0), None
     records, start = [], time.perf_counter()
     for step in range(tc.steps):
         batch = batches.batch(step)
@@ -128,6 +139,9 @@ def run_seed(seed: int) -> list[dict]:
             for j, scores in enumerate(scores_fn(model, batch)):  # every slot is valid: packed rows
                 record.update({f"{k}_{j}": v for k, v in score_stats(scores).items()})
                 record[f"bypass_c_{j}"] = float(np.asarray(model.bypasses[j].scale[...]).mean())
+            if _DECOMPOSE.value:
+                record.update(probe_record(scores_fn, model, probe, previous_w))
+                previous_w = [np.array(scorer.weight[...]) for scorer in model.scorers]  # host copies
         metrics = step_fn(model, optimizer, batch)
         if recording:
             record["loss"] = float(metrics["loss"])

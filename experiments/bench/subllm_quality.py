@@ -13,8 +13,9 @@ better, ≤ 1.02 is the acceptance bar) and ``val_loss_ratio_topk`` the same in 
 carry each run's training throughput, its ``loss_history`` (training loss per logged step, from its
 ``metrics.jsonl``; drawn as the loss curves ``<out>.png``) and the SUBLLM's score statistics
 (fraction of positive scores per subsampler: the Balancer's band is keep ± 0.05; threshold-mode keep
-rates; bypass scales). ``--balancer_statistic`` and ``--bypass_init`` set the SUBLLM's
-``SubLLMConfig`` options of those names (defaults: the spec's); the dense twin's run is shared.
+rates; bypass scales). ``--balancer_statistic``, ``--balancer_margin``, ``--balancer_start_scale``,
+``--balancer_start_steps`` and ``--bypass_init`` set the SUBLLM's ``SubLLMConfig`` options of those
+names (defaults: the spec's; :mod:`experiments.bench.subllm_options`); the dense twin's run is shared.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ import pathlib
 from absl import flags
 
 from experiments import _checks
-from experiments.bench import loss_history, write_result
+from experiments.bench import loss_history, subllm_options, write_result
 from experiments.configs import pretrain_subllm_small
 from tokensparse import data, runs
-from tokensparse.subllm.balancer import STATISTICS
 from tokensparse.subllm.structure import subllm_preset_names
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Pretraining steps of each model.")
@@ -38,9 +38,6 @@ _LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate of both.")
 _PRESET = flags.DEFINE_string("preset", "subllm-small", "SUBLLM preset.")
 _MULTIPLIER = flags.DEFINE_float("schedule_step_multiplier", 1.0,
                                  "Balancer / bypass schedules see step × this (spec §4.7).")
-_STATISTIC = flags.DEFINE_string("balancer_statistic", "mean_std",
-                                  "SubLLMConfig.balancer_statistic: mean_std (the spec's) or proportion.")
-_BYPASS_INIT = flags.DEFINE_float("bypass_init", 0.5, "SubLLMConfig.bypass_init (the spec's 0.5).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Held-out batches evaluated.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where the two runs live (default: a cache dir).")
 _OUT = flags.DEFINE_string("out", "bench_results/subllm_quality.json", "Where to write the JSON "
@@ -53,8 +50,6 @@ _checks.at_least(_EVAL_BATCHES, 1)
 _checks.in_range(_LR, 0.0, float("inf"))
 _checks.in_range(_MULTIPLIER, 0.0, float("inf"))
 _checks.one_of(_PRESET, subllm_preset_names())
-_checks.one_of(_STATISTIC, STATISTICS)
-flags.register_validator(_BYPASS_INIT, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
 
 MODELS = ("dense", "subllm")
 
@@ -62,13 +57,12 @@ MODELS = ("dense", "subllm")
 def settings() -> dict:
     return {"preset": _PRESET.value, "steps": _STEPS.value, "seq_len": _SEQ_LEN.value,
             "batch_size": _BATCH.value, "lr": _LR.value, "eval_batches": _EVAL_BATCHES.value,
-            "schedule_step_multiplier": _MULTIPLIER.value, "balancer_statistic": _STATISTIC.value,
-            "bypass_init": _BYPASS_INIT.value}
+            "schedule_step_multiplier": _MULTIPLIER.value, **subllm_options.values()}
 
 
 def workdir(kind: str = "") -> pathlib.Path:
     """The runs' directory; with ``kind``, that model's run. The dense twin has no Balancer or bypass,
-    so its run is shared by every ``--balancer_statistic`` / ``--bypass_init``."""
+    so its run is shared by every setting of the SUBLLM options (:mod:`subllm_options`)."""
     if _WORKDIR.value:
         root = pathlib.Path(_WORKDIR.value)
     else:
@@ -78,18 +72,28 @@ def workdir(kind: str = "") -> pathlib.Path:
         root = data.cache_dir() / "bench" / "subllm_quality" / name
     if not kind:
         return root
-    preset = runs.subllm_config_dict(_PRESET.value)
-    options = (_STATISTIC.value, _BYPASS_INIT.value)
-    if kind == "subllm" and options != (preset.balancer_statistic, preset.bypass_init):
-        return root / f"subllm-{options[0]}-c{options[1]:g}"  # the preset's own run keeps its old name
+    changed = subllm_options.changed(_PRESET.value)
+    if kind == "subllm" and changed:  # the preset's own run keeps its plain name
+        return root / subllm_run_name(subllm_options.values(), changed)
     return root / kind
+
+
+def subllm_run_name(options: dict, changed: dict) -> str:
+    """``subllm-<statistic>-c<bypass_init>``, then ``-m<margin>`` and ``-s<start_scale>x<start_steps>``
+    when those are changed (the older runs' names stay valid)."""
+    name = f"subllm-{options['balancer_statistic']}-c{options['bypass_init']:g}"
+    if "balancer_margin" in changed:
+        name += f"-m{options['balancer_margin']:g}"
+    if {"balancer_start_scale", "balancer_start_steps"} & set(changed):
+        name += f"-s{options['balancer_start_scale']:g}x{options['balancer_start_steps']}"
+    return name
 
 
 def config(kind: str):
     c = pretrain_subllm_small.get_config()
     c.model = kind
     c.subllm = runs.subllm_config_dict(_PRESET.value, schedule_step_multiplier=_MULTIPLIER.value,
-                                       balancer_statistic=_STATISTIC.value, bypass_init=_BYPASS_INIT.value,
+                                       **subllm_options.values(),
                                        overrides={"max_positions": max(_SEQ_LEN.value, 2048)})
     c.train.steps, c.train.seq_len, c.train.batch_size = _STEPS.value, _SEQ_LEN.value, _BATCH.value
     c.train.lr, c.train.eval_batches = _LR.value, _EVAL_BATCHES.value
