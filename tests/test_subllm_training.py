@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from experiments.configs import pretrain_subllm_tiny
-from tokensparse import data, runs
+from tokensparse import data, runs, train
 from tokensparse.config import TrainConfig
 from tokensparse.loop import check_resumable
 from tokensparse.subllm import training
@@ -106,6 +106,48 @@ def test_scorer_learning_rate_is_scaled():
     assert sum(map(training.is_scorer, paths)) == 2  # the tiny model's two scorer weights
     with pytest.raises(ValueError, match="scorer_lr_scale"):
         training.make_optimizer(tc, scorer_lr_scale=0.0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_scorer_without_warmup_runs_at_the_peak_rate_during_it(schedule):
+    """``scorer_warmup=False``: the scorer's schedule is the rest's (× the scale) except that its
+    warm-up steps already run at the peak; so Adam's first step moves the scorer by the scaled peak rate
+    times sign(g) (first Adam steps are scale-free, so clipping does not change this) while the warmed-up
+    rest stays put."""
+    tc = TrainConfig(lr=1e-2, warmup_steps=10, steps=40, schedule=schedule, weight_decay=0.1)
+    flat = train.learning_rate_schedule(tc, warmup=False)
+    warm = train.learning_rate_schedule(tc)
+    assert [float(flat(t)) for t in (0, 5, 9)] == pytest.approx([1e-2] * 3)
+    assert float(warm(5)) == pytest.approx(0.5e-2)
+    for t in (10, 17, 25, 39, 60):
+        assert float(flat(t)) == pytest.approx(float(warm(t)), rel=1e-6), t
+    params = {"scorers": [{"weight": jnp.ones(8)}], "layers": [{"kernel": jnp.ones((8, 8))}]}
+    grads = jax.tree.map(lambda x: jnp.linspace(-3.0, 5.0, x.size).reshape(x.shape), params)
+    tx = training.make_optimizer(tc, scorer_lr_scale=0.5, scorer_warmup=False)
+    update = tx.update(grads, tx.init(params), params)[0]
+    np.testing.assert_allclose(update["scorers"][0]["weight"],
+                               -0.5e-2 * np.sign(grads["scorers"][0]["weight"]), rtol=1e-4)
+    np.testing.assert_array_equal(update["layers"][0]["kernel"], 0.0)  # warm-up step 0: lr 0
+    warmed = training.make_optimizer(tc, scorer_lr_scale=0.5)
+    update = warmed.update(grads, warmed.init(params), params)[0]
+    np.testing.assert_array_equal(update["scorers"][0]["weight"], 0.0)
+
+
+def test_scorer_warmup_from_the_config():
+    """``config.subllm.scorer_warmup=False`` reaches the optimiser and the run's metadata."""
+    c = _config("subllm", 2)
+    tc = runs.build_train_config(c.train)
+    assert tc.warmup_steps > 0
+    for flag in (True, False):
+        c.subllm.scorer_warmup = flag
+        setup = runs.subllm_setup(c, "subllm", 512, tc)
+        assert setup.metadata["subllm"]["scorer_warmup"] is flag
+        params = nnx.state(setup.model, nnx.Param)
+        grads = jax.tree.map(jnp.ones_like, params)
+        update = setup.tx.update(grads, setup.tx.init(params), params)[0]
+        moved = np.abs(np.asarray(update["scorers"][0]["weight"][...])).max()
+        assert bool(moved > 0) is (not flag)
+        assert np.abs(np.asarray(update["embed"]["embedding"][...])).max() == 0.0
 
 
 def _scorer_run(start: float, active: bool, keep=0.64, n=4096, d=16, steps=500, drift=0.0,

@@ -211,7 +211,7 @@ def subllm_config_dict(preset_name: str = "subllm-small", **changes: Any) -> con
               "balancer_margin": base.balancer_margin, "bypass_init": base.bypass_init,
               "balancer_start_scale": base.balancer_start_scale,
               "balancer_start_steps": base.balancer_start_steps, "scorer_lr_scale": 0.5,
-              "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
+              "scorer_warmup": True, "schedule_step_multiplier": 1.0, "eval_modes": ["infer", "topk"]}
     overrides = changes.pop("overrides", {})
     unknown = set(changes) - set(values)
     if unknown:
@@ -234,7 +234,7 @@ def build_subllm_config(c: config_dict.ConfigDict, kind: str, *, vocab_size: int
     if vocab_size is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = vocab_size
     name = values.pop("preset")
-    for key in ("scorer_lr_scale", "schedule_step_multiplier", "eval_modes"):
+    for key in ("scorer_lr_scale", "scorer_warmup", "schedule_step_multiplier", "eval_modes"):
         values.pop(key)
     level_keep = values.pop("level_keep")
     if level_keep:
@@ -307,7 +307,8 @@ def subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) ->
     model = SubLLM(config, attention_backend=c.attention_backend, remat=tc.remat,
                    remat_names=tc.remat_names, rngs=nnx.Rngs(tc.seed))
     try:
-        tx = subllm_training.make_optimizer(tc, scorer_lr_scale=s.scorer_lr_scale)
+        tx = subllm_training.make_optimizer(tc, scorer_lr_scale=s.scorer_lr_scale,
+                                            scorer_warmup=bool(s.scorer_warmup))
         loss_fn = subllm_training.train_loss(seed=tc.seed, loss_segment=tc.loss_segment,
                                              step_multiplier=s.schedule_step_multiplier, layout=layout)
     except ValueError as e:
@@ -324,7 +325,8 @@ def subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) ->
         "balancer_start_scale": config.balancer_start_scale,
         "balancer_start_steps": config.balancer_start_steps, "discard_penalty": config.discard_penalty,
         "infer_threshold": config.infer_threshold,
-        "infer_capacity": config.infer_capacity, "level_positions": config.level_positions}}
+        "infer_capacity": config.infer_capacity, "level_positions": config.level_positions,
+        "scorer_lr_scale": s.scorer_lr_scale, "scorer_warmup": bool(s.scorer_warmup)}}
     return PretrainSetup(model, config.model, metadata, tx, loss_fn, True, evals)
 
 

@@ -103,14 +103,19 @@ def lm_loss(model: Llama, batch, *, loss_segment: int = 0, selections=None, hidd
     return total / jnp.maximum(count, 1.0), {"tokens": count}
 
 
-def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
-    warmup = optax.linear_schedule(0.0, tc.lr, max(tc.warmup_steps, 1))
+def learning_rate_schedule(tc: TrainConfig, *, warmup: bool = True) -> optax.Schedule:
+    """Linear warm-up from 0 over ``tc.warmup_steps``, then constant or cosine; with ``warmup=False``
+    the warm-up steps already run at ``tc.lr`` (the same schedule after them)."""
+    if warmup:
+        first = optax.linear_schedule(0.0, tc.lr, max(tc.warmup_steps, 1))
+    else:
+        first = optax.constant_schedule(tc.lr)
     if tc.schedule == "constant":
         after = optax.constant_schedule(tc.lr)
     else:
         after = optax.cosine_decay_schedule(tc.lr, max(tc.steps - tc.warmup_steps, 1),
                                             alpha=tc.min_lr_ratio)
-    return optax.join_schedules([warmup, after], [tc.warmup_steps])
+    return optax.join_schedules([first, after], [tc.warmup_steps])
 
 
 def _decay_mask(params):
@@ -118,13 +123,21 @@ def _decay_mask(params):
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+def adamw(tc: TrainConfig, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """The recipe's AdamW alone: ``schedule`` (default :func:`learning_rate_schedule`), betas, decay on
+    matrices only."""
+    return optax.adamw(schedule or learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2,
+                       weight_decay=tc.weight_decay, mask=_decay_mask)
+
+
+def with_clipping(tc: TrainConfig, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` after global-norm clipping at ``tc.grad_clip`` (none when it is 0)."""
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), tx) if tc.grad_clip > 0 else tx
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warm-up then constant or cosine, and global-norm clipping."""
-    adamw = optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2,
-                        weight_decay=tc.weight_decay, mask=_decay_mask)
-    if tc.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
-    return adamw
+    return with_clipping(tc, adamw(tc))
 
 
 def make_train_step(loss_fn: Callable, wrt=nnx.Param, *, pass_step: bool = False) -> Callable:

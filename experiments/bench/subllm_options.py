@@ -2,7 +2,8 @@
 
 ``--balancer_statistic``, ``--balancer_margin``, ``--balancer_start_scale``,
 ``--balancer_start_steps`` and ``--bypass_init`` set the :class:`~tokensparse.subllm.SubLLMConfig`
-fields of those names; their defaults are the spec's. :func:`values` gives them as keyword arguments
+fields of those names, ``--scorer_warmup`` the ``config.subllm`` field of that name; their defaults
+are the spec's. :func:`values` gives them as keyword arguments
 of :func:`tokensparse.runs.subllm_config_dict`; :func:`changed` names the ones a run sets away from a
 preset's, for a run directory. A benchmark with another default calls ``flags.set_default``.
 """
@@ -27,6 +28,9 @@ START_SCALE = flags.DEFINE_float("balancer_start_scale", balancer.GRAD_SCALE,
 START_STEPS = flags.DEFINE_integer("balancer_start_steps", 0, "SubLLMConfig.balancer_start_steps: "
                                    "grad_scale falls linearly to 0.04 by this step (0: no start).")
 BYPASS_INIT = flags.DEFINE_float("bypass_init", 0.5, "SubLLMConfig.bypass_init (the spec's 0.5).")
+SCORER_WARMUP = flags.DEFINE_bool("scorer_warmup", True, "config.subllm.scorer_warmup: the scorers' "
+                                  "learning rate warms up with the rest (the spec's); --noscorer_warmup "
+                                  "runs them at the peak rate from step 0.")
 
 _checks.one_of(STATISTIC, STATISTICS)
 flags.register_validator(MARGIN, lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5).")
@@ -36,7 +40,7 @@ flags.register_validator(BYPASS_INIT, lambda v: 0.0 < v <= 1.0, "must be in (0, 
 
 _HOLDERS = {"balancer_statistic": STATISTIC, "balancer_margin": MARGIN,
             "balancer_start_scale": START_SCALE, "balancer_start_steps": START_STEPS,
-            "bypass_init": BYPASS_INIT}
+            "bypass_init": BYPASS_INIT, "scorer_warmup": SCORER_WARMUP}
 
 
 def values() -> dict:

@@ -14,8 +14,8 @@ carry each run's training throughput, its ``loss_history`` (training loss per lo
 ``metrics.jsonl``; drawn as the loss curves ``<out>.png``) and the SUBLLM's score statistics
 (fraction of positive scores per subsampler: the Balancer's band is keep ± 0.05; threshold-mode keep
 rates; bypass scales). ``--balancer_statistic``, ``--balancer_margin``, ``--balancer_start_scale``,
-``--balancer_start_steps`` and ``--bypass_init`` set the SUBLLM's ``SubLLMConfig`` options of those
-names (defaults: the spec's; :mod:`experiments.bench.subllm_options`); the dense twin's run is shared.
+``--balancer_start_steps``, ``--bypass_init`` and ``--scorer_warmup`` set the SUBLLM's options of
+those names (defaults: the spec's; :mod:`experiments.bench.subllm_options`); the dense twin's run is shared.
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ def workdir(kind: str = "") -> pathlib.Path:
 
 
 def subllm_run_name(options: dict, changed: dict) -> str:
-    """``subllm-<statistic>-c<bypass_init>``, then ``-m<margin>`` and ``-s<start_scale>x<start_steps>``
-    when those are changed (the older runs' names stay valid)."""
+    """``subllm-<statistic>-c<bypass_init>``, then ``-m<margin>``, ``-s<start_scale>x<start_steps>`` and
+    ``-nowarmup`` when those are changed (the older runs' names stay valid)."""
     name = f"subllm-{options['balancer_statistic']}-c{options['bypass_init']:g}"
     if "balancer_margin" in changed:
         name += f"-m{options['balancer_margin']:g}"
     if {"balancer_start_scale", "balancer_start_steps"} & set(changed):
         name += f"-s{options['balancer_start_scale']:g}x{options['balancer_start_steps']}"
+    if "scorer_warmup" in changed:
+        name += "-nowarmup"  # the preset warms it up
     return name
 
 

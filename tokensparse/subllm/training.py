@@ -8,6 +8,7 @@ the scorer has no weight decay (a vector), so this equals a smaller learning rat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -59,12 +60,28 @@ def is_scorer(path: tuple) -> bool:
     return any(getattr(k, "key", getattr(k, "name", None)) == "scorers" for k in path)
 
 
-def make_optimizer(tc: TrainConfig, *, scorer_lr_scale: float = 0.5) -> optax.GradientTransformation:
-    """The shared recipe (:func:`tokensparse.train.make_optimizer`) with the scorer's updates scaled."""
+def _scorer_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: is_scorer(path), params)
+
+
+def make_optimizer(tc: TrainConfig, *, scorer_lr_scale: float = 0.5, scorer_warmup: bool = True
+                   ) -> optax.GradientTransformation:
+    """The shared recipe (:func:`tokensparse.train.make_optimizer`) with the scorer's updates scaled.
+
+    ``scorer_warmup=False`` (not the spec's) gives the scorers their own AdamW whose schedule skips
+    the warm-up: during it they already run at the peak learning rate (× ``scorer_lr_scale``), then
+    follow the same schedule as the rest, so the Balancer can turn them while the residual stream
+    they read changes fastest. The gradient
+    clipping still sees every parameter's gradient together."""
     if not scorer_lr_scale > 0:
         raise ValueError(f"scorer_lr_scale={scorer_lr_scale} must be positive.")
+    if not scorer_warmup:
+        scorer_schedule = train.learning_rate_schedule(
+            dataclasses.replace(tc, lr=tc.lr * scorer_lr_scale), warmup=False)
+        labels = lambda params: jax.tree.map(lambda s: "scorer" if s else "rest", _scorer_mask(params))
+        return train.with_clipping(tc, optax.multi_transform(
+            {"scorer": train.adamw(tc, scorer_schedule), "rest": train.adamw(tc)}, labels))
     base = train.make_optimizer(tc)
     if scorer_lr_scale == 1.0:
         return base
-    scorer_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: is_scorer(path), params)
-    return optax.chain(base, optax.masked(optax.scale(scorer_lr_scale), scorer_mask))
+    return optax.chain(base, optax.masked(optax.scale(scorer_lr_scale), _scorer_mask))
