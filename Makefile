@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test lint bench bench-quality plots clean
+.PHONY: run demo test test-slow lint bench bench-quality plots clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "tokensparse needs Python >= 3.12, found " + sys.version.split()[0] + "; set PYTHON=/path/to/python3.12")'
@@ -24,9 +24,12 @@ run: $(STAMP)  ## the main job: pretrain `small` briefly on the corpus (resumes 
 demo: $(STAMP)  ## seconds: random tiny Llama, forward + LoRA steps, compiled memory
 	$(BIN)/python -m experiments.demo
 
-test: $(STAMP)  ## lint + the whole test suite (CPU)
+test: $(STAMP)  ## lint + the test suite without the slow end-to-end cases (CPU, ~11 min)
 	$(BIN)/ruff check .
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 -m "not slow"
+
+test-slow: $(STAMP)  ## the slow end-to-end cases alone (benchmark smokes, experiment scripts; ~9 min)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -39,14 +39,13 @@ def test_subllm_quality_smoke(tmp_path):
         assert row["loss_history"] == {"step": [2], "loss": [row["train_loss"]]}
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "q.png").stat().st_size > 5000
-    again, _ = _bench("subllm_quality", tmp_path / "q2.json", "--preset=subllm-tiny", "--steps=2",
-                      "--seq_len=64", "--batch_size=2", "--eval_batches=1", f"--workdir={tmp_path / 'runs'}")
-    assert again["summary"] == summary  # finished runs are reused, not retrained
-    options, _ = _bench("subllm_quality", tmp_path / "q3.json", "--preset=subllm-tiny", "--steps=2",
+    # Other SUBLLM options: a new SUBLLM run beside the first; the finished dense run is reused.
+    options, stdout = _bench("subllm_quality", tmp_path / "q3.json", "--preset=subllm-tiny", "--steps=2",
                         "--seq_len=64", "--batch_size=2", "--eval_batches=1",
                         f"--workdir={tmp_path / 'runs'}", "--balancer_statistic=proportion",
                         "--bypass_init=0.9", "--balancer_margin=0.02", "--balancer_start_scale=0.5",
                         "--balancer_start_steps=1")
+    assert f"reusing {tmp_path / 'runs' / 'dense'}" in stdout and "pretraining dense" not in stdout
     assert options["rows"][0]["val_loss"] == dense["val_loss"]  # the dense twin's run is shared
     settings = options["settings"]
     assert (settings["balancer_statistic"], settings["balancer_margin"]) == ("proportion", 0.02)
