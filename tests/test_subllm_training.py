@@ -134,14 +134,16 @@ def test_scorer_without_warmup_runs_at_the_peak_rate_during_it(schedule):
 
 
 def test_scorer_warmup_from_the_config():
-    """``config.subllm.scorer_warmup=False`` reaches the optimiser and the run's metadata."""
+    """``config.subllm.scorer_warmup=False`` reaches the optimiser and the run's metadata (where it is
+    recorded only when off: runs written before the option resume)."""
     c = _config("subllm", 2)
     tc = runs.build_train_config(c.train)
     assert tc.warmup_steps > 0
     for flag in (True, False):
         c.subllm.scorer_warmup = flag
         setup = runs.subllm_setup(c, "subllm", 512, tc)
-        assert setup.metadata["subllm"]["scorer_warmup"] is flag
+        assert setup.metadata["subllm"].get("scorer_warmup", True) is flag
+        assert ("scorer_warmup" in setup.metadata["subllm"]) is (not flag)
         params = nnx.state(setup.model, nnx.Param)
         grads = jax.tree.map(jnp.ones_like, params)
         update = setup.tx.update(grads, setup.tx.init(params), params)[0]

@@ -325,8 +325,9 @@ def subllm_setup(c, kind: str, vocab_size: int, tc: TrainConfig, layout=None) ->
         "balancer_start_scale": config.balancer_start_scale,
         "balancer_start_steps": config.balancer_start_steps, "discard_penalty": config.discard_penalty,
         "infer_threshold": config.infer_threshold,
-        "infer_capacity": config.infer_capacity, "level_positions": config.level_positions,
-        "scorer_lr_scale": s.scorer_lr_scale, "scorer_warmup": bool(s.scorer_warmup)}}
+        "infer_capacity": config.infer_capacity, "level_positions": config.level_positions}}
+    if not s.scorer_warmup:  # another optimiser-state tree: a resume across the change fails clearly
+        metadata["subllm"]["scorer_warmup"] = False  # (absent when on, so older runs still resume)
     return PretrainSetup(model, config.model, metadata, tx, loss_fn, True, evals)
 
 
