@@ -153,7 +153,7 @@ def test_scorer_warmup_from_the_config():
 
 
 def _scorer_run(start: float, active: bool, keep=0.64, n=4096, d=16, steps=500, drift=0.0,
-                statistic="mean_std"):
+                statistic="mean_std", margin=0.05):
     """Fractions of positive scores over the last 100 of ``steps`` Adam steps, and the final rms, of a
     bias-free scorer on features with one constant channel, trained on a loss whose gradient is fresh
     per-token noise g_t plus ``drift``·|g_t|: a coherent push (downwards for drift > 0) of that share
@@ -168,7 +168,7 @@ def _scorer_run(start: float, active: bool, keep=0.64, n=4096, d=16, steps=500, 
 
         def loss(w):
             s = balance((x @ w)[None], keep=keep, valid=jnp.ones((1, n), bool), active=active,
-                        statistic=statistic)
+                        statistic=statistic, margin=margin)
             return jnp.mean((noise + drift * jnp.abs(noise)) * s[0])
 
         updates, state = tx.update(jax.grad(loss)(w), state)
@@ -214,6 +214,16 @@ def test_balancer_holds_the_band_against_a_coherent_push_below_its_grad_scale():
         assert beaten.mean() < 0.45, (statistic, beaten[::10])
     idle, _ = _scorer_run(0.3, active=False, drift=0.01)
     assert idle.mean() < 0.3, idle[::10]
+
+
+@pytest.mark.parametrize("start, drift", [(-0.5, 0.0), (1.5, 0.0), (0.3, 0.02)])
+def test_balancer_aiming_inside_the_band_holds_every_step_inside_it(start, drift):
+    """With ``proportion`` and margin 0.01 (it acts outside [0.63, 0.65]) every one of the last 100
+    steps lies strictly inside the spec's band [0.59, 0.69]: from ~0% and ~100% positive, and against
+    a 2% coherent push (which holds the spec's margin-0.05 Balancer at the band's lower edge, above)."""
+    lo, hi = balancer_bands(0.64).proportion
+    fractions, _ = _scorer_run(start, active=True, drift=drift, statistic="proportion", margin=0.01)
+    assert lo < fractions.min() and fractions.max() < hi, fractions[::10]
 
 
 # --- pretraining runs ----------------------------------------------------------------------------
