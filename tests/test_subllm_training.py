@@ -262,6 +262,20 @@ def test_pretrain_subllm_outputs(subllm_run):
     assert not (workdir / "hf").exists()  # no Llama export: the SUBLLM modules would be lost
 
 
+def test_stats_of_a_level_behind_a_shut_one():
+    """Level 1 keeps nothing (its scores are all 0, not above θ = 0), so level 2 receives nothing:
+    both keep rate 0.0, level 2's fraction None (no NaN from an empty mean), and both are warned."""
+    model = _model()
+    model.scorers[0].weight[...] = jnp.zeros_like(model.scorers[0].weight[...])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "mean of empty slice" would raise here
+        stats = runs.subllm_stats(model, _batch())
+    assert stats["positive_fraction_0"] == 0.0 and stats["keep_rate_0"] == 0.0
+    assert stats["positive_fraction_1"] is None and stats["keep_rate_1"] == 0.0
+    with pytest.warns(RuntimeWarning, match=r"\[0, 1\] keep no token"):
+        assert runs.warn_shut_subsamplers(stats) == [0, 1]
+
+
 def test_a_shut_subsampler_is_warned_about():
     stats = {"positive_fraction_0": 0.7, "keep_rate_0": 0.7, "bypass_c_0": 0.5,
              "positive_fraction_1": 0.0, "keep_rate_1": 0.0, "bypass_c_1": 0.5}

@@ -390,16 +390,17 @@ def pretrain(c: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
 def subllm_stats(model: SubLLM, batch) -> dict:
     """Per subsampler: the fraction of positive scores (the Balancer's target band is keep ± 0.05),
-    the threshold-mode keep rate, and the mean bypass scale c."""
+    the threshold-mode keep rate, and the mean bypass scale c. A subsampler that receives no token (an
+    outer one kept none) keeps none: keep rate 0.0, and its fraction is None (it scored nothing)."""
     _, aux = nnx.jit(lambda m, b: m.forward(b.tokens, b.positions, b.segment_ids, mode="infer"))(model, batch)
     group_segments = [batch.segment_ids, *aux["segment_ids"]]  # group j + 1 is subsampler j's level
     parents = subllm_decode.parent_groups(model.structure)
     out = {}
     for j, scores in enumerate(aux["scores"]):
         valid = np.asarray(group_segments[parents[j]]) >= 0  # the level subsampler j scored
-        s = np.asarray(scores)[valid]
-        out[f"positive_fraction_{j}"] = float((s > 0).mean())
-        out[f"keep_rate_{j}"] = float(np.asarray(aux["selections"][j].valid).sum() / valid.sum())
+        s, received = np.asarray(scores)[valid], int(valid.sum())
+        out[f"positive_fraction_{j}"] = float((s > 0).mean()) if received else None
+        out[f"keep_rate_{j}"] = float(np.asarray(aux["selections"][j].valid).sum() / max(received, 1))
         out[f"bypass_c_{j}"] = float(np.asarray(model.bypasses[j].scale[...]).mean())
     return out
 
