@@ -28,7 +28,7 @@ test: $(STAMP)  ## lint + the test suite without the slow end-to-end cases (CPU,
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 -m "not slow"
 
-test-slow: $(STAMP)  ## the slow end-to-end cases alone (benchmark smokes, experiment scripts; ~9 min)
+test-slow: $(STAMP)  ## the slow end-to-end cases alone (benchmark smokes, experiment scripts; ~11 min)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 -m slow
 
 lint: $(STAMP)

@@ -56,7 +56,7 @@ def balancer_grad_scale(step, start: float = GRAD_SCALE, steps: int = 0) -> Floa
     training the loss pushes a level's scores one way with 50–70% of |g| (docs/subllm.md), far beyond
     the reach of a 4% nudge. Measured: a start of 1.0 over 400 steps keeps levels from shutting and
     holds the band from about step 300 on, but not in the first ~250 steps, and larger starts do
-    no better there.
+    no better there: that swing comes from the scorer's input, not its weight (docs/subllm.md).
     """
     if steps <= 0:
         return jnp.asarray(GRAD_SCALE, jnp.float32)
