@@ -23,9 +23,10 @@ STEPS = T - int(PROMPT_LENGTHS.max())
 def _sharpen(model, factor=12.0):
     """Scale q/k projections so attention is far from uniform: at the init scale softmax barely
     depends on positions, and a position bug would hide below the test tolerance."""
-    for block in model.layers:
-        for proj in (block.attn.q_proj, block.attn.k_proj):
-            proj.kernel[...] = proj.kernel[...] * factor
+    with model.layers.editing() as layers:  # layers are stored stacked: edit per-layer views
+        for block in layers:
+            for proj in (block.attn.q_proj, block.attn.k_proj):
+                proj.kernel[...] = proj.kernel[...] * factor
     return model
 
 

@@ -272,7 +272,7 @@ def _all_gguf_names(layers):
 
 
 def _params(model):
-    return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {p: np.asarray(v[...]) for p, v in hf.per_layer_params(model).items()}
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -39,7 +39,7 @@ def _reference(case):
 
 
 def _params(model):
-    return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {p: np.asarray(v[...]) for p, v in hf.per_layer_params(model).items()}
 
 
 def _copy(case, tmp_path) -> pathlib.Path:
@@ -198,8 +198,9 @@ def test_missing_and_unexpected_reported_together(tmp_path):
 def test_save_refuses_lora_until_merged(tmp_path):
     model, config = hf.load_llama(FIXTURES / "tied")
     add_lora(model, LoRAConfig(rank=2, targets=("q", "down")), rngs=nnx.Rngs(1))
-    adapter = model.layers[0].attn.q_proj.adapter
-    adapter.b[...] = jax.random.normal(jax.random.key(0), adapter.b.shape)
+    with model.layers.editing() as layers:  # layers are stored stacked: edit a per-layer view
+        adapter = layers[0].attn.q_proj.adapter
+        adapter.b[...] = jax.random.normal(jax.random.key(0), adapter.b.shape)
     with pytest.raises(ValueError, match="merge_lora"):
         hf.save_llama(model, config, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()

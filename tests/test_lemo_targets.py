@@ -84,8 +84,9 @@ def test_weights_digest_sees_every_parameter(model):
     digest = target_store.weights_digest(model)
     assert digest == target_store.weights_digest(_model())
     changed = _model()
-    kernel = changed.layers[2].mlp.down_proj.kernel
-    kernel[...] = kernel[...].at[0, 0].add(1e-3)
+    with changed.layers.editing() as layers:  # layers are stored stacked: edit a per-layer view
+        kernel = layers[2].mlp.down_proj.kernel
+        kernel[...] = kernel[...].at[0, 0].add(1e-3)
     assert target_store.weights_digest(changed) != digest
 
 

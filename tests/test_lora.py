@@ -64,7 +64,9 @@ def test_only_lora_parameters_get_gradients_and_change():
     grads = step(model, optimizer, _tokens())
     grad_paths = {path for path, _ in nnx.to_flat_state(grads)}
     lora_paths = {path for path, _ in nnx.to_flat_state(lora.lora_state(model))}
-    assert grad_paths == lora_paths and len(lora_paths) == TINY.n_layers * 4 * 2
+    # Layers are stacked: one a and one b per target, each with a leading layer axis.
+    assert grad_paths == lora_paths and len(lora_paths) == 4 * 2
+    assert all(g.shape[0] == TINY.n_layers for _, g in nnx.to_flat_state(grads))
     # B starts at zero, so only B has a gradient on the first step (A's is exactly zero).
     for path, g in nnx.to_flat_state(grads):
         assert (np.abs(np.asarray(g[...])).max() > 0) == (path[-1] == "b"), path

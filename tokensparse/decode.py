@@ -1,39 +1,64 @@
 """KV-cache decoding for the dense Llama, and the per-layer pieces SUBLLM's decoder reuses.
 
-A :class:`DecodeCache` holds one key/value buffer per layer and, per *cache group*, the positions of
-the cached tokens and a per-sequence length pointer. The dense model has one group (every layer
-caches every token); SUBLLM (:mod:`tokensparse.subllm.decode`) has one group per subsampler, whose
-layers cache only the tokens that subsampler kept. Buffers are compact: slot ``j < length`` holds
-the group's j-th kept token, slots past the pointer are never attended.
+A :class:`DecodeCache` holds, per *cache group*, its layers' key/value buffers (stacked, so the
+layer loop scans over them), the positions of the cached tokens and a per-sequence length pointer.
+The dense model has one group (every layer caches every token); SUBLLM
+(:mod:`tokensparse.subllm.decode`) has one group per subsampler, whose layers cache only the tokens
+that subsampler kept. Buffers are compact: slot ``j < length`` holds the group's j-th kept token,
+slots past the pointer are never attended.
 
 ``prefill`` runs the prompt (right-padded; ``lengths`` tokens per row are real) and fills the
-caches; ``decode_step`` runs one token per sequence at its own position. Keys are stored after RoPE,
-so a cached token never needs its position again except for the causal mask.
+caches; ``decode_step`` runs one token per sequence at its own position. Both run the model's own
+layer loop and the block's own attention sub-layer (its ``kv_cache`` hook). Keys are stored after
+RoPE, so a cached token never needs its position again except for the causal mask.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from tokensparse.attention import attention
-from tokensparse.llama import DecoderBlock, Llama
+from tokensparse.llama import Layer, Llama
 
 
-class DecodeCache(NamedTuple):
-    """Per-layer K/V buffers [B, S_g, kv_heads, head_dim] and per-group positions [B, S_g] and
-    lengths [B] (group g's layers all cache the same tokens)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCache:
+    """Per cache group g: its layers' K/V buffers stacked ``[n_g, B, S_g, kv_heads, head_dim]``
+    (in layer order), the positions [B, S_g] and lengths [B] of the tokens it holds.
+    ``layer_groups`` (static) gives each layer's group."""
 
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
+    key_stacks: tuple[Array, ...]
+    value_stacks: tuple[Array, ...]
     positions: tuple[Array, ...]
     lengths: tuple[Array, ...]
+    layer_groups: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def keys(self) -> tuple[Array, ...]:
+        """Each layer's key buffer [B, S_g, kv_heads, head_dim]."""
+        return tuple(self.key_stacks[g][j] for g, j in layer_slots(self.layer_groups))
+
+    @property
+    def values(self) -> tuple[Array, ...]:
+        return tuple(self.value_stacks[g][j] for g, j in layer_slots(self.layer_groups))
 
     def nbytes(self) -> int:
         """Bytes allocated for keys and values."""
-        return sum(int(x.size) * x.dtype.itemsize for x in self.keys + self.values)
+        return sum(int(x.size) * x.dtype.itemsize for x in self.key_stacks + self.value_stacks)
+
+
+def layer_slots(layer_groups: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(group, index within the group's stack) of every layer."""
+    seen: dict[int, int] = {}
+    out = []
+    for g in layer_groups:
+        out.append((g, seen.get(g, 0)))
+        seen[g] = seen.get(g, 0) + 1
+    return out
 
 
 def occupied_bytes(cache: DecodeCache, layer_groups: tuple[int, ...]) -> Array:
@@ -43,14 +68,6 @@ def occupied_bytes(cache: DecodeCache, layer_groups: tuple[int, ...]) -> Array:
         per_token = 2 * k.shape[2] * k.shape[3] * k.dtype.itemsize
         total = total + per_token * jnp.sum(cache.lengths[g]).astype(jnp.float32)
     return total
-
-
-def block_prefill(block: DecoderBlock, x: Float[Array, "b n d"], positions: Int[Array, "b n"],
-                  segment_ids: Int[Array, "b n"]):
-    """``(block(x), k, v)``: the block's output and its rotated keys and values."""
-    q, k, v = block.attn.project_qkv(block.input_norm(x), positions)
-    out = block.attn.core(q, k, v, positions, segment_ids)
-    return block.feed_forward(x + block.attn.project_out(out)), k, v
 
 
 def compact(buffer: Array, values: Array, valid: Bool[Array, "b n"]) -> Array:
@@ -68,37 +85,50 @@ def write_slot(buffer: Array, values: Array, slot: Int[Array, " b"], write: Bool
     return buffer.at[jnp.arange(buffer.shape[0]), slot].set(values.astype(buffer.dtype), mode="drop")
 
 
-def empty_buffers(block: DecoderBlock, batch: int, size: int, dtype):
-    attn = block.attn
-    shape = (batch, size, attn.n_kv_heads, attn.head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+def prefill_layer(block, h, layer: Layer, selection):
+    """A :meth:`~tokensparse.llama.Llama.run_layers` layer function that also returns the layer's
+    rotated keys and values."""
+    recorded = []
+
+    def record(k, v):
+        recorded.append((k, v))
+        return k, v, None, None
+
+    return block(h, layer.positions, layer.segment_ids, selection, kv_cache=record), recorded[0]
 
 
-def block_decode(
-    block: DecoderBlock,
-    x: Float[Array, "b 1 d"],
-    position: Int[Array, "b 1"],
-    k_cache: Array,
-    v_cache: Array,
-    kv_positions: Int[Array, "b s"],
-    slot: Int[Array, " b"],
-    write: Bool[Array, " b"],
-):
-    """One token through ``block`` against its cache: ``(y, k_cache, v_cache)``.
+def decode_layer(slots: Int[Array, " l"], kv_positions: Int[Array, "b s"], slot: Int[Array, " b"],
+                 write: Bool[Array, " b"]):
+    """A layer function for one new token per row against a group's stacked caches (the loop
+    carry ``(h, key_stack, value_stack)``; ``slots[layer]`` is the layer's place in the stack).
 
     The token's key/value go to ``slot`` where ``write``; it attends to slots ``<= slot`` (the cache
-    plus itself). Rows with ``write=False`` compute garbage that the caller must discard.
-    """
-    q, k, v = block.attn.project_qkv(block.input_norm(x), position)
-    k_cache = write_slot(k_cache, k[:, 0], slot, write)
-    v_cache = write_slot(v_cache, v[:, 0], slot, write)
-    visible = jnp.arange(k_cache.shape[1])[None, :] <= slot[:, None]
-    out = attention(q, k_cache, v_cache, q_positions=position, kv_positions=kv_positions,
-                    q_segment_ids=jnp.zeros(position.shape, jnp.int32),
-                    kv_segment_ids=jnp.where(visible, 0, -1).astype(jnp.int32), causal=True,
-                    backend="xla")
-    h = x + block.attn.project_out(out)
-    return block.feed_forward(h), k_cache, v_cache
+    plus itself). Rows with ``write=False`` compute garbage that the caller must discard."""
+    visible = jnp.arange(kv_positions.shape[1])[None, :] <= slot[:, None]
+    kv_segments = jnp.where(visible, 0, -1).astype(jnp.int32)
+
+    def layer_fn(block, carry, layer: Layer, selection):
+        h, key_stack, value_stack = carry
+        j = slots[layer.index]
+        stacks = {}
+
+        def cache(k, v):
+            stacks["k"] = _write_layer_slot(key_stack, j, k[:, 0], slot, write)
+            stacks["v"] = _write_layer_slot(value_stack, j, v[:, 0], slot, write)
+            return stacks["k"][j], stacks["v"][j], kv_positions, kv_segments
+
+        h = block(h, layer.positions, jnp.zeros(layer.positions.shape, jnp.int32), selection,
+                  kv_cache=cache)
+        return (h, stacks["k"], stacks["v"]), None
+    return layer_fn
+
+
+def _write_layer_slot(stack, j, values, slot, write):
+    """``stack[j, b, slot[b]] = values[b]`` where ``write[b]``, in place in a loop carry."""
+    size = stack.shape[2]
+    slot = jnp.where(write, slot, size)
+    rows = jnp.arange(stack.shape[1])
+    return stack.at[j, rows, slot].set(values.astype(stack.dtype), mode="drop")
 
 
 def prompt_segments(lengths: Int[Array, " b"], width: int) -> Int[Array, "b t"]:
@@ -111,22 +141,24 @@ def last_rows(h: Float[Array, "b t d"], lengths: Int[Array, " b"]) -> Float[Arra
     return jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
-def filled_cache(blocks, kv: list[tuple[Array, Array]], layer_groups: tuple[int, ...],
+def filled_cache(kv: list[tuple[Array, Array]], layer_groups: tuple[int, ...],
                  group_sizes: tuple[int, ...], group_positions: list[Array], group_valid: list[Array],
                  dtype) -> DecodeCache:
     """A cache holding, per layer, the valid rows of its prefill keys/values (compacted to slots
     0, 1, ...) in a buffer of its group's size, with the groups' positions and lengths."""
     b = group_valid[0].shape[0]
-    keys, values = [], []
-    for block, (k, v), g in zip(blocks, kv, layer_groups, strict=True):
-        k_buf, v_buf = empty_buffers(block, b, group_sizes[g], dtype)
-        keys.append(compact(k_buf, k, group_valid[g]))
-        values.append(compact(v_buf, v, group_valid[g]))
+    stacks: dict[str, list[list[Array]]] = {"k": [[] for _ in group_sizes],
+                                            "v": [[] for _ in group_sizes]}
+    for (k, v), g in zip(kv, layer_groups, strict=True):
+        shape = (b, group_sizes[g], *k.shape[2:])
+        stacks["k"][g].append(compact(jnp.zeros(shape, dtype), k, group_valid[g]))
+        stacks["v"][g].append(compact(jnp.zeros(shape, dtype), v, group_valid[g]))
     return DecodeCache(
-        tuple(keys), tuple(values),
+        tuple(jnp.stack(x) for x in stacks["k"]), tuple(jnp.stack(x) for x in stacks["v"]),
         tuple(compact(jnp.zeros((b, size), jnp.int32), pos, valid)
               for size, pos, valid in zip(group_sizes, group_positions, group_valid, strict=True)),
-        tuple(jnp.sum(valid, axis=1, dtype=jnp.int32) for valid in group_valid))
+        tuple(jnp.sum(valid, axis=1, dtype=jnp.int32) for valid in group_valid),
+        tuple(layer_groups))
 
 
 def check_prompt(tokens: Array, lengths: Array, max_len: int) -> None:
@@ -146,14 +178,10 @@ def prefill(model: Llama, tokens: Int[Array, "b t"], lengths: Int[Array, " b"], 
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segment_ids = prompt_segments(lengths, t)
-    kv = []
-    h = model.embed(tokens)
-    for block in model.layers:
-        h, k, v = block_prefill(block, h, positions, segment_ids)
-        kv.append((k, v))
-    cache = filled_cache(model.layers, kv, (0,) * len(kv), (max_len,), [positions], [segment_ids >= 0],
+    hidden, _, kv = model.hidden_states(tokens, positions, segment_ids, layer_fn=prefill_layer)
+    cache = filled_cache(kv, (0,) * len(kv), (max_len,), [positions], [segment_ids >= 0],
                          model.config.compute_dtype)
-    return model.head(last_rows(model.final_norm(h), lengths)), cache
+    return model.head(last_rows(hidden, lengths)), cache
 
 
 def decode_step(model: Llama, cache: DecodeCache, tokens: Int[Array, " b"], positions: Int[Array, " b"]
@@ -162,13 +190,11 @@ def decode_step(model: Llama, cache: DecodeCache, tokens: Int[Array, " b"], posi
     the cache with the token appended."""
     slot = cache.lengths[0]
     write = jnp.ones(slot.shape, bool)
-    pos = positions[:, None].astype(jnp.int32)
     kv_pos = write_slot(cache.positions[0], positions, slot, write)
-    h = model.embed(tokens[:, None])
-    keys, values = [], []
-    for i, block in enumerate(model.layers):
-        h, k, v = block_decode(block, h, pos, cache.keys[i], cache.values[i], kv_pos, slot, write)
-        keys.append(k)
-        values.append(v)
-    cache = DecodeCache(tuple(keys), tuple(values), (kv_pos,), (slot + 1,))
-    return model.head(model.final_norm(h))[:, 0], cache
+    slots = jnp.arange(len(model.layers), dtype=jnp.int32)
+    layer_fn = decode_layer(slots, kv_pos, slot, write)
+    hidden, (keys, values), _ = model.hidden_states(
+        tokens[:, None], positions[:, None].astype(jnp.int32), layer_fn=layer_fn,
+        carry=(cache.key_stacks[0], cache.value_stacks[0]))
+    cache = DecodeCache((keys,), (values,), (kv_pos,), (slot + 1,), cache.layer_groups)
+    return model.head(hidden)[:, 0], cache

@@ -19,7 +19,6 @@ from typing import Any
 import gguf
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from tokensparse import hf
@@ -186,7 +185,7 @@ def _model(reader: gguf.GGUFReader, config: ModelConfig, attention_backend: str)
         elif name.endswith("k_proj.weight"):
             array = unpermute_rotary(array, config.n_kv_heads)
         array = array.astype(config.weight_dtype)
-        values[path] = jnp.asarray(np.ascontiguousarray(array.T if transpose else array))
+        values[path] = np.ascontiguousarray(array.T if transpose else array)
     present = {hf_name(t.name) for t in reader.tensors}
     missing = [n for n in names if n not in present]
     if missing or unexpected or mismatched:
@@ -195,8 +194,7 @@ def _model(reader: gguf.GGUFReader, config: ModelConfig, attention_backend: str)
                     "shape mismatches:\n  " + "\n  ".join(mismatched) if mismatched else ""]
         raise GGUFError("The GGUF tensors do not match a Llama with its metadata:\n"
                         + "\n".join(p for p in problems if p))
-    state = nnx.from_flat_state([(p, var.replace(values[p])) for p, var in flat.items()])
-    return nnx.merge(graphdef, state)
+    return hf.build(graphdef, flat, values)
 
 
 def _pre_tokenizer(pre: str | None, add_prefix_space: bool):

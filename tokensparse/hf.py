@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from tokensparse.config import ModelConfig, RopeScaling
+from tokensparse.layer_stack import per_layer_flat, stacked_flat
 from tokensparse.llama import Llama
 from tokensparse.lora import has_lora
 
@@ -133,11 +134,12 @@ def hf_param_names(config: ModelConfig) -> dict[str, tuple[Path, bool]]:
 
 
 def _abstract(config: ModelConfig, attention_backend: str = "auto"):
-    """(graphdef, {path: abstract Param}) of ``Llama(config)`` without allocating weights."""
+    """(graphdef, {per-layer path: abstract Param}) of ``Llama(config)`` without allocating
+    weights; :func:`build` makes the model from values for those paths."""
     model = nnx.eval_shape(lambda: Llama(config, attention_backend=attention_backend,
                                          rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
+    flat = per_layer_flat(dict(nnx.to_flat_state(state)), model.layers.sizes)
     table = {p for p, _ in hf_param_names(config).values()}
     if set(flat) != table:  # llama.py and this mapping drifted apart: a bug here, not in the file
         raise RuntimeError(f"hf_param_names is out of date with Llama: {sorted(set(flat) ^ table)}")
@@ -232,9 +234,22 @@ def load_llama(path: str | os.PathLike, *, dtype=None, attention_backend: str = 
             for name in (n for n, fl in where.items() if fl == file):
                 p, transpose = names[name]
                 array = _read(f, file, name).astype(config.weight_dtype)
-                values[p] = jnp.asarray(np.ascontiguousarray(array.T if transpose else array))
-    state = nnx.from_flat_state([(p, var.replace(values[p])) for p, var in flat.items()])
-    return nnx.merge(graphdef, state), config
+                values[p] = np.ascontiguousarray(array.T if transpose else array)
+    return build(graphdef, flat, values), config
+
+
+def build(graphdef, flat: dict, values: dict):
+    """The model of :func:`_abstract`'s ``(graphdef, flat)`` holding ``values`` (host arrays by
+    per-layer path), its layers stacked."""
+    sizes = (1 + max(p[1] for p in flat if p[0] == "layers"),)
+    per_layer = {p: var.replace(values[p]) for p, var in flat.items()}
+    return nnx.merge(graphdef, nnx.from_flat_state(stacked_flat(per_layer, sizes)))
+
+
+def per_layer_params(model: Llama) -> dict:
+    """``{path: Param}`` of ``model`` with one entry per layer (``("layers", i, ...)``, the paths of
+    :func:`hf_param_names`), whatever its layer groups."""
+    return per_layer_flat(dict(nnx.to_flat_state(nnx.state(model, nnx.Param))), model.layers.sizes)
 
 
 def save_llama(model: Llama, config: ModelConfig, path: str | os.PathLike) -> None:
@@ -245,7 +260,7 @@ def save_llama(model: Llama, config: ModelConfig, path: str | os.PathLike) -> No
     if has_lora(model):
         raise ValueError("The model still has LoRA adapters; call "
                          "tokensparse.lora.merge_lora(model) first to fold them into the weights.")
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    params = per_layer_params(model)
     _, flat = _abstract(config)
     names = hf_param_names(config)
     problems = [f"{p}: not in the model" for p in flat if p not in params]

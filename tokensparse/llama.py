@@ -11,7 +11,10 @@ Weights use the ``[in, out]`` layout; :mod:`tokensparse.hf` transposes Hugging F
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ from jaxtyping import Array, Float, Int
 from tokensparse import routing
 from tokensparse.attention import attention
 from tokensparse.config import ModelConfig
+from tokensparse.layer_stack import LayerStack, runs, slice_state, unstacked_state
 from tokensparse.remat import check_remat, checkpointed, remat_policy
 from tokensparse.rope import apply_rope, inverse_frequencies
 from tokensparse.routing import Selection
@@ -150,11 +154,15 @@ class Attention(nnx.Module):
         inv_freq = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def core(self, q, k, v, positions: Int[Array, "b t"], segment_ids=None
-             ) -> Float[Array, "b t h dh"]:
-        """Causal self-attention of projected q, k, v at ``positions`` (backend per ``self.backend``)."""
-        return attention(q, k, v, q_positions=positions, kv_positions=positions,
-                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+    def core(self, q, k, v, positions: Int[Array, "b t"], segment_ids=None, kv_positions=None,
+             kv_segment_ids=None) -> Float[Array, "b t h dh"]:
+        """Causal attention of projected q, k, v at ``positions`` (backend per ``self.backend``);
+        keys sit at ``kv_positions`` / ``kv_segment_ids`` when they differ from the queries' (a KV
+        cache)."""
+        if kv_positions is None:
+            kv_positions, kv_segment_ids = positions, segment_ids
+        return attention(q, k, v, q_positions=positions, kv_positions=kv_positions,
+                         q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=True,
                          backend=self.backend)
 
     def project_out(self, out: Float[Array, "b t h dh"]) -> Float[Array, "b t d"]:
@@ -184,11 +192,14 @@ class DecoderBlock(nnx.Module):
         """The attention half: x plus attention output, on all tokens or only the selected ones."""
         return self.attend_and_norm(x, positions, segment_ids, selection)[0]
 
-    def attend_and_norm(self, x, positions, segment_ids=None, selection: Selection | None = None):
+    def attend_and_norm(self, x, positions, segment_ids=None, selection: Selection | None = None,
+                        kv_cache: Callable | None = None):
         """``(h, post_attn_norm(h))`` with ``h = x + attention(input_norm(x))``.
 
         With a ``selection`` the attention runs only on the selected rows (gathered, at their
         original positions) and its output is added back at those rows; other rows pass through.
+        ``kv_cache(k, v) -> (k, v, kv_positions, kv_segment_ids)`` (decoding) stores the rows'
+        rotated keys and values and returns the keys and values to attend to.
 
         Memory: the backward keeps ``x`` and what attention itself needs (q, k, v, its output and
         logsumexp), not the normed inputs, RoPE tables or ``h``: two small rematerialised regions
@@ -202,7 +213,11 @@ class DecoderBlock(nnx.Module):
             rows_seg = routing.gather(seg, selection, fill_value=-1)
         q, k, v = checkpoint_name(checkpointed(_normed_qkv)(self, x, rows_pos, selection), "qkv")
         q, k, v = shard_qkv(q, k, v)
-        out = checkpoint_name(self.attn.core(q, k, v, rows_pos, rows_seg), "attn_core")
+        kv_pos = kv_seg = None
+        if kv_cache is not None:
+            k, v, kv_pos, kv_seg = kv_cache(k, v)
+        out = checkpoint_name(self.attn.core(q, k, v, rows_pos, rows_seg, kv_pos, kv_seg),
+                              "attn_core")
         h, normed = checkpointed(_residual_and_norm)(self, x, out, selection)
         return checkpoint_name(h, "attn_out"), normed
 
@@ -214,9 +229,11 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"],
                  segment_ids: Int[Array, "b t"] | None = None,
-                 selection: Selection | None = None) -> Float[Array, "b t d"]:
+                 selection: Selection | None = None, kv_cache: Callable | None = None
+                 ) -> Float[Array, "b t d"]:
         x = checkpoint_name(x, "block_in")
-        return self.feed_forward(*self.attend_and_norm(x, positions, segment_ids, selection))
+        return self.feed_forward(*self.attend_and_norm(x, positions, segment_ids, selection,
+                                                       kv_cache))
 
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
@@ -250,6 +267,32 @@ def _residual_and_norm(block: DecoderBlock, x, out, selection):
     return h, block.post_attn_norm(h)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """What a per-layer hook sees of the layer it runs (see :meth:`Llama.run_layers`)."""
+
+    index: Array  # the layer's index in the model (traced under a scan)
+    positions: Int[Array, "b t"]
+    segment_ids: Int[Array, "b t"] | None
+    inputs: Any  # this layer's entry of ``run_layers(inputs=...)`` (None without)
+    kind: Hashable = dataclasses.field(default=None, metadata=dict(static=True))
+
+
+def dense_layer(block: DecoderBlock, h, layer: Layer, selection: Selection | None):
+    """The default layer function: the block itself, routed through ``selection``."""
+    return block(h, layer.positions, layer.segment_ids, selection), None
+
+
+def residual(carry):
+    """The residual stream of a loop carry (``h`` or ``(h, *extra)``)."""
+    return carry[0] if isinstance(carry, tuple) else carry
+
+
+def _with_residual(carry, h):
+    return (h, *carry[1:]) if isinstance(carry, tuple) else h
+
+
 class Llama(nnx.Module):
     """Decoder-only Llama: ``model(tokens, positions=None, segment_ids=None) -> logits [B, T, V]``.
 
@@ -257,21 +300,26 @@ class Llama(nnx.Module):
     ``selections`` (one entry per layer, ``None`` for dense) routes each layer's attention through
     a token subset. ``attention_backend`` is passed to :func:`tokensparse.attention.attention`.
     ``remat`` (see :mod:`tokensparse.remat`) checkpoints each block; it changes memory, not values.
+    ``layers`` is a :class:`~tokensparse.layer_stack.LayerStack` (groups of ``layer_groups``
+    consecutive layers, stacked); ``scan_layers`` runs each run of identical layers under one
+    ``lax.scan`` (False: a Python loop over the same per-layer function, for debugging).
     """
 
     def __init__(self, config: ModelConfig, *, attention_backend: str = "auto",
                  remat: str = "none", remat_names: tuple[str, ...] = ("qkv", "attn_core"),
+                 layer_groups: Sequence[int] | None = None, scan_layers: bool = True,
                  rngs: nnx.Rngs):
         check_remat(remat)
         self.config = config
         self.remat = remat
         self.remat_names = tuple(remat_names)
+        self.scan_layers = scan_layers
         kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype)
         self.embed = Embed(config.vocab_size, config.d_model, std=config.init_std, rngs=rngs, **kw)
-        self.layers = nnx.List([
+        self.layers = LayerStack([
             DecoderBlock(config, layer=i, attention_backend=attention_backend, rngs=rngs)
             for i in range(config.n_layers)
-        ])
+        ], layer_groups)
         self.final_norm = RMSNorm(config.d_model, eps=config.rms_eps, **kw)
         self.lm_head = nnx.data(None) if config.tie_embeddings else Linear(
             config.d_model, config.vocab_size, std=config.init_std, axes=("embed", "vocab"),
@@ -283,33 +331,113 @@ class Llama(nnx.Module):
         positions: Int[Array, "b t"] | None = None,
         segment_ids: Int[Array, "b t"] | None = None,
         *,
-        selections: list[Selection | None] | None = None,
-    ) -> Float[Array, "b t d"]:
-        """Final-normed hidden states (before the LM head); the loss can chunk the head over them."""
+        selections: Sequence[Selection | None] | None = None,
+        layer_fn: Callable | None = None,
+        router: Callable | None = None,
+        kinds: Sequence[Hashable] | None = None,
+        inputs: Sequence[Any] | None = None,
+        carry: tuple = (),
+    ):
+        """Final-normed hidden states (before the LM head): embed → :meth:`run_layers` → norm.
+
+        ``selections`` (one per layer, None for dense) fixes each layer's token subset. The other
+        keywords are :meth:`run_layers`' hooks; with a ``layer_fn`` that returns per-layer outputs,
+        or a non-empty ``carry`` (extra loop state beside the residual stream), the result is
+        ``(hidden, carry, outputs)`` instead of the hidden states alone.
+        """
         positions = default_positions(tokens) if positions is None else positions
-        if selections is not None and len(selections) != len(self.layers):
-            raise ValueError(f"selections has {len(selections)} entries; the model has "
-                             f"{len(self.layers)} layers (use None for dense layers).")
+        if selections is not None:
+            if len(selections) != len(self.layers):
+                raise ValueError(f"selections has {len(selections)} entries; the model has "
+                                 f"{len(self.layers)} layers (use None for dense layers).")
+            if router is not None or inputs is not None:
+                raise ValueError("give selections, or a router and inputs, not both.")
+            kinds = tuple(s is not None for s in selections) if kinds is None else kinds
+            inputs = list(selections)
+            router = _given_selection
         h = shard_residual(self.embed(tokens))
-        run_block = self.block_runner()
-        for i, block in enumerate(self.layers):
-            h = shard_residual(run_block(block, h, positions, segment_ids,
-                                         None if selections is None else selections[i]))
-        return self.final_norm(h)
+        state = (h, *carry) if carry else h
+        state, outputs = self.run_layers(state, positions, segment_ids, layer_fn=layer_fn,
+                                         router=router, kinds=kinds, inputs=inputs)
+        hidden = self.final_norm(residual(state))
+        if carry or outputs is not None:
+            return hidden, state[1:] if carry else (), outputs
+        return hidden
+
+    def run_layers(self, carry, positions, segment_ids=None, *, layer_fn: Callable | None = None,
+                   router: Callable | None = None, kinds: Sequence[Hashable] | None = None,
+                   inputs: Sequence[Any] | None = None, start: int = 0, stop: int | None = None):
+        """The model's one loop over decoder layers ``start..stop-1``: ``(carry, outputs)``.
+
+        ``carry`` is the residual stream ``h`` [B, T, D] or ``(h, *extra)`` (e.g. KV caches).
+        Per layer: ``selection = router(block, h, layer)`` (None without a router; it runs outside
+        any remat region, so recomputation never re-selects), then ``carry, y = layer_fn(block,
+        carry, layer, selection)`` (default :func:`dense_layer`), rematerialised per ``remat``.
+        ``layer`` is a :class:`Layer`: index, positions, segment ids, the layer's entry of
+        ``inputs`` (one per model layer) and its ``kinds`` entry. Consecutive layers of one kind
+        run under one ``lax.scan`` (their ``inputs`` entries must share a structure, and so must
+        their ``y``); ``outputs`` lists the ``y`` of layers ``start..stop-1`` (None when all are).
+        """
+        n = len(self.layers)
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"layers {start}..{stop} out of range for {n} layers.")
+        kinds = (None,) * n if kinds is None else tuple(kinds)
+        if len(kinds) != n or (inputs is not None and len(inputs) != n):
+            raise ValueError(f"kinds and inputs need one entry per layer ({n}).")
+        body = _layer_body(self.rematerialised(layer_fn or dense_layer), router)
+        outputs = []
+        for a, b in self._segments(kinds, start, stop):
+            layer_inputs = None if inputs is None else inputs[a:b]
+            carry, ys = self._run_segment(a, b, body, carry, positions, segment_ids, kinds[a],
+                                          layer_inputs)
+            outputs.extend(None if ys is None else jax.tree.map(lambda y, j=j: y[j], ys)
+                           for j in range(b - a))
+        return carry, None if all(y is None for y in outputs) else outputs
+
+    def _segments(self, kinds, start: int, stop: int) -> list[tuple[int, int]]:
+        """Runs of equal kinds in ``start..stop-1``, cut at group boundaries."""
+        cuts = set(self.layers.starts)
+        out = []
+        for a, b in runs(kinds[start:stop]):
+            bounds = sorted({a + start, b + start} | {c for c in cuts if a + start < c < b + start})
+            out.extend(zip(bounds[:-1], bounds[1:], strict=True))
+        return out
+
+    def _run_segment(self, a, b, body, carry, positions, segment_ids, kind, inputs):
+        g, lo = self.layers.locate(a)
+        group = self.layers.groups[g]
+        graphdef, state = nnx.split(group)
+        size = self.layers.sizes[g]
+        stacked = state if (lo, b - a) == (0, size) else slice_state(state, lo, lo + b - a)
+        stacked_inputs = None if inputs is None or all(x is None for x in inputs) else \
+            jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
+
+        def step(carry, xs):
+            layer_state_, index, layer_inputs = xs
+            block = nnx.merge(graphdef, unstacked_state(layer_state_))
+            layer = Layer(index, positions, segment_ids, layer_inputs, kind)
+            carry, y = body(block, carry, layer)
+            return carry, (y, nnx.state(block, nnx.RngState))
+
+        indices = jnp.arange(a, b, dtype=jnp.int32)
+        if self.scan_layers and b - a > 1:
+            carry, (ys, rng) = jax.lax.scan(step, carry, (stacked, indices, stacked_inputs))
+        else:
+            per_layer = []
+            for j in range(b - a):
+                xs = jax.tree.map(lambda x, j=j: x[j], (stacked, indices, stacked_inputs))
+                carry, out = step(carry, xs)
+                per_layer.append(out)
+            ys, rng = jax.tree.map(lambda *o: jnp.stack(o), *per_layer)
+        _write_back_rng(group, rng, lo, b - a)
+        return carry, ys
 
     def rematerialised(self, layer_fn):
-        """``layer_fn(block, h, ...)`` checkpointed per ``self.remat`` (unchanged for ``"none"``);
-        method variants (LeMo, SUBLLM) wrap their own per-layer functions with it."""
+        """``layer_fn(block, *args)`` checkpointed per ``self.remat`` (unchanged for ``"none"``)."""
         if self.remat == "none":
             return layer_fn
         return checkpointed(layer_fn, remat_policy(self.remat, self.remat_names))
-
-    def block_runner(self):
-        """``f(block, h, positions, segment_ids, selection=None)``, rematerialised per ``self.remat``."""
-        def run(block, h, positions, segment_ids, selection=None):
-            return block(h, positions, segment_ids, selection)
-
-        return self.rematerialised(run)
 
     def head_weight(self) -> Float[Array, "d v"]:
         """The LM head matrix in the compute dtype (the embedding, transposed, when tied)."""
@@ -324,6 +452,33 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, selections=None):
         return self.head(self.hidden_states(tokens, positions, segment_ids, selections=selections))
+
+
+def _given_selection(block, h, layer: Layer):
+    """The router of ``hidden_states(selections=...)``: the layer's fixed selection."""
+    return layer.inputs
+
+
+def _layer_body(layer_fn, router):
+    """One layer: route (outside remat), run ``layer_fn``, keep the residual stream's layout."""
+    def body(block, carry, layer: Layer):
+        selection = None if router is None else router(block, residual(carry), layer)
+        carry, y = layer_fn(block, carry, layer, selection)
+        return _with_residual(carry, shard_residual(residual(carry))), y
+    return body
+
+
+def _write_back_rng(group: nnx.Module, rng: nnx.State, start: int, size: int) -> None:
+    """Store the RNG streams the layers advanced (LoRA dropout) back into the stacked group."""
+    new = jax.tree.leaves(rng)
+    if not new:
+        return
+    current = nnx.state(group, nnx.RngState)
+    leaves, treedef = jax.tree.flatten(current)
+    full = leaves[0].shape[0] == size and start == 0
+    updated = [n if full else c.at[start:start + size].set(n) for c, n in zip(leaves, new,
+                                                                              strict=True)]
+    nnx.update(group, jax.tree.unflatten(treedef, updated))
 
 
 def default_positions(tokens: Int[Array, "b t"]) -> Int[Array, "b t"]:

@@ -59,10 +59,10 @@ class LoRA(nnx.Module):
         return self.scale * jnp.dot(self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32))
 
 
-def target_linears(model: Llama, targets) -> list[tuple[str, Linear]]:
-    """(path, Linear) for every targeted projection in every layer."""
+def target_linears(blocks, targets) -> list[tuple[str, Linear]]:
+    """(path, Linear) for every targeted projection of every block in ``blocks``."""
     out = []
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(blocks):
         for name in targets:
             part, proj = _TARGET_PATHS[name]
             out.append((f"layers.{i}.{part}.{proj}", getattr(getattr(block, part), proj)))
@@ -71,19 +71,23 @@ def target_linears(model: Llama, targets) -> list[tuple[str, Linear]]:
 
 def add_lora(model: Llama, config: LoRAConfig = LoRAConfig(), *, rngs: nnx.Rngs) -> Llama:
     """Attach fresh adapters to ``config.targets`` in every layer (in place; returns ``model``)."""
-    for path, linear in target_linears(model, config.targets):
-        if linear.adapter is not None:
-            raise ValueError(f"{path} already has an adapter; merge_lora() or build a fresh model.")
-        d_in, d_out = linear.kernel.shape
-        linear.adapter = LoRA(d_in, d_out, config, param_dtype=jnp.float32, dtype=linear.dtype,
-                              axes=linear.kernel.get_metadata().get("logical_axes", (None, None)),
-                              rngs=rngs)
+    with model.layers.editing() as layers:
+        for path, linear in target_linears(layers, config.targets):
+            if linear.adapter is not None:
+                raise ValueError(f"{path} already has an adapter; merge_lora() or build a fresh "
+                                 "model.")
+            d_in, d_out = linear.kernel.shape
+            linear.adapter = LoRA(d_in, d_out, config, param_dtype=jnp.float32, dtype=linear.dtype,
+                                  axes=linear.kernel.get_metadata().get("logical_axes",
+                                                                        (None, None)),
+                                  rngs=rngs)
     return model
 
 
 def has_lora(model: Llama) -> bool:
+    # Every layer of a stack has the same structure: the first layer of each group tells.
     return any(isinstance(linear.adapter, LoRA)
-               for _, linear in target_linears(model, tuple(_TARGET_PATHS)))
+               for _, linear in target_linears(model.layers.groups, tuple(_TARGET_PATHS)))
 
 
 def lora_state(model: Llama) -> nnx.State:
@@ -93,10 +97,11 @@ def lora_state(model: Llama) -> nnx.State:
 
 def merge_lora(model: Llama) -> Llama:
     """Fold every adapter into its base kernel and remove it (in place), e.g. before HF export."""
-    for _, linear in target_linears(model, tuple(_TARGET_PATHS)):
-        if isinstance(linear.adapter, LoRA):
-            kernel = linear.kernel[...]
-            linear.kernel[...] = (kernel.astype(jnp.float32) + linear.adapter.delta()).astype(
-                kernel.dtype)
-            linear.adapter = None
+    with model.layers.editing() as layers:
+        for _, linear in target_linears(layers, tuple(_TARGET_PATHS)):
+            if isinstance(linear.adapter, LoRA):
+                kernel = linear.kernel[...]
+                linear.kernel[...] = (kernel.astype(jnp.float32) + linear.adapter.delta()).astype(
+                    kernel.dtype)
+                linear.adapter = None
     return model

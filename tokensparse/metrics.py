@@ -11,6 +11,8 @@ import dataclasses
 
 import jax
 
+from tokensparse.flops import compiled_flops
+
 
 @dataclasses.dataclass(frozen=True)
 class CompiledCost:
@@ -18,7 +20,7 @@ class CompiledCost:
     argument_bytes: int  # parameters, optimizer state, batch
     output_bytes: int
     alias_bytes: int  # outputs that reuse (donated) argument buffers
-    flops: float
+    flops: float  # matmul FLOPs, every loop iteration counted (tokensparse.flops)
 
     @property
     def total_bytes(self) -> int:
@@ -30,15 +32,12 @@ def compiled_memory(fn, *args, **kwargs) -> CompiledCost:
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     compiled = jitted.lower(*args, **kwargs).compile()
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):  # older jax returns one dict per computation
-        cost = cost[0] if cost else {}
     return CompiledCost(
         temp_bytes=int(mem.temp_size_in_bytes),
         argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes),
-        flops=float((cost or {}).get("flops", 0.0)),
+        flops=compiled_flops(compiled),
     )
 
 

@@ -21,7 +21,7 @@ from tokensparse import lora, routing, train
 from tokensparse.config import LeMoConfig
 from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo.mlp import keep_channels, recomputed_mlp, sparse_backward_mlp
-from tokensparse.llama import DecoderBlock, Llama, default_positions, shard_residual
+from tokensparse.llama import DecoderBlock, Llama
 from tokensparse.sharding import route_shards
 
 
@@ -50,11 +50,11 @@ def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...
             raise ValueError(f"the predictors score {predictors.block_size}-token blocks; "
                              f"LeMoConfig.block_size is {lemo.block_size}.")
     if lemo.mlp_mode == "channel_sparse_bwd":
-        for i, block in enumerate(model.layers):
-            if any(getattr(block.mlp, p).adapter is not None
+        for start, group in zip(model.layers.starts, model.layers.groups, strict=True):
+            if any(getattr(group.mlp, p).adapter is not None
                    for p in ("gate_proj", "up_proj", "down_proj")):
-                raise ValueError(f"layer {i} has LoRA on its MLP; LeMo's channel-sparse MLP backward "
-                                 "needs frozen MLP weights (use lemo.mlp_mode='dense').")
+                raise ValueError(f"layer {start} has LoRA on its MLP; LeMo's channel-sparse MLP "
+                                 "backward needs frozen MLP weights (use lemo.mlp_mode='dense').")
     return ratios
 
 
@@ -123,6 +123,47 @@ def lemo_block_fn(model: Llama, lemo: LeMoConfig):
                              mlp_keep=mlp_keep_channels(model, lemo))
 
 
+def lemo_layer_fn(model: Llama, lemo: LeMoConfig):
+    """:func:`lemo_block` as a :meth:`~tokensparse.llama.Llama.run_layers` layer function."""
+    run = lemo_block_fn(model, lemo)
+
+    def layer_fn(block, h, layer, selection):
+        return run(block, h, layer.positions, layer.segment_ids, selection), None
+    return layer_fn
+
+
+def layer_kinds(lemo: LeMoConfig, ratios: tuple[float, ...]) -> tuple[tuple, ...]:
+    """Each layer's kind for the layer loop: ``(keep_ratio, predictor layer or None)``. Layers of
+    one keep ratio run under one scan; with learned predictors (one module per layer) every
+    sparse layer is its own kind."""
+    per_layer = lemo.selector == "predictor"
+    return tuple((r, i if per_layer and r < 1.0 else None) for i, r in enumerate(ratios))
+
+
+def group_layers(model: Llama, lemo: LeMoConfig) -> Llama:
+    """Regroup ``model``'s stacked layers to match ``lemo``'s schedule (in place, outside ``jit``,
+    before building an optimizer), so that no scan over a run of layers slices (copies) weights."""
+    model.layers.regroup_for(layer_kinds(lemo, lemo.keep_ratios(len(model.layers))))
+    return model
+
+
+def lemo_router(model: Llama, lemo: LeMoConfig):
+    """The layer loop's router: a layer's fixed selection when given (``layer.inputs``), else the
+    top blocks by the predictor's or the oracle's scores of its normed input; None when dense."""
+    predictors = predictor.attached(model) if lemo.selector == "predictor" else None
+
+    def route(block, h, layer):
+        ratio, predictor_layer = layer.kind
+        if ratio >= 1.0:
+            return None
+        if layer.inputs is not None:
+            return layer.inputs
+        u = block.input_norm(jax.lax.stop_gradient(h))
+        layer_predictor = None if predictor_layer is None else predictors.for_layer(predictor_layer)
+        return layer_selection(block, u, ratio, lemo, layer_predictor)
+    return route
+
+
 def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,
                        *, lemo: LeMoConfig, selections=None) -> Float[Array, "b t d"]:
     """Final-normed hidden states of the LeMo forward (the loss applies the head).
@@ -133,20 +174,11 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
     if selections is not None and len(selections) != len(ratios):
         raise ValueError(f"selections has {len(selections)} entries; the model has {len(ratios)} "
                          "layers.")
-    positions = default_positions(tokens) if positions is None else positions
-    predictors = predictor.attached(model) if lemo.selector == "predictor" else None
-    run = model.rematerialised(lemo_block_fn(model, lemo))
-    h = shard_residual(model.embed(tokens))
-    for i, (block, ratio) in enumerate(zip(model.layers, ratios, strict=True)):
-        selection = None
-        if ratio < 1.0 and selections is not None:
-            selection = selections[i]
-        elif ratio < 1.0:
-            u = block.input_norm(jax.lax.stop_gradient(h))
-            selection = layer_selection(block, u, ratio, lemo,
-                                        predictors.for_layer(i) if predictors else None)
-        h = shard_residual(run(block, h, positions, segment_ids, selection))
-    return model.final_norm(h)
+    inputs = None if selections is None else [s if r < 1.0 else None
+                                               for s, r in zip(selections, ratios, strict=True)]
+    return model.hidden_states(tokens, positions, segment_ids, layer_fn=lemo_layer_fn(model, lemo),
+                               router=lemo_router(model, lemo), kinds=layer_kinds(lemo, ratios),
+                               inputs=inputs)
 
 
 def lemo_loss(model: Llama, batch, *, lemo: LeMoConfig, loss_segment: int = 0, selections=None,

@@ -19,7 +19,9 @@ Cost: about L/2 + 1 dense forwards per calibration window, no backward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -36,6 +38,36 @@ def _mean_loss(model: Llama, h, tokens, segment_ids):
     return total / jnp.maximum(weights.sum(), 1.0)
 
 
+def _dense_inputs(model: Llama, tokens, positions, segment_ids):
+    """Every layer's input in the dense forward, and the dense mean loss."""
+    def layer_fn(block, h, layer, _):
+        return lemo_block(block, h, layer.positions, layer.segment_ids, None), h
+
+    hidden, _, inputs = model.hidden_states(tokens, positions, segment_ids, layer_fn=layer_fn)
+    targets, weights = train.next_token_targets(tokens, segment_ids)
+    total = train.cross_entropy_sum(model.head(hidden), targets, weights)
+    return jnp.stack(inputs), total / jnp.maximum(weights.sum(), 1.0)
+
+
+def _probe_loss(model: Llama, h, tokens, positions, segment_ids, target, *, keep_ratio: float,
+                lemo: LeMoConfig):
+    """Loss with only layer ``target`` (traced) sparse, run from ``h``, its dense input: the layers
+    before it are skipped, those after it run dense (one compiled program for every target)."""
+    def layer_fn(block, h, layer, _):
+        def sparse(h):
+            selection = layer_selection(block, block.input_norm(h), keep_ratio, lemo)
+            return lemo_block(block, h, layer.positions, layer.segment_ids, selection)
+
+        def dense(h):
+            return lemo_block(block, h, layer.positions, layer.segment_ids, None)
+
+        branch = jnp.clip(layer.index - target + 1, 0, 2)  # before, at, after the target
+        return jax.lax.switch(branch, (lambda h: h, sparse, dense), h), None
+
+    h, _ = model.run_layers(h, positions, segment_ids, layer_fn=layer_fn)
+    return _mean_loss(model, h, tokens, segment_ids)
+
+
 def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> np.ndarray:
     """[n_batches, L]: each batch's loss with only layer l keeping ``keep_ratio`` of its blocks
     (selected as training selects them: ``lemo.selector``'s oracle scores, ``keep_first_block``),
@@ -48,31 +80,18 @@ def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> n
     for b in batches:
         check_lemo(model, lemo.replace(schedule="all", profile=None), b.tokens.shape[1])
 
-    @nnx.jit
-    def dense(block, h, positions, segment_ids):
-        return lemo_block(block, h, positions, segment_ids, None)  # the dense MLP: forwards are exact
-
-    @nnx.jit
-    def sparse(block, h, positions, segment_ids):
-        selection = layer_selection(block, block.input_norm(h), keep_ratio, lemo)
-        return lemo_block(block, h, positions, segment_ids, selection)
-
-    loss = nnx.jit(_mean_loss)
+    dense = nnx.jit(_dense_inputs)
+    probe = nnx.jit(functools.partial(_probe_loss, keep_ratio=keep_ratio, lemo=lemo))
     n_layers = len(model.layers)
     costs = np.zeros((len(batches), n_layers))
     for i, b in enumerate(batches):
         tokens = jnp.asarray(b.tokens)
         positions = default_positions(tokens) if b.positions is None else jnp.asarray(b.positions)
         segment_ids = None if b.segment_ids is None else jnp.asarray(b.segment_ids)
-        hidden = [model.embed(tokens)]  # hidden[l]: layer l's input in the dense forward
-        for block in model.layers:
-            hidden.append(dense(block, hidden[-1], positions, segment_ids))
-        dense_loss = float(loss(model, hidden[-1], tokens, segment_ids))
+        inputs, dense_loss = dense(model, tokens, positions, segment_ids)
         for layer in range(n_layers):
-            h = sparse(model.layers[layer], hidden[layer], positions, segment_ids)
-            for block in model.layers[layer + 1:]:
-                h = dense(block, h, positions, segment_ids)
-            costs[i, layer] = float(loss(model, h, tokens, segment_ids)) - dense_loss
+            loss = probe(model, inputs[layer], tokens, positions, segment_ids, jnp.int32(layer))
+            costs[i, layer] = float(loss) - float(dense_loss)
     return costs
 
 

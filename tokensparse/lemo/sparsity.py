@@ -84,7 +84,6 @@ def top_blocks(scores: Float[Array, " nb"], keep: float) -> Array:
     return jnp.zeros(scores.shape, bool).at[idx].set(True)
 
 
-@nnx.jit
 def layer_stats(block, h, positions, rows):
     """One layer on one window (batch 1): its statistics and the next residual stream."""
     u = block.input_norm(h)
@@ -110,14 +109,18 @@ def layer_stats(block, h, positions, rows):
 def window_stats(model, tokens: np.ndarray, n_rows: int) -> list[dict]:
     """Per-layer statistics of one window (``tokens`` [T])."""
     tokens = jnp.asarray(tokens, jnp.int32)[None]
-    positions = default_positions(tokens)
     rows = jnp.asarray(sample_rows(tokens.shape[1], n_rows))
-    h = model.embed(tokens)
-    out = []
-    for block in model.layers:
-        stats, h = layer_stats(block, h, positions, rows)
-        out.append(jax.device_get(stats))
-    return out
+    return jax.device_get(_all_layer_stats(model, tokens, rows))
+
+
+@nnx.jit
+def _all_layer_stats(model, tokens, rows):
+    def layer_fn(block, h, layer, _):
+        stats, h = layer_stats(block, h, layer.positions, rows)
+        return h, stats
+
+    _, outputs = model.run_layers(model.embed(tokens), default_positions(tokens), layer_fn=layer_fn)
+    return outputs
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:

@@ -45,18 +45,19 @@ def collect_targets(model: Llama, tokens, layer_ids: Sequence[int], opts: scorin
 
     X is the layer's normed input; the tiles score its pre-RoPE q, k (with whatever LoRA the model
     carries; training uses the frozen base). Jit it with :func:`nnx.jit`."""
-    positions = default_positions(tokens)
     wanted = set(layer_ids)
-    out = {}
-    h = model.embed(tokens)
-    for i, block in enumerate(model.layers):
-        if i > max(wanted):
-            break
-        if i in wanted:
+
+    def layer_fn(block, h, layer, _):
+        target = None
+        if layer.kind:
             u = block.input_norm(h)
-            out[str(i)] = (u, scoring.block_tiles(*pre_rope_qk(block, u), opts))
-        h = block(h, positions, None, None)
-    return out
+            target = (u, scoring.block_tiles(*pre_rope_qk(block, u), opts))
+        return block(h, layer.positions, layer.segment_ids, None), target
+
+    kinds = [i in wanted for i in range(len(model.layers))]
+    _, outputs = model.run_layers(model.embed(tokens), default_positions(tokens), layer_fn=layer_fn,
+                                  kinds=kinds, stop=max(wanted) + 1)
+    return {str(i): outputs[i] for i in sorted(wanted)}
 
 
 def weights_digest(model: nnx.Module) -> str:

@@ -27,7 +27,7 @@ from tokensparse import routing, train
 from tokensparse.config import LeMoConfig
 from tokensparse.lemo import scoring
 from tokensparse.lemo.model import check_lemo, lemo_block_fn, oracle_block_scores
-from tokensparse.llama import Llama, default_positions
+from tokensparse.llama import Llama
 
 
 def normalised_scores(column_scores: Float[Array, "b nb"]) -> Float[Array, "b nb"]:
@@ -47,19 +47,18 @@ def threshold_selection(column_scores, tau, block_size: int) -> routing.Selectio
 def _forward(model: Llama, batch, taus, lemo: LeMoConfig):
     """(cross entropy, per-layer kept fraction, per-layer mean normalised score) at thresholds."""
     tokens = batch.tokens
-    positions = default_positions(tokens) if batch.positions is None else batch.positions
     opts = scoring.ScoreOptions(block_size=lemo.block_size)
     run_block = lemo_block_fn(model, lemo)
-    kept, means = [], []
 
-    h = model.embed(tokens)
-    for i, block in enumerate(model.layers):
+    def layer_fn(block, h, layer, _):
         scores = oracle_block_scores(block, block.input_norm(h), opts)
-        selection = threshold_selection(scores, taus[i], lemo.block_size)
-        kept.append(jnp.mean(selection.valid))
-        means.append(jnp.mean(normalised_scores(scores)))
-        h = run_block(block, h, positions, batch.segment_ids, selection)
-    hidden = model.final_norm(h)
+        selection = threshold_selection(scores, layer.inputs, lemo.block_size)
+        h = run_block(block, h, layer.positions, layer.segment_ids, selection)
+        return h, (jnp.mean(selection.valid), jnp.mean(normalised_scores(scores)))
+
+    hidden, _, outputs = model.hidden_states(tokens, batch.positions, batch.segment_ids,
+                                             layer_fn=layer_fn, inputs=list(taus))
+    kept, means = zip(*outputs, strict=True)
     targets, weights = train.next_token_targets(tokens, batch.segment_ids)
     total = train.cross_entropy_sum(model.head(hidden), targets, weights)
     return total / jnp.maximum(weights.sum(), 1.0), jnp.stack(kept), jnp.stack(means)

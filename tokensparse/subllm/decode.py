@@ -24,11 +24,12 @@ from jaxtyping import Array, Float, Int
 from tokensparse import routing
 from tokensparse.decode import (
     DecodeCache,
-    block_decode,
-    block_prefill,
     check_prompt,
+    decode_layer,
     filled_cache,
     last_rows,
+    layer_slots,
+    prefill_layer,
     prompt_segments,
     write_slot,
 )
@@ -119,19 +120,11 @@ def prefill(model: SubLLM, tokens: Int[Array, "b t"], lengths: Int[Array, " b"],
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segment_ids = prompt_segments(lengths, t)
-    recorded: dict[int, tuple[Array, Array]] = {}
-
-    def record(op, block, h, pos, seg):
-        y, k, v = block_prefill(block, h, pos, seg)
-        recorded[op.index] = (k, v)
-        return y
-
     h, aux = model.forward(tokens, positions, segment_ids, mode="infer",
-                           capacities=lay.group_sizes[1:], layer_fn=record)
+                           capacities=lay.group_sizes[1:], layer_fn=prefill_layer)
     group_valid = [seg >= 0 for seg in [segment_ids, *aux["segment_ids"]]]
-    cache = filled_cache(model.layers, [recorded[i] for i in range(len(model.layers))], lay.layer_groups,
-                         lay.group_sizes, [positions, *aux["positions"]], group_valid,
-                         model.config.compute_dtype)
+    cache = filled_cache(aux["layer_outputs"], lay.layer_groups, lay.group_sizes,
+                         [positions, *aux["positions"]], group_valid, model.config.compute_dtype)
     return model.head(last_rows(h, lengths)), cache
 
 
@@ -139,12 +132,13 @@ def decode_step(model: SubLLM, cache: DecodeCache, tokens: Int[Array, " b"],
                 positions: Int[Array, " b"]) -> tuple[Float[Array, "b v"], DecodeCache]:
     """One new token per sequence at its original ``positions``: next-token logits and the cache."""
     lay = layout(model, cache.positions[0].shape[1])
-    state = {"keys": list(cache.keys), "values": list(cache.values),
+    state = {"keys": list(cache.key_stacks), "values": list(cache.value_stacks),
              "positions": list(cache.positions), "lengths": list(cache.lengths)}
     pos = positions.astype(jnp.int32)
     h, state = _run_region(model, lay, lay.root, model.embed(tokens[:, None]), pos, pos,
                            jnp.ones(pos.shape, bool), state)
-    cache = DecodeCache(*(tuple(state[k]) for k in ("keys", "values", "positions", "lengths")))
+    cache = DecodeCache(*(tuple(state[k]) for k in ("keys", "values", "positions", "lengths")),
+                        cache.layer_groups)
     return model.head(model.final_norm(h))[:, 0], cache
 
 
@@ -154,14 +148,29 @@ def _run_region(model: SubLLM, lay: Layout, region: Region, h, pos, group_pos, w
     slot = state["lengths"][g]
     state["positions"][g] = write_slot(state["positions"][g], group_pos, slot, write)
     state["lengths"][g] = slot + write.astype(slot.dtype)
-    for item in region.items:
+    slots = jnp.asarray([j for _, j in layer_slots(lay.layer_groups)], jnp.int32)
+    layer_fn = decode_layer(slots, state["positions"][g], slot, write)
+    for item in _layer_runs(region.items):
         if isinstance(item, Region):
             h, state = _subsample(model, lay, item, h, pos, slot, write, state)
         else:
-            h, state["keys"][item], state["values"][item] = block_decode(
-                model.layers[item], h, group_pos[:, None], state["keys"][item], state["values"][item],
-                state["positions"][g], slot, write)
+            (h, state["keys"][g], state["values"][g]), _ = model.run_layers(
+                (h, state["keys"][g], state["values"][g]), group_pos[:, None], layer_fn=layer_fn,
+                start=item[0], stop=item[1])
     return h, state
+
+
+def _layer_runs(items):
+    """A region's items with each run of consecutive layer indices replaced by ``(start, stop)``."""
+    out: list = []
+    for item in items:
+        if isinstance(item, Region):
+            out.append(item)
+        elif out and isinstance(out[-1], tuple) and out[-1][1] == item:
+            out[-1] = (out[-1][0], item + 1)
+        else:
+            out.append((item, item + 1))
+    return out
 
 
 def _subsample(model: SubLLM, lay: Layout, region: Region, x, pos, parent_slot, alive, state):

@@ -51,11 +51,14 @@ class SubLLM(Llama):
 
     def __init__(self, config: SubLLMConfig, *, attention_backend: str = "auto", remat: str = "none",
                  remat_names: tuple[str, ...] = ("qkv", "attn_core"), rngs: nnx.Rngs):
+        structure = parse_structure(config.structure, config.keep)
         super().__init__(config.model, attention_backend=attention_backend, remat=remat,
-                         remat_names=remat_names, rngs=rngs)
+                         remat_names=remat_names, rngs=rngs,
+                         layer_groups=[op[1] - op[0] for op in _layer_runs(structure.ops)
+                                       if isinstance(op, tuple)])
         mc = config.model
         self.subllm_config = config
-        self.structure = parse_structure(config.structure, config.keep)
+        self.structure = structure
         n_sub = self.structure.n_subsamplers
         self.scorers = nnx.List([Scorer(mc.d_model, dtype=jnp.float32, param_dtype=mc.weight_dtype,
                                         rngs=rngs) for _ in range(n_sub)])
@@ -84,8 +87,9 @@ class SubLLM(Llama):
         ``capacities`` (infer mode; one static int per subsampler) caps each threshold selection at
         ``min(capacity, level input length)`` instead of ``ceil(infer_capacity·N_in)``: decoding passes
         its cache sizes so a prefill decides exactly as the forward of the whole generated sequence.
-        ``layer_fn(op, block, h, positions, segment_ids) -> h`` replaces the layer call (prefill uses
-        it to record each layer's keys and values).
+        ``layer_fn`` replaces the layer function of :meth:`~tokensparse.llama.Llama.run_layers`
+        (prefill uses it to record each layer's keys and values); what it returns per layer is in
+        ``aux["layer_outputs"]`` (one entry per layer, None without).
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {MODES}.")
@@ -101,15 +105,14 @@ class SubLLM(Llama):
         if capacities is not None and len(capacities) != self.structure.n_subsamplers:
             raise ValueError(f"capacities has {len(capacities)} entries; the structure has "
                              f"{self.structure.n_subsamplers} subsamplers.")
-        run_block = self.block_runner()
-        if layer_fn is None:
-            def layer_fn(op, block, h, positions, segment_ids):
-                return run_block(block, h, positions, segment_ids)
+        layer_outputs: list[Any] = [None] * len(self.layers)
         h = shard_residual(self.embed(tokens))
         stack: list[tuple] = []
-        for op in self.structure.ops:
-            if op.kind == "layer":
-                h = shard_residual(layer_fn(op, self.layers[op.index], h, positions, segment_ids))
+        for op in _layer_runs(self.structure.ops):
+            if isinstance(op, tuple):  # a run of consecutive layers at one level
+                h, outputs = self.run_layers(h, positions, segment_ids, layer_fn=layer_fn,
+                                             start=op[0], stop=op[1])
+                layer_outputs[op[0]:op[1]] = outputs or [None] * (op[1] - op[0])
             elif op.kind == "down":
                 key = None if rng is None else jax.random.fold_in(rng, op.index)
                 cap = None if capacities is None else capacities[op.index]
@@ -133,6 +136,7 @@ class SubLLM(Llama):
                     h = self.bypasses[op.index](x, u, limit_active=active, step=step)
                 else:
                     h = self.bypasses[op.index](x, u)
+        aux["layer_outputs"] = layer_outputs
         return self.final_norm(h), aux
 
     def _select(self, op, h, segment_ids, mode: str, step, key, capacity: int | None = None):
@@ -169,6 +173,19 @@ class SubLLM(Llama):
                  rng: Array | None = None, force_unit_weights: bool = False):
         return self.head(self.hidden_states(tokens, positions, segment_ids, mode=mode, step=step,
                                             rng=rng, force_unit_weights=force_unit_weights))
+
+
+def _layer_runs(ops):
+    """The structure's ops with each run of consecutive layer ops replaced by ``(start, stop)``."""
+    out: list = []
+    for op in ops:
+        if op.kind == "layer" and out and isinstance(out[-1], tuple) and out[-1][1] == op.index:
+            out[-1] = (out[-1][0], op.index + 1)
+        elif op.kind == "layer":
+            out.append((op.index, op.index + 1))
+        else:
+            out.append(op)
+    return out
 
 
 def parent_ranks(segment_ids: Int[Array, "b n"]) -> Int[Array, "b n"]:
