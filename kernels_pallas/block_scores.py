@@ -7,15 +7,15 @@ For query block m and key block n (``block_size`` tokens each) the kernel comput
 and 0 where no (i, j) pair is valid. One program handles one query block of one batch row: it walks
 the key blocks (only n <= m when ``causal``), sums the positive per-head logits of each 64 x 64 tile
 in fp32 and keeps the tile's maximum, so HBM only ever holds q, k and the [B, n_b, n_b] result.
-This is the definition of ``tokensparse.lemo.scoring.block_scores_reference`` up to where the
-normaliser and the −inf of empty key blocks are applied (the caller does both: they are O(n_b²)).
+This is :func:`kernels_pallas.reference.block_scores_reference` with ``normalizer`` folded into
+``scale`` and without the −inf of empty key columns (``reference.empty_columns_neginf`` adds them).
 
 Scores drive a discrete choice and carry no gradient: :func:`block_tiles` stops it, so ``jax.grad``
 through it is zero (and never needs a VJP of the ``pallas_call``).
 
 Lowering: Triton (GPU) or ``interpret=True`` (any platform; the CPU tests). Head counts, the head
 dim and the number of blocks are padded to powers of two for Triton; the loops only visit the real
-ones. A TPU lowering is not written: on TPU the XLA scan in ``tokensparse.lemo.scoring`` is used.
+ones. There is no TPU lowering; :func:`supports` says so there.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Bool, Float
+
+from kernels_pallas.reference import platform_target
 
 
 def _next_pow2(n: int) -> int:
@@ -130,12 +132,14 @@ def block_tiles(
     return tiles[:, :, :nb]
 
 
-def supports(block_size: int) -> str | None:
-    """None when :func:`block_tiles` runs natively here (or interpret mode is forced); else why not."""
-    from kernels_pallas.register import gpu_reason, interpret_forced
-
-    if not interpret_forced() and (reason := gpu_reason()) is not None:
+def supports(q, k, *, block_size: int) -> str | None:
+    """None when :func:`block_tiles` can score these inputs here (natively, or interpreted when
+    ``TOKENSPARSE_PALLAS_INTERPRET`` is set); otherwise a short reason. Shape errors are left to
+    :func:`block_tiles`, which raises them."""
+    if (reason := platform_target(("triton",)).reason) is not None:
         return reason
-    if block_size < 16 or block_size != _next_pow2(block_size):
+    if q.dtype != k.dtype:
+        return f"q and k dtypes differ ({q.dtype}, {k.dtype})"
+    if not (isinstance(block_size, int) and block_size >= 16 and block_size == _next_pow2(block_size)):
         return f"block_size {block_size} is not a power of two >= 16"
     return None

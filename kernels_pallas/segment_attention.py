@@ -1,7 +1,7 @@
 """Flash attention masked by original positions and segment ids, as Pallas kernels with a custom_vjp.
 
-The mask is the one of :func:`tokensparse.attention.attention_mask`: a query at position p sees a key
-at position p' iff p' <= p (when causal) and both carry the same segment id >= 0. This serves packed
+The mask is :func:`kernels_pallas.reference.visible`: a query at position p sees a key at position
+p' iff p' <= p (when causal) and both carry the same segment id >= 0. This serves packed
 documents, compacted token subsets (a Selection keeps positions ascending, so causal order survives
 compaction) and padded slots (segment id < 0, whose output row is exactly zero).
 
@@ -15,7 +15,8 @@ Softmax statistics are kept in fp32 in base 2; the forward saves the per-row log
 backward, which runs as two kernels (dq over query tiles; dk/dv over key tiles, summing the query
 heads of a group inside the kernel). Lowering: Triton (GPU) or ``interpret=True`` (any platform,
 used by the CPU tests). The Mosaic (TPU) variant is ``segment_attention_tpu``; both share the tile
-schedule, padding and argument checks of ``tile_schedule``.
+schedule, padding and argument checks of ``tile_schedule``, and the mask rule and
+:class:`~kernels_pallas.reference.BlockSizes` of ``reference``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from kernels_pallas import tile_schedule as ts
+from kernels_pallas.reference import BlockSizes, visible
 from kernels_pallas.tile_schedule import EMPTY_LSE as _EMPTY_LSE
 from kernels_pallas.tile_schedule import LOG2E as _LOG2E
 from kernels_pallas.tile_schedule import M_INIT as _M_INIT
@@ -40,12 +42,7 @@ from kernels_pallas.tile_schedule import M_INIT as _M_INIT
 class Config:
     """Static kernel parameters (hashable: it is a non-differentiable argument of the custom_vjp)."""
 
-    block_q: int = 64
-    block_k: int = 64
-    block_q_dq: int = 64
-    block_k_dq: int = 64
-    block_q_dkv: int = 64
-    block_k_dkv: int = 64
+    blocks: BlockSizes = BlockSizes()  # every size set (the wrapper fits them)
     num_warps: int | None = None
     num_stages: int = 2
     num_warps_bwd: int | None = None
@@ -67,14 +64,12 @@ def _dot(a, b, cfg: Config, *, trans_a: bool = False, trans_b: bool = False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _mask(q_pos, q_seg, kv_pos, kv_seg, cfg: Config):
-    mask = None
-    if cfg.use_segments:
-        mask = (q_seg[:, None] == kv_seg[None, :]) & (q_seg[:, None] >= 0)
-    if cfg.causal:
-        causal = kv_pos[None, :] <= q_pos[:, None]
-        mask = causal if mask is None else mask & causal
-    return mask
+def _masked(s, q_pos, q_seg, kv_pos, kv_seg, cfg: Config):
+    """Logits ``s`` of a (query tile, key tile) pair, -inf where the rule of ``reference`` hides the
+    key (only the ids the rule reads are used)."""
+    segs = (q_seg[:, None], kv_seg[None, :]) if cfg.use_segments else (None, None)
+    mask = visible(q_pos[:, None], kv_pos[None, :], *segs, causal=cfg.causal)
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
 def _three_loops(sched_ref, body, carry):
@@ -88,7 +83,7 @@ def _three_loops(sched_ref, body, carry):
 def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref,
                 o_ref, lse_ref, *, cfg: Config):
     block_q, d = q_ref.shape
-    block_k = cfg.block_k
+    block_k = cfg.blocks.block_k
     q = q_ref[...]
     q_pos, q_seg = qpos_ref[...], qseg_ref[...]
     scale = cfg.scale * _LOG2E
@@ -99,7 +94,7 @@ def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, ks
         k = k_ref[kv, :]
         s = _dot(q, k, cfg, trans_b=True) * scale
         if masked:
-            s = jnp.where(_mask(q_pos, q_seg, kpos_ref[kv], kseg_ref[kv], cfg), s, -jnp.inf)
+            s = _masked(s, q_pos, q_seg, kpos_ref[kv], kseg_ref[kv], cfg)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -119,7 +114,7 @@ def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, ks
 def _dq_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref,
                do_ref, lse_ref, delta_ref, dq_ref, *, cfg: Config):
     block_q, d = q_ref.shape
-    block_k = cfg.block_k_dq
+    block_k = cfg.blocks.block_k_dq
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     q_pos, q_seg = qpos_ref[...], qseg_ref[...]
@@ -130,7 +125,7 @@ def _dq_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kse
         k = k_ref[kv, :]
         s = _dot(q, k, cfg, trans_b=True) * scale
         if masked:
-            s = jnp.where(_mask(q_pos, q_seg, kpos_ref[kv], kseg_ref[kv], cfg), s, -jnp.inf)
+            s = _masked(s, q_pos, q_seg, kpos_ref[kv], kseg_ref[kv], cfg)
         p = jnp.exp2(s - lse[:, None])
         dp = _dot(do, v_ref[kv, :], cfg, trans_b=True)
         ds = p * (dp - delta[:, None])
@@ -144,7 +139,7 @@ def _dkv_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, ks
                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: Config):
     block_k, d = k_ref.shape
     groups = q_ref.shape[1]  # query heads sharing this kv head
-    block_q = cfg.block_q_dkv
+    block_q = cfg.blocks.block_q_dkv
     k, v = k_ref[...], v_ref[...]
     kv_pos, kv_seg = kpos_ref[...], kseg_ref[...]
     scale = cfg.scale * _LOG2E
@@ -157,8 +152,7 @@ def _dkv_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, ks
             do = do_ref[rows, g, :]
             s = _dot(q, k, cfg, trans_b=True) * scale
             if masked:
-                s = jnp.where(_mask(qpos_ref[rows], qseg_ref[rows], kv_pos, kv_seg, cfg), s,
-                              -jnp.inf)
+                s = _masked(s, qpos_ref[rows], qseg_ref[rows], kv_pos, kv_seg, cfg)
             p = jnp.exp2(s - lse_ref[g, rows][:, None])
             dv = dv + _dot(p.astype(do.dtype), do, cfg, trans_a=True)
             dp = _dot(do, v, cfg, trans_b=True)
@@ -189,7 +183,7 @@ def _fwd_call(q, k, v, q_pos, q_seg, kv_pos, kv_seg, sched, cfg: Config):
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
-    bq = cfg.block_q
+    bq = cfg.blocks.block_q
     nq = tq // bq
     # Query tiles in reverse order: under a causal mask the last tiles do the most work.
     tile = lambda i: nq - 1 - i
@@ -222,7 +216,7 @@ def _dq_call(q, k, v, q_pos, q_seg, kv_pos, kv_seg, do, lse, delta, sched, cfg: 
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
-    bq = cfg.block_q_dq
+    bq = cfg.blocks.block_q_dq
     nq = tq // bq
     tile = lambda i: nq - 1 - i
     q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, tile(i), hi, 0))
@@ -255,7 +249,7 @@ def _dkv_call(q, k, v, q_pos, q_seg, kv_pos, kv_seg, do, lse, delta, sched, cfg:
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
-    bk = cfg.block_k_dkv
+    bk = cfg.blocks.block_k_dkv
     nk = tk // bk
     kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))
     # All query rows of the g query heads that share kv head hi: [Tq, g, D] and [g, Tq].
@@ -317,11 +311,11 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def default_config(head_dim: int, dtype) -> dict:
-    """Block sizes and launch parameters for :func:`segment_attention`.
+    """Keyword arguments of :func:`segment_attention` for this head dim and dtype: ``blocks`` and
+    the launch parameters.
 
-    Measured on an H100 (bf16, D=128, T=8192): forward 128x128 tiles with 8 warps, backward 64x64
-    with 4 warps (8 warps made the backward 1.7x slower). Larger head dims and fp32 halve the tiles
-    to stay within shared memory.
+    16-bit inputs with head dims up to 128 use 128x128 forward tiles with 8 warps; the backward uses
+    64x64 tiles with 4 warps. Larger head dims and fp32 halve the tiles to stay within shared memory.
     """
     half = jnp.dtype(dtype).itemsize <= 2
     width = head_dim * (1 if half else 2)  # bytes per row / 2
@@ -329,9 +323,10 @@ def default_config(head_dim: int, dtype) -> dict:
         fwd, bwd = (128, 128) if half else (64, 64), 64
     else:
         fwd, bwd = (64, 64), 32
-    return dict(block_q=fwd[0], block_k=fwd[1], block_q_dq=bwd, block_k_dq=bwd, block_q_dkv=bwd,
-                block_k_dkv=bwd, num_warps=8 if head_dim > 64 else 4, num_stages=2,
-                num_warps_bwd=4, num_stages_bwd=2)
+    blocks = BlockSizes(block_q=fwd[0], block_k=fwd[1], block_q_dq=bwd, block_k_dq=bwd,
+                        block_q_dkv=bwd, block_k_dkv=bwd)
+    return dict(blocks=blocks, num_warps=8 if head_dim > 64 else 4, num_stages=2, num_warps_bwd=4,
+                num_stages_bwd=2)
 
 
 def _next_pow2(n: int) -> int:
@@ -354,44 +349,37 @@ def segment_attention(
     kv_segment_ids: Int[Array, "b tk"] | None = None,
     causal: bool = True,
     scale: float | None = None,
-    block_q: int = 64,
-    block_k: int = 64,
-    block_q_dq: int | None = None,
-    block_k_dq: int | None = None,
-    block_q_dkv: int | None = None,
-    block_k_dkv: int | None = None,
+    blocks: BlockSizes | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
     num_warps_bwd: int | None = None,
     num_stages_bwd: int = 2,
     interpret: bool = False,
 ) -> Float[Array, "b tq h d"]:
-    """Flash attention with the position/segment mask of ``tokensparse.attention``; differentiable.
+    """Flash attention under the mask rule of ``kernels_pallas.reference``; differentiable.
 
-    Lengths need not be multiples of the blocks: rows are padded with segment -1 inside. A head dim
-    that is not a power of two is zero-padded. Backward blocks default to the forward ones.
+    ``blocks`` (default ``BlockSizes()``: 64x64 everywhere) are rounded to powers of two of at least
+    16 and at most what the sequence needs. Lengths need not be multiples of the blocks: rows are
+    padded with segment -1 inside. A head dim that is not a power of two is zero-padded.
     """
     ts.check_inputs(q, k, v, "segment_attention")
     tq, d, tk = q.shape[1], q.shape[3], k.shape[1]
     scale = ts.resolve_scale(scale, d)
-    bq = _clamp(block_q, tq)
-    bk = _clamp(block_k, tk)
-    bq_dq, bk_dq = _clamp(block_q_dq or block_q, tq), _clamp(block_k_dq or block_k, tk)
-    bq_dkv, bk_dkv = _clamp(block_q_dkv or block_q, tq), _clamp(block_k_dkv or block_k, tk)
-    tq_pad = -(-tq // max(bq, bq_dq, bq_dkv)) * max(bq, bq_dq, bq_dkv)
-    tk_pad = -(-tk // max(bk, bk_dq, bk_dkv)) * max(bk, bk_dq, bk_dkv)
+    blocks = blocks or BlockSizes()
+    q_sizes = tuple(_clamp(x, tq) for x in blocks.q_sizes)
+    k_sizes = tuple(_clamp(x, tk) for x in blocks.k_sizes)
+    blocks = BlockSizes.from_sizes(q_sizes, k_sizes)
+    tq_pad, tk_pad = ts.round_up(tq, max(q_sizes)), ts.round_up(tk, max(k_sizes))
     padded = tq_pad != tq or tk_pad != tk
     use_segments = padded or q_segment_ids is not None or kv_segment_ids is not None
-    cfg = Config(block_q=bq, block_k=bk, block_q_dq=bq_dq, block_k_dq=bk_dq, block_q_dkv=bq_dkv,
-                 block_k_dkv=bk_dkv, num_warps=num_warps, num_stages=num_stages,
+    cfg = Config(blocks=blocks, num_warps=num_warps, num_stages=num_stages,
                  num_warps_bwd=num_warps_bwd, num_stages_bwd=num_stages_bwd, interpret=interpret,
                  causal=causal, use_segments=use_segments, scale=scale)
 
     q_pos, q_seg, kv_pos, kv_seg = ts.padded_layout(q_positions, kv_positions, q_segment_ids,
                                                      kv_segment_ids, tq_pad, tk_pad)
     sched_fwd, sched_dq, sched_dkv = ts.schedules(
-        q_pos, q_seg, kv_pos, kv_seg, fwd=(bq, bk), dq=(bq_dq, bk_dq), dkv=(bq_dkv, bk_dkv),
-        causal=causal)
+        q_pos, q_seg, kv_pos, kv_seg, fwd=blocks.fwd, dq=blocks.dq, dkv=blocks.dkv, causal=causal)
 
     d_pad = max(16, _next_pow2(d))
     qp, kp, vp = (jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_pad - d)))

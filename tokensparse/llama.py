@@ -19,14 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from tokensparse import routing
 from tokensparse.attention import attention
 from tokensparse.config import ModelConfig
 from tokensparse.layer_stack import LayerStack, runs, slice_state, unstacked_state
-from tokensparse.remat import check_remat, checkpointed, remat_policy
+from tokensparse.remat import check_remat, checkpointed, remat_policy, tag, tagging, uses_names
 from tokensparse.rope import apply_rope, inverse_frequencies
 from tokensparse.routing import Selection
 from tokensparse.sharding import constrain
@@ -211,27 +210,27 @@ class DecoderBlock(nnx.Module):
             seg = jnp.zeros(positions.shape, jnp.int32) if segment_ids is None else segment_ids
             rows_pos = routing.gather(positions, selection)
             rows_seg = routing.gather(seg, selection, fill_value=-1)
-        q, k, v = checkpoint_name(checkpointed(_normed_qkv)(self, x, rows_pos, selection), "qkv")
+        q, k, v = tag(checkpointed(_normed_qkv)(self, x, rows_pos, selection), "qkv")
         q, k, v = shard_qkv(q, k, v)
         kv_pos = kv_seg = None
         if kv_cache is not None:
             k, v, kv_pos, kv_seg = kv_cache(k, v)
-        out = checkpoint_name(self.attn.core(q, k, v, rows_pos, rows_seg, kv_pos, kv_seg),
+        out = tag(self.attn.core(q, k, v, rows_pos, rows_seg, kv_pos, kv_seg),
                               "attn_core")
         h, normed = checkpointed(_residual_and_norm)(self, x, out, selection)
-        return checkpoint_name(h, "attn_out"), normed
+        return tag(h, "attn_out"), normed
 
     def feed_forward(self, h: Float[Array, "b t d"], normed=None, mlp=None) -> Float[Array, "b t d"]:
         """``h + mlp(post_attn_norm(h))``; ``normed`` reuses a computed norm, ``mlp`` replaces the
         module's MLP call (LeMo's channel-sparse backward)."""
         normed = self.post_attn_norm(h) if normed is None else normed
-        return h + checkpoint_name((mlp or self.mlp)(normed), "mlp_out")
+        return h + tag((mlp or self.mlp)(normed), "mlp_out")
 
     def __call__(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"],
                  segment_ids: Int[Array, "b t"] | None = None,
                  selection: Selection | None = None, kv_cache: Callable | None = None
                  ) -> Float[Array, "b t d"]:
-        x = checkpoint_name(x, "block_in")
+        x = tag(x, "block_in")
         return self.feed_forward(*self.attend_and_norm(x, positions, segment_ids, selection,
                                                        kv_cache))
 
@@ -389,8 +388,9 @@ class Llama(nnx.Module):
         outputs = []
         for a, b in self._segments(kinds, start, stop):
             layer_inputs = None if inputs is None else inputs[a:b]
-            carry, ys = self._run_segment(a, b, body, carry, positions, segment_ids, kinds[a],
-                                          layer_inputs)
+            with tagging(uses_names(self.remat)):
+                carry, ys = self._run_segment(a, b, body, carry, positions, segment_ids, kinds[a],
+                                              layer_inputs)
             outputs.extend(None if ys is None else jax.tree.map(lambda y, j=j: y[j], ys)
                            for j in range(b - a))
         return carry, None if all(y is None for y in outputs) else outputs
@@ -416,7 +416,10 @@ class Llama(nnx.Module):
         def step(carry, xs):
             layer_state_, index, layer_inputs = xs
             block = nnx.merge(graphdef, unstacked_state(layer_state_))
-            layer = Layer(index, positions, segment_ids, layer_inputs, kind)
+            # Tie positions and segment ids to the iteration: otherwise XLA hoists everything derived
+            # from them alone (attention masks of every tile) out of the loop and keeps it alive.
+            pos, seg, _ = jax.lax.optimization_barrier((positions, segment_ids, index))
+            layer = Layer(index, pos, seg, layer_inputs, kind)
             carry, y = body(block, carry, layer)
             return carry, (y, nnx.state(block, nnx.RngState))
 

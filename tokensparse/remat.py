@@ -17,10 +17,13 @@ the same: it computes the same values and saves nothing.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 REMAT_POLICIES = ("none", "full", "dots", "names", "offload")
 CHECKPOINT_NAMES = ("block_in", "qkv", "attn_core", "attn_out", "mlp_out")
@@ -43,6 +46,33 @@ def remat_policy(name: str, names: tuple[str, ...] = ("qkv", "attn_core")
             names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
             offload_src="device", offload_dst="pinned_host")
     return jax.checkpoint_policies.save_only_these_names(*names)
+
+
+_TAGGING = contextvars.ContextVar("tokensparse_remat_tagging", default=True)
+
+
+def tag(x, name: str):
+    """``checkpoint_name(x, name)``, unless tags are switched off (:func:`tagging`).
+
+    A tag is an identity op that only a names-based policy reads; elsewhere it costs nothing
+    unrolled, but under a scan over layers a tagged tensor and its untagged source (e.g. attention's
+    output, which its kernel also saves) become two saved values, stored twice."""
+    return checkpoint_name(x, name) if _TAGGING.get() else x
+
+
+@contextlib.contextmanager
+def tagging(enabled: bool):
+    """Tag activations (:func:`tag`) inside the block only when ``enabled``."""
+    token = _TAGGING.set(enabled)
+    try:
+        yield
+    finally:
+        _TAGGING.reset(token)
+
+
+def uses_names(name: str) -> bool:
+    """Whether remat policy ``name`` reads activation tags."""
+    return name in ("names", "offload")
 
 
 def check_remat(name: str) -> None:

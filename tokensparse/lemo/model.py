@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from tokensparse import lora, routing, train
@@ -22,6 +21,7 @@ from tokensparse.config import LeMoConfig
 from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo.mlp import keep_channels, recomputed_mlp, sparse_backward_mlp
 from tokensparse.llama import DecoderBlock, Llama
+from tokensparse.remat import tag
 from tokensparse.sharding import route_shards
 
 
@@ -98,7 +98,7 @@ def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *
     the MLP's input alone (:func:`recomputed_mlp`); ``"dense"`` the ordinary MLP. The caller picks
     the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any remat region, so
     recomputation never re-scores."""
-    h = checkpoint_name(h, "block_in")
+    h = tag(h, "block_in")
     h, normed = block.attend_and_norm(h, positions, segment_ids, selection)
     if mlp_mode == "recompute":
         return block.feed_forward(h, normed, functools.partial(recomputed_mlp, block.mlp))

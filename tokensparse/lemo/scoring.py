@@ -23,19 +23,28 @@ it while real blocks remain (a partially padded last block is a real block).
 Scores drive a discrete selection and carry no gradient (:func:`block_scores` stops it). Cost is
 O(H·T²·d), like attention, so use them for predictor targets, recall and ``selector="oracle"``, not
 in the default training hot path.
+
+The dense definition is ``kernels_pallas.reference.block_scores_reference`` (wrapped here with
+:class:`ScoreOptions`). :func:`block_tiles` dispatches through :mod:`tokensparse.backends` (kind
+``"block_scores"``): ``"xla"`` (a scan, any platform), ``"pallas"`` (the kernel), ``"auto"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from kernels_pallas import block_scores as _kernel
+from kernels_pallas import reference as _ref
+from kernels_pallas.reference import num_blocks as num_blocks  # re-exported
+from tokensparse import backends as _registry
 from tokensparse import routing
+
+KIND = "block_scores"
 
 
 @jax.tree_util.register_static
@@ -70,44 +79,9 @@ class ScoreOptions:
             raise ValueError(f"ScoreOptions.normalizer={self.normalizer} must be positive.")
 
 
-def num_blocks(seq_len: int, block_size: int) -> int:
-    """Blocks covering ``seq_len`` tokens; the last one may be partly padding."""
-    return -(-seq_len // block_size)
-
-
-def _token_mask(valid, b: int, t: int, block_size: int) -> Bool[Array, "b tp"]:
-    """The valid mask (all True by default), padded with False to a whole number of blocks."""
-    if valid is None:
-        valid = jnp.ones((b, t), bool)
-    elif valid.shape != (b, t):
-        raise ValueError(f"valid has shape {valid.shape}; expected [B, T] = {(b, t)}.")
-    pad = num_blocks(t, block_size) * block_size - t
-    return jnp.pad(valid.astype(bool), ((0, 0), (0, pad)))
-
-
-def _prepare(q, k, opts: ScoreOptions, valid):
-    """fp32 q, k and a token mask, all padded to a whole number of blocks; the logit factor."""
-    b, t, h, d = q.shape
-    if k.shape[:2] != (b, t) or k.shape[3] != d or h % k.shape[2]:
-        raise ValueError(f"q {q.shape} and k {k.shape} must be [B, T, H, D] and [B, T, Hkv, D] "
-                         f"with H a multiple of Hkv.")
-    valid = _token_mask(valid, b, t, opts.block_size)
-    pad = valid.shape[1] - t
-    q = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    k = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    return q, k, valid, _logit_factor(opts, h, d)
-
-
 def _logit_factor(opts: ScoreOptions, heads: int, head_dim: int) -> float:
     return (1.0 / math.sqrt(head_dim) if opts.scale_by_sqrt_d else 1.0) / (
         heads if opts.divide_by_heads else 1.0)
-
-
-def _empty_columns_neginf(tiles: Float[Array, "b nb nb"], valid: Bool[Array, "b tp"],
-                          block_size: int) -> Float[Array, "b nb nb"]:
-    """−inf in the columns of key blocks without a valid token (``valid`` padded to whole blocks)."""
-    key_ok = valid.reshape(valid.shape[0], -1, block_size).any(axis=-1)
-    return jnp.where(key_ok[:, None, :], tiles, -jnp.inf)
 
 
 def block_scores_reference(
@@ -117,26 +91,17 @@ def block_scores_reference(
     *,
     valid: Bool[Array, "b t"] | None = None,
 ) -> Float[Array, "b nb nb"]:
-    """The tile matrix ``tile[b, m, n]`` (query block m, key block n), densely.
+    """The tile matrix ``tile[b, m, n]`` (query block m, key block n), densely: the definition in
+    ``kernels_pallas.reference`` under ``opts``.
 
     Materialises the [B, H, T, T] logits: for tests and small inputs only. Columns of key blocks
     without a valid token are −inf, so :func:`column_scores` gives them −inf.
     """
     opts = opts or ScoreOptions()
-    q, k, valid, factor = _prepare(q, k, opts, valid)
-    bsz, tp, h, _ = q.shape
-    k = jnp.repeat(k, h // k.shape[2], axis=2)
-    logits = jnp.einsum("bihd,bjhd->bhij", q, k)
-    a = jnp.sum(jnp.maximum(logits, 0.0), axis=1) * factor
-    mask = valid[:, :, None] & valid[:, None, :]
-    if opts.exclude_diagonal:
-        mask = mask & ~jnp.eye(tp, dtype=bool)
-    a = jnp.where(mask, a, 0.0)
-    nb, bs = tp // opts.block_size, opts.block_size
-    tiles = a.reshape(bsz, nb, bs, nb, bs).max(axis=(2, 4)) / opts.normalizer
-    if opts.causal:
-        tiles = jnp.where(jnp.tril(jnp.ones((nb, nb), bool)), tiles, 0.0)
-    return _empty_columns_neginf(tiles, valid, bs)
+    return _ref.block_scores_reference(
+        q, k, block_size=opts.block_size, valid=valid,
+        scale=_logit_factor(opts, q.shape[2], q.shape[3]), normalizer=opts.normalizer,
+        causal=opts.causal, exclude_diagonal=opts.exclude_diagonal)
 
 
 def column_scores(tiles: Float[Array, "b nb nb"]) -> Float[Array, "b nb"]:
@@ -144,41 +109,19 @@ def column_scores(tiles: Float[Array, "b nb nb"]) -> Float[Array, "b nb"]:
     return jnp.sum(tiles, axis=1)
 
 
-BACKENDS = ("auto", "xla", "pallas")
-
-
-def _pallas_reason(block_size: int) -> str | None:
-    """None when the Pallas kernel can score here; otherwise why not."""
-    try:
-        from kernels_pallas import block_scores as kernel
-    except ImportError:  # a build without the kernels package
-        return "kernels_pallas is not installed"
-    return kernel.supports(block_size)
-
-
-def _resolve_backend(backend: str, block_size: int) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"block score backend={backend!r}; choose one of {BACKENDS}.")
-    if backend == "xla":
-        return "xla"
-    reason = _pallas_reason(block_size)
-    if reason is None:
-        return "pallas"
-    if backend == "pallas":
-        warnings.warn(f"block score backend 'pallas' unavailable ({reason}); using 'xla'.",
-                      stacklevel=3)
-    return "xla"
-
-
 def _pallas_tiles(q, k, opts: ScoreOptions, valid):
-    from kernels_pallas import block_scores as kernel
-
+    """:func:`block_tiles`' ``"pallas"`` backend: the kernel, plus the −inf of empty key columns."""
     factor = _logit_factor(opts, q.shape[2], q.shape[3])
-    return kernel.block_tiles(q, k, block_size=opts.block_size, valid=valid,
-                              scale=factor / opts.normalizer, causal=opts.causal,
-                              exclude_diagonal=opts.exclude_diagonal,
-                              # off a GPU only reachable when TOKENSPARSE_PALLAS_INTERPRET is set
-                              interpret=jax.default_backend() != "gpu")
+    tiles = _kernel.block_tiles(q, k, block_size=opts.block_size, valid=valid,
+                                scale=factor / opts.normalizer, causal=opts.causal,
+                                exclude_diagonal=opts.exclude_diagonal,
+                                interpret=_ref.platform_target(("triton",)).interpret)
+    mask = _ref.block_token_mask(valid, q.shape[0], q.shape[1], opts.block_size)
+    return _ref.empty_columns_neginf(tiles, mask, opts.block_size)
+
+
+def _pallas_supports(q, k, opts: ScoreOptions) -> str | None:
+    return _kernel.supports(q, k, block_size=opts.block_size)
 
 
 def block_tiles(
@@ -196,22 +139,20 @@ def block_tiles(
     result is n_b², i.e. T² / block²). K heads are shared by their query-head group instead of being
     repeated. ``"pallas"``: the tile-by-tile kernel of ``kernels_pallas.block_scores`` (GPU, or
     interpret mode when ``TOKENSPARSE_PALLAS_INTERPRET`` is set), which keeps even the slab in
-    on-chip memory; it falls back to ``"xla"`` with a warning where it cannot run. ``"auto"`` picks
-    the kernel where it runs natively. Computed in fp32 under ``stop_gradient``.
+    on-chip memory; named where it cannot run, it raises ``ValueError``. ``"auto"`` picks the kernel
+    where it runs, else the scan (:func:`resolve` says which). Computed in fp32 under
+    ``stop_gradient``.
     """
     opts = opts or ScoreOptions()
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    if _resolve_backend(backend, opts.block_size) == "pallas":
-        tiles = _pallas_tiles(q, k, opts, valid)
-        mask = _token_mask(valid, q.shape[0], q.shape[1], opts.block_size)
-        return _empty_columns_neginf(tiles, mask, opts.block_size)
-    return _scan_tiles(q, k, opts, valid)
+    return _registry.get(KIND, resolve(backend, q, k, opts)).fn(q, k, opts, valid)
 
 
 def _scan_tiles(q, k, opts: ScoreOptions, valid):
     """:func:`block_tiles`' ``"xla"`` backend: one query block per ``lax.scan`` step."""
-    q, k, valid, factor = _prepare(q, k, opts, valid)
+    q, k, valid = _ref.pad_to_blocks(q, k, valid, opts.block_size)
     bsz, tp, h, d = q.shape
+    factor = _logit_factor(opts, h, d)
     hkv, bs = k.shape[2], opts.block_size
     nb = tp // bs
     # [nb, B, bs, Hkv, G, D]: query blocks as the scanned axis, heads grouped by their K head.
@@ -234,7 +175,19 @@ def _scan_tiles(q, k, opts: ScoreOptions, valid):
         return carry, tiles
 
     _, rows = jax.lax.scan(row, None, (q_blocks, q_valid, block_ids))
-    return _empty_columns_neginf(rows.transpose(1, 0, 2), valid, bs)
+    return _ref.empty_columns_neginf(rows.transpose(1, 0, 2), valid, bs)
+
+
+_registry.define(KIND, fallback="xla")
+_registry.register(KIND, "xla", _registry.Backend(_scan_tiles))
+_registry.register(KIND, "pallas", _registry.Backend(_pallas_tiles, supports=_pallas_supports,
+                                                     priority=10))
+
+
+def resolve(backend: str, q, k, opts: ScoreOptions | None = None) -> str:
+    """The backend :func:`block_tiles` runs for ``backend`` on these q, k (arrays or
+    ``jax.ShapeDtypeStruct`` s); raises ``ValueError`` for a named backend that cannot run them."""
+    return _registry.resolve(KIND, backend, q, k, opts or ScoreOptions())
 
 
 def block_scores(
