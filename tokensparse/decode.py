@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from tokensparse.llama import Layer, Llama
+from tokensparse.layer_loop import Layer
+from tokensparse.llama import Llama
 
 
 @jax.tree_util.register_dataclass

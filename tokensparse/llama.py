@@ -11,7 +11,6 @@ Weights use the ``[in, out]`` layout; :mod:`tokensparse.hf` transposes Hugging F
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -21,10 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from tokensparse import routing
+from tokensparse import layer_loop, routing
 from tokensparse.attention import attention
 from tokensparse.config import ModelConfig
-from tokensparse.layer_stack import LayerStack, runs, slice_state, unstacked_state
+from tokensparse.layer_loop import Layer, residual, with_residual
+from tokensparse.layer_stack import LayerStack
 from tokensparse.remat import check_remat, checkpointed, remat_policy, tag, tagging, uses_names
 from tokensparse.rope import apply_rope, inverse_frequencies
 from tokensparse.routing import Selection
@@ -266,30 +266,9 @@ def _residual_and_norm(block: DecoderBlock, x, out, selection):
     return h, block.post_attn_norm(h)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """What a per-layer hook sees of the layer it runs (see :meth:`Llama.run_layers`)."""
-
-    index: Array  # the layer's index in the model (traced under a scan)
-    positions: Int[Array, "b t"]
-    segment_ids: Int[Array, "b t"] | None
-    inputs: Any  # this layer's entry of ``run_layers(inputs=...)`` (None without)
-    kind: Hashable = dataclasses.field(default=None, metadata=dict(static=True))
-
-
 def dense_layer(block: DecoderBlock, h, layer: Layer, selection: Selection | None):
     """The default layer function: the block itself, routed through ``selection``."""
     return block(h, layer.positions, layer.segment_ids, selection), None
-
-
-def residual(carry):
-    """The residual stream of a loop carry (``h`` or ``(h, *extra)``)."""
-    return carry[0] if isinstance(carry, tuple) else carry
-
-
-def _with_residual(carry, h):
-    return (h, *carry[1:]) if isinstance(carry, tuple) else h
 
 
 class Llama(nnx.Module):
@@ -377,64 +356,10 @@ class Llama(nnx.Module):
         run under one ``lax.scan`` (their ``inputs`` entries must share a structure, and so must
         their ``y``); ``outputs`` lists the ``y`` of layers ``start..stop-1`` (None when all are).
         """
-        n = len(self.layers)
-        stop = n if stop is None else stop
-        if not 0 <= start <= stop <= n:
-            raise ValueError(f"layers {start}..{stop} out of range for {n} layers.")
-        kinds = (None,) * n if kinds is None else tuple(kinds)
-        if len(kinds) != n or (inputs is not None and len(inputs) != n):
-            raise ValueError(f"kinds and inputs need one entry per layer ({n}).")
         body = _layer_body(self.rematerialised(layer_fn or dense_layer), router)
-        outputs = []
-        for a, b in self._segments(kinds, start, stop):
-            layer_inputs = None if inputs is None else inputs[a:b]
-            with tagging(uses_names(self.remat)):
-                carry, ys = self._run_segment(a, b, body, carry, positions, segment_ids, kinds[a],
-                                              layer_inputs)
-            outputs.extend(None if ys is None else jax.tree.map(lambda y, j=j: y[j], ys)
-                           for j in range(b - a))
-        return carry, None if all(y is None for y in outputs) else outputs
-
-    def _segments(self, kinds, start: int, stop: int) -> list[tuple[int, int]]:
-        """Runs of equal kinds in ``start..stop-1``, cut at group boundaries."""
-        cuts = set(self.layers.starts)
-        out = []
-        for a, b in runs(kinds[start:stop]):
-            bounds = sorted({a + start, b + start} | {c for c in cuts if a + start < c < b + start})
-            out.extend(zip(bounds[:-1], bounds[1:], strict=True))
-        return out
-
-    def _run_segment(self, a, b, body, carry, positions, segment_ids, kind, inputs):
-        g, lo = self.layers.locate(a)
-        group = self.layers.groups[g]
-        graphdef, state = nnx.split(group)
-        size = self.layers.sizes[g]
-        stacked = state if (lo, b - a) == (0, size) else slice_state(state, lo, lo + b - a)
-        stacked_inputs = None if inputs is None or all(x is None for x in inputs) else \
-            jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
-
-        def step(carry, xs):
-            layer_state_, index, layer_inputs = xs
-            block = nnx.merge(graphdef, unstacked_state(layer_state_))
-            # Tie positions and segment ids to the iteration: otherwise XLA hoists everything derived
-            # from them alone (attention masks of every tile) out of the loop and keeps it alive.
-            pos, seg, _ = jax.lax.optimization_barrier((positions, segment_ids, index))
-            layer = Layer(index, pos, seg, layer_inputs, kind)
-            carry, y = body(block, carry, layer)
-            return carry, (y, nnx.state(block, nnx.RngState))
-
-        indices = jnp.arange(a, b, dtype=jnp.int32)
-        if self.scan_layers and b - a > 1:
-            carry, (ys, rng) = jax.lax.scan(step, carry, (stacked, indices, stacked_inputs))
-        else:
-            per_layer = []
-            for j in range(b - a):
-                xs = jax.tree.map(lambda x, j=j: x[j], (stacked, indices, stacked_inputs))
-                carry, out = step(carry, xs)
-                per_layer.append(out)
-            ys, rng = jax.tree.map(lambda *o: jnp.stack(o), *per_layer)
-        _write_back_rng(group, rng, lo, b - a)
-        return carry, ys
+        with tagging(uses_names(self.remat)):
+            return layer_loop.run(self.layers, body, carry, positions, segment_ids, kinds=kinds,
+                                  inputs=inputs, start=start, stop=stop, scan=self.scan_layers)
 
     def rematerialised(self, layer_fn):
         """``layer_fn(block, *args)`` checkpointed per ``self.remat`` (unchanged for ``"none"``)."""
@@ -467,21 +392,8 @@ def _layer_body(layer_fn, router):
     def body(block, carry, layer: Layer):
         selection = None if router is None else router(block, residual(carry), layer)
         carry, y = layer_fn(block, carry, layer, selection)
-        return _with_residual(carry, shard_residual(residual(carry))), y
+        return with_residual(carry, shard_residual(residual(carry))), y
     return body
-
-
-def _write_back_rng(group: nnx.Module, rng: nnx.State, start: int, size: int) -> None:
-    """Store the RNG streams the layers advanced (LoRA dropout) back into the stacked group."""
-    new = jax.tree.leaves(rng)
-    if not new:
-        return
-    current = nnx.state(group, nnx.RngState)
-    leaves, treedef = jax.tree.flatten(current)
-    full = leaves[0].shape[0] == size and start == 0
-    updated = [n if full else c.at[start:start + size].set(n) for c, n in zip(leaves, new,
-                                                                              strict=True)]
-    nnx.update(group, jax.tree.unflatten(treedef, updated))
 
 
 def default_positions(tokens: Int[Array, "b t"]) -> Int[Array, "b t"]:
