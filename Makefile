@@ -55,7 +55,7 @@ bench-quality: $(STAMP)  ## hours on CPU: LeMo and SUBLLM quality, predictors; r
 		--workdir=$(QUALITY_WORKDIR)/lemo_predictor
 	$(BENCH).lemo_quality --base_seq_len=256 --base_steps=200 --seq_len=2048 --steps=150 \
 		--eval_batches=8 --nomlp_drop_ablation --workdir=$(QUALITY_WORKDIR)/lemo_quality \
-		--predictors=$(QUALITY_WORKDIR)/lemo_predictor/predictors \
+		--config.lemo.predictors=$(QUALITY_WORKDIR)/lemo_predictor/predictors \
 		--out=bench_results/lemo_quality_predictor.json
 	$(BENCH).subllm_quality
 	$(MAKE) plots

@@ -7,32 +7,49 @@ TPU pods, SLURM, Open MPI). ``jax.distributed.initialize`` runs before anything 
 run's mesh (``--config.mesh.*``) then spans every host's devices and each process loads only its own
 rows of each batch.
 
-Config values are checked (:func:`check_config`) right after flag parsing: a bad value is reported
-as the flag that set it (``--config.train.remat='bogus' must be one of ...``) before the corpus is
-read or anything is compiled."""
+The config file is an ml_collections ConfigDict generated from the library's config dataclasses
+(:mod:`experiments.config_dicts`); ``--config_help`` lists every field with its value and meaning.
+Right after flag parsing the config is built into the pipeline's dataclass, whose validation runs
+then: a bad value is reported as the flag that set it (``--config.train.remat='bogus' must be one
+of ...``) before the corpus is read or anything is compiled."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import _checks
+from experiments import _checks, run_configs
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"
 
 
-def define_flags(default_config: str):
-    with _checks.config_overrides_checked():
+def define_config(default_config: str, *, flag_values=flags.FLAGS, sys_argv=None):
+    """``--config`` (an experiment config file) with ``--config.PATH=VALUE`` overrides, and
+    ``--config_help``; ``flag_values`` / ``sys_argv`` let tests parse a private command line."""
+    with _checks.config_overrides_checked(sys_argv):
         config = config_flags.DEFINE_config_file(
             "config", str(CONFIGS / default_config),
             "ml_collections config file (default shown below); override any field with "
             "--config.<path>=VALUE, e.g. --config.train.steps=N, --config.train.remat=full, "
-            "--config.progress=False.")
+            "--config.lora.targets=q,v, --config.lemo.profile='[1.0, 0.5]', --config.progress=False. "
+            "--config_help lists every field.", flag_values=flag_values, sys_argv=sys_argv)
+    config_help = flags.DEFINE_bool("config_help", False, "Print every --config field with its value "
+                                    "(after the overrides given) and meaning, then exit.",
+                                    flag_values=flag_values)
+    return config, config_help
+
+
+def define_flags(default_config: str):
+    config, config_help = define_config(default_config)
     workdir = flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.jsonl, "
-                                  "checkpoints/); an existing one is resumed.", required=True)
+                                  "checkpoints/); an existing one is resumed.")
+    flags.register_multi_flags_validator(
+        [workdir, config_help], lambda f: f["workdir"] is not None or f["config_help"],
+        "--workdir is required (the run directory).")
     return config, workdir
 
 
@@ -65,88 +82,26 @@ def print_summary(summary: dict) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
-def _attention(c) -> None:
-    names = _checks.attention_backends()
-    if c.get("attention_backend", "auto") not in names:
-        raise ValueError(f"config.attention_backend={c.attention_backend!r} must be one of {names}.")
+CHECKS = run_configs.BUILDERS  # the run kinds check_config knows
 
 
-def _train(c):
-    from tokensparse import runs
-
-    tc = runs.build_train_config(c.train)
-    runs.sequence_layout(tc, runs.build_mesh(c))
-    return tc
-
-
-def _base(c) -> None:
-    from tokensparse import runs
-
-    runs.check_base(c.get("base", ""))
+def check_config(kind: str, c):
+    """The pipeline config of a ``kind`` run (``pretrain``, ``finetune``, ``train_predictors``) from
+    its ConfigDict, validated, and checked against this machine without data or weights; raises
+    ``ValueError`` naming the config key."""
+    return run_configs.build(kind, c)
 
 
-def _pretrain(c) -> None:
-    from tokensparse import runs
-    from tokensparse.config import preset_names
-    from tokensparse.subllm import training as subllm_training
-
-    _train(c)
-    if not isinstance(c.model, str):
-        if c.model.preset not in preset_names():
-            raise ValueError(f"config.model.preset={c.model.preset!r} is not a preset; available: "
-                             f"{preset_names()}.")
-        runs.build_model_config(c.model)
-    elif c.model not in runs.MODEL_KINDS:
-        raise ValueError(f"config.model={c.model!r} must be one of {runs.MODEL_KINDS} (SUBLLM or "
-                         "its dense twin), or a {preset, overrides} dict for a plain Llama.")
-    elif "subllm" not in c:
-        raise ValueError(f"config.model={c.model!r} needs config.subllm (a SUBLLM config file, "
-                         "e.g. experiments/configs/pretrain_subllm_small.py).")
-    else:
-        runs.build_subllm_config(c.subllm, c.model)
-        modes = list(c.subllm.eval_modes)
-        if not modes or set(modes) - set(subllm_training.EVAL_MODES):
-            raise ValueError(f"config.subllm.eval_modes={modes} must be a non-empty subset of "
-                             f"{subllm_training.EVAL_MODES}.")
-    _attention(c)
-
-
-def _finetune(c) -> None:
-    from tokensparse import runs
-
-    _base(c)
-    tc = _train(c)
-    _, lemo = runs.build_finetune_method(c)
-    if lemo is not None and tc.seq_len % lemo.block_size:
-        raise ValueError(f"config.train.seq_len={tc.seq_len} must be a multiple of "
-                         f"config.lemo.block_size={lemo.block_size}: LeMo keeps whole blocks.")
-    _attention(c)
-
-
-def _predictors(c) -> None:
-    from tokensparse import runs
-
-    _base(c)
-    runs.predictor_train_config(c.train)
-    _attention(c)
-
-
-CHECKS = {"pretrain": _pretrain, "finetune": _finetune, "train_predictors": _predictors}
-
-
-def check_config(kind: str, c) -> None:
-    """Build every part of a ``kind`` run's config that can be built without data or weights
-    (``kind``: a key of :data:`CHECKS`); raises ``ValueError`` naming the config key."""
-    CHECKS[kind](c)
-
-
-def main_for(run, config, workdir):
-    """An absl ``main`` that checks the config, runs ``run(config, workdir)`` (``run.__name__``
-    names its checks) and prints the summary."""
+def main_for(kind: str, config, workdir):
+    """An absl ``main`` that builds and checks the ``kind`` run's config, runs its pipeline and
+    prints the summary (``--config_help``: prints the config's fields instead)."""
     from absl import logging
 
     def main(argv):
         del argv
+        if flags.FLAGS["config_help"].value:
+            print(run_configs.describe(kind, config.value))
+            sys.exit(0)
         import jax  # here, not at module level: --help stays fast
 
         try:
@@ -156,11 +111,11 @@ def main_for(run, config, workdir):
         if options is not None:
             jax.distributed.initialize(**options)
         try:
-            check_config(run.__name__, config.value)
+            run = check_config(kind, config.value)
         except ValueError as e:
             _checks.fail(_checks.flag_for_config_error(str(e)))
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-        summary = run(config.value, workdir.value)
+        summary = run_configs.PIPELINES[kind](run, workdir.value)
         if jax.process_index() == 0:
             print_summary(summary)
 

@@ -4,7 +4,9 @@
         --config.base=PRETRAIN_WORKDIR_OR_HF_DIR [--config.method=lemo --config.train.steps=N]
 
 The context is extended with RoPE linear scaling (factor ceil(seq_len / base context)); LoRA is
-r=8, alpha=16 on q, k, v, o by default (--config.lora.*), LeMo's options are --config.lemo.*.
+r=8, alpha=16 on q, k, v, o by default (--config.lora.*, e.g. --config.lora.targets=q,v), LeMo's
+options are --config.lemo.* (e.g. --config.lemo.profile="[1.0, 0.4]"); --config_help lists every
+field with its value and meaning.
 Writes DIR/config.json, DIR/metrics.jsonl, DIR/checkpoints/ (LoRA state) and DIR/summary.json
 (dense validation perplexity; LeMo runs also the sparse one). Rerunning with the same DIR resumes;
 SIGTERM or Ctrl-C saves a checkpoint first. Progress with ETA goes to stderr
@@ -15,11 +17,10 @@ from absl import flags
 
 from experiments import _checks, _cli
 from experiments._cli import define_flags, main_for
-from tokensparse import runs
 
 _CONFIG, _WORKDIR = define_flags("finetune_small.py")
 
 flags.adopt_module_key_flags(_cli)  # --help lists --config and --workdir
 
 if __name__ == "__main__":
-    _checks.run(main_for(runs.finetune, _CONFIG, _WORKDIR))
+    _checks.run(main_for("finetune", _CONFIG, _WORKDIR))

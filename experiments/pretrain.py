@@ -8,19 +8,18 @@
 Writes DIR/config.json, DIR/metrics.jsonl (one JSON object per logged step), DIR/checkpoints/,
 DIR/summary.json, DIR/tokenizer.json and DIR/hf/ (the fine-tuning base, HF format). Rerunning with
 the same DIR resumes exactly; SIGTERM or Ctrl-C saves a checkpoint first. Progress (loss, tokens/s,
-ETA) goes to stderr; --config.progress=False turns it off. Bad flags and config values fail before
-anything is compiled.
+ETA) goes to stderr; --config.progress=False turns it off. --config_help lists every config field with
+its value and meaning. Bad flags and config values fail before anything is compiled.
 """
 
 from absl import flags
 
 from experiments import _checks, _cli
 from experiments._cli import define_flags, main_for
-from tokensparse import runs
 
 _CONFIG, _WORKDIR = define_flags("pretrain_tiny.py")
 
 flags.adopt_module_key_flags(_cli)  # --help lists --config and --workdir
 
 if __name__ == "__main__":
-    _checks.run(main_for(runs.pretrain, _CONFIG, _WORKDIR))
+    _checks.run(main_for("pretrain", _CONFIG, _WORKDIR))

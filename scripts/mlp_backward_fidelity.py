@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tokensparse import data, lora, runs, train
+from tokensparse import data, lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig
 from tokensparse.lemo import mlp as lemo_mlp
 from tokensparse.lemo.model import lemo_loss
+from tokensparse.pipelines.base import load_base
 
 
 def _randomised_lora(model, seed: int):
@@ -124,7 +125,8 @@ def _lemo_loss(model, batch, lemo):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="smollm2-135m", help="anything runs.load_base takes")
+    parser.add_argument("--base", default="smollm2-135m",
+                        help="anything tokensparse.pipelines.base.load_base takes")
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=1)
     parser.add_argument("--drops", default="0.5,0.8")
@@ -134,7 +136,7 @@ def main() -> None:
     if args.seq_len % 64 or args.windows < 1 or not all(0.0 <= p < 1.0 for p in drops):
         parser.error("--seq_len must be a multiple of 64, --windows >= 1, --drops in [0, 1).")
 
-    model, config, tokenizer = runs.load_base(args.base)
+    model, config, tokenizer = load_base(args.base)
     model = _randomised_lora(model, args.seed)
     corpus = data.load_corpus("shakespeare")
     tokenizer = tokenizer or data.get_tokenizer(corpus, config.vocab_size)

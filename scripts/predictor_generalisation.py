@@ -17,11 +17,11 @@ import pathlib
 import time
 
 import numpy as np
-from ml_collections import config_dict
 
-from tokensparse import runs
+from experiments import run_configs
 from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo import predictor_training as pt
+from tokensparse.pipelines import predictors as pipeline
 
 
 def standardise(c: np.ndarray) -> np.ndarray:
@@ -33,10 +33,10 @@ def main() -> None:
     parser.add_argument("workdir")
     parser.add_argument("--train_windows", type=int, default=16)
     args = parser.parse_args()
-    c = config_dict.ConfigDict(
+    run = run_configs.predictors_config(
         json.loads((pathlib.Path(args.workdir) / "config.json").read_text())["experiment"])
-    tc = runs.predictor_train_config(c.train)
-    model, config, train, held_out = runs.predictor_setup(c, tc)  # the run's own windows
+    tc = run.train
+    model, config, train, held_out = pipeline.predictor_setup(run)  # the run's own windows
     predictors = predictor.load_predictors(f"{args.workdir}/predictors", config)
     start = time.perf_counter()
     stored = pt.targets_directory(tc, args.workdir)  # the run's own targets, when still there
@@ -58,7 +58,7 @@ def main() -> None:
         for layer, (_, tiles) in held_cache(i).items():
             c_scores = np.asarray(scoring.column_scores(tiles), np.float64)[0]
             by_position.setdefault(layer, []).append(pt.recall_at(prior[layer], c_scores, tc.keep_ratio))
-    sparse = runs.predictor_sparse_layers(config, tc, on_held)
+    sparse = pipeline.predictor_sparse_layers(config, tc, on_held)
     key = f"@{tc.keep_ratio:g}"
     print(json.dumps({
         f"train_recall{key}": float(np.mean([on_train[i] for i in sparse])),

@@ -39,9 +39,9 @@ def _summary(per_layer: dict[str, dict[str, list[float]]]) -> dict:
 
 
 def _load_model(base: str, manifest: dict):
-    from tokensparse import runs  # the model is only needed for the estimators
+    from tokensparse.pipelines.base import load_base  # the model is only needed for the estimators
 
-    model = runs.load_base(base)[0]
+    model = load_base(base)[0]
     if weights_digest(model) != manifest["weights"]:
         raise SystemExit(f"--base={base} is not the model these targets were collected from "
                          "(weights digest differs).")

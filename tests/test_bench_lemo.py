@@ -48,7 +48,7 @@ def test_lemo_quality_smoke(tmp_path, predictor_smoke):
     shared, _, _ = predictor_smoke
     result, stdout = _bench("lemo_quality", tmp_path / "q.json", "--smoke", "--nomlp_drop_ablation",
                             "--nomlp_recompute", f"--base_workdir={shared / 'base'}",
-                            f"--predictors={shared / 'run' / 'predictors'}")
+                            f"--config.lemo.predictors={shared / 'run' / 'predictors'}")
     assert "[lemo_quality] fine-tuning lemo_mlp_drop0.8 " in stdout and "drop0.5" not in stdout
     summary = result["summary"]
     assert set(summary) == {"ppl_ratio", "sparse_ppl_ratio", "base_ppl@128",
@@ -146,12 +146,12 @@ def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
     # Another schedule is another LeMo run beside the first (base and LoRA rows reused). The
     # sensitivity schedule measures its profile once before fine-tuning; the mlp_drop 0.5 and
     # recomputed-MLP runs reuse it, and the rows report it. (Algorithm 1's tuning is the same path
-    # through runs.finetune: tests/test_experiments.py.)
+    # through tokensparse.pipelines.finetune: tests/test_experiments.py.)
     budgeted, stdout = _quality_with_fake_zoo(
         tmp_path / "q4.json", *[a for a in args if a not in ("--nomlp_drop_ablation",
                                                              "--nomlp_recompute")],
-        "--lemo_schedule=sensitivity", "--calibration_windows=1", "--keep_ratio=0.5",
-        "--loss_budget=10")
+        "--config.lemo.schedule=sensitivity", "--config.lemo.calibration_windows=1",
+        "--config.lemo.keep_ratio=0.5", "--config.lemo.loss_budget=10")
     name = "lemo_sensitivity_keep0.5_budget10"
     assert stdout.count("[lemo_quality] reusing") == 2
     assert f"fine-tuning {name}_mlp_drop0.8 " in stdout and f"fine-tuning {name}_mlp_drop0.5 " in stdout
@@ -171,8 +171,8 @@ def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
     # A profile file: its keep ratios, as given.
     given = tmp_path / "given.json"
     given.write_text(json.dumps({"profile": [1.0] + [0.75] * (n_layers - 1)}))
-    fixed, stdout = _quality_with_fake_zoo(tmp_path / "q5.json", *args, "--lemo_schedule=profile",
-                                           f"--lemo_profile={given}")
+    fixed, stdout = _quality_with_fake_zoo(tmp_path / "q5.json", *args,
+                                           "--config.lemo.schedule=profile", f"--lemo_profile={given}")
     assert "fine-tuning lemo_profile-given_mlp_drop0.8 " in stdout
     assert fixed["rows"][2]["keep_profile"] == [1.0] + [0.75] * (n_layers - 1)
 
@@ -190,7 +190,7 @@ def test_keep_profile_files_and_flags_are_checked(tmp_path):
     refused = _bench_with_fake_zoo("lemo_quality", tmp_path / "q.json", "--smoke",
                                    f"--lemo_profile={tmp_path / 'ok.json'}", check=False)
     assert refused.returncode != 0
-    assert "--lemo_profile is given exactly when --lemo_schedule=profile" in refused.stderr
+    assert "must be given exactly when config.lemo.schedule='profile'" in refused.stderr
     assert not (tmp_path / "q.json").exists()
 
 

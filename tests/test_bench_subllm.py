@@ -42,9 +42,9 @@ def test_subllm_quality_smoke(tmp_path):
     # Other SUBLLM options: a new SUBLLM run beside the first; the finished dense run is reused.
     options, stdout = _bench("subllm_quality", tmp_path / "q3.json", "--preset=subllm-tiny", "--steps=2",
                         "--seq_len=64", "--batch_size=2", "--eval_batches=1",
-                        f"--workdir={tmp_path / 'runs'}", "--balancer_statistic=proportion",
-                        "--bypass_init=0.9", "--balancer_margin=0.02", "--balancer_start_scale=0.5",
-                        "--balancer_start_steps=1")
+                        f"--workdir={tmp_path / 'runs'}", "--config.subllm.balancer_statistic=proportion",
+                        "--config.subllm.bypass_init=0.9", "--config.subllm.balancer_margin=0.02",
+                        "--config.subllm.balancer_start_scale=0.5", "--config.subllm.balancer_start_steps=1")
     assert f"reusing {tmp_path / 'runs' / 'dense'}" in stdout and "pretraining dense" not in stdout
     assert options["rows"][0]["val_loss"] == dense["val_loss"]  # the dense twin's run is shared
     settings = options["settings"]
@@ -57,9 +57,10 @@ def test_subllm_quality_smoke(tmp_path):
 
 def test_subllm_balancer_smoke(tmp_path):
     result, stdout = _bench("subllm_balancer", tmp_path / "b.json", "--steps=3", "--batch_size=2",
-                            "--seq_len=32", "--every=1", "--tail=2", "--seeds=0,1", "--bypass_init=0.9",
-                            "--balancer_margin=0.02", "--balancer_start_scale=0.5",
-                            "--balancer_start_steps=2", "--decompose")
+                            "--seq_len=32", "--every=1", "--tail=2", "--seeds=0,1",
+                            "--config.subllm.bypass_init=0.9", "--config.subllm.balancer_margin=0.02",
+                            "--config.subllm.balancer_start_scale=0.5",
+                            "--config.subllm.balancer_start_steps=2", "--decompose")
     rows = result["rows"]
     assert [(r["seed"], r["step"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     for row in rows:

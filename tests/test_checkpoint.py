@@ -136,7 +136,8 @@ def test_missing_and_extra_leaves_are_named(tmp_path, state):
         ckpt.restore(extra)
     wrong_model = {**_abstract(state), "params": jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((*x.shape, 2), x.dtype), state["params"])}
-    with pytest.raises(CheckpointError, match=r"(?s)\(21 leaves differ\).*\.\.\. 11 more"):
+    # 12 leaves: embedding, final norm, head and 9 stacked per-layer leaves (layers are stacked).
+    with pytest.raises(CheckpointError, match=r"(?s)\(12 leaves differ\).*\.\.\. 2 more"):
         ckpt.restore(wrong_model)
 
 

@@ -12,9 +12,10 @@ import pytest
 from _env import subprocess_env
 from ml_collections import config_dict
 
+from experiments import run_configs
 from experiments.configs import finetune_tiny, pretrain_tiny
-from tokensparse import runs
 from tokensparse.checkpoint import CheckpointError
+from tokensparse.pipelines import base, finetune, predictors, pretrain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -30,6 +31,14 @@ def _cli(module, workdir, *overrides, config=None, wait=True):
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _finetune(c, workdir):
+    return finetune.finetune(run_configs.finetune_config(c), workdir)
+
+
+def _pretrain(c, workdir):
+    return pretrain.pretrain(run_configs.pretrain_config(c), workdir)
 
 
 def _losses(workdir):
@@ -121,7 +130,7 @@ def _lemo_finetune_config(pretrained):
 def test_lemo_sparse_eval_equals_dense_eval_when_nothing_is_dropped(pretrained, tmp_path):
     c = _lemo_finetune_config(pretrained)
     c.lemo.block_size, c.lemo.keep_ratio, c.lemo.mlp_mode = 32, 1.0, "dense"
-    summary = runs.finetune(c, tmp_path)
+    summary = _finetune(c, tmp_path)
     assert math.isfinite(summary["val_sparse_loss"])
     assert summary["val_sparse_loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
     assert summary["val_sparse_ppl"] == pytest.approx(summary["val_ppl"], rel=1e-5)
@@ -132,7 +141,7 @@ def test_lemo_algorithm1_schedule_tunes_a_profile_then_trains_with_it(pretrained
     c = _lemo_finetune_config(pretrained)
     c.lemo.block_size, c.lemo.schedule = 32, "algorithm1"
     c.lemo.calibration_windows, c.lemo.tune_rounds = 1, 1
-    summary = runs.finetune(c, tmp_path)
+    summary = _finetune(c, tmp_path)
     tuned = json.loads((tmp_path / "lemo_profile.json").read_text())
     n_layers = json.loads((tmp_path / "config.json").read_text())["model"]["n_layers"]
     assert len(tuned["profile"]) == len(tuned["thresholds"]) == n_layers
@@ -146,7 +155,7 @@ def test_lemo_sensitivity_schedule_measures_a_profile_then_trains_with_it(pretra
     c = _lemo_finetune_config(pretrained)
     c.lemo.block_size, c.lemo.schedule, c.lemo.keep_ratio = 32, "sensitivity", 0.5
     c.lemo.calibration_windows, c.lemo.loss_budget = 1, 10.0  # affords every layer
-    summary = runs.finetune(c, tmp_path)
+    summary = _finetune(c, tmp_path)
     measured = json.loads((tmp_path / "lemo_profile.json").read_text())
     n_layers = json.loads((tmp_path / "config.json").read_text())["model"]["n_layers"]
     assert measured["schedule"] == "sensitivity" and len(measured["costs"]) == n_layers
@@ -172,14 +181,14 @@ def test_train_predictors_then_finetune_with_them(pretrained, tmp_path):
     c.base, c.method, c.progress = str(workdir), "lemo", False
     c.train.steps = 2
     c.lemo.block_size, c.lemo.predictors = 32, str(tmp_path / "pred" / "predictors")
-    with_predictors = runs.finetune(c, tmp_path / "ft")
+    with_predictors = _finetune(c, tmp_path / "ft")
     c.lemo.predictors = ""  # selector "auto": the oracle
-    with_oracle = runs.finetune(c, tmp_path / "ft_oracle")
+    with_oracle = _finetune(c, tmp_path / "ft_oracle")
     assert math.isfinite(with_predictors["val_sparse_loss"])
     assert with_predictors["val_sparse_loss"] != pytest.approx(with_oracle["val_sparse_loss"], abs=1e-6)
     c.lemo.selector = "predictor"
     with pytest.raises(ValueError, match="needs config.lemo.predictors"):
-        runs.finetune(c, tmp_path / "ft_bad")
+        _finetune(c, tmp_path / "ft_bad")
 
 
 def test_unknown_config_key_fails_before_compiling(tmp_path):
@@ -208,36 +217,36 @@ def _tiny(**train):
 @pytest.mark.xdist_group("test_experiments:pretrained")
 def test_bad_inputs_fail_with_clear_errors(tmp_path, pretrained):
     with pytest.raises(ValueError, match="seq_len"):
-        runs.pretrain(_tiny(seq_len=1), tmp_path / "a")
+        _pretrain(_tiny(seq_len=1), tmp_path / "a")
     c = _tiny()
     c.model.overrides.vocab_size = 300
     with pytest.raises(ValueError, match="vocab_size"):
-        runs.pretrain(c, tmp_path / "b")
+        _pretrain(c, tmp_path / "b")
     c = _tiny()
     c.data.source = str(tmp_path / "no_such_corpus")
     with pytest.raises((ValueError, FileNotFoundError), match="no_such_corpus"):
-        runs.pretrain(c, tmp_path / "c")
+        _pretrain(c, tmp_path / "c")
     empty = tmp_path / "empty"
     empty.mkdir()
     c.data.source = str(empty)
     with pytest.raises(ValueError, match="empty"):
-        runs.pretrain(c, tmp_path / "d")
+        _pretrain(c, tmp_path / "d")
     # A checkpoint written for another model shape is refused.
     workdir, _ = pretrained
     c = _tiny(steps=13)
     c.model.overrides.d_model = 32
     with pytest.raises(CheckpointError, match="d_model"):
-        runs.pretrain(c, workdir)
+        _pretrain(c, workdir)
     with pytest.raises(ValueError, match="base"):
         ft = finetune_tiny.get_config()
-        runs.finetune(ft, tmp_path / "e")
+        _finetune(ft, tmp_path / "e")
 
 
 def test_config_dicts_expose_every_model_field():
-    c = runs.model_config_dict("tiny")
+    c = run_configs.model_dict("tiny")
     assert isinstance(c, config_dict.ConfigDict)
     c.overrides.n_layers = 3
-    assert runs.build_model_config(c).n_layers == 3
+    assert run_configs.model_config(c).n_layers == 3
 
 
 @pytest.fixture
@@ -264,7 +273,7 @@ def fake_zoo(monkeypatch, tmp_path):
 
 
 def test_load_base_takes_a_zoo_name(fake_zoo):
-    model, config, tokenizer = runs.load_base("smollm2-135m", attention_backend="xla")
+    model, config, tokenizer = base.load_base("smollm2-135m", attention_backend="xla")
     assert fake_zoo == [("smollm2-135m", "xla")]
     assert config.vocab_size == 512 and tokenizer.get_vocab_size() == 512
     assert model.config == config
@@ -272,7 +281,7 @@ def test_load_base_takes_a_zoo_name(fake_zoo):
 
 def test_load_base_refuses_an_unknown_name_and_lists_the_zoo(fake_zoo):
     with pytest.raises(ValueError, match=r"neither an existing directory nor a zoo model.*smollm2-135m"):
-        runs.load_base("smollm3-9b")
+        base.load_base("smollm3-9b")
     assert fake_zoo == []
 
 
@@ -287,7 +296,7 @@ def test_finetune_and_train_predictors_from_a_zoo_base(fake_zoo, tmp_path):
     c.data.vocab_size = 8192  # ignored: the base's own tokenizer is used
     c.train.steps, c.train.checkpoint_every = 2, 2
     c.lemo.block_size = 32
-    summary = runs.finetune(c, tmp_path / "ft")
+    summary = _finetune(c, tmp_path / "ft")
     assert math.isfinite(summary["val_loss"]) and math.isfinite(summary["val_sparse_loss"])
     saved = json.loads((tmp_path / "ft" / "config.json").read_text())["model"]
     assert saved["rope_scaling"]["kind"] == "none"  # 256 fits the base's 512: no scaling
@@ -296,5 +305,5 @@ def test_finetune_and_train_predictors_from_a_zoo_base(fake_zoo, tmp_path):
     p = predictors_tiny.get_config()
     p.base, p.progress = "smollm2-135m", False
     p.train.steps, p.train.prune_until, p.train.checkpoint_every = 4, 3, 4
-    assert runs.train_predictors(p, tmp_path / "pred")["steps"] == 4
+    assert predictors.train_predictors(run_configs.predictors_config(p), tmp_path / "pred")["steps"] == 4
     assert [name for name, _ in fake_zoo] == ["smollm2-135m"] * 2

@@ -12,8 +12,8 @@ from flax import nnx
 
 from tokensparse import hf, lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
-from tokensparse.lemo import model as lemo_model
 from tokensparse.layer_stack import LayerStack, runs
+from tokensparse.lemo import model as lemo_model
 from tokensparse.llama import Llama
 
 CONFIG = preset("tiny").replace(n_layers=4)

@@ -209,9 +209,13 @@ def _reference(kind, seq, layout=None):
 
 
 def full_activation_all_gathers(hlo: str, t: int, d: int) -> list[str]:
-    """All-gathers in compiled HLO whose result is [b, t, d]: a whole residual stream."""
-    shapes = re.findall(r"= \w+\[(\d+),(\d+),(\d+)\][^ ]* all-gather\(", hlo)
-    return [s for s in shapes if s[1:] == (str(t), str(d))]
+    """All-gathers in compiled HLO whose result is [b, t, d], gathered over the batch or the
+    sequence: a whole residual stream. (Not an FSDP gather of a stacked [1, in, out] weight, over
+    its last dimension, which has the same shape when in, out = t, d.)"""
+    gathers = re.findall(r"= \w+\[(\d+),(\d+),(\d+)\][^ ]* all-gather\(.*?dimensions=\{([\d,]+)\}",
+                         hlo)
+    return [s[:3] for s in gathers if s[1:3] == (str(t), str(d))
+            and {"0", "1"} & set(s[3].split(","))]
 
 
 ZIGZAG = functools.partial(sharding.zigzag_order, shards=4, multiple=16)  # LeMo's 16-token blocks

@@ -11,10 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments import run_configs
 from experiments.configs import pretrain_subllm_tiny
-from tokensparse import data, runs, train
+from tokensparse import data, hf, train
 from tokensparse.config import TrainConfig
 from tokensparse.loop import check_resumable
+from tokensparse.pipelines import pretrain
 from tokensparse.subllm import training
 from tokensparse.subllm.balancer import balance, balancer_bands
 from tokensparse.subllm.model import SubLLM
@@ -137,11 +139,11 @@ def test_scorer_warmup_from_the_config():
     """``config.subllm.scorer_warmup=False`` reaches the optimiser and the run's metadata (where it is
     recorded only when off: runs written before the option resume)."""
     c = _config("subllm", 2)
-    tc = runs.build_train_config(c.train)
+    tc = run_configs.pretrain_config(c).train
     assert tc.warmup_steps > 0
     for flag in (True, False):
         c.subllm.scorer_warmup = flag
-        setup = runs.subllm_setup(c, "subllm", 512, tc)
+        setup = pretrain.subllm_setup(run_configs.pretrain_config(c), 512, tc)
         assert setup.metadata["subllm"].get("scorer_warmup", True) is flag
         assert ("scorer_warmup" in setup.metadata["subllm"]) is (not flag)
         params = nnx.state(setup.model, nnx.Param)
@@ -241,6 +243,10 @@ def _config(kind, steps, eval_modes=("infer", "topk")):
     return c
 
 
+def _pretrain(c, workdir):
+    return pretrain.pretrain(run_configs.pretrain_config(c), workdir)
+
+
 def _losses(workdir):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
@@ -249,7 +255,7 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def subllm_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("subllm")
-    return workdir, runs.pretrain(_config("subllm", 4), workdir)
+    return workdir, _pretrain(_config("subllm", 4), workdir)
 
 
 @pytest.mark.xdist_group("test_subllm_training:subllm_run")
@@ -269,21 +275,21 @@ def test_stats_of_a_level_behind_a_shut_one():
     model.scorers[0].weight[...] = jnp.zeros_like(model.scorers[0].weight[...])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's "mean of empty slice" would raise here
-        stats = runs.subllm_stats(model, _batch())
+        stats = pretrain.subllm_stats(model, _batch())
     assert stats["positive_fraction_0"] == 0.0 and stats["keep_rate_0"] == 0.0
     assert stats["positive_fraction_1"] is None and stats["keep_rate_1"] == 0.0
     with pytest.warns(RuntimeWarning, match=r"\[0, 1\] keep no token"):
-        assert runs.warn_shut_subsamplers(stats) == [0, 1]
+        assert pretrain.warn_shut_subsamplers(stats) == [0, 1]
 
 
 def test_a_shut_subsampler_is_warned_about():
     stats = {"positive_fraction_0": 0.7, "keep_rate_0": 0.7, "bypass_c_0": 0.5,
              "positive_fraction_1": 0.0, "keep_rate_1": 0.0, "bypass_c_1": 0.5}
     with pytest.warns(RuntimeWarning, match=r"subsampler\(s\) \[1\] keep no token"):
-        assert runs.warn_shut_subsamplers(stats) == [1]
+        assert pretrain.warn_shut_subsamplers(stats) == [1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert runs.warn_shut_subsamplers({**stats, "keep_rate_1": 0.01}) == []
+        assert pretrain.warn_shut_subsamplers({**stats, "keep_rate_1": 0.01}) == []
 
 
 @pytest.mark.xdist_group("test_subllm_training:subllm_run")
@@ -291,8 +297,8 @@ def test_a_shut_subsampler_is_warned_about():
 def test_pretrain_subllm_resumes_with_identical_losses(subllm_run, tmp_path):
     """The coins are a function of the step, so 2 steps + resume to 4 equals 4 straight steps."""
     straight, _ = subllm_run
-    runs.pretrain(_config("subllm", 2, ["infer"]), tmp_path)
-    runs.pretrain(_config("subllm", 4, ["infer"]), tmp_path)
+    _pretrain(_config("subllm", 2, ["infer"]), tmp_path)
+    _pretrain(_config("subllm", 4, ["infer"]), tmp_path)
     assert _losses(tmp_path) == _losses(straight)
 
 
@@ -303,7 +309,7 @@ def test_pretrain_on_an_fsdp_mesh_matches_one_device(subllm_run, tmp_path):
     straight, _ = subllm_run
     c = _config("subllm", 2, ["infer"])
     c.mesh.fsdp = 2
-    summary = runs.pretrain(c, tmp_path)
+    summary = _pretrain(c, tmp_path)
     got, want = _losses(tmp_path), _losses(straight)
     assert set(got) == {1, 2}
     for step, loss in got.items():
@@ -311,20 +317,29 @@ def test_pretrain_on_an_fsdp_mesh_matches_one_device(subllm_run, tmp_path):
     assert np.isfinite(summary["val_loss"])
     with pytest.raises(ValueError, match="config.mesh"):
         c.mesh.tensor = 0
-        runs.pretrain(c, tmp_path / "bad")
+        _pretrain(c, tmp_path / "bad")
 
 
 @pytest.mark.xdist_group("test_subllm_training:subllm_run")
+def _by_name(flat):
+    """{top-level name: {rest of the path: value}} of a flat parameter dict."""
+    out = {}
+    for path, var in flat.items():
+        out.setdefault(path[0], {})[path[1:]] = np.asarray(var[...])
+    return out
+
+
 def test_dense_twin_setup(subllm_run):
     """``config.model="dense"``: the same backbone (same seed → the same initial weights) without the
     SUBLLM modules, one evaluation mode, and its checkpoints are not interchangeable with SUBLLM's."""
-    tc = runs.build_train_config(_config("dense", 2).train)
-    twin = runs.subllm_setup(_config("dense", 2), "dense", 512, tc)
-    sub = runs.subllm_setup(_config("subllm", 2), "subllm", 512, tc)
+    tc = run_configs.pretrain_config(_config("dense", 2)).train
+    twin = pretrain.subllm_setup(run_configs.pretrain_config(_config("dense", 2)), 512, tc)
+    sub = pretrain.subllm_setup(run_configs.pretrain_config(_config("subllm", 2)), 512, tc)
     assert twin.model.structure.text == "TT" and list(twin.eval_losses) == [""]
     assert twin.metadata["model"] == sub.metadata["model"]
-    twin_params = nnx.state(twin.model, nnx.Param)
-    sub_params = nnx.state(sub.model, nnx.Param)
+    # Per layer: the twin stores its layers as one group, SUBLLM as one group per level segment.
+    twin_params = _by_name(hf.per_layer_params(twin.model))
+    sub_params = _by_name(hf.per_layer_params(sub.model))
     assert set(sub_params) - set(twin_params) == {"scorers", "bypasses"}
     for name in twin_params:
         jax.tree.map(np.testing.assert_array_equal, twin_params[name], sub_params[name])
@@ -336,12 +351,12 @@ def test_per_level_keep_and_route_shards_from_the_config():
     c = _config("subllm", 2)
     c.subllm.structure, c.subllm.overrides.n_layers = "T(T(T)T)", 4
     c.subllm.level_keep, c.subllm.route_shards = [0.75, 0.5], 2
-    config = runs.build_subllm_config(c.subllm, "subllm")
+    config = run_configs.subllm_config(c.subllm, "subllm")
     assert config.keep == (0.75, 0.5) and config.route_shards == 2
     ops = parse_structure(config.structure, config.keep).ops
     assert [op.keep for op in ops if op.kind == "down"] == [0.75, 0.5]
     c.subllm.level_keep = []
-    assert runs.build_subllm_config(c.subllm, "subllm").keep == c.subllm.keep
+    assert run_configs.subllm_config(c.subllm, "subllm").keep == c.subllm.keep
 
 
 @pytest.mark.parametrize("change, match", [
@@ -355,4 +370,4 @@ def test_pretrain_bad_subllm_config(tmp_path, change, match):
     c = _config("subllm", 2)
     change(c)
     with pytest.raises(ValueError, match=match):
-        runs.pretrain(c, tmp_path)
+        _pretrain(c, tmp_path)

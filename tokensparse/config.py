@@ -3,6 +3,11 @@
 Configs are plain data: hashable (usable as static jit arguments), comparable, and round-trip through
 ``to_dict`` / ``from_dict`` so experiments can write them next to checkpoints. Validation happens in
 ``__post_init__`` and every message says which field to change.
+
+Each field is documented by the string literal under it (an attribute docstring): what it is and
+what it does. The experiment scripts build their command-line configs from these dataclasses and
+show those docstrings as the fields' help (``experiments/config_dicts.py``, ``--config_help``), so
+adding an option is one field, its validation in ``__post_init__`` and its docstring.
 """
 
 from __future__ import annotations
@@ -32,10 +37,15 @@ class RopeScaling:
     """
 
     kind: Literal["none", "linear", "llama3"] = "none"
+    """none | linear | llama3."""
     factor: float = 1.0
+    """How many times longer the context is than the one the frequencies were trained for (>= 1)."""
     low_freq_factor: float = 1.0
+    """llama3 only: wavelengths above original_max_positions / low_freq_factor are scaled fully."""
     high_freq_factor: float = 4.0
+    """llama3 only: wavelengths below original_max_positions / high_freq_factor are not scaled."""
     original_max_positions: int = 8192
+    """llama3 only: the context the base frequencies were trained at."""
 
     def __post_init__(self):
         _check(
@@ -64,20 +74,35 @@ class ModelConfig:
     """Shape and numerics of a Llama-family decoder."""
 
     vocab_size: int
+    """Token ids the embedding and the LM head cover."""
     d_model: int
+    """Width of the residual stream."""
     n_layers: int
+    """Decoder blocks."""
     n_heads: int
+    """Query heads per attention layer."""
     n_kv_heads: int
+    """Key/value heads; each is shared by n_heads / n_kv_heads query heads (grouped-query attention)."""
     head_dim: int
+    """Width of one attention head (even: RoPE rotates pairs of channels)."""
     ffn_dim: int
+    """Hidden width of the SwiGLU MLP."""
     rms_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
     rope_theta: float = 10000.0
+    """RoPE base frequency."""
     rope_scaling: RopeScaling = RopeScaling()
+    """How RoPE frequencies are adapted to a longer context than they were trained for."""
     max_positions: int = 4096
+    """The context length the model is built for."""
     tie_embeddings: bool = False
+    """The LM head reuses the embedding matrix."""
     dtype: str = "float32"
+    """Compute dtype: float32, bfloat16 or float16."""
     param_dtype: str = "float32"
+    """Storage dtype of the parameters: float32, bfloat16 or float16."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialisation of fresh weights."""
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -154,9 +179,13 @@ class LoRAConfig:
     """Low-rank adapters: W x + (alpha / rank) * B A x on the target projections."""
 
     rank: int = 8
+    """Rank r of every adapter."""
     alpha: float = 16.0
+    """Scale numerator: the adapter's output is multiplied by alpha / rank."""
     dropout: float = 0.0
+    """Dropout on the adapters' input while training, in [0, 1)."""
     targets: tuple[str, ...] = ("q", "k", "v", "o")
+    """Projections that get adapters: any of q, k, v, o, gate, up, down."""
 
     def __post_init__(self):
         _check(isinstance(self.rank, int) and self.rank > 0,
@@ -202,6 +231,22 @@ def preset_names() -> list[str]:
     return sorted(_PRESETS)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The corpus a run trains and evaluates on, and the tokenizer trained for it."""
+
+    source: str = "shakespeare"
+    """A tokensparse.data corpus name, or a directory of .txt files (one document each)."""
+    vocab_size: int = 8192
+    """Size of the BPE tokenizer trained on the corpus (a base with its own tokenizer ignores it)."""
+
+    def __post_init__(self):
+        _check(isinstance(self.source, str) and bool(self.source),
+               f"DataConfig.source={self.source!r} must name a corpus or a directory.")
+        _check(isinstance(self.vocab_size, int) and self.vocab_size >= 2,
+               f"DataConfig.vocab_size={self.vocab_size!r} must be an integer >= 2.")
+
+
 MESH_AXES = ("data", "fsdp", "tensor", "seq")
 
 
@@ -216,14 +261,19 @@ class MeshConfig:
     """
 
     data: int = -1
+    """Data-parallel axis: splits the batch (-1: the devices the other axes leave)."""
     fsdp: int = 1
+    """Fully sharded data-parallel axis: splits the batch, parameters and optimizer state."""
     tensor: int = 1
+    """Tensor-parallel axis: splits attention heads and MLP channels."""
     seq: int = 1
+    """Sequence-parallel axis: splits the sequence; token routing then selects per shard."""
 
     def __post_init__(self):
+        for name, v in zip(MESH_AXES, self.sizes(), strict=True):
+            _check(isinstance(v, int) and (v >= 1 or v == -1),
+                   f"MeshConfig.{name}={v!r} must be >= 1, or -1 to fill the remaining devices.")
         sizes = self.sizes()
-        bad = [f"{n}={v}" for n, v in zip(MESH_AXES, sizes, strict=True) if v == 0 or v < -1]
-        _check(not bad, f"MeshConfig {', '.join(bad)}: each axis size must be >= 1, or -1 to fill.")
         _check(sizes.count(-1) <= 1, f"MeshConfig has {sizes.count(-1)} axes set to -1; at most "
                "one axis can fill the remaining devices.")
 
@@ -258,26 +308,51 @@ class TrainConfig:
     """Optimisation and bookkeeping for a training run (shared by pretraining and fine-tuning)."""
 
     steps: int = 200
+    """Optimizer steps of the run (a resumed run continues to this many)."""
     batch_size: int = 8
+    """Rows per step."""
     seq_len: int = 256
+    """Tokens per row: the training context."""
     lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
     warmup_steps: int = 20
-    schedule: str = "cosine"  # after warm-up: constant, or cosine decay to min_lr_ratio * lr
+    """Steps of linear warm-up from 0 to lr."""
+    schedule: str = "cosine"
+    """After warm-up: constant, or cosine decay to min_lr_ratio * lr at the last step."""
     min_lr_ratio: float = 0.1
+    """Where the cosine schedule ends, as a fraction of lr, in [0, 1]."""
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay."""
     b1: float = 0.9
+    """AdamW's first-moment decay."""
     b2: float = 0.95
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
-    remat: str = "none"  # none | full | dots | names (tokensparse.remat)
+    """AdamW's second-moment decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this; 0 disables clipping."""
+    remat: str = "none"
+    """Activation checkpointing per decoder block: none | full | dots | names | offload
+    (tokensparse.remat)."""
     remat_names: tuple[str, ...] = ("qkv", "attn_core")
-    loss_segment: int = 0  # > 0: LM head + CE in checkpointed chunks of this many positions
-    seq_layout: str = "contiguous"  # or "zigzag": balance causal attention over the mesh's seq axis
+    """With remat=names or offload: the tagged tensors that are saved (block_in, qkv, attn_core,
+    attn_out, mlp_out); the rest is recomputed."""
+    loss_segment: int = 0
+    """> 0: compute the LM head and cross-entropy in checkpointed chunks of this many positions (no
+    full [T, vocab] logits); 0: all at once."""
+    seq_layout: str = "contiguous"
+    """contiguous, or zigzag: reorder each row so causal attention is balanced over the mesh's seq
+    axis."""
     log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end
+    """Log (metrics.jsonl, progress) every this many steps."""
+    eval_every: int = 0
+    """Evaluate every this many steps; 0: only at the end."""
     eval_batches: int = 8
+    """Validation batches (or windows) each evaluation scores."""
     checkpoint_every: int = 100
+    """Save a checkpoint every this many steps (and always at the end)."""
     keep_checkpoints: int = 3
+    """Checkpoints kept on disk, newest first."""
     seed: int = 0
+    """Seed of the initialisation, the data order and every random draw of training."""
 
     def __post_init__(self):
         from tokensparse.remat import REMAT_POLICIES
@@ -311,30 +386,41 @@ LEMO_MLP_MODES = ("channel_sparse_bwd", "recompute", "dense")
 
 @dataclasses.dataclass(frozen=True)
 class LeMoConfig:
-    """Contextual token elimination (LeMo spec §2): which layers are sparse and how much they keep.
-
-    ``schedule="half"``: layers L/2-1 ... L-2 keep ``keep_ratio`` of their 64-token blocks, the rest
-    are dense (the artifact's end-to-end setting). ``"all"``: every layer keeps ``keep_ratio``.
-    ``"profile"``: ``profile[l]`` is layer l's keep ratio (1.0 = dense). ``"algorithm1"``: the
-    profile is tuned on ``calibration_windows`` training windows before fine-tuning
-    (:func:`tokensparse.lemo.threshold.tune_thresholds`, ``tune_rounds`` rounds).
-    ``"sensitivity"``: the profile keeps ``keep_ratio`` in the layers where that costs the least
-    calibration loss, cheapest first, within ``loss_budget`` nats, and is dense elsewhere
-    (:func:`tokensparse.lemo.sensitivity.tune_profile`, a library choice).
-    """
+    """Contextual token elimination (LeMo spec §2): which layers are sparse and how much they keep."""
 
     block_size: int = 64
+    """Tokens per block: attention keeps or drops whole blocks of keys and queries."""
     keep_ratio: float = 0.4
+    """Fraction of blocks a sparse layer keeps, in (0, 1] (schedules half, all and sensitivity)."""
     schedule: str = "half"
+    """Which layers are sparse. half: layers L/2-1 ... L-2 keep keep_ratio, the rest are dense (the
+    artifact's end-to-end setting); all: every layer keeps keep_ratio; profile: layer l keeps
+    profile[l]; algorithm1: a profile tuned on calibration_windows training windows before
+    fine-tuning (tokensparse.lemo.threshold.tune_thresholds, tune_rounds rounds); sensitivity:
+    keep_ratio in the layers where it costs the least calibration loss, cheapest first, within
+    loss_budget nats, dense elsewhere (tokensparse.lemo.sensitivity.tune_profile)."""
     profile: tuple[float, ...] | None = None
+    """Per-layer keep ratios in (0, 1] (1.0: dense), given exactly when schedule=profile."""
     selector: str = "oracle"
+    """How blocks are chosen: oracle (exact block scores from q and k) or predictor (trained pattern
+    predictors attached to the model)."""
     mlp_mode: str = "channel_sparse_bwd"
-    mlp_drop: float = 0.8  # fraction of MLP channels dropped in backward
+    """The MLP backward of sparse layers: channel_sparse_bwd (only the strongest channels), recompute
+    (exact, recomputed from the MLP's input) or dense."""
+    mlp_drop: float = 0.8
+    """With mlp_mode=channel_sparse_bwd: the fraction of MLP channels dropped in the backward, in
+    [0, 1)."""
     keep_first_block: bool = False
-    route_shards: int = 0  # blocks are chosen per this many sequence pieces; 0: the mesh seq axis
-    calibration_windows: int = 8  # schedules "algorithm1" and "sensitivity"
-    tune_rounds: int = 5  # schedule="algorithm1" only
-    loss_budget: float = 0.05  # schedule="sensitivity" only: nats of calibration loss to spend
+    """Always keep each sequence's first block (the attention sink)."""
+    route_shards: int = 0
+    """Blocks are chosen per this many contiguous pieces of the sequence; 0: the mesh's seq axis
+    (one piece on one device)."""
+    calibration_windows: int = 8
+    """Training windows the algorithm1 and sensitivity schedules calibrate on."""
+    tune_rounds: int = 5
+    """Rounds of Algorithm 1 (schedule=algorithm1)."""
+    loss_budget: float = 0.05
+    """schedule=sensitivity: nats of calibration loss the sparse layers may cost together."""
 
     def __post_init__(self):
         _check(self.route_shards >= 0, f"LeMoConfig.route_shards={self.route_shards} must be >= 0 "
@@ -345,7 +431,8 @@ class LeMoConfig:
         _check(self.schedule in LEMO_SCHEDULES,
                f"LeMoConfig.schedule={self.schedule!r} must be one of {LEMO_SCHEDULES}.")
         _check((self.schedule == "profile") == (self.profile is not None),
-               "LeMoConfig.profile must be given exactly when schedule='profile'.")
+               f"LeMoConfig.profile={self.profile!r} must be given exactly when "
+               f"LeMoConfig.schedule='profile' (it is {self.schedule!r}).")
         if self.profile is not None:
             bad = [r for r in self.profile if not 0.0 < r <= 1.0]
             _check(not bad, f"LeMoConfig.profile has keep ratios outside (0, 1]: {bad}.")
@@ -370,10 +457,10 @@ class LeMoConfig:
             return (self.keep_ratio,) * n_layers
         _check(self.schedule != "algorithm1", "LeMoConfig.schedule='algorithm1' has no keep ratios "
                "until tuned: run tokensparse.lemo.threshold.tune_thresholds and train with "
-               "schedule='profile' (runs.finetune does this for you).")
+               "schedule='profile' (tokensparse.pipelines.finetune does this for you).")
         _check(self.schedule != "sensitivity", "LeMoConfig.schedule='sensitivity' has no keep "
                "ratios until measured: run tokensparse.lemo.sensitivity.tune_profile and train with "
-               "schedule='profile' (runs.finetune does this for you).")
+               "schedule='profile' (tokensparse.pipelines.finetune does this for you).")
         first, last = n_layers // 2 - 1, n_layers - 2
         return tuple(self.keep_ratio if first <= i <= last else 1.0 for i in range(n_layers))
 

@@ -6,8 +6,10 @@ import json
 import pathlib
 from collections.abc import Callable
 
+from experiments import run_configs
 from experiments.configs import pretrain_small
-from tokensparse import data, runs
+from tokensparse import data
+from tokensparse.pipelines import pretrain
 
 
 def default_base_workdir(s: dict) -> pathlib.Path:
@@ -25,11 +27,11 @@ def pretrain_base(s: dict, workdir: pathlib.Path, *, attention: str = "auto",
         return json.loads(done.read_text())
     log(f"pretraining {s['preset']} at T={s['base_seq_len']} for {s['base_steps']} steps into {workdir}")
     c = pretrain_small.get_config()
-    c.model = runs.model_config_dict(s["preset"], max_positions=s["base_seq_len"])
+    c.model = run_configs.model_dict(s["preset"], max_positions=s["base_seq_len"])
     c.data.vocab_size = s["vocab_size"]
     c.train.seq_len, c.train.steps = s["base_seq_len"], s["base_steps"]
     c.train.batch_size = s["base_batch_size"]
     c.train.checkpoint_every = max(s["base_steps"] // 4, 1)
     c.train.log_every = max(min(c.train.log_every, s["base_steps"]), 1)
     c.attention_backend = attention
-    return runs.pretrain(c, workdir)
+    return pretrain.pretrain(run_configs.pretrain_config(c), workdir)

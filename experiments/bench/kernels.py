@@ -25,6 +25,7 @@ script's attention part under its former name, ``experiments.bench.attention_ker
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -40,6 +41,7 @@ from absl import flags
 from experiments import _checks
 from experiments.bench import write_result
 from kernels_pallas import block_scores as score_kernel
+from kernels_pallas.reference import BlockSizes
 from kernels_pallas.segment_attention import default_config, segment_attention
 
 _OUT = flags.DEFINE_string("out", None, "JSON output path (default: bench_results/kernels.json, "
@@ -103,6 +105,13 @@ def _inputs(t: int, hkv: int, seed: int = 0):
 
 def _interpret() -> bool:
     return jax.default_backend() not in ("gpu", "tpu")
+
+
+def _flat(cfg: dict) -> dict:
+    """A kernel config as JSON: its ``BlockSizes`` spelled out next to the launch parameters."""
+    blocks = cfg.get("blocks")
+    rest = {k: v for k, v in cfg.items() if k != "blocks"}
+    return {**(dataclasses.asdict(blocks) if blocks is not None else {}), **rest}
 
 
 def _pallas(cfg: dict, segments: int = 0):
@@ -190,30 +199,32 @@ def _sweep(t: int, hkv: int) -> tuple[dict, list[dict]]:
     log = []
     best = (float("inf"), None)
     for bq, bk, warps, stages in FWD_VARIANTS:
-        trial = dict(cfg, block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
+        trial = dict(cfg, blocks=dataclasses.replace(cfg["blocks"], block_q=bq, block_k=bk),
+                     num_warps=warps, num_stages=stages)
         try:
             fwd = jax.jit(_pallas(trial))
             jax.block_until_ready(fwd(q, k, v))
             ms = 1e3 * statistics.median(_time(fwd, q, k, v) for _ in range(5))
         except Exception as e:  # a setting may not compile (e.g. shared memory)
-            log.append({"part": "fwd", "cfg": trial, "error": str(e)[:200]})
+            log.append({"part": "fwd", "cfg": _flat(trial), "error": str(e)[:200]})
             continue
-        log.append({"part": "fwd", "cfg": trial, "ms": ms})
+        log.append({"part": "fwd", "cfg": _flat(trial), "ms": ms})
         print(f"sweep fwd {bq}x{bk} w{warps} s{stages}: {ms:.3f} ms", flush=True)
         best = min(best, (ms, trial), key=lambda x: x[0])
     cfg = best[1] or cfg
     best = (float("inf"), None)
     for bq_dq, bk_dq, bq_dkv, bk_dkv, warps, stages in BWD_VARIANTS:
-        trial = dict(cfg, block_q_dq=bq_dq, block_k_dq=bk_dq, block_q_dkv=bq_dkv,
-                     block_k_dkv=bk_dkv, num_warps_bwd=warps, num_stages_bwd=stages)
+        blocks = dataclasses.replace(cfg["blocks"], block_q_dq=bq_dq, block_k_dq=bk_dq,
+                                     block_q_dkv=bq_dkv, block_k_dkv=bk_dkv)
+        trial = dict(cfg, blocks=blocks, num_warps_bwd=warps, num_stages_bwd=stages)
         try:
             _, fwd_bwd = _fns(_pallas(trial))
             jax.block_until_ready(fwd_bwd(q, k, v, cot))
             ms = 1e3 * statistics.median(_time(fwd_bwd, q, k, v, cot) for _ in range(5))
         except Exception as e:
-            log.append({"part": "bwd", "cfg": trial, "error": str(e)[:200]})
+            log.append({"part": "bwd", "cfg": _flat(trial), "error": str(e)[:200]})
             continue
-        log.append({"part": "fwd_bwd", "cfg": trial, "ms": ms})
+        log.append({"part": "fwd_bwd", "cfg": _flat(trial), "ms": ms})
         print(f"sweep bwd dq {bq_dq}x{bk_dq} dkv {bq_dkv}x{bk_dkv} w{warps} s{stages}: "
               f"{ms:.3f} ms", flush=True)
         best = min(best, (ms, trial), key=lambda x: x[0])
@@ -242,7 +253,7 @@ def _check_defaults() -> list[dict]:
                 return out, *vjp(cot.astype(out.dtype))
 
             ours = functools.partial(segment_attention, interpret=_interpret(), **cfg)
-            row = {"dtype": jnp.dtype(dtype).name, "head_dim": d, "cfg": cfg}
+            row = {"dtype": jnp.dtype(dtype).name, "head_dim": d, "cfg": _flat(cfg)}
             try:
                 got = jax.jit(functools.partial(run, ours))(q, k, v, cot)
                 up = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -363,7 +374,7 @@ def _attention_impls(wanted: set[str]) -> dict:
     their own platform."""
     impls = {}
     if "segment_attention" in wanted:
-        impls["segment_attention"] = functools.partial(segment_attention, block_q=16, block_k=16,
+        impls["segment_attention"] = functools.partial(segment_attention, blocks=BlockSizes(16, 16),
                                                        interpret=_interpret())
     tpu_module = "kernels_pallas.segment_attention_tpu"
     if "segment_attention_tpu" in wanted and importlib.util.find_spec(tpu_module) is not None:
@@ -477,7 +488,7 @@ def main(argv):
         cfg = default_config(_HEAD_DIM.value, jnp.bfloat16)
         if _SWEEP.value and jax.default_backend() == "gpu":
             cfg, sweep_log = _sweep(max(seq_lens), min(kv_heads))
-        print("config:", cfg, flush=True)
+        print("config:", _flat(cfg), flush=True)
         rows, timing = attention_rows(cfg, seq_lens, kv_heads)
         score, score_summary = score_rows(_SCORE_T.value, tuple(int(x) for x in _SCORE_HEADS.value))
         rows += score
@@ -487,7 +498,7 @@ def main(argv):
             summary["timings"] = "not meaningful on CPU (interpret mode); see rows for the smoke"
 
     stats = device.memory_stats() or {}
-    write_result(out, "kernels", rows, summary, config=cfg, correctness=sweep_rows,
+    write_result(out, "kernels", rows, summary, config=_flat(cfg), correctness=sweep_rows,
                  peak_bytes_in_use=stats.get("peak_bytes_in_use"), sweep=sweep_log,
                  check_defaults=checks)
     timed = [r for r in rows if "fwd_ms" in r]

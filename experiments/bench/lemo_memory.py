@@ -21,9 +21,9 @@ from flax import nnx
 
 from experiments import _checks
 from experiments.bench import read_keep_profile, write_result
-from tokensparse import lora, train
+from tokensparse import attention, lora, train
 from tokensparse.config import LEMO_MLP_MODES, LeMoConfig, LoRAConfig, preset, preset_names
-from tokensparse.lemo.model import lemo_loss
+from tokensparse.lemo.model import group_layers, lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.remat import REMAT_POLICIES
 
@@ -71,7 +71,9 @@ def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -
     def build():
         model = Llama(config.with_context(seq_len), attention_backend=_ATTENTION.value, remat=remat,
                       rngs=nnx.Rngs(0))
-        return lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
+        model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
+        # LeMo's runs of layers each scan over their own stacked group (no weight copies).
+        return group_layers(model, lemo) if method == "lemo" else model
 
     graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
 
@@ -85,7 +87,7 @@ def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -
     compiled = jax.jit(jax.grad(loss)).lower(lora_state, rest, Batch(ints, ints, ints)).compile()
     mem = compiled.memory_analysis()
     return {"preset": _PRESET.value, "seq_len": seq_len, "method": method, "remat": remat,
-            "attention": _ATTENTION.value,
+            "attention": attention.model_backend(_ATTENTION.value, config, seq_len=seq_len),
             "temp_bytes": int(mem.temp_size_in_bytes), "arg_bytes": int(mem.argument_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes)}
 

@@ -8,7 +8,7 @@
 
 1. **Base**: the same cached base as ``lemo_quality`` (pretrained at ``--base_seq_len``), or with
    ``--base`` a real pretrained model (a :mod:`tokensparse.zoo` name or anything
-   :func:`tokensparse.runs.load_base` takes), with its own tokenizer; nothing is pretrained then.
+   :func:`tokensparse.pipelines.base.load_base` takes), with its own tokenizer; nothing is pretrained then.
 2. **Predictors**: ``experiments.train_predictors`` (``predictors_small.py``) at ``--seq_len`` with
    RoPE scaling, ``--steps`` steps, elastic pruning, ``--loss`` and ``--lr``; reused when that run
    finished before with the same training settings (a workdir trained otherwise is an error).
@@ -38,13 +38,15 @@ import numpy as np
 from absl import flags, logging
 from flax import nnx
 
-from experiments import _checks
+from experiments import _checks, run_configs
 from experiments.bench import bases, timing, write_result
 from experiments.configs import finetune_small, predictors_small
-from tokensparse import data, lora, runs, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset_names
+from tokensparse import data, lora, train
+from tokensparse.config import LeMoConfig, preset_names
 from tokensparse.lemo import predictor, predictor_training, scoring
 from tokensparse.lemo.model import lemo_loss
+from tokensparse.pipelines import base as bases_lib
+from tokensparse.pipelines import predictors as predictors_lib
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model preset of the base.")
 _BASE_SEQ_LEN = flags.DEFINE_integer("base_seq_len", 512, "The base's pretraining context.")
@@ -55,7 +57,7 @@ _BASE_WORKDIR = flags.DEFINE_string(
     "pretrained there (default: the lemo_quality cache, <cache>/bench/lemo_quality/<preset>-T...).")
 _BASE = flags.DEFINE_string(
     "base", "", "A real pretrained base instead of pretraining --preset: a tokensparse.zoo name "
-    "(e.g. smollm2-135m) or a directory runs.load_base accepts.")
+    "(e.g. smollm2-135m) or a directory tokensparse.pipelines.base.load_base accepts.")
 _LOSS = flags.DEFINE_enum("loss", "column", predictor_training.LOSSES, "Predictor loss: 'column' "
                           "(standardised column scores, predictors_small.py's) or the spec's tile "
                           "loss 'smooth_l1'.")
@@ -150,7 +152,7 @@ def train_or_load(s: dict, base: pathlib.Path | str, workdir: pathlib.Path) -> d
         log(f"reusing the predictors in {workdir}")
         return json.loads(done.read_text())
     log(f"training predictors at T={s['seq_len']} for {s['steps']} steps into {workdir}")
-    return runs.train_predictors(c, workdir)
+    return predictors_lib.train_predictors(run_configs.predictors_config(c), workdir)
 
 
 def fixed_selections(model, lemo: LeMoConfig, seq_len: int) -> list:
@@ -163,16 +165,15 @@ def fixed_selections(model, lemo: LeMoConfig, seq_len: int) -> list:
 
 def overhead(s: dict, base: pathlib.Path | str, predictors_dir: pathlib.Path) -> list[dict]:
     """Rows: the LeMo step with each selection variant, timed side by side."""
-    model, config, tokenizer = runs.load_base(str(base))
+    model, config, tokenizer = bases_lib.load_base(str(base))
     config = config.with_context(s["seq_len"])
-    runs.set_context(model, config)
+    bases_lib.set_context(model, config)
     predictor.attach(model, predictor.load_predictors(predictors_dir, config))
-    c = finetune_small.get_config()
-    lora.add_lora(model, LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha,
-                                    targets=tuple(c.lora.targets)), rngs=nnx.Rngs(1))
-    tc = runs.build_train_config(c.train).replace(seq_len=s["seq_len"], batch_size=1)
+    recipe = run_configs.finetune_config(finetune_small.get_config())
+    lora.add_lora(model, recipe.lora, rngs=nnx.Rngs(1))
+    tc = recipe.train.replace(seq_len=s["seq_len"], batch_size=1)
     optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
-    corpus = data.load_corpus(c.data.source)
+    corpus = data.load_corpus(recipe.data.source)
     tokenizer = tokenizer or data.get_tokenizer(corpus, s["vocab_size"])  # a zoo base has its own
     docs = data.encode_documents(tokenizer, corpus.train)
     batch = data.WindowBatches(docs, batch_size=1, seq_len=s["seq_len"], seed=0).batch(0)

@@ -5,12 +5,15 @@
     python -m experiments.bench.lemo_quality --smoke --out /tmp/lemo_quality.json  # tiny, seconds
     python -m experiments.bench.lemo_quality --base=smollm2-135m --seq_len=2048 --steps=40 \\
         --eval_batches=6 --nomlp_drop_ablation --workdir=DIR --checkpoint_every=10  # a real base
+    python -m experiments.bench.lemo_quality --smoke --config.lemo.schedule=algorithm1 \\
+        --config.lemo.calibration_windows=1 --out /tmp/q.json  # LeMo's options: --config.lemo.*
 
 1. **Base.** Pretrain ``--preset`` on the corpus at the short context ``--base_seq_len``
-   (:func:`tokensparse.runs.pretrain`, ``experiments/configs/pretrain_small.py``). The base lives in
-   ``--base_workdir`` and is reused when its ``summary.json`` exists, so reruns skip pretraining.
+   (:func:`tokensparse.pipelines.pretrain.pretrain`, ``experiments/configs/pretrain_small.py``). The
+   base lives in ``--base_workdir`` and is reused when its ``summary.json`` exists, so reruns skip
+   pretraining.
    With ``--base`` (a :mod:`tokensparse.zoo` name such as ``smollm2-135m``, or anything else
-   :func:`tokensparse.runs.load_base` takes) nothing is pretrained: that real model is the base, and
+   :func:`tokensparse.pipelines.base.load_base` takes) nothing is pretrained: that real model is the base, and
    the corpus is tokenized with its own tokenizer (SmolLM2: 49152 ids, 8K context, so 2K fine-tuning
    needs no RoPE scaling). The ``--preset``/``--base_*`` flags then do not apply.
 2. **Fine-tune** it at ``--seq_len`` for ``--steps`` (RoPE linear scaling; LoRA r=8, α=16 on
@@ -20,11 +23,15 @@
    ``--nomlp_drop_ablation`` skips it) and LeMo with ``mlp_mode="recompute"`` (the exact MLP
    backward from the MLP's input, a library option; ``--nomlp_recompute`` skips it). Every run has
    the same steps, data order and seed.
-   ``--lemo_schedule`` / ``--keep_ratio`` choose other LeMo schedules: ``all`` layers at the keep
-   ratio, ``profile`` (the per-layer keep ratios in ``--lemo_profile``), ``algorithm1`` (a
-   per-layer keep profile tuned on ``--calibration_windows`` training windows for ``--tune_rounds``
-   rounds before fine-tuning; spec §2.4) or ``sensitivity`` (``--keep_ratio`` in the layers where it
-   costs the least calibration loss, within ``--loss_budget`` nats;
+   LeMo's options are the fine-tuning config's, ``--config.lemo.*`` (``--config_help`` lists them;
+   LoRA's are ``--config.lora.*``), except ``mlp_drop``, ``mlp_mode`` and ``selector``, which the
+   benchmark sets per run. ``--config.lemo.schedule`` / ``--config.lemo.keep_ratio`` choose other
+   LeMo schedules: ``all`` layers at the keep ratio, ``profile`` (per-layer keep ratios:
+   ``--config.lemo.profile="[1.0, 0.5, ...]"``, or the ``"profile"`` of the JSON file
+   ``--lemo_profile``), ``algorithm1`` (a per-layer keep profile tuned on
+   ``--config.lemo.calibration_windows`` training windows for ``--config.lemo.tune_rounds`` rounds
+   before fine-tuning; spec §2.4) or ``sensitivity`` (the keep ratio in the layers where it costs the
+   least calibration loss, within ``--config.lemo.loss_budget`` nats;
    :mod:`tokensparse.lemo.sensitivity`). Each variant is its own run
    (``lemo_algorithm1_mlp_drop0.8``, ``lemo_keep0.7_mlp_drop0.8``, ...), so one ``--workdir`` holds
    them all beside one LoRA run. LeMo rows carry the per-layer ``keep_profile`` they trained with
@@ -45,7 +52,7 @@ Summary: ``ppl_ratio`` = LeMo (mlp_drop 0.8) / LoRA perplexity, dense eval; ``pp
 the same for mlp_drop 0.5, ``ppl_ratio_mlp_recompute`` for the recomputed (exact) MLP backward;
 ``sparse_ppl_ratio`` = LeMo's sparse-eval perplexity / LoRA's (dense) perplexity;
 ``lemo_mean_keep`` that run's mean per-layer keep ratio (how much it eliminated).
-With ``--predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
+With ``--config.lemo.predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
 (``predictor_ppl_ratio`` = that / oracle-selection LeMo; the target is <= 1.01). Unlike the speed
 and memory ratios these are method / baseline: smaller is better, and the library's target is
 ``ppl_ratio <= 1.03`` (spec §3). ``base_ppl@<T>`` (no RoPE scaling) or
@@ -59,6 +66,7 @@ once fine-tuning has moved the perplexity well below ``base_ppl_rope_scaled@<T>`
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import pathlib
@@ -68,11 +76,15 @@ import time
 
 import numpy as np
 from absl import flags, logging
+from ml_collections import config_dict
 
-from experiments import _checks
+from experiments import _checks, config_dicts, run_configs
 from experiments.bench import bases, loss_history, read_keep_profile, write_result
 from experiments.configs import finetune_small
-from tokensparse import data, runs, train
+from tokensparse import data, train
+from tokensparse.config import LeMoConfig
+from tokensparse.pipelines import base as bases_lib
+from tokensparse.pipelines import finetune as finetune_lib
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model preset of the base.")
 _BASE_SEQ_LEN = flags.DEFINE_integer("base_seq_len", 512, "Pretraining context (the base's own).")
@@ -83,7 +95,7 @@ _BASE_WORKDIR = flags.DEFINE_string(
     "<cache>/bench/lemo_quality/<preset>-T<base_seq_len>-s<base_steps>).")
 _BASE = flags.DEFINE_string(
     "base", "", "A real pretrained base instead of pretraining --preset: a tokensparse.zoo name "
-    "(e.g. smollm2-135m) or a directory runs.load_base accepts.")
+    "(e.g. smollm2-135m) or a directory tokensparse.pipelines.base.load_base accepts.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Fine-tuning and evaluation context.")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (spec §4.11).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation windows of seq_len.")
@@ -92,25 +104,17 @@ _MLP_RECOMPUTE = flags.DEFINE_bool("mlp_recompute", True, "Also fine-tune LeMo w
                                    "mlp_mode='recompute' (the exact MLP backward, recomputed from "
                                    "the MLP's input; no channels dropped).")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of every run.")
-_SCHEDULE = flags.DEFINE_enum("lemo_schedule", "half",
-                              ["half", "all", "profile", "algorithm1", "sensitivity"],
-                              "Which layers LeMo sparsifies (LeMoConfig.schedule): 'profile' takes the "
-                              "per-layer keep ratios of --lemo_profile; 'algorithm1' tunes a per-layer "
-                              "keep profile on training windows first (spec §2.4); 'sensitivity' keeps "
-                              "--keep_ratio in the cheapest layers within --loss_budget.")
-_PROFILE = flags.DEFINE_string("lemo_profile", "", "With --lemo_schedule=profile: a JSON file with a "
-                               "per-layer keep \"profile\" (a lemo_profile.json from an Algorithm 1 "
-                               "run, or tokensparse.lemo.sensitivity's).")
-_KEEP = flags.DEFINE_float("keep_ratio", 0.4, "Fraction of blocks the sparse layers keep ('half' and "
-                           "'all' schedules).")
-_CALIBRATION = flags.DEFINE_integer("calibration_windows", 8, "Calibration windows of the "
-                                    "'algorithm1' and 'sensitivity' schedules.")
-_TUNE_ROUNDS = flags.DEFINE_integer("tune_rounds", 5, "Algorithm 1's rounds.")
-_BUDGET = flags.DEFINE_float("loss_budget", 0.05, "The 'sensitivity' schedule's budget: nats of "
-                             "calibration loss its eliminations may cost together.")
-_PREDICTORS = flags.DEFINE_string("predictors", "", "Also fine-tune LeMo (mlp_drop 0.8) selecting "
-                                  "with these trained predictors (a train_predictors predictors/ "
-                                  "directory); summary predictor_ppl_ratio = that / oracle LeMo.")
+_PROFILE = flags.DEFINE_string("lemo_profile", "", "With --config.lemo.schedule=profile: a JSON file "
+                               "with a per-layer keep \"profile\" (a lemo_profile.json from an "
+                               "Algorithm 1 run, or tokensparse.lemo.sensitivity's), instead of "
+                               "--config.lemo.profile.")
+_CONFIG = run_configs.define_config_flags(
+    config_dict.ConfigDict({"lemo": finetune_small.get_config().lemo,
+                            "lora": finetune_small.get_config().lora}), "finetune",
+    "The fine-tuning config's LeMo and LoRA sections (experiments/configs/finetune_small.py): "
+    "config.lemo is every LeMo run's (mlp_drop, mlp_mode and selector are set per run); "
+    "--config.lemo.predictors=DIR also fine-tunes LeMo selecting with those trained predictors "
+    "(summary predictor_ppl_ratio = that / oracle LeMo).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the fine-tuning runs go (default: a temporary "
                                "directory); an existing run there is resumed.")
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
@@ -125,13 +129,7 @@ for _flag, _minimum in ((_BASE_SEQ_LEN, 2), (_BASE_STEPS, 1), (_BASE_BATCH, 1), 
                         (_EVAL_BATCHES, 1)):
     _checks.at_least(_flag, _minimum)
 _checks.at_least(_SEQ_LEN, 64, multiple_of=64, why="LeMo keeps whole 64-token blocks")
-_checks.at_least(_CALIBRATION, 1)
-_checks.at_least(_TUNE_ROUNDS, 0)
-flags.register_validator(_BUDGET, lambda v: v >= 0.0, "must be >= 0.")
-flags.register_validator(_KEEP, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
-flags.register_multi_flags_validator(
-    ["lemo_schedule", "lemo_profile"], lambda f: (f["lemo_schedule"] == "profile") == bool(f["lemo_profile"]),
-    "--lemo_profile is given exactly when --lemo_schedule=profile.")
+PER_RUN = ("mlp_drop", "mlp_mode", "selector")  # LeMo fields the benchmark sets run by run
 
 SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
          "seq_len": 256, "steps": 3, "eval_batches": 2}
@@ -142,6 +140,34 @@ _FLAGS = {"preset": _PRESET, "base_seq_len": _BASE_SEQ_LEN, "base_steps": _BASE_
 
 def log(message: str) -> None:
     print(f"[lemo_quality] {message}", flush=True)
+
+
+def lemo_options() -> dict:
+    """``--config.lemo``'s fields for every LeMo run (the profile from ``--lemo_profile`` when
+    given), without the per-run ones and the predictors directory."""
+    lemo = _CONFIG.value.lemo.to_dict()
+    if _PROFILE.value:
+        if lemo["profile"]:
+            raise ValueError("give --lemo_profile (a file) or --config.lemo.profile, not both.")
+        lemo["profile"] = read_keep_profile(_PROFILE.value)
+    return {k: v for k, v in lemo.items() if k not in (*PER_RUN, "predictors")}
+
+
+def predictors_dir() -> str:
+    return _CONFIG.value.lemo.predictors
+
+
+def check_options(s: dict) -> None:
+    """Fail unless every run's config builds: LeMo's and LoRA's options are valid, the per-run
+    fields are left to the benchmark."""
+    defaults = finetune_small.get_config().lemo
+    changed = [k for k in PER_RUN if _CONFIG.value.lemo[k] != defaults[k]]
+    if changed:
+        raise ValueError(f"config.lemo: {', '.join(changed)} are set run by run by this benchmark "
+                         "(--nomlp_drop_ablation, --nomlp_recompute and --config.lemo.predictors "
+                         "choose the runs).")
+    for method, predictors in (("lora", ""), ("lemo", ""), ("lemo", predictors_dir())):
+        run_configs.finetune_config(finetune_config(s, "base", method, 0.8, predictors))
 
 
 def settings() -> dict:
@@ -204,7 +230,7 @@ def evaluate_base(s: dict, base: pathlib.Path | str) -> list[dict]:
     """Rows for the base before fine-tuning at each of :func:`base_contexts` (RoPE scaled as
     fine-tuning would scale it), all on the target tokens of the fine-tuned runs' validation
     windows. ``rope_factor`` says how much each row's RoPE was stretched (1: not at all)."""
-    model, config, tokenizer = runs.load_base(str(base), attention_backend=_ATTENTION.value)
+    model, config, tokenizer = bases_lib.load_base(str(base), attention_backend=_ATTENTION.value)
     corpus = data.load_corpus(finetune_small.get_config().data.source)
     val_docs = data.encode_documents(tokenizer, corpus.validation)
     long = list(itertools.islice(data.eval_windows(val_docs, seq_len=s["seq_len"]),
@@ -214,7 +240,7 @@ def evaluate_base(s: dict, base: pathlib.Path | str) -> list[dict]:
     for seq_len in base_contexts(s):
         windows = long if seq_len == s["seq_len"] else windows_covering(val_docs, seq_len, n_targets)
         context = config.with_context(seq_len)
-        runs.set_context(model, context)
+        bases_lib.set_context(model, context)
         start = time.perf_counter()
         result = _dense_eval(model, windows)
         row = _row("base", None, 0, seq_len, {f"val_{k}": v for k, v in result.items()},
@@ -250,14 +276,11 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
     channel-sparse ``mlp_mode`` only)."""
     c = finetune_small.get_config()
     c.base, c.method, c.attention_backend = str(base), method, _ATTENTION.value
+    c.lora = _CONFIG.value.lora
     c.lemo.predictors = predictors
-    if method == "lemo":  # (a LoRA run's key, and so its reuse, must not depend on LeMo's flags)
-        c.lemo.schedule, c.lemo.keep_ratio = _SCHEDULE.value, _KEEP.value
-        c.lemo.calibration_windows, c.lemo.tune_rounds = _CALIBRATION.value, _TUNE_ROUNDS.value
-        c.lemo.loss_budget = _BUDGET.value
-        if _SCHEDULE.value == "profile":
-            c.lemo.profile = list(read_keep_profile(_PROFILE.value))
-    if method == "lemo":
+    if method == "lemo":  # (a LoRA run's key, and so its reuse, must not depend on LeMo's options)
+        for name, value in lemo_options().items():
+            c.lemo[name] = value
         c.lemo.mlp_mode = mlp_mode
     if mlp_drop is not None:
         c.lemo.mlp_drop = mlp_drop
@@ -270,16 +293,28 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
     return c
 
 
+NAMED = ("schedule", "keep_ratio", "loss_budget", "profile", "calibration_windows", "tune_rounds")
+
+
 def lemo_variant() -> str:
-    """The run-name part that tells LeMo schedules apart ("" for the default: keep 0.4, "half")."""
-    if _SCHEDULE.value == "algorithm1":
-        return "_algorithm1"
-    if _SCHEDULE.value == "profile":
-        return f"_profile-{pathlib.Path(_PROFILE.value).stem}"
-    if _SCHEDULE.value == "sensitivity":
-        return f"_sensitivity_keep{_KEEP.value:g}_budget{_BUDGET.value:g}"
-    keep = "" if _KEEP.value == 0.4 else f"_keep{_KEEP.value:g}"
-    return ("" if _SCHEDULE.value == "half" else f"_{_SCHEDULE.value}") + keep
+    """The run-name part that tells LeMo settings apart ("" for the default: keep 0.4, "half"): the
+    schedule and what it depends on, then any other LeMo field changed (``_block_size32``)."""
+    o, default = lemo_options(), LeMoConfig()
+    schedule, keep = o["schedule"], o["keep_ratio"]
+    if schedule == "algorithm1":
+        name = "_algorithm1"
+    elif schedule == "profile":
+        given = (pathlib.Path(_PROFILE.value).stem if _PROFILE.value else
+                 hashlib.sha1(json.dumps(list(o["profile"])).encode()).hexdigest()[:8])
+        name = f"_profile-{given}"
+    elif schedule == "sensitivity":
+        name = f"_sensitivity_keep{keep:g}_budget{o['loss_budget']:g}"
+    else:
+        name = ("" if schedule == "half" else f"_{schedule}") + ("" if keep == 0.4 else f"_keep{keep:g}")
+    for field, value in o.items():
+        if field not in NAMED and value != getattr(default, field):
+            name += f"_{field}{value:g}" if isinstance(value, float) else f"_{field}{value}"
+    return name
 
 
 def kept_fractions(workdir: pathlib.Path, lemo_dict) -> list[float]:
@@ -289,7 +324,8 @@ def kept_fractions(workdir: pathlib.Path, lemo_dict) -> list[float]:
     if tuned.exists():
         return list(json.loads(tuned.read_text())["profile"])
     n_layers = json.loads((workdir / "config.json").read_text())["model"]["n_layers"]
-    return list(runs.build_lemo_config(lemo_dict).keep_ratios(n_layers))
+    values = {k: v for k, v in lemo_dict.to_dict().items() if k not in ("predictors", "selector")}
+    return list(config_dicts.from_dict(LeMoConfig, values, "config.lemo").keep_ratios(n_layers))
 
 
 def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s: float,
@@ -332,7 +368,7 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
     def compute():
         log(f"fine-tuning {name} at T={s['seq_len']} for {s['steps']} steps")
         start = time.perf_counter()
-        summary = runs.finetune(c, workdir / name)
+        summary = finetune_lib.finetune(run_configs.finetune_config(c), workdir / name)
         if summary["interrupted"]:
             raise Interrupted(f"{name} stopped at step {summary['steps']}/{s['steps']}; rerun the "
                               f"same command with --workdir={workdir} to continue from there.")
@@ -402,19 +438,24 @@ def run(s: dict, base: pathlib.Path | str, workdir: pathlib.Path) -> tuple[list[
     mlps += [(None, "recompute")] if _MLP_RECOMPUTE.value else []
     lemo = []
     for p, mode in mlps:
-        if lemo and _SCHEDULE.value in TUNED_SCHEDULES:
+        if lemo and lemo_options()["schedule"] in TUNED_SCHEDULES:
             share_tuned_profile(workdir, run_name("lemo", 0.8), run_name("lemo", p, "", mode))
         lemo.append(finetune_run(s, base, workdir, "lemo", p, mlp_mode=mode))
-    if _PREDICTORS.value:
-        lemo.append(finetune_run(s, base, workdir, "lemo", 0.8, _PREDICTORS.value))
+    if predictors_dir():
+        lemo.append(finetune_run(s, base, workdir, "lemo", 0.8, predictors_dir()))
     rows = [*base_rows, lora, *lemo]
     return rows, summarise(s, base_rows, lora, lemo)
 
 
 def main(argv):
     del argv
+    _CONFIG.exit_if_help()
+    try:
+        s = settings()
+        check_options(s)
+    except ValueError as e:
+        _checks.fail(_checks.flag_for_config_error(str(e)))
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    s = settings()
     base = s["base"] or pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
     with tempfile.TemporaryDirectory(prefix="lemo_quality_") as tmp:
         workdir = pathlib.Path(_WORKDIR.value or tmp).expanduser()
@@ -428,7 +469,7 @@ def main(argv):
     print(json.dumps(summary, indent=1))
     c = finetune_config(s, base, "lemo", None)
     write_result(_OUT.value, "lemo_quality", rows, summary, settings={
-        **s, "smoke": _SMOKE.value, "attention": _ATTENTION.value, "lemo_schedule": _SCHEDULE.value,
+        **s, "smoke": _SMOKE.value, "attention": _ATTENTION.value, "lemo_schedule": c.lemo.schedule,
         **({} if s["base"] else {"base_workdir": str(base)}),
         "checkpoint_every": _CHECKPOINT_EVERY.value,
         "lora": c.lora.to_dict(), "lemo": c.lemo.to_dict(), "lr": c.train.lr,

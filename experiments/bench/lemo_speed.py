@@ -6,7 +6,7 @@
     python -m experiments.bench.lemo_speed --preset=llama2-7b --n_layers=8 --seq_lens=4096,8192 \\
         --out bench_results/lemo_speed_7b.json
 
-Both steps are built as :func:`tokensparse.runs.finetune` builds them
+Both steps are built as :func:`tokensparse.pipelines.finetune.finetune` builds them
 (:func:`tokensparse.train.make_train_step` over :class:`tokensparse.lora.LoRAParam`, AdamW from
 ``finetune_small.py``) on the *same* model, optimizer and batch; only the loss differs (dense
 :func:`tokensparse.train.lm_loss` vs :func:`tokensparse.lemo.model.lemo_loss` with the default
@@ -30,14 +30,14 @@ import jax
 from absl import flags
 from flax import nnx
 
-from experiments import _checks
+from experiments import _checks, run_configs
 from experiments.bench import timing, write_result
 from experiments.bench.inputs import random_batch, resolve_dtype
 from experiments.bench.timing import timed_step
 from experiments.configs import finetune_small
-from tokensparse import lora, runs, train
-from tokensparse.config import DTYPES, LeMoConfig, LoRAConfig, preset, preset_names
-from tokensparse.lemo.model import check_lemo, lemo_loss
+from tokensparse import attention, lora, train
+from tokensparse.config import DTYPES, LeMoConfig, preset, preset_names
+from tokensparse.lemo.model import check_lemo, group_layers, lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.metrics import compiled_memory
 from tokensparse.remat import REMAT_POLICIES
@@ -69,18 +69,19 @@ _checks.at_least(_LOSS_SEGMENT, 0)
 METHODS = ("lora", "lemo")
 
 
-def build(seq_len: int):
-    """A random-weight preset with LoRA (r=8, α=16 on q,k,v,o) and its LoRA-only AdamW."""
+def build(seq_len: int, lemo: LeMoConfig):
+    """A random-weight preset with LoRA (r=8, α=16 on q,k,v,o) and its LoRA-only AdamW; its layers
+    grouped to ``lemo``'s runs (both methods' steps scan over whole groups)."""
     overrides = {"dtype": resolve_dtype(_DTYPE.value), "param_dtype": resolve_dtype(_DTYPE.value)}
     if _N_LAYERS.value:
         overrides["n_layers"] = _N_LAYERS.value
     config = preset(_PRESET.value, **overrides).with_context(seq_len)
     model = Llama(config, attention_backend=_ATTENTION.value, remat=_REMAT.value, rngs=nnx.Rngs(0))
-    c = finetune_small.get_config()
-    lora.add_lora(model, LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                                    targets=tuple(c.lora.targets)), rngs=nnx.Rngs(1))
-    tc = runs.build_train_config(c.train).replace(seq_len=seq_len, batch_size=_BATCH.value,
-                                                  loss_segment=_LOSS_SEGMENT.value)
+    recipe = run_configs.finetune_config(finetune_small.get_config())
+    lora.add_lora(model, recipe.lora, rngs=nnx.Rngs(1))
+    group_layers(model, lemo)
+    tc = recipe.train.replace(seq_len=seq_len, batch_size=_BATCH.value,
+                              loss_segment=_LOSS_SEGMENT.value)
     optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
     return model, optimizer, config
 
@@ -104,8 +105,8 @@ def peak_bytes() -> int | None:
 
 def measure(seq_len: int) -> dict[str, dict]:
     """Rows for both methods at ``seq_len``: compile-only memory, warm-up, interleaved timing."""
-    model, optimizer, config = build(seq_len)
     lemo = LeMoConfig()
+    model, optimizer, config = build(seq_len, lemo)
     check_lemo(model, lemo, seq_len)
     batch = random_batch(config.vocab_size, _BATCH.value, seq_len)
     steps = train_steps(lemo)
@@ -116,7 +117,9 @@ def measure(seq_len: int) -> dict[str, dict]:
                   for _ in range(max(_WARMUP.value, 1))]
         rows[method] = {"preset": _PRESET.value, "n_layers": config.n_layers, "seq_len": seq_len,
                         "batch_size": _BATCH.value, "method": method, "dtype": resolve_dtype(_DTYPE.value),
-                        "remat": _REMAT.value, "attention": _ATTENTION.value,
+                        "remat": _REMAT.value,
+                        "attention": attention.model_backend(_ATTENTION.value, config,
+                                                             seq_len=seq_len, batch=_BATCH.value),
                         "temp_bytes": cost.temp_bytes, "arg_bytes": cost.argument_bytes,
                         "flops": cost.flops, "warmup_loss": losses[-1],
                         "peak_bytes_after_warmup": peak_bytes()}

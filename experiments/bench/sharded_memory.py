@@ -73,9 +73,9 @@ from flax import nnx  # noqa: E402
 
 from experiments import _checks  # noqa: E402
 from experiments.bench import write_result  # noqa: E402
-from tokensparse import lora, sharding, train  # noqa: E402
+from tokensparse import attention, lora, sharding, train  # noqa: E402
 from tokensparse.config import MESH_AXES, LeMoConfig, LoRAConfig, MeshConfig, preset, preset_names  # noqa: E402
-from tokensparse.lemo.model import lemo_loss  # noqa: E402
+from tokensparse.lemo.model import group_layers, lemo_loss  # noqa: E402
 from tokensparse.llama import Llama  # noqa: E402
 from tokensparse.remat import REMAT_POLICIES  # noqa: E402
 
@@ -188,7 +188,8 @@ def step_cost(config, mesh_config: MeshConfig, method: str, remat: str) -> dict:
     def build():
         model = Llama(config.with_context(seq_len), attention_backend=_ATTENTION.value, remat=remat,
                       rngs=nnx.Rngs(0))
-        return lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
+        model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
+        return group_layers(model, lemo) if method == "lemo" else model
 
     with jax.set_mesh(mesh):
         graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
@@ -225,7 +226,14 @@ def step_cost(config, mesh_config: MeshConfig, method: str, remat: str) -> dict:
 def _row_key(mesh: MeshConfig, method: str, remat: str) -> dict:
     return {"preset": _PRESET.value, "seq_len": _SEQ_LEN.value, "batch": _BATCH.value,
             "mesh": ",".join(map(str, mesh.sizes())), "mesh_name": mesh_label(mesh), "method": method,
-            "remat": remat, "attention": _ATTENTION.value, "loss_segment": loss_segment_for(mesh)}
+            "remat": remat, "attention": _attention_ran(), "loss_segment": loss_segment_for(mesh)}
+
+
+def _attention_ran() -> str:
+    """The attention backend the step runs: ``--attention`` resolved for the preset's shapes."""
+    config = preset(_PRESET.value, dtype="bfloat16", param_dtype="bfloat16")
+    return attention.model_backend(_ATTENTION.value, config, seq_len=_SEQ_LEN.value,
+                                   batch=_BATCH.value)
 
 
 def measure_in_subprocess(mesh: MeshConfig, method: str, remat: str) -> dict:

@@ -1,13 +1,18 @@
 """SUBLLM's Balancer at model level: the fraction of positive scores per subsampler along a run.
 
     python -m experiments.bench.subllm_balancer --out bench_results/subllm_balancer.json \\
-        [--preset=subllm-tiny --structure="T(T(T)T)" --steps=2000 --batch_size=64 --seq_len=128 \\
-         --lr=3e-4 --warmup_steps=200 --balancer_statistic=proportion --balancer_margin=0.05 \\
-         --bypass_init=0.5 --seeds=0,2 --every=50 --tail=1000]
+        [--preset=subllm-tiny --config.subllm.structure="T(T(T)T)" --steps=2000 --batch_size=64 \\
+         --seq_len=128 --lr=3e-4 --warmup_steps=200 --config.subllm.balancer_statistic=proportion \\
+         --config.subllm.balancer_margin=0.05 --config.subllm.bypass_init=0.5 --seeds=0,2 --every=50 \\
+         --tail=1000]
 
 Pretrains the SUBLLM from scratch on the corpus once per seed, exactly as
-:func:`tokensparse.runs.pretrain` would (:func:`tokensparse.runs.subllm_setup` with the
-``pretrain_subllm_tiny`` recipe; no checkpoints or evaluation). Every ``--every`` steps, before
+:func:`tokensparse.pipelines.pretrain.pretrain` would
+(:func:`tokensparse.pipelines.pretrain.subllm_setup` with the ``pretrain_subllm_tiny`` recipe; no
+checkpoints or evaluation). ``--config.subllm.<option>`` sets the SUBLLM's options
+(:mod:`experiments.bench.subllm_options`; ``--config_help`` lists them): here the structure defaults
+to ``T(T(T)T)`` (the backbone gets as many layers as it has T's) and the Balancer's statistic to
+``proportion``; the others are the preset's. Every ``--every`` steps, before
 the update, it records per subsampler, on that step's batch, at the subsampler's training-capacity
 input (a top-k forward): the fraction of positive scores (the inference keep rate's driver; the
 Balancer's band is keep ± 0.05), μ/σ and rms of the scores (as the Balancer measures them), and
@@ -29,22 +34,22 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from experiments import _checks
+from experiments import _checks, run_configs
 from experiments.bench import subllm_options, write_result
 from experiments.configs import pretrain_subllm_tiny
-from tokensparse import data, runs, train
+from tokensparse import data, train
+from tokensparse.pipelines import pretrain
 from tokensparse.subllm.balancer import balancer_bands, balancer_stats, positive_fraction
 from tokensparse.subllm.structure import subllm_preset_names
 
 _PRESET = flags.DEFINE_string("preset", "subllm-tiny", "SUBLLM preset.")
-_STRUCTURE = flags.DEFINE_string("structure", "T(T(T)T)", "Structure string (empty: the preset's); "
-                                 "the backbone gets as many layers as it has T's.")
 _STEPS = flags.DEFINE_integer("steps", 2000, "Training steps per seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Rows per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Packed row length.")
 _LR = flags.DEFINE_float("lr", 3e-4, "Peak learning rate.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
-flags.set_default(subllm_options.STATISTIC, "proportion")  # what the runs here compare against
+# What the runs here compare against: the proportion statistic, on a two-level cut of the preset.
+_OPTIONS = subllm_options.define(structure="T(T(T)T)", balancer_statistic="proportion")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "2"], "Seeds (init, data order, coins), run one after another.")
 _EVERY = flags.DEFINE_integer("every", 50, "Record the statistics every this many steps.")
 _TAIL = flags.DEFINE_integer("tail", 1000, "The summary covers the recorded steps of the last this many.")
@@ -64,21 +69,18 @@ flags.register_validator(_SEEDS, lambda v: bool(v) and all(s.strip().isdigit() f
 
 
 def settings() -> dict:
-    return {"preset": _PRESET.value, "structure": _STRUCTURE.value, "steps": _STEPS.value,
+    return {"preset": _PRESET.value, "steps": _STEPS.value,
             "batch_size": _BATCH.value, "seq_len": _SEQ_LEN.value, "lr": _LR.value,
-            "warmup_steps": _WARMUP.value, **subllm_options.values(),
+            "warmup_steps": _WARMUP.value, **subllm_options.values(_PRESET.value),
             "seeds": [int(s) for s in _SEEDS.value], "every": _EVERY.value, "tail": _TAIL.value}
 
 
 def config(seed: int):
     c = pretrain_subllm_tiny.get_config()
-    overrides = {"max_positions": max(_SEQ_LEN.value, 128)}
-    structure = {}
-    if _STRUCTURE.value:
-        structure["structure"] = _STRUCTURE.value
-        overrides["n_layers"] = _STRUCTURE.value.count("T")
-    c.subllm = runs.subllm_config_dict(_PRESET.value, **subllm_options.values(), overrides=overrides,
-                                       **structure)
+    structure = subllm_options.values(_PRESET.value)["structure"]
+    c.subllm = run_configs.subllm_dict(_PRESET.value, overrides={
+        "max_positions": max(_SEQ_LEN.value, 128), "n_layers": structure.count("T")})
+    subllm_options.apply(c)
     c.train.steps, c.train.batch_size, c.train.seq_len = _STEPS.value, _BATCH.value, _SEQ_LEN.value
     c.train.lr, c.train.warmup_steps, c.train.seed = _LR.value, _WARMUP.value, seed
     return c
@@ -120,8 +122,9 @@ def run_seed(seed: int) -> list[dict]:
     c = config(seed)
     corpus = data.load_corpus(c.data.source)
     tokenizer = data.get_tokenizer(corpus, c.data.vocab_size)
-    tc = runs.build_train_config(c.train)
-    setup = runs.subllm_setup(c, "subllm", tokenizer.get_vocab_size(), tc)
+    run = run_configs.pretrain_config(c)
+    setup = pretrain.subllm_setup(run, tokenizer.get_vocab_size(), run.train)
+    tc = run.train
     model = setup.model
     optimizer = nnx.Optimizer(model, setup.tx, wrt=nnx.Param)
     step_fn = train.make_train_step(setup.train_loss, pass_step=True)
@@ -170,8 +173,12 @@ def summarize(records: list[dict], keep: float | tuple, steps: int, tail: int) -
 
 def main(argv):
     del argv
+    _OPTIONS.exit_if_help()
+    try:
+        keep = run_configs.pretrain_config(config(0)).model.keep
+    except ValueError as e:
+        _checks.fail(_checks.flag_for_config_error(str(e)))
     records = [r for seed in settings()["seeds"] for r in run_seed(seed)]
-    keep = runs.build_subllm_config(config(0).subllm, "subllm").keep
     summary = summarize(records, keep, _STEPS.value, _TAIL.value)
     print(summary)
     write_result(_OUT.value, "subllm_balancer", records, summary, png=False, settings=settings())

@@ -1,54 +1,64 @@
-"""The SUBLLM routing options both SUBLLM training benchmarks expose as flags.
+"""The SUBLLM options the SUBLLM training benchmarks take: ``--config.subllm.<field>``.
 
-``--balancer_statistic``, ``--balancer_margin``, ``--balancer_start_scale``,
-``--balancer_start_steps`` and ``--bypass_init`` set the :class:`~tokensparse.subllm.SubLLMConfig`
-fields of those names, ``--scorer_warmup`` the ``config.subllm`` field of that name; their defaults
-are the spec's. :func:`values` gives them as keyword arguments
-of :func:`tokensparse.runs.subllm_config_dict`; :func:`changed` names the ones a run sets away from a
-preset's, for a run directory. A benchmark with another default calls ``flags.set_default``.
+``config.subllm`` is the pretraining config's SUBLLM section (:func:`experiments.run_configs.subllm_dict`):
+every :class:`~tokensparse.subllm.SubLLMConfig` field but the backbone (``structure``, ``keep`` /
+``level_keep``, ``balancer_statistic``, ``balancer_margin``, ``balancer_start_scale``,
+``balancer_start_steps``, ``bypass_init``, ...) and every
+:class:`~tokensparse.pipelines.pretrain.SubLLMTrainConfig` field (``scorer_warmup``,
+``scorer_lr_scale``, ``schedule_step_multiplier``, ...). Unset fields keep the value of the
+benchmark's ``--preset`` (or the benchmark's own default, :func:`define`'s ``defaults``);
+``--config_help`` lists them. :func:`values` gives them all, :func:`changed` the ones a run sets
+away from the preset's (for naming its run directory), :func:`apply` writes them into a pretraining
+config.
 """
 
 from __future__ import annotations
 
-from absl import flags
+from ml_collections import config_dict
 
-from experiments import _checks
-from tokensparse import runs
-from tokensparse.subllm import balancer
-from tokensparse.subllm.balancer import STATISTICS
+from experiments import config_dicts, run_configs
 
-STATISTIC = flags.DEFINE_string("balancer_statistic", "mean_std",
-                                "SubLLMConfig.balancer_statistic: mean_std (the spec's) or proportion.")
-MARGIN = flags.DEFINE_float("balancer_margin", 0.05, "SubLLMConfig.balancer_margin: the half-width of "
-                            "the band the Balancer acts on (the spec's 0.05). Benchmarks always "
-                            "measure against the spec's band, keep ± 0.05.")
-START_SCALE = flags.DEFINE_float("balancer_start_scale", balancer.GRAD_SCALE,
-                                 "SubLLMConfig.balancer_start_scale: the Balancer's grad_scale at step "
-                                 "0 (the spec's 0.04 throughout).")
-START_STEPS = flags.DEFINE_integer("balancer_start_steps", 0, "SubLLMConfig.balancer_start_steps: "
-                                   "grad_scale falls linearly to 0.04 by this step (0: no start).")
-BYPASS_INIT = flags.DEFINE_float("bypass_init", 0.5, "SubLLMConfig.bypass_init (the spec's 0.5).")
-SCORER_WARMUP = flags.DEFINE_bool("scorer_warmup", True, "config.subllm.scorer_warmup: the scorers' "
-                                  "learning rate warms up with the rest (the spec's); --noscorer_warmup "
-                                  "runs them at the peak rate from step 0.")
+# Set by the benchmark itself (its --preset flag, and the backbone it builds).
+NOT_OPTIONS = ("preset", "overrides")
 
-_checks.one_of(STATISTIC, STATISTICS)
-flags.register_validator(MARGIN, lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5).")
-flags.register_validator(START_SCALE, lambda v: 0.0 < v <= 10.0, "must be in (0, 10].")
-_checks.at_least(START_STEPS, 0)
-flags.register_validator(BYPASS_INIT, lambda v: 0.0 < v <= 1.0, "must be in (0, 1].")
-
-_HOLDERS = {"balancer_statistic": STATISTIC, "balancer_margin": MARGIN,
-            "balancer_start_scale": START_SCALE, "balancer_start_steps": START_STEPS,
-            "bypass_init": BYPASS_INIT, "scorer_warmup": SCORER_WARMUP}
+_FLAGS: config_dicts.ConfigFlags | None = None
 
 
-def values() -> dict:
-    """The options as ``subllm_config_dict`` keyword arguments (and benchmark settings)."""
-    return {name: holder.value for name, holder in _HOLDERS.items()}
+def define(**defaults) -> config_dicts.ConfigFlags:
+    """Define ``--config.subllm.*`` (every option unset: the preset's, except ``defaults``)."""
+    global _FLAGS
+    section = run_configs.subllm_dict("subllm-tiny")
+    options = config_dict.ConfigDict()
+    for name in section:
+        if name not in NOT_OPTIONS:
+            options[name] = config_dict.placeholder(section.get_type(name))
+    for name, value in defaults.items():
+        options[name] = value
+    _FLAGS = run_configs.define_config_flags(
+        config_dict.ConfigDict({"subllm": options}), "pretrain",
+        "The SUBLLM's options (the pretraining config's config.subllm, without preset and overrides); "
+        "unset: the --preset's.")
+    return _FLAGS
+
+
+def given() -> dict:
+    """The options set on the command line or by the benchmark's defaults."""
+    return {k: v for k, v in _FLAGS.value.subllm.to_dict().items() if v is not None}
+
+
+def values(preset_name: str) -> dict:
+    """Every option: the preset's, with :func:`given` on top (benchmark settings)."""
+    preset = run_configs.subllm_dict(preset_name).to_dict()
+    return {k: v for k, v in {**preset, **given()}.items() if k not in NOT_OPTIONS}
 
 
 def changed(preset_name: str) -> dict:
-    """The options whose flag differs from the preset's own value (an empty dict: the preset's run)."""
-    preset = runs.subllm_config_dict(preset_name)
-    return {name: value for name, value in values().items() if value != preset[name]}
+    """The options whose value differs from the preset's own (an empty dict: the preset's run)."""
+    preset = run_configs.subllm_dict(preset_name).to_dict()
+    return {name: value for name, value in given().items() if value != preset[name]}
+
+
+def apply(c: config_dict.ConfigDict) -> None:
+    """Write :func:`given` into the pretraining config ``c``'s ``config.subllm``."""
+    for name, value in given().items():
+        c.subllm[name] = value

@@ -3,7 +3,7 @@
     python -m experiments.bench.subllm_quality --out bench_results/subllm_quality.json \\
         [--steps=100 --seq_len=256 --batch_size=12 --workdir=DIR]
 
-Both models are pretrained by :func:`tokensparse.runs.pretrain` from
+Both models are pretrained by :func:`tokensparse.pipelines.pretrain.pretrain` from
 ``experiments/configs/pretrain_subllm_small.py`` (``config.model = "subllm"`` and ``"dense"``): the
 same backbone init, data order, recipe and number of tokens. Runs are cached under ``--workdir``
 (default ``<cache>/bench/subllm_quality/<settings>``) and resume when interrupted. The SUBLLM is
@@ -13,9 +13,11 @@ better, ≤ 1.02 is the acceptance bar) and ``val_loss_ratio_topk`` the same in 
 carry each run's training throughput, its ``loss_history`` (training loss per logged step, from its
 ``metrics.jsonl``; drawn as the loss curves ``<out>.png``) and the SUBLLM's score statistics
 (fraction of positive scores per subsampler: the Balancer's band is keep ± 0.05; threshold-mode keep
-rates; bypass scales). ``--balancer_statistic``, ``--balancer_margin``, ``--balancer_start_scale``,
-``--balancer_start_steps``, ``--bypass_init`` and ``--scorer_warmup`` set the SUBLLM's options of
-those names (defaults: the spec's; :mod:`experiments.bench.subllm_options`); the dense twin's run is shared.
+rates; bypass scales). ``--config.subllm.<option>`` sets the SUBLLM's options
+(``balancer_statistic``, ``balancer_margin``, ``balancer_start_scale``, ``balancer_start_steps``,
+``bypass_init``, ``scorer_warmup``, ``schedule_step_multiplier``, ...; unset: the preset's, which are
+the spec's; ``--config_help`` lists them; :mod:`experiments.bench.subllm_options`); the dense twin's
+run is shared.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import pathlib
 
 from absl import flags
 
-from experiments import _checks
+from experiments import _checks, run_configs
 from experiments.bench import loss_history, subllm_options, write_result
 from experiments.configs import pretrain_subllm_small
-from tokensparse import data, runs
+from tokensparse import data
+from tokensparse.pipelines import pretrain
 from tokensparse.subllm.structure import subllm_preset_names
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Pretraining steps of each model.")
@@ -36,8 +39,7 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Packed row length.")
 _BATCH = flags.DEFINE_integer("batch_size", 12, "Rows per step.")
 _LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate of both.")
 _PRESET = flags.DEFINE_string("preset", "subllm-small", "SUBLLM preset.")
-_MULTIPLIER = flags.DEFINE_float("schedule_step_multiplier", 1.0,
-                                 "Balancer / bypass schedules see step × this (spec §4.7).")
+_OPTIONS = subllm_options.define()
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Held-out batches evaluated.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where the two runs live (default: a cache dir).")
 _OUT = flags.DEFINE_string("out", "bench_results/subllm_quality.json", "Where to write the JSON "
@@ -48,7 +50,6 @@ _checks.at_least(_SEQ_LEN, 2)
 _checks.at_least(_BATCH, 1)
 _checks.at_least(_EVAL_BATCHES, 1)
 _checks.in_range(_LR, 0.0, float("inf"))
-_checks.in_range(_MULTIPLIER, 0.0, float("inf"))
 _checks.one_of(_PRESET, subllm_preset_names())
 
 MODELS = ("dense", "subllm")
@@ -57,7 +58,7 @@ MODELS = ("dense", "subllm")
 def settings() -> dict:
     return {"preset": _PRESET.value, "steps": _STEPS.value, "seq_len": _SEQ_LEN.value,
             "batch_size": _BATCH.value, "lr": _LR.value, "eval_batches": _EVAL_BATCHES.value,
-            "schedule_step_multiplier": _MULTIPLIER.value, **subllm_options.values()}
+            **subllm_options.values(_PRESET.value)}
 
 
 def workdir(kind: str = "") -> pathlib.Path:
@@ -74,13 +75,14 @@ def workdir(kind: str = "") -> pathlib.Path:
         return root
     changed = subllm_options.changed(_PRESET.value)
     if kind == "subllm" and changed:  # the preset's own run keeps its plain name
-        return root / subllm_run_name(subllm_options.values(), changed)
+        return root / subllm_run_name(subllm_options.values(_PRESET.value), changed)
     return root / kind
 
 
 def subllm_run_name(options: dict, changed: dict) -> str:
-    """``subllm-<statistic>-c<bypass_init>``, then ``-m<margin>``, ``-s<start_scale>x<start_steps>`` and
-    ``-nowarmup`` when those are changed (the older runs' names stay valid)."""
+    """``subllm-<statistic>-c<bypass_init>``, then ``-m<margin>``, ``-s<start_scale>x<start_steps>``,
+    ``-nowarmup`` and ``-<option><value>`` for any other option, when those are changed (the older
+    runs' names stay valid)."""
     name = f"subllm-{options['balancer_statistic']}-c{options['bypass_init']:g}"
     if "balancer_margin" in changed:
         name += f"-m{options['balancer_margin']:g}"
@@ -88,15 +90,26 @@ def subllm_run_name(options: dict, changed: dict) -> str:
         name += f"-s{options['balancer_start_scale']:g}x{options['balancer_start_steps']}"
     if "scorer_warmup" in changed:
         name += "-nowarmup"  # the preset warms it up
+    named = {"balancer_statistic", "bypass_init", "balancer_margin", "balancer_start_scale",
+             "balancer_start_steps", "scorer_warmup"}
+    for option, value in sorted(changed.items()):
+        if option not in named:
+            name += f"-{option}{_short(value)}"
     return name
+
+
+def _short(value) -> str:
+    if isinstance(value, tuple | list):
+        return "-".join(_short(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def config(kind: str):
     c = pretrain_subllm_small.get_config()
     c.model = kind
-    c.subllm = runs.subllm_config_dict(_PRESET.value, schedule_step_multiplier=_MULTIPLIER.value,
-                                       **subllm_options.values(),
-                                       overrides={"max_positions": max(_SEQ_LEN.value, 2048)})
+    c.subllm = run_configs.subllm_dict(_PRESET.value,
+                                        overrides={"max_positions": max(_SEQ_LEN.value, 2048)})
+    subllm_options.apply(c)
     c.train.steps, c.train.seq_len, c.train.batch_size = _STEPS.value, _SEQ_LEN.value, _BATCH.value
     c.train.lr, c.train.eval_batches = _LR.value, _EVAL_BATCHES.value
     c.train.warmup_steps = max(_STEPS.value // 10, 1)
@@ -113,11 +126,17 @@ def run(kind: str) -> dict:
         print(f"reusing {d}")
         return json.loads(done.read_text())
     print(f"pretraining {kind} into {d}", flush=True)
-    return runs.pretrain(config(kind), d)
+    return pretrain.pretrain(run_configs.pretrain_config(config(kind)), d)
 
 
 def main(argv):
     del argv
+    _OPTIONS.exit_if_help()
+    try:
+        for kind in MODELS:
+            pretrain.check(run_configs.pretrain_config(config(kind)))
+    except ValueError as e:
+        _checks.fail(_checks.flag_for_config_error(str(e)))
     summaries = {kind: run(kind) for kind in MODELS}
     dense, sub = summaries["dense"], summaries["subllm"]
     tokens = _STEPS.value * _BATCH.value * _SEQ_LEN.value

@@ -39,7 +39,7 @@ from experiments import _checks
 from experiments.bench import timing, write_result
 from experiments.bench.inputs import random_batch, resolve_dtype
 from experiments.bench.timing import timed_step
-from tokensparse import decode, train
+from tokensparse import attention, decode, train
 from tokensparse.config import DTYPES, TrainConfig
 from tokensparse.generate import Decoder
 from tokensparse.metrics import compiled_memory
@@ -113,7 +113,9 @@ def measure_training(seq_len: int) -> dict[str, dict]:
         runs[name] = functools.partial(lambda *args: timed_step(*args)[0], step, model, optimizer, batch)
         rows[name] = {"preset": _PRESET.value, "model": name, "structure": config.structure,
                       "seq_len": seq_len, "batch_size": _BATCH.value, "dtype": resolve_dtype(_DTYPE.value),
-                      "remat": _REMAT.value, "attention": _ATTENTION.value,
+                      "remat": _REMAT.value,
+                      "attention": attention.model_backend(_ATTENTION.value, config.model,
+                                                           seq_len=seq_len, batch=_BATCH.value),
                       "temp_bytes": cost.temp_bytes, "arg_bytes": cost.argument_bytes, "flops": cost.flops}
     timings = timing.interleaved(runs, max(_REPS.value, 5))
     for name, row in rows.items():

@@ -50,13 +50,12 @@ def balancer_prob(step) -> Float[Array, ""]:
 
 
 def balancer_grad_scale(step, start: float = GRAD_SCALE, steps: int = 0) -> Float[Array, ""]:
-    """The Balancer's grad_scale: ``start`` at step 0 → the spec's 0.04 at ``steps``, then constant.
+    """The Balancer's grad_scale: ``start`` at step 0, falling linearly to the spec's 0.04 at
+    ``steps``, then constant; ``steps`` <= 0 gives the spec's 0.04 throughout.
 
-    Not the spec's (its grad_scale is 0.04 throughout, the default here: ``steps`` = 0). Early in
-    training the loss pushes a level's scores one way with 50–70% of |g| (docs/subllm.md), far beyond
-    the reach of a 4% nudge. Measured: a start of 1.0 over 400 steps keeps levels from shutting and
-    holds the band from about step 300 on, but not in the first ~250 steps, and larger starts do
-    no better there: that swing comes from the scorer's input, not its weight (docs/subllm.md).
+    A larger start lets the Balancer's nudge outweigh the loss's coherent push on the scores early in
+    training (what it was measured to do: docs/subllm.md, "A larger grad_scale at the start shortens
+    the swing").
     """
     if steps <= 0:
         return jnp.asarray(GRAD_SCALE, jnp.float32)

@@ -123,40 +123,45 @@ def parse_structure(s: str, keep: float | Sequence[float] = 0.64) -> Structure:
 
 @dataclasses.dataclass(frozen=True)
 class SubLLMConfig:
-    """A SUBLLM: the dense backbone ``model`` plus its structure and routing options (spec §4).
-
-    ``keep`` is one ratio for every level or one per level. ``infer_threshold`` / ``infer_capacity``
-    define inference selection (``s > θ``, first-come up to ``ceil(capacity·N_in)``);
-    ``capacity_multiple`` rounds training capacities up for kernel tiling. ``level_positions`` is
-    ``"composed"`` (original positions at every level) or ``"parent"`` (the repo's prefill
-    convention: below level 1 a token's position is its rank among the parent level's tokens).
-    ``route_shards`` > 0 makes training and top-k selection pick per that many contiguous sequence
-    pieces (0: the mesh's ``seq`` axis, i.e. global top-k on one device); see ``routing.per_shard``.
-    ``balancer_statistic`` is what switches the Balancer's location term: ``"mean_std"`` (the spec's
-    Gaussian μ/σ band) or ``"proportion"`` (the measured fraction of positive scores; see
-    :func:`tokensparse.subllm.balancer.balancer_penalty`). ``balancer_margin`` is the half-width of
-    the band the Balancer acts on, keep ± margin (the spec's 0.05); a narrower one aims inside the
-    spec's band, so that the fluctuations around where it holds stay in it. ``bypass_init`` is every
-    bypass scale's initial c (the spec's 0.5; 0.9 starts where the c_min schedule begins).
-    ``balancer_start_scale`` / ``balancer_start_steps``: the Balancer's grad_scale starts at this and
-    falls linearly to the spec's 0.04 by that step (0 steps, the default: 0.04 throughout, the spec's);
-    see :func:`tokensparse.subllm.modules.balancer_grad_scale`.
-    """
+    """A SUBLLM: the dense backbone ``model`` plus its structure and routing options (spec §4)."""
 
     model: ModelConfig
+    """The dense backbone; its n_layers must equal the structure's number of T's."""
     structure: str
+    """Structure string: T is a decoder layer, ( a subsampler, ) its upsampler and bypass, nested
+    to any depth (e.g. TTT(TT(TT)TT)TTT)."""
     keep: float | tuple[float, ...] = 0.64
+    """Keep ratio in (0, 1] of every nesting level, or one per level (outermost first), each
+    relative to the level above."""
     discard_penalty: bool = True
+    """Training subtracts the best discarded tokens' weights from the kept ones' (icefall's discard
+    penalty, spec §2.4), which pushes the discarded scores below 0."""
     infer_threshold: float = 0.0
+    """Inference (threshold mode) keeps a token when its score exceeds this (the spec's 0)."""
     infer_capacity: float = 1.0
+    """Inference keeps at most ceil(infer_capacity * N_in) tokens per level, first come first
+    served, in (0, 1]."""
     capacity_multiple: int = 1
+    """Training capacities are rounded up to a multiple of this (kernel tiling)."""
     level_positions: str = "composed"
+    """composed: a token keeps its original position at every level; parent: below level 1 its
+    position is its rank among the parent level's tokens (the official prefill convention)."""
     route_shards: int = 0
+    """Training and top-k selection pick per this many contiguous pieces of the sequence; 0: the
+    mesh's seq axis (global top-k on one device). See tokensparse.routing.per_shard."""
     balancer_statistic: str = "mean_std"
+    """What the Balancer's location term measures: mean_std (the spec's Gaussian mean/std band) or
+    proportion (the fraction of positive scores); see tokensparse.subllm.balancer.balancer_penalty."""
     balancer_margin: float = 0.05
+    """Half-width of the band the Balancer acts on, keep ± margin, in [0, 0.5) (the spec's 0.05)."""
     bypass_init: float = 0.5
+    """Initial bypass scale c of every upsampler, in (0, 1] (the spec's 0.5)."""
     balancer_start_scale: float = GRAD_SCALE
+    """The Balancer's grad_scale at step 0, in (0, 10]; it falls linearly to the spec's 0.04 by
+    balancer_start_steps (tokensparse.subllm.modules.balancer_grad_scale)."""
     balancer_start_steps: int = 0
+    """Steps over which the Balancer's grad_scale falls from balancer_start_scale to 0.04; 0 (the
+    spec's): 0.04 throughout."""
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
