@@ -39,7 +39,7 @@ from absl import app, flags
 from experiments import _checks
 from experiments.bench import write_result
 from tokensparse import zoo
-from tokensparse.lemo.sparsity import BLOCK, BLOCK_THRESHOLD, KEEP, SCORE_THRESHOLD, analyze, held_out_windows
+from tokensparse.lemo.analysis import BLOCK, BLOCK_THRESHOLD, KEEP, SCORE_THRESHOLD, analyze, held_out_windows
 
 _OUT = flags.DEFINE_string("out", "bench_results/analyze_sparsity.json", "Where to write the JSON.")
 _PNG = flags.DEFINE_string("png", None, "Where to write the plots (default: --out with .png).")

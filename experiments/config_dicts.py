@@ -44,13 +44,9 @@ from ml_collections.config_flags import config_flags, tuple_parser
 
 # ----------------------------------------------------------------------------- help from the source
 
-# Help for fields of classes whose source cannot carry it yet (cls -> {field: help}); the source wins.
-EXTRA_DOCS: dict[type, dict[str, str]] = {}
-
-
 def field_docs(cls) -> dict[str, str]:
     """Each field's help: the string literal right under it, else a ``#`` comment on its line."""
-    return {**EXTRA_DOCS.get(cls, {}), **_source_docs(cls)}
+    return _source_docs(cls)
 
 
 @functools.cache

@@ -36,7 +36,6 @@ from tokensparse.config import (
     preset,
     preset_names,
 )
-from tokensparse.lemo.predictor_training import PredictorTrainConfig
 from tokensparse.pipelines import finetune, predictors, pretrain
 from tokensparse.pipelines.finetune import FinetuneConfig
 from tokensparse.pipelines.predictors import PredictorsConfig
@@ -45,28 +44,6 @@ from tokensparse.subllm.structure import SubLLMConfig, dense_twin, subllm_preset
 
 # Help of fields whose dataclass does not document them yet (tokensparse/lemo/ is being reworked in
 # parallel): move each into an attribute docstring under the field, then delete it here.
-config_dicts.EXTRA_DOCS[PredictorTrainConfig] = {
-    "seq_len": "Window length the predictors are trained and scored at: the fine-tuning context "
-               "(RoPE-scaled as fine-tuning scales it).",
-    "steps": "Optimizer steps.",
-    "lr": "Peak learning rate (AdamW, after warm-up constant; the spec's 2e-5 is for 7B-scale 16K "
-          "windows).",
-    "b1": "AdamW's first-moment decay.",
-    "b2": "AdamW's second-moment decay.",
-    "weight_decay": "AdamW's decoupled weight decay.",
-    "warmup_steps": "Steps of linear warm-up from 0 to lr.",
-    "loss": "smooth_l1 (the spec's, on the tile matrix), mse, or column (standardised column scores: "
-            "only the ranking counts).",
-    "h1": "Width of every path's first hidden layer before pruning.",
-    "block_size": "Tokens per block; seq_len must be a multiple (fine-tuning's lemo.block_size).",
-    "prune_until": "Prunes happen only at steps below this.",
-    "prune_start_tau": "The first prune drops neurons whose pre-activation was <= 0 on more than this "
-                       "fraction of rows, in (0, 1].",
-    "prune_tau_step": "Each later prune lowers that fraction by this.",
-    "seed": "Seed of the initialisation and of the training windows' order.",
-    "log_every": "Log (metrics.jsonl, progress) every this many steps.",
-    "checkpoint_every": "Save a checkpoint every this many steps (and at the end).",
-}
 
 
 RUN_TOP = ("attention_backend", "progress")

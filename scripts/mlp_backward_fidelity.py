@@ -30,7 +30,7 @@ from flax import nnx
 from tokensparse import data, lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig
 from tokensparse.lemo import mlp as lemo_mlp
-from tokensparse.lemo.model import lemo_loss
+from tokensparse.lemo.forward import lemo_loss
 from tokensparse.pipelines.base import load_base
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from experiments import run_configs
 from tokensparse.lemo import predictor, scoring
+from tokensparse.lemo import predictor_metrics as pm
 from tokensparse.lemo import predictor_training as pt
 from tokensparse.pipelines import predictors as pipeline
 
@@ -51,13 +52,13 @@ def main() -> None:
             c_scores = np.asarray(scoring.column_scores(tiles), np.float64)[0]
             profiles.setdefault(layer, []).append(standardise(c_scores))
     prior = {layer: np.mean(v, axis=0) for layer, v in profiles.items()}
-    on_train = pt.evaluate(predictors, train_cache, range(n_train), tc.keep_ratio)["recall"]
-    on_held = pt.evaluate(predictors, held_cache, range(tc.eval_windows), tc.keep_ratio)["recall"]
+    on_train = pm.evaluate(predictors, train_cache, range(n_train), tc.keep_ratio)["recall"]
+    on_held = pm.evaluate(predictors, held_cache, range(tc.eval_windows), tc.keep_ratio)["recall"]
     by_position: dict[str, list[float]] = {}
     for i in range(tc.eval_windows):
         for layer, (_, tiles) in held_cache(i).items():
             c_scores = np.asarray(scoring.column_scores(tiles), np.float64)[0]
-            by_position.setdefault(layer, []).append(pt.recall_at(prior[layer], c_scores, tc.keep_ratio))
+            by_position.setdefault(layer, []).append(pm.recall_at(prior[layer], c_scores, tc.keep_ratio))
     sparse = pipeline.predictor_sparse_layers(config, tc, on_held)
     key = f"@{tc.keep_ratio:g}"
     print(json.dumps({

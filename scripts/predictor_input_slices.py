@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from tokensparse.lemo import predictor, scoring
+from tokensparse.lemo import predictor_metrics as pm
 from tokensparse.lemo import predictor_training as pt
 from tokensparse.lemo.targets import load_targets
 
@@ -64,7 +65,7 @@ def run_layout(train, held_out, layers, *, slices: int, head_dim: int, block: in
     scores = jax.jit(lambda p, x: predictor.predicted_column_scores(
         *predictor.predict(p, x, n_heads=slices, block_size=block)))
     recall = {layer: float(np.mean([
-        pt.recall_at(np.asarray(scores(params[layer], w[layer][0]))[0],
+        pm.recall_at(np.asarray(scores(params[layer], w[layer][0]))[0],
                      np.asarray(scoring.column_scores(w[layer][1]), np.float64)[0], keep)
         for w in held_out])) for layer in layers}
     return {"slices": slices, "input_width": in_dim, "final_loss": float(final),

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokensparse.lemo import estimators, scoring
-from tokensparse.lemo import predictor_training as pt
-from tokensparse.lemo.model import pre_rope_qk
+from tokensparse.lemo import predictor_metrics as pm
+from tokensparse.lemo.selection import pre_rope_qk
 from tokensparse.lemo.targets import load_targets, weights_digest
 
 
@@ -99,13 +99,13 @@ def main() -> None:
             oracle = np.asarray(scoring.column_scores(tiles), np.float64)
             for name, s in noise.items():
                 for row in oracle:
-                    add(name, layer, *pt.recall_under_noise(row, s, args.keep, rng))
+                    add(name, layer, *pm.recall_under_noise(row, s, args.keep, rng))
             if model is not None:
                 found = estimates(*pre_rope_qk(model.layers[int(layer)], jnp.asarray(x)))
                 for name, scores in found.items():
                     for row_pred, row in zip(np.asarray(scores), oracle, strict=True):
-                        add(name, layer, pt.recall_at(row_pred, row, args.keep),
-                            pt.spearman(row_pred, row))
+                        add(name, layer, pm.recall_at(row_pred, row, args.keep),
+                            pm.spearman(row_pred, row))
     print(json.dumps({"split": args.split, "windows": args.windows, "keep": args.keep,
                       "layers": layers, "methods": {m: _summary(per[m]) for m in methods}},
                      indent=1))

@@ -14,8 +14,8 @@ from _env import subprocess_env
 from flax import nnx
 
 from tokensparse.config import preset
+from tokensparse.lemo import analysis as A
 from tokensparse.lemo import scoring
-from tokensparse.lemo import sparsity as A
 from tokensparse.llama import Llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from flax import nnx
 from tokensparse import hf, lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
 from tokensparse.layer_stack import LayerStack, runs
-from tokensparse.lemo import model as lemo_model
+from tokensparse.lemo import forward as lemo_forward
 from tokensparse.llama import Llama
 
 CONFIG = preset("tiny").replace(n_layers=4)
@@ -87,12 +87,12 @@ def test_scanned_equals_unrolled_with_mixed_dense_and_sparse_layers(regroup, mlp
     lemo = MIXED.replace(mlp_mode=mlp_mode)
     model = _model()
     if regroup:
-        lemo_model.group_layers(model, lemo)
+        lemo_forward.group_layers(model, lemo)
         assert model.layers.sizes == (1, 2, 1)
     batch = _batch(1)
 
     def loss(m, b):
-        return lemo_model.lemo_loss(m, b, lemo=lemo)
+        return lemo_forward.lemo_loss(m, b, lemo=lemo)
 
     got = _loss_and_grads(loss, model, batch)
     want = _loss_and_grads(loss, _unrolled(model), batch)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tokensparse.lemo import estimators, scoring
-from tokensparse.lemo import predictor_training as pt
+from tokensparse.lemo import predictor_metrics as pm
 
 B, NB, BS, H, HKV, D = 2, 5, 8, 4, 2, 16
 OPTS = scoring.ScoreOptions(block_size=BS)
@@ -74,9 +74,9 @@ def test_estimator_errors():
 def test_recall_under_noise_falls_from_exact_to_chance():
     rng = np.random.default_rng(0)
     row = rng.standard_normal(50)
-    assert pt.recall_under_noise(row, 0.0, 0.4, rng) == pytest.approx((1.0, 1.0))
-    small, rho_small = pt.recall_under_noise(row, 0.1, 0.4, rng, draws=64)
-    large, rho_large = pt.recall_under_noise(row, 0.5, 0.4, rng, draws=64)
-    chance, rho_chance = pt.recall_under_noise(row, 1e4, 0.4, rng, draws=400)
+    assert pm.recall_under_noise(row, 0.0, 0.4, rng) == pytest.approx((1.0, 1.0))
+    small, rho_small = pm.recall_under_noise(row, 0.1, 0.4, rng, draws=64)
+    large, rho_large = pm.recall_under_noise(row, 0.5, 0.4, rng, draws=64)
+    chance, rho_chance = pm.recall_under_noise(row, 1e4, 0.4, rng, draws=400)
     assert 1.0 > small > large > chance and rho_small > rho_large > rho_chance
     assert chance == pytest.approx(0.4, abs=0.04) and abs(rho_chance) < 0.05

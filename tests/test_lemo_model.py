@@ -11,7 +11,8 @@ from flax import nnx
 
 from tokensparse import lora, routing, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
-from tokensparse.lemo import model as lemo_model
+from tokensparse.lemo import forward as lemo_forward
+from tokensparse.lemo import selection as lemo_selection
 from tokensparse.lemo.scoring import ScoreOptions
 from tokensparse.llama import Llama
 from tokensparse.metrics import compiled_memory
@@ -59,14 +60,14 @@ def test_keep_everything_equals_dense_lora(model, lemo):
     batch = _batch()
     loss_d, g_d = _loss_and_lora_grads(train.lm_loss, model, batch)
     loss_l, g_l = _loss_and_lora_grads(
-        lambda m, b: lemo_model.lemo_loss(m, b, lemo=lemo), model, batch)
+        lambda m, b: lemo_forward.lemo_loss(m, b, lemo=lemo), model, batch)
     np.testing.assert_allclose(loss_l, loss_d, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_l), jax.tree.leaves(g_d), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def _lemo_grads(model, batch, **lemo):
-    return _loss_and_lora_grads(lambda m, b: lemo_model.lemo_loss(m, b, lemo=LeMoConfig(**lemo)),
+    return _loss_and_lora_grads(lambda m, b: lemo_forward.lemo_loss(m, b, lemo=LeMoConfig(**lemo)),
                                 model, batch)
 
 
@@ -93,7 +94,7 @@ def test_recomputed_mlp_trains_mlp_adapters():
     m = lora.add_lora(Llama(CONFIG, rngs=nnx.Rngs(0)), LoRAConfig(targets=targets), rngs=nnx.Rngs(1))
     _randomise_adapters(m, seed=4)
     with pytest.raises(ValueError, match="LoRA on its MLP"):
-        lemo_model.check_lemo(m, LeMoConfig(block_size=BLOCK), T)
+        lemo_forward.check_lemo(m, LeMoConfig(block_size=BLOCK), T)
     batch = _batch(1)
     common = {"block_size": BLOCK, "keep_ratio": 0.5, "schedule": "all"}
     _, g_d = _lemo_grads(m, batch, mlp_mode="dense", **common)
@@ -120,10 +121,10 @@ def test_sparse_layer_equals_masked_dense_layer_and_passes_eliminated_tokens(mod
     x = jax.random.normal(jax.random.key(2), (B, T, CONFIG.d_model))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     seg = jnp.zeros((B, T), jnp.int32)
-    sel = nnx.jit(lambda b, x: lemo_model.layer_selection(b, b.input_norm(x), 0.4, lemo))(block, x)
+    sel = nnx.jit(lambda b, x: lemo_selection.layer_selection(b, b.input_norm(x), 0.4, lemo))(block, x)
     kept = _kept_mask(sel)
     assert kept.sum(1).tolist() == [int(0.4 * T / BLOCK) * BLOCK] * B
-    run = nnx.jit(lambda b, x: lemo_model.lemo_block(b, x, pos, seg, sel))
+    run = nnx.jit(lambda b, x: lemo_forward.lemo_block(b, x, pos, seg, sel))
     masked = nnx.jit(lambda b, x: b.feed_forward(b.attend(x, pos, jnp.where(kept, seg, -1))))
     np.testing.assert_allclose(run(block, x), masked(block, x), atol=1e-5)
     after_attention = nnx.jit(lambda b, x: b.attend(x, pos, seg, sel))(block, x)
@@ -135,7 +136,7 @@ def test_eliminated_tokens_do_not_leak_into_lora_gradients(model):
     lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all")
     x = jax.random.normal(jax.random.key(3), (B, T, CONFIG.d_model))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    sel = nnx.jit(lambda b, x: lemo_model.layer_selection(b, b.input_norm(x), 0.4, lemo))(block, x)
+    sel = nnx.jit(lambda b, x: lemo_selection.layer_selection(b, b.input_norm(x), 0.4, lemo))(block, x)
     dropped = np.flatnonzero(~_kept_mask(sel)[0])
     w = jax.random.normal(jax.random.key(4), x.shape)
 
@@ -155,8 +156,8 @@ def test_selection_is_top_blocks_of_the_oracle_scores(model):
     lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all")
     x = jax.random.normal(jax.random.key(5), (B, T, CONFIG.d_model))
     u = block.input_norm(x)
-    scores = np.asarray(lemo_model.oracle_block_scores(block, u, ScoreOptions(block_size=BLOCK)))
-    sel = lemo_model.layer_selection(block, u, 0.4, lemo)
+    scores = np.asarray(lemo_selection.oracle_block_scores(block, u, ScoreOptions(block_size=BLOCK)))
+    sel = lemo_selection.layer_selection(block, u, 0.4, lemo)
     k = int(0.4 * T // BLOCK)
     for r in range(B):
         blocks = np.unique(np.asarray(sel.indices[r]) // BLOCK)
@@ -178,7 +179,7 @@ def test_activation_memory_falls_with_keep_ratio_and_mlp_drop():
 
     def temp(**kw):
         lemo = LeMoConfig(block_size=64, schedule="all", **kw)
-        fn = nnx.jit(nnx.grad(lambda m, b: lemo_model.lemo_loss(m, b, lemo=lemo)[0],
+        fn = nnx.jit(nnx.grad(lambda m, b: lemo_forward.lemo_loss(m, b, lemo=lemo)[0],
                               argnums=nnx.DiffState(0, lora.LoRAParam)))
         return compiled_memory(fn, m, batch).temp_bytes
 
@@ -195,7 +196,7 @@ def test_activation_memory_falls_with_keep_ratio_and_mlp_drop():
 
 def test_bad_inputs(model):
     with pytest.raises(ValueError, match="multiple of the block size"):
-        lemo_model.check_lemo(model, LeMoConfig(block_size=64), 100)
+        lemo_forward.check_lemo(model, LeMoConfig(block_size=64), 100)
     with pytest.raises(ValueError, match="keep_ratio"):
         LeMoConfig(keep_ratio=0.0)
     with pytest.raises(ValueError, match="keep_ratio"):
@@ -203,4 +204,4 @@ def test_bad_inputs(model):
     with pytest.raises(ValueError, match="3 entries"):
         LeMoConfig(schedule="profile", profile=(1.0, 0.5, 0.5)).keep_ratios(4)
     with pytest.raises(ValueError, match="add_lora"):
-        lemo_model.check_lemo(Llama(CONFIG, rngs=nnx.Rngs(0)), LeMoConfig(block_size=BLOCK), T)
+        lemo_forward.check_lemo(Llama(CONFIG, rngs=nnx.Rngs(0)), LeMoConfig(block_size=BLOCK), T)

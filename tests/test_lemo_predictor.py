@@ -13,9 +13,11 @@ from tokensparse import data, lora, routing, train
 from tokensparse.checkpoint import CheckpointError
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
 from tokensparse.lemo import predictor, scoring
+from tokensparse.lemo import predictor_metrics as pm
 from tokensparse.lemo import predictor_training as pt
 from tokensparse.lemo import targets as target_store
-from tokensparse.lemo.model import check_lemo, layer_selection, lemo_loss
+from tokensparse.lemo.forward import check_lemo, lemo_loss
+from tokensparse.lemo.selection import layer_selection
 from tokensparse.llama import Llama
 from tokensparse.metrics import compiled_memory
 
@@ -184,14 +186,14 @@ def test_prune_schedule_follows_the_spec():
 def test_recall_against_brute_force():
     rng = np.random.default_rng(0)
     oracle = rng.normal(size=20)
-    assert pt.recall_at(oracle, oracle, 0.4) == 1.0  # oracle-as-predictor recall is 1
-    assert pt.recall_at(-oracle, oracle, 0.4) == 0.0  # 8 of 20: the bottom 8 miss the top 8
+    assert pm.recall_at(oracle, oracle, 0.4) == 1.0  # oracle-as-predictor recall is 1
+    assert pm.recall_at(-oracle, oracle, 0.4) == 0.0  # 8 of 20: the bottom 8 miss the top 8
     pred = oracle + rng.normal(size=20)
     k = 8
     expected = len(set(np.argsort(-pred)[:k]) & set(np.argsort(-oracle)[:k])) / k
-    assert pt.recall_at(pred, oracle, 0.4) == expected
-    assert pt.spearman(oracle, oracle) == pytest.approx(1.0)
-    assert pt.spearman(-oracle, oracle) == pytest.approx(-1.0)
+    assert pm.recall_at(pred, oracle, 0.4) == expected
+    assert pm.spearman(oracle, oracle) == pytest.approx(1.0)
+    assert pm.spearman(-oracle, oracle) == pytest.approx(-1.0)
 
 
 # ----------------------------------------------------------------------------- training

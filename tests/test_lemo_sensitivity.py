@@ -11,8 +11,8 @@ from flax import nnx
 
 from tokensparse import lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
-from tokensparse.lemo import sensitivity
-from tokensparse.lemo.model import lemo_loss
+from tokensparse.lemo.forward import lemo_loss
+from tokensparse.lemo.profiles import sensitivity
 from tokensparse.llama import Llama
 
 CONFIG = preset("tiny").replace(n_layers=3)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from tokensparse import lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset
-from tokensparse.lemo import threshold
+from tokensparse.lemo.profiles import algorithm1 as threshold
 from tokensparse.llama import Llama
 
 CONFIG = preset("tiny").replace(n_layers=3)

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from tokensparse import lora, routing, sharding, train
 from tokensparse.checkpoint import Checkpointer
 from tokensparse.config import LeMoConfig, LoRAConfig, MeshConfig, TrainConfig, preset
-from tokensparse.lemo.model import lemo_loss
+from tokensparse.lemo.forward import lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.subllm import training as subllm_training
 from tokensparse.subllm.model import SubLLM

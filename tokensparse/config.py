@@ -396,9 +396,9 @@ class LeMoConfig:
     """Which layers are sparse. half: layers L/2-1 ... L-2 keep keep_ratio, the rest are dense (the
     artifact's end-to-end setting); all: every layer keeps keep_ratio; profile: layer l keeps
     profile[l]; algorithm1: a profile tuned on calibration_windows training windows before
-    fine-tuning (tokensparse.lemo.threshold.tune_thresholds, tune_rounds rounds); sensitivity:
+    fine-tuning (tokensparse.lemo.profiles.algorithm1.tune_thresholds, tune_rounds rounds); sensitivity:
     keep_ratio in the layers where it costs the least calibration loss, cheapest first, within
-    loss_budget nats, dense elsewhere (tokensparse.lemo.sensitivity.tune_profile)."""
+    loss_budget nats, dense elsewhere (tokensparse.lemo.profiles.sensitivity.tune_profile)."""
     profile: tuple[float, ...] | None = None
     """Per-layer keep ratios in (0, 1] (1.0: dense), given exactly when schedule=profile."""
     selector: str = "oracle"
@@ -456,10 +456,10 @@ class LeMoConfig:
         if self.schedule == "all":
             return (self.keep_ratio,) * n_layers
         _check(self.schedule != "algorithm1", "LeMoConfig.schedule='algorithm1' has no keep ratios "
-               "until tuned: run tokensparse.lemo.threshold.tune_thresholds and train with "
+               "until tuned: run tokensparse.lemo.profiles.algorithm1.tune_thresholds and train with "
                "schedule='profile' (tokensparse.pipelines.finetune does this for you).")
         _check(self.schedule != "sensitivity", "LeMoConfig.schedule='sensitivity' has no keep "
-               "ratios until measured: run tokensparse.lemo.sensitivity.tune_profile and train with "
+               "ratios until measured: run tokensparse.lemo.profiles.sensitivity.tune_profile and train with "
                "schedule='profile' (tokensparse.pipelines.finetune does this for you).")
         first, last = n_layers // 2 - 1, n_layers - 2
         return tuple(self.keep_ratio if first <= i <= last else 1.0 for i in range(n_layers))

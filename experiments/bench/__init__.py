@@ -67,7 +67,7 @@ def loss_history(run_dir: str | os.PathLike) -> dict | None:
 
 def read_keep_profile(path: str | os.PathLike) -> tuple[float, ...]:
     """The per-layer keep ratios in a JSON file's ``"profile"`` (a ``lemo_profile.json`` written by
-    an Algorithm 1 fine-tuning run or by :func:`tokensparse.lemo.sensitivity.budget_profile`'s
+    an Algorithm 1 fine-tuning run or by :func:`tokensparse.lemo.profiles.sensitivity.budget_profile`'s
     caller); a clear error when the file or the key is missing."""
     path = pathlib.Path(path)
     if not path.is_file():

@@ -25,7 +25,7 @@ from experiments import _checks
 from experiments.bench import write_result
 from tokensparse import lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, preset, preset_names
-from tokensparse.lemo.model import group_layers, lemo_loss
+from tokensparse.lemo.forward import group_layers, lemo_loss
 from tokensparse.llama import Llama
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")

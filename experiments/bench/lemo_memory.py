@@ -23,7 +23,7 @@ from experiments import _checks
 from experiments.bench import read_keep_profile, write_result
 from tokensparse import attention, lora, train
 from tokensparse.config import LEMO_MLP_MODES, LeMoConfig, LoRAConfig, preset, preset_names
-from tokensparse.lemo.model import group_layers, lemo_loss
+from tokensparse.lemo.forward import group_layers, lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.remat import REMAT_POLICIES
 

@@ -44,7 +44,7 @@ from experiments.configs import finetune_small, predictors_small
 from tokensparse import data, lora, train
 from tokensparse.config import LeMoConfig, preset_names
 from tokensparse.lemo import predictor, predictor_training, scoring
-from tokensparse.lemo.model import lemo_loss
+from tokensparse.lemo.forward import lemo_loss
 from tokensparse.pipelines import base as bases_lib
 from tokensparse.pipelines import predictors as predictors_lib
 

@@ -32,7 +32,7 @@
    ``--config.lemo.calibration_windows`` training windows for ``--config.lemo.tune_rounds`` rounds
    before fine-tuning; spec §2.4) or ``sensitivity`` (the keep ratio in the layers where it costs the
    least calibration loss, within ``--config.lemo.loss_budget`` nats;
-   :mod:`tokensparse.lemo.sensitivity`). Each variant is its own run
+   :mod:`tokensparse.lemo.profiles.sensitivity`). Each variant is its own run
    (``lemo_algorithm1_mlp_drop0.8``, ``lemo_keep0.7_mlp_drop0.8``, ...), so one ``--workdir`` holds
    them all beside one LoRA run. LeMo rows carry the per-layer ``keep_profile`` they trained with
    and its ``mean_keep`` (1.0 = dense).
@@ -106,7 +106,7 @@ _MLP_RECOMPUTE = flags.DEFINE_bool("mlp_recompute", True, "Also fine-tune LeMo w
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of every run.")
 _PROFILE = flags.DEFINE_string("lemo_profile", "", "With --config.lemo.schedule=profile: a JSON file "
                                "with a per-layer keep \"profile\" (a lemo_profile.json from an "
-                               "Algorithm 1 run, or tokensparse.lemo.sensitivity's), instead of "
+                               "Algorithm 1 run, or tokensparse.lemo.profiles.sensitivity's), instead of "
                                "--config.lemo.profile.")
 _CONFIG = run_configs.define_config_flags(
     config_dict.ConfigDict({"lemo": finetune_small.get_config().lemo,

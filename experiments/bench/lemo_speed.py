@@ -9,7 +9,7 @@
 Both steps are built as :func:`tokensparse.pipelines.finetune.finetune` builds them
 (:func:`tokensparse.train.make_train_step` over :class:`tokensparse.lora.LoRAParam`, AdamW from
 ``finetune_small.py``) on the *same* model, optimizer and batch; only the loss differs (dense
-:func:`tokensparse.train.lm_loss` vs :func:`tokensparse.lemo.model.lemo_loss` with the default
+:func:`tokensparse.train.lm_loss` vs :func:`tokensparse.lemo.forward.lemo_loss` with the default
 LeMoConfig). Same dtype, remat policy, attention backend and loss segment for both. Random weights
 are fine: the step's work does not depend on their values. Each step is compiled and warmed up,
 then timed repetitions alternate the two (ABBA order), blocking on the loss, the LoRA parameters
@@ -37,7 +37,7 @@ from experiments.bench.timing import timed_step
 from experiments.configs import finetune_small
 from tokensparse import attention, lora, train
 from tokensparse.config import DTYPES, LeMoConfig, preset, preset_names
-from tokensparse.lemo.model import check_lemo, group_layers, lemo_loss
+from tokensparse.lemo.forward import check_lemo, group_layers, lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.metrics import compiled_memory
 from tokensparse.remat import REMAT_POLICIES

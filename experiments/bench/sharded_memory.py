@@ -75,7 +75,7 @@ from experiments import _checks  # noqa: E402
 from experiments.bench import write_result  # noqa: E402
 from tokensparse import attention, lora, sharding, train  # noqa: E402
 from tokensparse.config import MESH_AXES, LeMoConfig, LoRAConfig, MeshConfig, preset, preset_names  # noqa: E402
-from tokensparse.lemo.model import group_layers, lemo_loss  # noqa: E402
+from tokensparse.lemo.forward import group_layers, lemo_loss  # noqa: E402
 from tokensparse.llama import Llama  # noqa: E402
 from tokensparse.remat import REMAT_POLICIES  # noqa: E402
 

@@ -1,15 +1,18 @@
 """LeMo (Jenga): long-context LoRA fine-tuning with per-layer block elimination.
 
-Spec: ``reference/lemo.md``.
-
 - :mod:`~tokensparse.lemo.scoring`: block informativeness (the oracle / predictor-target score).
+- :mod:`~tokensparse.lemo.selection`: which blocks a sparse layer keeps (oracle or predictor).
+- :mod:`~tokensparse.lemo.forward`: the LeMo forward and loss (per-layer elimination).
 - :mod:`~tokensparse.lemo.mlp`: SwiGLU with exact forward and channel-sparse backward.
-- :mod:`~tokensparse.lemo.model`: the LeMo forward and loss (per-layer elimination).
-- :mod:`~tokensparse.lemo.threshold`: Algorithm 1, per-layer thresholds → keep-ratio profile.
-- :mod:`~tokensparse.lemo.predictor`: pattern predictors (selection without q·kᵀ), save/load/attach.
-- :mod:`~tokensparse.lemo.predictor_training`: training them on oracle targets, pruning, recall.
+- :mod:`~tokensparse.lemo.predictor`: pattern predictors (selection without q·kᵀ), save/load/attach;
+  :mod:`~tokensparse.lemo.predictor_training` trains them on oracle targets
+  (:mod:`~tokensparse.lemo.targets`).
+- :mod:`~tokensparse.lemo.profiles`: per-layer keep-ratio profiles (Algorithm 1, sensitivity).
+- :mod:`~tokensparse.lemo.analysis`: contextual-sparsity statistics of a model's attention;
+  :mod:`~tokensparse.lemo.estimators`: training-free estimates of the oracle scores.
 """
 
+from tokensparse.lemo.forward import check_lemo, group_layers, lemo_hidden_states, lemo_loss
 from tokensparse.lemo.mlp import channel_sparse_swiglu, keep_channels, sparse_backward_mlp
 from tokensparse.lemo.scoring import (
     ScoreOptions,
@@ -25,8 +28,12 @@ __all__ = [
     "block_scores",
     "block_scores_reference",
     "channel_sparse_swiglu",
+    "check_lemo",
+    "group_layers",
     "column_scores",
     "keep_channels",
+    "lemo_hidden_states",
+    "lemo_loss",
     "num_blocks",
     "select_blocks",
     "sparse_backward_mlp",

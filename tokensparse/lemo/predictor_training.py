@@ -33,27 +33,22 @@ import json
 import math
 import pathlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.stats
 from flax import nnx
 
-from tokensparse import routing
 from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
 from tokensparse.config import LeMoConfig
-from tokensparse.lemo import scoring
 from tokensparse.lemo.predictor import (
     PATHS,
     LeMoPredictors,
     block_rows,
     path_forward,
-    predict,
-    predicted_column_scores,
     predicted_tiles,
     save_predictors,
 )
@@ -69,30 +64,60 @@ class PredictorTrainConfig:
     """How predictors are trained (spec §2.3; the spec's lr 2e-5 is for 7B-scale 16K windows)."""
 
     seq_len: int = 2048
+    """Window length the predictors are trained and scored at: the fine-tuning context (RoPE-scaled
+    as fine-tuning scales it)."""
     steps: int = 400
-    train_windows: int = 128  # distinct windows, collected once and cycled
-    eval_windows: int = 16  # held-out windows for recall / Spearman
+    """Optimizer steps."""
+    train_windows: int = 128
+    """Distinct training windows, collected once and cycled."""
+    eval_windows: int = 16
+    """Held-out windows for recall and Spearman."""
     lr: float = 1e-3
+    """Peak learning rate (AdamW, constant after the warm-up; the spec's 2e-5 is for 7B-scale 16K
+    windows)."""
     b1: float = 0.9
+    """AdamW's first-moment decay."""
     b2: float = 0.95
+    """AdamW's second-moment decay."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     warmup_steps: int = 20
+    """Steps of linear warm-up from 0 to lr."""
     loss: str = "smooth_l1"
-    target_scale: float = 1.0  # multiplies the oracle tiles (already divided by 1024)
+    """smooth_l1 (the spec's, on the tile matrix), mse, or column (standardised column scores: only
+    the ranking counts)."""
+    target_scale: float = 1.0
+    """Multiplies the oracle tiles (already divided by 1024)."""
     h1: int = 128
-    h2: int = 0  # 0: block_size · d_model / n_heads (the spec's b·d)
-    layers: tuple[int, ...] = ()  # (): every layer but the last
-    sparse_only: bool = False  # only the default LeMo schedule's sparse layers (fine-tuning's)
+    """Width of every path's first hidden layer before pruning."""
+    h2: int = 0
+    """Width of the second hidden layer before pruning; 0: block_size · d_model / n_heads (the
+    spec's b·d)."""
+    layers: tuple[int, ...] = ()
+    """Layers that get predictors; (): every layer but the last."""
+    sparse_only: bool = False
+    """Only the layers the default LeMo schedule makes sparse (those fine-tuning uses)."""
     block_size: int = 64
-    prune_every: int = 100  # 0: no pruning
+    """Tokens per block; seq_len must be a multiple (fine-tuning's lemo.block_size)."""
+    prune_every: int = 100
+    """Steps between prunes; 0: no pruning."""
     prune_until: int = 620
+    """Prunes happen only at steps below this."""
     prune_start_tau: float = 0.8
+    """The first prune drops neurons whose pre-activation was <= 0 on more than this fraction of
+    rows, in (0, 1]."""
     prune_tau_step: float = 0.05
-    keep_ratio: float = 0.4  # recall is measured at this keep ratio
+    """Each later prune lowers that fraction by this."""
+    keep_ratio: float = 0.4
+    """Recall is measured at this keep ratio."""
     seed: int = 0
+    """Seed of the initialisation and of the training windows' order."""
     log_every: int = 10
+    """Log (metrics.jsonl, progress) every this many steps."""
     checkpoint_every: int = 100
-    targets_dir: str = ""  # where collected targets are stored; "": <workdir>/targets
+    """Save a checkpoint every this many steps (and at the end)."""
+    targets_dir: str = ""
+    """Where collected targets are stored; empty: <workdir>/targets."""
 
     def __post_init__(self):
         def check(ok: bool, message: str) -> None:
@@ -248,60 +273,6 @@ def widths_of(params) -> dict[int, dict[str, tuple[int, int]]]:
 
 def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def recall_at(pred: np.ndarray, oracle: np.ndarray, keep_ratio: float) -> float:
-    """|TopK(pred) ∩ TopK(oracle)| / K for one row of block scores, K = floor(keep_ratio · n_b)
-    (at least 1). Ties break towards the lower block index, as selection does."""
-    k = routing.capacity(len(oracle), keep_ratio, rounding="floor")
-    return len(_top(pred, k) & _top(oracle, k)) / k
-
-
-def _top(scores: np.ndarray, k: int) -> set[int]:
-    return set(np.argsort(-np.asarray(scores, np.float64), kind="stable")[:k].tolist())
-
-
-def spearman(pred: np.ndarray, oracle: np.ndarray) -> float:
-    rho = scipy.stats.spearmanr(pred, oracle).statistic
-    return float(rho) if np.isfinite(rho) else 0.0
-
-
-def recall_under_noise(oracle: np.ndarray, sigma: float, keep_ratio: float,
-                       rng: np.random.Generator, draws: int = 8) -> tuple[float, float]:
-    """(mean recall@``keep_ratio``, mean Spearman) of a predictor that gets one row's oracle column
-    scores exactly but for Gaussian noise of ``sigma`` times their spread over the blocks: the
-    prediction accuracy a recall target demands on this data. Mean over ``draws`` noise draws."""
-    oracle = np.asarray(oracle, np.float64)
-    spread = oracle.std() or 1.0
-    noisy = [oracle + sigma * spread * rng.standard_normal(oracle.shape) for _ in range(draws)]
-    return (float(np.mean([recall_at(n, oracle, keep_ratio) for n in noisy])),
-            float(np.mean([spearman(n, oracle) for n in noisy])))
-
-
-def evaluate(predictors: LeMoPredictors, cache: TargetCache, indices: Sequence[int],
-             keep_ratio: float) -> dict[str, dict[str, float]]:
-    """Per layer, mean recall@``keep_ratio`` and Spearman of ĉ against the oracle's c."""
-    scores = jax.jit(lambda params, x: predicted_column_scores(*predict(
-        params, x, n_heads=predictors.model_shape[1], block_size=predictors.block_size)))
-
-    params = predictors.params()
-    recall: dict[str, list[float]] = {}
-    rho: dict[str, list[float]] = {}
-    for index in indices:
-        targets = cache(index)
-        for layer, (x, tiles) in targets.items():
-            if layer not in params:
-                continue
-            pred = np.asarray(scores(params[layer], x))
-            oracle = np.asarray(scoring.column_scores(tiles), np.float64)
-            for row_pred, row_oracle in zip(pred, oracle, strict=True):
-                recall.setdefault(layer, []).append(recall_at(row_pred, row_oracle, keep_ratio))
-                rho.setdefault(layer, []).append(spearman(row_pred, row_oracle))
-    return {"recall": {k: float(np.mean(v)) for k, v in recall.items()},
-            "spearman": {k: float(np.mean(v)) for k, v in rho.items()}}
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from tokensparse.lemo import scoring
-from tokensparse.lemo.model import pre_rope_qk
+from tokensparse.lemo.selection import pre_rope_qk
 from tokensparse.llama import Llama, default_positions
 
 Targets = dict[str, tuple[np.ndarray, np.ndarray]]  # {str(layer): (X [B, T, D], tiles [B, n_b, n_b])}

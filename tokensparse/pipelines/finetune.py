@@ -20,7 +20,7 @@ from flax import nnx
 from tokensparse import data, lora, train
 from tokensparse.config import DataConfig, LeMoConfig, LoRAConfig, MeshConfig, TrainConfig
 from tokensparse.lemo import predictor
-from tokensparse.lemo.model import check_lemo, group_layers, lemo_loss
+from tokensparse.lemo.forward import check_lemo, group_layers, lemo_loss
 from tokensparse.loop import check_resumable, train_loop
 from tokensparse.pipelines import common
 from tokensparse.pipelines.base import check_base, load_base, set_context
@@ -168,13 +168,13 @@ def tune_lemo_profile(model, lemo_config: LeMoConfig, train_docs, tc: TrainConfi
         windows = data.WindowBatches(train_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed + 1)
         calibration = [windows.batch(i) for i in range(lemo_config.calibration_windows)]
         if lemo_config.schedule == "algorithm1":
-            from tokensparse.lemo.threshold import tune_thresholds
+            from tokensparse.lemo.profiles.algorithm1 import tune_thresholds
 
             tuned = tune_thresholds(model, calibration, lemo_config, rounds=lemo_config.tune_rounds)
             record = {"thresholds": tuned.thresholds, "profile": tuned.profile,
                       "history": tuned.history}
         else:
-            from tokensparse.lemo.sensitivity import tune_profile
+            from tokensparse.lemo.profiles.sensitivity import tune_profile
 
             record = dataclasses.asdict(tune_profile(model, calibration, lemo_config,
                                                      keep_ratio=lemo_config.keep_ratio,

@@ -14,7 +14,7 @@ import numpy as np
 
 from tokensparse import data
 from tokensparse.config import DataConfig, ModelConfig
-from tokensparse.lemo import predictor_training
+from tokensparse.lemo import predictor_metrics, predictor_training
 from tokensparse.lemo.predictor_training import PredictorTrainConfig
 from tokensparse.pipelines import common
 from tokensparse.pipelines.base import check_base, load_base, set_context
@@ -98,7 +98,7 @@ def train_predictors(config: PredictorsConfig, workdir: str | pathlib.Path) -> d
         cache = predictor_training.TargetCache(
             model, held_out, run.predictors.layer_ids, tc.block_size,
             directory=predictor_training.targets_directory(tc, workdir) / "held_out")
-        metrics = predictor_training.evaluate(run.predictors, cache, range(tc.eval_windows),
+        metrics = predictor_metrics.evaluate(run.predictors, cache, range(tc.eval_windows),
                                               tc.keep_ratio)
         sparse = predictor_sparse_layers(model_config, tc, metrics["recall"])
         key = f"@{tc.keep_ratio:g}"

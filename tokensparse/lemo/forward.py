@@ -1,28 +1,26 @@
-"""LeMo forward pass: per-layer contextual token elimination on a LoRA-adapted Llama (spec §2.5).
+"""LeMo's forward pass: per-layer contextual token elimination on a LoRA-adapted Llama (spec §2.5).
 
-In a sparse layer l the attention sub-layer runs only on the top ``floor(ρ_l · n_b)`` 64-token blocks
-(scored from the layer's own normed input under stop_gradient, by the oracle or, with
-``selector="predictor"``, by ``model.lemo_predictors``), at their original positions; the
-other tokens pass through on the residual (h = x exactly). The MLP runs on every token, with an exact
-forward and, by default, a backward through only the top 20% channels (spec §2.6). The next layer
-re-scores all tokens: elimination is per layer, not permanent. Evaluation is dense (the plain model
-with the trained LoRA).
+In a sparse layer l the attention sub-layer runs only on the blocks :mod:`tokensparse.lemo.selection`
+keeps, at their original positions; the other tokens pass through on the residual (h = x exactly).
+The MLP runs on every token, with an exact forward and, by default, a backward through only the top
+20% channels (spec §2.6; :mod:`tokensparse.lemo.mlp`). The next layer re-scores all tokens:
+elimination is per layer, not permanent. Evaluation is dense (the plain model with the trained
+LoRA). The forward is the model's own layer loop with LeMo's router and layer function.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
 from jaxtyping import Array, Float, Int
 
-from tokensparse import lora, routing, train
+from tokensparse import lora, train
 from tokensparse.config import LeMoConfig
-from tokensparse.lemo import predictor, scoring
+from tokensparse.lemo import predictor
 from tokensparse.lemo.mlp import keep_channels, recomputed_mlp, sparse_backward_mlp
+from tokensparse.lemo.selection import layer_kinds, lemo_router
 from tokensparse.llama import DecoderBlock, Llama
 from tokensparse.remat import tag
-from tokensparse.sharding import route_shards
 
 
 def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...]:
@@ -56,37 +54,6 @@ def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...
                 raise ValueError(f"layer {start} has LoRA on its MLP; LeMo's channel-sparse MLP "
                                  "backward needs frozen MLP weights (use lemo.mlp_mode='dense').")
     return ratios
-
-
-def pre_rope_qk(block: DecoderBlock, u: Float[Array, "b t d"]) -> tuple[Array, Array]:
-    """The layer's per-head q [B, T, H, D] and k [B, T, Hkv, D] before RoPE (with its current LoRA),
-    from ``stop_gradient(u)``: what the oracle scores and the predictor targets are made of."""
-    u = jax.lax.stop_gradient(u)
-    b, t, _ = u.shape
-    attn = block.attn
-    q = attn.q_proj(u).reshape(b, t, attn.n_heads, attn.head_dim)
-    k = attn.k_proj(u).reshape(b, t, attn.n_kv_heads, attn.head_dim)
-    return q, k
-
-
-def oracle_block_scores(block: DecoderBlock, u: Float[Array, "b t d"],
-                        opts: scoring.ScoreOptions) -> Float[Array, "b nb"]:
-    """Column block scores from the layer's own pre-RoPE q, k, no gradient."""
-    return scoring.block_scores(*pre_rope_qk(block, u), opts)
-
-
-def layer_selection(block: DecoderBlock, u, keep_ratio: float, lemo: LeMoConfig,
-                    layer_predictor: predictor.LayerPredictor | None = None) -> routing.Selection:
-    """The layer's top ``floor(keep_ratio · n_b)`` blocks, ascending, by the predictor's column
-    scores when given, else by the oracle's (both under stop_gradient)."""
-    if layer_predictor is not None:
-        scores = layer_predictor.column_scores(u)
-    else:
-        scores = oracle_block_scores(block, u, scoring.ScoreOptions(block_size=lemo.block_size))
-    if lemo.keep_first_block:
-        scores = scores.at[:, 0].set(jax.numpy.inf)
-    return scoring.select_blocks(scores, keep_ratio, lemo.block_size,
-                                 shards=route_shards(lemo.route_shards))
 
 
 def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *,
@@ -132,36 +99,11 @@ def lemo_layer_fn(model: Llama, lemo: LeMoConfig):
     return layer_fn
 
 
-def layer_kinds(lemo: LeMoConfig, ratios: tuple[float, ...]) -> tuple[tuple, ...]:
-    """Each layer's kind for the layer loop: ``(keep_ratio, predictor layer or None)``. Layers of
-    one keep ratio run under one scan; with learned predictors (one module per layer) every
-    sparse layer is its own kind."""
-    per_layer = lemo.selector == "predictor"
-    return tuple((r, i if per_layer and r < 1.0 else None) for i, r in enumerate(ratios))
-
-
 def group_layers(model: Llama, lemo: LeMoConfig) -> Llama:
     """Regroup ``model``'s stacked layers to match ``lemo``'s schedule (in place, outside ``jit``,
     before building an optimizer), so that no scan over a run of layers slices (copies) weights."""
     model.layers.regroup_for(layer_kinds(lemo, lemo.keep_ratios(len(model.layers))))
     return model
-
-
-def lemo_router(model: Llama, lemo: LeMoConfig):
-    """The layer loop's router: a layer's fixed selection when given (``layer.inputs``), else the
-    top blocks by the predictor's or the oracle's scores of its normed input; None when dense."""
-    predictors = predictor.attached(model) if lemo.selector == "predictor" else None
-
-    def route(block, h, layer):
-        ratio, predictor_layer = layer.kind
-        if ratio >= 1.0:
-            return None
-        if layer.inputs is not None:
-            return layer.inputs
-        u = block.input_norm(jax.lax.stop_gradient(h))
-        layer_predictor = None if predictor_layer is None else predictors.for_layer(predictor_layer)
-        return layer_selection(block, u, ratio, lemo, layer_predictor)
-    return route
 
 
 def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,

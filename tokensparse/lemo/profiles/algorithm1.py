@@ -26,7 +26,8 @@ from jaxtyping import Array, Float
 from tokensparse import routing, train
 from tokensparse.config import LeMoConfig
 from tokensparse.lemo import scoring
-from tokensparse.lemo.model import check_lemo, lemo_block_fn, oracle_block_scores
+from tokensparse.lemo.forward import check_lemo, lemo_block_fn
+from tokensparse.lemo.selection import oracle_block_scores
 from tokensparse.llama import Llama
 
 

@@ -1,7 +1,7 @@
 """A keep-ratio profile from measured per-layer costs under a loss budget (LeMo option
 ``schedule="sensitivity"``; a library choice, spec §2.4's "can re-profile").
 
-Algorithm 1 (:mod:`tokensparse.lemo.threshold`) climbs a finite-difference gradient of the
+Algorithm 1 (:mod:`tokensparse.lemo.profiles.algorithm1`) climbs a finite-difference gradient of the
 calibration loss from thresholds that start out eliminating about half of every layer; on a model
 whose block scores are flat (SmolLM2-135M, docs/lemo.md) that start costs several nats and the climb
 ends where the differences vanish, not where the loss is low. This asks the model directly instead:
@@ -28,7 +28,8 @@ from flax import nnx
 
 from tokensparse import train
 from tokensparse.config import LeMoConfig
-from tokensparse.lemo.model import check_lemo, layer_selection, lemo_block, lemo_loss
+from tokensparse.lemo.forward import check_lemo, lemo_block, lemo_loss
+from tokensparse.lemo.selection import layer_selection
 from tokensparse.llama import Llama, default_positions
 
 
