@@ -71,14 +71,14 @@ def _per_token_loss(model, batch, keep: int):
     :func:`_per_token_swiglu`."""
     swiglu = _per_token_swiglu(keep)
 
+    def layer_fn(block, h, layer, selection):
+        h, normed = block.attend_and_norm(h, layer.positions, layer.segment_ids, selection)
+        m = block.mlp
+        weights = [p.kernel[...] for p in (m.gate_proj, m.up_proj, m.down_proj)]
+        return block.feed_forward(h, normed, lambda u, w=weights: swiglu(u, *w)), None
+
     def hidden(model, tokens, positions, segment_ids):
-        h = model.embed(tokens)
-        for block in model.layers:
-            h, normed = block.attend_and_norm(h, positions, segment_ids)
-            m = block.mlp
-            weights = [p.kernel[...] for p in (m.gate_proj, m.up_proj, m.down_proj)]
-            h = block.feed_forward(h, normed, lambda u, w=weights: swiglu(u, *w))
-        return model.final_norm(h)
+        return model.hidden_states(tokens, positions, segment_ids, layer_fn=layer_fn)
 
     return train.lm_loss(model, batch, hidden_fn=hidden)[0]
 

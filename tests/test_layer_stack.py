@@ -195,3 +195,18 @@ def test_hf_round_trip_through_the_stacked_layout(tmp_path):
     tokens = _batch().tokens
     logits = nnx.jit(lambda m, t: m(t))
     np.testing.assert_allclose(logits(loaded, tokens), logits(model, tokens), atol=1e-6)
+
+
+def test_set_context_rescales_rope_in_every_stacked_layer():
+    from tokensparse.pipelines.base import set_context
+
+    model = Llama(CONFIG, rngs=nnx.Rngs(0))
+    model.layers.regroup((1, 3))
+    tokens = _batch().tokens
+    logits = nnx.jit(lambda m, t: m(t))
+    before = logits(model, tokens)
+    longer = CONFIG.with_context(4 * CONFIG.max_positions)
+    assert longer.rope_scaling != CONFIG.rope_scaling
+    set_context(model, longer)
+    assert [b.attn.rope_scaling for b in model.layers] == [longer.rope_scaling] * CONFIG.n_layers
+    assert not np.allclose(logits(model, tokens), before, atol=1e-4)

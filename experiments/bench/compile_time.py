@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 from absl import flags
-from flax import nnx
 
 from experiments import _checks
 from experiments.bench import write_result
-from tokensparse import lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset, preset_names
-from tokensparse.lemo.forward import group_layers, lemo_loss
-from tokensparse.llama import Llama
+from experiments.bench.inputs import lowered_lora_step
+from tokensparse.config import LeMoConfig, preset, preset_names
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192"], "Sequence lengths.")
@@ -41,37 +35,9 @@ _checks.one_of(_LAYOUTS, ("scan", "unrolled"))
 _checks.int_list(_SEQ_LENS, multiple_of=LeMoConfig().block_size, why="LeMo keeps whole blocks")
 
 
-class Batch(NamedTuple):
-    tokens: jax.Array
-    positions: jax.Array
-    segment_ids: jax.Array
-
-
-def lowered_step(config, seq_len: int, method: str, scan: bool):
-    """The lowered (not yet compiled) LoRA or LeMo training step on abstract parameters."""
-    lemo = LeMoConfig()
-
-    def build():
-        model = Llama(config.with_context(seq_len), attention_backend="chunked", scan_layers=scan,
-                      rngs=nnx.Rngs(0))
-        model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
-        return group_layers(model, lemo) if method == "lemo" else model
-
-    graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
-
-    def loss(lora_state, rest, batch):
-        model = nnx.merge(graphdef, lora_state, rest)
-        if method == "lemo":
-            return lemo_loss(model, batch, lemo=lemo, loss_segment=2048)[0]
-        return train.lm_loss(model, batch, loss_segment=2048)[0]
-
-    ints = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.jit(jax.grad(loss)).lower(lora_state, rest, Batch(ints, ints, ints))
-
-
 def measure(config, seq_len: int, method: str, scan: bool) -> dict:
     start = time.perf_counter()
-    lowered = lowered_step(config, seq_len, method, scan)
+    lowered = lowered_lora_step(config, seq_len, method, lemo=LeMoConfig(), scan_layers=scan)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()

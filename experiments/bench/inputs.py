@@ -1,11 +1,19 @@
-"""Inputs the speed benchmarks share: random token batches and the dtype choice for ``--dtype=auto``."""
+"""Inputs the benchmarks share: random token batches, the dtype choice for ``--dtype=auto``, and the
+abstract LoRA / LeMo training step the compile-only benchmarks lower."""
 
 from __future__ import annotations
 
-import jax
-import numpy as np
+from typing import NamedTuple
 
-from tokensparse import data
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tokensparse import data, lora, train
+from tokensparse.config import LeMoConfig, LoRAConfig, ModelConfig
+from tokensparse.lemo.forward import group_layers, lemo_loss
+from tokensparse.llama import Llama
 
 
 def resolve_dtype(choice: str) -> str:
@@ -22,3 +30,33 @@ def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> da
     tokens = rng.integers(0, vocab_size, (batch, seq_len), dtype=np.int32)
     positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()
     return data.Batch(tokens, positions, np.zeros(tokens.shape, np.int32))
+
+
+class AbstractBatch(NamedTuple):
+    tokens: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+
+
+def lowered_lora_step(config: ModelConfig, seq_len: int, method: str, *, lemo: LeMoConfig,
+                      remat: str = "none", attention: str = "chunked", scan_layers: bool = True,
+                      loss_segment: int = 2048):
+    """The lowered gradient of the LoRA (``method="lora"``) or LeMo loss over the LoRA weights, on
+    abstract (shape-only) parameters and a batch of one ``seq_len`` row; nothing is allocated. LoRA
+    is r=8 on q, k, v, o; LeMo's layers are grouped to its runs (no weight copies in its scans)."""
+    def build():
+        model = Llama(config.with_context(seq_len), attention_backend=attention, remat=remat,
+                      scan_layers=scan_layers, rngs=nnx.Rngs(0))
+        model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
+        return group_layers(model, lemo) if method == "lemo" else model
+
+    graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
+
+    def loss(lora_state, rest, batch):
+        model = nnx.merge(graphdef, lora_state, rest)
+        if method == "lemo":
+            return lemo_loss(model, batch, lemo=lemo, loss_segment=loss_segment)[0]
+        return train.lm_loss(model, batch, loss_segment=loss_segment)[0]
+
+    ints = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return jax.jit(jax.grad(loss)).lower(lora_state, rest, AbstractBatch(ints, ints, ints))

@@ -12,19 +12,14 @@ kernel on a GPU); the ratio is LoRA / LeMo (larger is better).
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 from absl import flags
-from flax import nnx
 
 from experiments import _checks
 from experiments.bench import read_keep_profile, write_result
-from tokensparse import attention, lora, train
-from tokensparse.config import LEMO_MLP_MODES, LeMoConfig, LoRAConfig, preset, preset_names
-from tokensparse.lemo.forward import group_layers, lemo_loss
-from tokensparse.llama import Llama
+from experiments.bench.inputs import lowered_lora_step
+from tokensparse import attention
+from tokensparse.config import LEMO_MLP_MODES, LeMoConfig, preset, preset_names
 from tokensparse.remat import REMAT_POLICIES
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
@@ -52,12 +47,6 @@ flags.register_validator(_MLP_DROP, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)
 _checks.one_of(_MLP_MODE, LEMO_MLP_MODES)
 
 
-class Batch(NamedTuple):
-    tokens: jax.Array
-    positions: jax.Array
-    segment_ids: jax.Array
-
-
 def lemo_config() -> LeMoConfig:
     """The default LeMoConfig, or ``--lemo_profile``'s per-layer keep ratios; ``--mlp_drop``,
     ``--mlp_mode``."""
@@ -68,23 +57,8 @@ def lemo_config() -> LeMoConfig:
 
 
 def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -> dict:
-    def build():
-        model = Llama(config.with_context(seq_len), attention_backend=_ATTENTION.value, remat=remat,
-                      rngs=nnx.Rngs(0))
-        model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
-        # LeMo's runs of layers each scan over their own stacked group (no weight copies).
-        return group_layers(model, lemo) if method == "lemo" else model
-
-    graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
-
-    def loss(lora_state, rest, batch):
-        model = nnx.merge(graphdef, lora_state, rest)
-        if method == "lemo":
-            return lemo_loss(model, batch, lemo=lemo, loss_segment=2048)[0]
-        return train.lm_loss(model, batch, loss_segment=2048)[0]
-
-    ints = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    compiled = jax.jit(jax.grad(loss)).lower(lora_state, rest, Batch(ints, ints, ints)).compile()
+    compiled = lowered_lora_step(config, seq_len, method, lemo=lemo, remat=remat,
+                                 attention=_ATTENTION.value).compile()
     mem = compiled.memory_analysis()
     return {"preset": _PRESET.value, "seq_len": seq_len, "method": method, "remat": remat,
             "attention": attention.model_backend(_ATTENTION.value, config, seq_len=seq_len),

@@ -42,5 +42,5 @@ def load_base(base: str, *, attention_backend: str = "auto"):
 def set_context(model: Llama, config: ModelConfig) -> None:
     """Point every attention layer at ``config``'s RoPE scaling (weights are unaffected)."""
     model.config = config
-    for block in model.layers:
-        block.attn.rope_scaling = config.rope_scaling
+    for group in model.layers.groups:  # the stacked layers themselves, not per-layer copies
+        group.attn.rope_scaling = config.rope_scaling

@@ -71,8 +71,7 @@ def make_optimizer(tc: TrainConfig, *, scorer_lr_scale: float = 0.5, scorer_warm
     ``scorer_warmup=False`` (not the spec's) gives the scorers their own AdamW whose schedule skips
     the warm-up: during it they already run at the peak learning rate (× ``scorer_lr_scale``), then
     follow the same schedule as the rest. The gradient clipping still sees every parameter's gradient
-    together. Meant to let the Balancer turn the scorers while their input changes fastest; measured,
-    it does not shorten the early swing (docs/subllm.md)."""
+    together (what it was measured to do: docs/subllm.md)."""
     if not scorer_lr_scale > 0:
         raise ValueError(f"scorer_lr_scale={scorer_lr_scale} must be positive.")
     if not scorer_warmup:
