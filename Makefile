@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # The README's Results commands, exactly: `make bench` regenerates the memory and speed rows
-# (about an hour on 2 busy CPU cores: lemo_memory's 16 compiles ~25 min, lemo_speed ~4 min,
+# (about 40 minutes on 2 busy CPU cores: lemo_memory's 16 compiles ~1.5 min, lemo_speed ~4 min,
 # subllm_speed ~35 min, most of it at 4096, kernels ~3 min), `make bench-quality` the quality rows (hours; the
 # workdirs make a rerun resume). Each benchmark writes bench_results/<name>.json and its figure.
 BENCH := $(BIN)/python -m experiments.bench

@@ -42,6 +42,8 @@ from absl import flags
 from ml_collections import config_dict
 from ml_collections.config_flags import config_flags, tuple_parser
 
+from experiments import _checks
+
 # ----------------------------------------------------------------------------- help from the source
 
 def field_docs(cls) -> dict[str, str]:
@@ -349,9 +351,10 @@ def define_config_flags(sections: config_dict.ConfigDict, help_for: Callable[[st
                         what: str) -> ConfigFlags:
     """``--config`` holding ``sections`` and ``--config_help``; ``help_for(path)`` is a field's help
     and ``what`` says what the program does with the config."""
-    config = config_flags.DEFINE_config_dict(
-        "config", sections, f"{what} Override any field with --config.PATH=VALUE (lists: "
-        "--config.a.b='[x, y]' or x,y); --config_help lists them.")
+    with _checks.config_overrides_checked():  # overrides apply here: a missing field fails in one line
+        config = config_flags.DEFINE_config_dict(
+            "config", sections, f"{what} Override any field with --config.PATH=VALUE (lists: "
+            "--config.a.b='[x, y]' or x,y); --config_help lists them.")
     config_help = flags.DEFINE_bool("config_help", False, "Print every --config field with its value "
                                     "and meaning, then exit.")
     return ConfigFlags(config, config_help, help_for, what)

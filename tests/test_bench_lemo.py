@@ -266,9 +266,10 @@ def test_lemo_predictor_smoke(predictor_smoke):
 def test_lemo_predictor_on_a_zoo_base(tmp_path):
     """``--base`` trains predictors for that model (its tokenizer, nothing pretrained) with the
     chosen loss and rate; a workdir trained with other settings is refused, not silently reused."""
-    args = ("--smoke", "--base=smollm2-135m", f"--workdir={tmp_path / 'run'}", "--loss=smooth_l1",
-            "--weight_decay=0.01", "--h2=32", "--sparse_only", f"--targets_dir={tmp_path / 'tg'}",
-            "--lr=1e-3")
+    args = ("--smoke", "--base=smollm2-135m", f"--workdir={tmp_path / 'run'}",
+            "--config.predictors.loss=smooth_l1", "--config.predictors.weight_decay=0.01",
+            "--config.predictors.h2=32", "--config.predictors.sparse_only",
+            f"--config.predictors.targets_dir={tmp_path / 'tg'}", "--config.predictors.lr=1e-3")
     result, stdout = _bench_with_fake_zoo("lemo_predictor", tmp_path / "p.json", *args)
     assert "[fake zoo] load" in stdout and "pretraining" not in stdout
     settings = result["settings"]
@@ -283,8 +284,8 @@ def test_lemo_predictor_on_a_zoo_base(tmp_path):
     assert not (tmp_path / "run" / "targets").exists()
     assert settings["predictor_training"] == trained["train"]
     _finite(result["summary"], ("mean_recall@0.4", "overhead_ratio"))
-    refused = _bench_with_fake_zoo("lemo_predictor", tmp_path / "p2.json", *args[:-1], "--lr=2e-3",
-                                   check=False)
+    refused = _bench_with_fake_zoo("lemo_predictor", tmp_path / "p2.json", *args[:-1],
+                                   "--config.predictors.lr=2e-3", check=False)
     assert refused.returncode != 0 and "trained with another 'train'" in refused.stderr
     assert not (tmp_path / "p2.json").exists()
 
@@ -307,14 +308,15 @@ def test_lemo_memory_with_a_keep_profile(tmp_path):
     assert "profile from" in sparser["settings"]["lemo"]
     # Keeping more MLP channels for the backward saves more of the MLP's activations.
     wider, _ = _bench("lemo_memory", tmp_path / "w.json", *common,
-                      f"--lemo_profile={tmp_path / 'profile.json'}", "--mlp_drop=0.5")
+                      f"--lemo_profile={tmp_path / 'profile.json'}", "--config.lemo.mlp_drop=0.5")
     lemo_rows = [r for r in wider["rows"] if r["method"] == "lemo"]
     assert lemo_rows[0]["temp_bytes"] > rows["lemo", "s"]["temp_bytes"]
     assert "keeps 50% channels" in wider["settings"]["lemo"]
     assert "keeps 20% channels" in sparser["settings"]["lemo"]
     # The recomputed MLP saves only its input: less than the dense MLP backward's g and v.
     by_mode = {mode: _bench("lemo_memory", tmp_path / f"{mode}.json", *common,
-                            f"--lemo_profile={tmp_path / 'profile.json'}", f"--mlp_mode={mode}")[0]
+                            f"--lemo_profile={tmp_path / 'profile.json'}",
+                            f"--config.lemo.mlp_mode={mode}")[0]
                for mode in ("recompute", "dense")}
     temp = {mode: next(r["temp_bytes"] for r in result["rows"] if r["method"] == "lemo")
             for mode, result in by_mode.items()}

@@ -36,7 +36,7 @@ HELP = {
     "experiments.bench.lemo_memory": ("memory", "--seq_lens", "--remat", "--out"),
     "experiments.bench.lemo_speed": ("wall time", "--seq_lens", "--reps", "--out"),
     "experiments.bench.lemo_quality": ("perplexity", "--steps", "--seq_len", "--out"),
-    "experiments.bench.lemo_predictor": ("recall", "--steps", "--seq_len", "--out"),
+    "experiments.bench.lemo_predictor": ("recall", "--config", "--base_seq_len", "--out"),
     "experiments.bench.subllm_speed": ("throughput", "--seq_lens", "--decode_tokens", "--out"),
     "experiments.bench.subllm_quality": ("held-out loss", "--steps", "--seq_len", "--out"),
     "experiments.bench.sharded_memory": ("mesh", "--meshes", "--seq_len", "--out"),

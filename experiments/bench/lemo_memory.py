@@ -1,25 +1,36 @@
 """LeMo vs dense LoRA: compile-only activation and total memory of one LoRA training step.
 
     python -m experiments.bench.lemo_memory [--preset=llama2-7b --seq_lens=4096,8192 --out FILE]
+    python -m experiments.bench.lemo_memory --config.lemo.mlp_drop=0.5 --remat=none  # LeMo's options
+    python -m experiments.bench.lemo_memory --lemo_profile=bench_results/lemo_profile.json  # a profile
 
 Nothing is allocated: the step is lowered on abstract (shape-only) parameters and XLA reports its
 buffer assignment, so 7B shapes at 8K work on a CPU. ``temp_bytes`` is activations + workspace;
 ``arg_bytes`` is parameters + LoRA + batch. Both methods share dtype (bf16), remat policy and the
 segmented loss and attention backend (default ``chunked``: no [T, T] matrices, as with a flash
 kernel on a GPU); the ratio is LoRA / LeMo (larger is better).
+
+LeMo's options are the fine-tuning config's, ``--config.lemo.*`` (default LeMoConfig: keep 0.4 in
+layers L/2-1..L-2, oracle selection, MLP backward drops 80% of channels; ``--config_help`` lists
+them). Only fixed schedules have a memory to measure: ``half``, ``all`` and ``profile``
+(``--config.lemo.profile="[1.0, 0.5, ...]"`` with ``--config.lemo.schedule=profile``, or the
+``"profile"`` of the JSON file ``--lemo_profile``, e.g. the ``lemo_profile.json`` an
+``algorithm1`` / ``sensitivity`` fine-tuning run tuned); selection is the oracle's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from absl import flags
+from ml_collections import config_dict
 
-from experiments import _checks
+from experiments import _checks, config_dicts
 from experiments.bench import read_keep_profile, write_result
 from experiments.bench.inputs import lowered_lora_step
 from tokensparse import attention
-from tokensparse.config import LEMO_MLP_MODES, LeMoConfig, preset, preset_names
+from tokensparse.config import LeMoConfig, preset, preset_names
 from tokensparse.remat import REMAT_POLICIES
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
@@ -30,30 +41,74 @@ _ATTENTION = flags.DEFINE_string("attention", "chunked", "Attention backend for 
                                  "(chunked: flash-like memory on any platform).")
 _PROFILE = flags.DEFINE_string("lemo_profile", "", "A JSON file with a per-layer keep \"profile\" (e.g. "
                                "the lemo_profile.json Algorithm 1 writes into a fine-tuning workdir): "
-                               "LeMo uses it instead of the default keep 0.4 in layers L/2-1..L-2.")
-_MLP_DROP = flags.DEFINE_float("mlp_drop", 0.8, "Fraction of MLP channels LeMo's backward drops "
-                               "(LeMoConfig.mlp_drop; spec §4.7 also reports 0.5).")
-_MLP_MODE = flags.DEFINE_string("mlp_mode", "channel_sparse_bwd", "LeMo's MLP backward "
-                                 "(LeMoConfig.mlp_mode): channel_sparse_bwd (spec), recompute (exact, "
-                                 "saves only the MLP input) or dense.")
+                               "LeMo uses it (schedule=profile) instead of the default keep 0.4 in "
+                               "layers L/2-1..L-2; instead of --config.lemo.profile.")
+_CONFIG = config_dicts.define_config_flags(
+    config_dict.ConfigDict({"lemo": config_dicts.section(LeMoConfig())}),
+    # LeMoConfig's own help (the fine-tuning config's adds selector=auto and predictors, not here)
+    lambda path: config_dicts.field_docs(LeMoConfig).get(path.removeprefix("lemo."), ""),
+    "LeMo's options (LeMoConfig, the fine-tuning config's config.lemo) for the LeMo step: "
+    "schedule half, all or profile (algorithm1 and sensitivity are tuned during fine-tuning: give "
+    "the profile they tune with --lemo_profile), selector oracle.")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON "
                            "(and its figure, the same path with .png).")
 
 _checks.one_of(_PRESET, preset_names())
-_checks.int_list(_SEQ_LENS, multiple_of=LeMoConfig().block_size, why="LeMo keeps whole blocks")
+_checks.int_list(_SEQ_LENS)  # (multiples of config.lemo.block_size: checked in main)
 _checks.one_of(_REMAT, REMAT_POLICIES)
 _checks.one_of(_ATTENTION, _checks.attention_backends())
-flags.register_validator(_MLP_DROP, lambda v: 0.0 <= v < 1.0, "must be in [0, 1).")
-_checks.one_of(_MLP_MODE, LEMO_MLP_MODES)
+MEASURABLE = ("half", "all", "profile")  # schedules with keep ratios before any fine-tuning
 
 
-def lemo_config() -> LeMoConfig:
-    """The default LeMoConfig, or ``--lemo_profile``'s per-layer keep ratios; ``--mlp_drop``,
-    ``--mlp_mode``."""
-    mlp = {"mlp_drop": _MLP_DROP.value, "mlp_mode": _MLP_MODE.value}
-    if not _PROFILE.value:
-        return LeMoConfig(**mlp)
-    return LeMoConfig(schedule="profile", profile=read_keep_profile(_PROFILE.value), **mlp)
+def lemo_config(n_layers: int) -> LeMoConfig:
+    """``--config.lemo``'s LeMoConfig, with ``--lemo_profile``'s per-layer keep ratios
+    (schedule=profile) when given, checked against an ``n_layers`` model. Errors (ValueError) name
+    the config path or the flag."""
+    values = _CONFIG.value.lemo.to_dict()
+    if _PROFILE.value:
+        if values["profile"] is not None:
+            raise ValueError("give --lemo_profile (a file) or --config.lemo.profile, not both.")
+        if values["schedule"] not in (LeMoConfig().schedule, "profile"):
+            raise ValueError(f"config.lemo.schedule={values['schedule']!r}: --lemo_profile gives a "
+                             "profile, so the schedule is 'profile' (leave it unset).")
+        values["profile"], values["schedule"] = read_keep_profile(_PROFILE.value), "profile"
+    lemo = config_dicts.from_dict(LeMoConfig, values, "config.lemo")
+    if lemo.schedule not in MEASURABLE:
+        raise ValueError(f"config.lemo.schedule={lemo.schedule!r} has no keep ratios until a "
+                         f"fine-tuning run tunes them; measure one of {', '.join(MEASURABLE)} (the "
+                         "profile it tuned: --lemo_profile=<workdir>/lemo_profile.json).")
+    if lemo.selector != "oracle":
+        raise ValueError(f"config.lemo.selector={lemo.selector!r}: this benchmark measures oracle "
+                         "selection (the predictors' own memory is not in the step it lowers).")
+    try:
+        lemo.keep_ratios(n_layers)
+    except ValueError as e:
+        source = f"--lemo_profile={_PROFILE.value}" if _PROFILE.value else "config.lemo.profile"
+        raise ValueError(f"{source}: {e}") from None
+    return lemo
+
+
+def check_seq_lens(lemo: LeMoConfig) -> None:
+    bad = [t for t in map(int, _SEQ_LENS.value) if t % lemo.block_size]
+    if bad:
+        _checks.fail(f"flag --seq_lens={','.join(_SEQ_LENS.value)}: {bad[0]} must be a multiple of "
+                     f"config.lemo.block_size={lemo.block_size} (LeMo keeps whole blocks).")
+
+
+def describe(lemo: LeMoConfig) -> str:
+    """The settings' one-line description of the LeMo step: schedule, selection, MLP backward."""
+    if _PROFILE.value:
+        schedule = f"profile from {_PROFILE.value}: {list(lemo.profile)}"
+    elif lemo.schedule == "profile":
+        schedule = f"profile {list(lemo.profile)}"
+    elif lemo.schedule == "all":
+        schedule = f"keep {lemo.keep_ratio:g} in every layer"
+    else:
+        schedule = f"keep {lemo.keep_ratio:g} in layers L/2-1..L-2"
+    mlp = {"channel_sparse_bwd": f"MLP backward keeps {1 - lemo.mlp_drop:.0%} channels",
+           "recompute": "exact MLP backward recomputed from its input",
+           "dense": "dense MLP backward"}[lemo.mlp_mode]
+    return f"{schedule}, {lemo.selector} selection, {mlp}"
 
 
 def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -> dict:
@@ -68,8 +123,14 @@ def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -
 
 def main(argv):
     del argv
+    _CONFIG.exit_if_help()
     config = preset(_PRESET.value, dtype="bfloat16", param_dtype="bfloat16")
-    rows, summary, lemo = [], {}, lemo_config()
+    try:
+        lemo = lemo_config(config.n_layers)
+    except ValueError as e:
+        _checks.fail(_checks.flag_for_config_error(str(e)))
+    check_seq_lens(lemo)
+    rows, summary, ratios = [], {}, lemo.keep_ratios(config.n_layers)
     print(f"{'seq_len':>8} {'remat':>6} {'method':>6} {'temp GiB':>9} {'args GiB':>9}")
     for remat in _REMAT.value:
         suffix = "" if remat == "none" else f"_remat_{remat}"
@@ -84,15 +145,10 @@ def main(argv):
                                                              / pair["lemo"]["temp_bytes"])
             summary[f"total_ratio{suffix}@{seq_len}"] = total["lora"] / total["lemo"]
     print(json.dumps(summary, indent=1))
-    schedule = (f"profile from {_PROFILE.value}: {list(lemo.profile)}" if _PROFILE.value
-                else "keep 0.4 in layers L/2-1..L-2")
-    mlp = {"channel_sparse_bwd": f"MLP backward keeps {1 - lemo.mlp_drop:.0%} channels",
-           "recompute": "exact MLP backward recomputed from its input",
-           "dense": "dense MLP backward"}[lemo.mlp_mode]
     write_result(_OUT.value, "lemo_memory", rows, summary, settings={
-        "dtype": "bfloat16", "lemo": f"{schedule}, oracle selection, {mlp}",
-        "mean_keep": sum(lemo.keep_ratios(config.n_layers)) / config.n_layers,
-        "loss_segment": 2048, "batch": 1})
+        "dtype": "bfloat16", "lemo": describe(lemo), "lemo_config": dataclasses.asdict(lemo),
+        **({"lemo_profile": _PROFILE.value} if _PROFILE.value else {}),
+        "mean_keep": sum(ratios) / config.n_layers, "loss_segment": 2048, "batch": 1})
 
 
 if __name__ == "__main__":

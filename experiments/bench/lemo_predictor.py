@@ -1,22 +1,28 @@
 """LeMo predictors: held-out recall of the oracle's kept blocks, pruning, and their step-time cost.
 
     python -m experiments.bench.lemo_predictor --out bench_results/lemo_predictor.json \\
-        [--preset=small --base_seq_len=512 --base_steps=400 --seq_len=2048 --steps=800]
+        [--preset=small --base_seq_len=512 --base_steps=400 --config.predictors.seq_len=2048 \\
+         --config.predictors.steps=800]
     python -m experiments.bench.lemo_predictor --smoke --out /tmp/lemo_predictor.json  # tiny
-    python -m experiments.bench.lemo_predictor --base=smollm2-135m --steps=400 --train_windows=64 \\
-        --eval_windows=8 --reps=3 --out bench_results/lemo_predictor_smollm2.json  # a real base
+    python -m experiments.bench.lemo_predictor --base=smollm2-135m --config.predictors.steps=400 \\
+        --config.predictors.train_windows=64 --config.predictors.eval_windows=8 --reps=3 \\
+        --out bench_results/lemo_predictor_smollm2.json  # a real base
 
 1. **Base**: the same cached base as ``lemo_quality`` (pretrained at ``--base_seq_len``), or with
    ``--base`` a real pretrained model (a :mod:`tokensparse.zoo` name or anything
    :func:`tokensparse.pipelines.base.load_base` takes), with its own tokenizer; nothing is pretrained then.
-2. **Predictors**: ``experiments.train_predictors`` (``predictors_small.py``) at ``--seq_len`` with
-   RoPE scaling, ``--steps`` steps, elastic pruning, ``--loss`` and ``--lr``; reused when that run
-   finished before with the same training settings (a workdir trained otherwise is an error).
-   ``--weight_decay``, ``--h2`` and ``--sparse_only`` (predictors for the sparse layers only) change
-   the training; the collected targets live on disk (``--targets_dir``, default in the workdir).
+2. **Predictors**: ``experiments.train_predictors`` with ``predictors_small.py``'s recipe, whose
+   training section is ``--config.predictors.*`` (every PredictorTrainConfig field; ``--config_help``
+   lists them): at ``seq_len`` 2048 with RoPE scaling, 800 ``steps``, elastic pruning, the ``column``
+   loss, ``lr`` 3e-4; reused when that run finished before with the same training settings (a workdir
+   trained otherwise is an error). E.g. ``weight_decay``, ``h2`` and ``sparse_only`` (predictors for
+   the sparse layers only) change the training; the collected targets live on disk
+   (``targets_dir``, default in the workdir). Runs shorter than 100 steps prune twice (at half the
+   steps) unless ``prune_every`` / ``prune_until`` are given.
    Rows per layer: held-out recall@0.4 (``|TopK(ĉ) ∩ TopK(c)| / K``) and Spearman of ĉ with the
-   oracle's column scores c, on ``--eval_windows`` validation windows.
-3. **Overhead**: one LeMo LoRA step (default LeMoConfig, the base's weights, batch 1, ``--seq_len``)
+   oracle's column scores c, on ``eval_windows`` validation windows.
+3. **Overhead**: one LeMo LoRA step (default LeMoConfig at the predictors' ``block_size``, the
+   base's weights, batch 1, ``seq_len``)
    with predictor selection, against the same step with a *fixed* selection of the same capacity
    (no selection cost; the attention and MLP work is identical), and with oracle selection;
    timed interleaved in one process, medians. ``overhead_ratio`` = predictor / fixed,
@@ -37,14 +43,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 from flax import nnx
+from ml_collections import config_dict
+from ml_collections.config_flags import config_flags
 
-from experiments import _checks, run_configs
+from experiments import _checks, config_dicts, run_configs
 from experiments.bench import bases, timing, write_result
 from experiments.configs import finetune_small, predictors_small
 from tokensparse import data, lora, train
 from tokensparse.config import LeMoConfig, preset_names
-from tokensparse.lemo import predictor, predictor_training, scoring
+from tokensparse.lemo import predictor, scoring
 from tokensparse.lemo.forward import lemo_loss
+from tokensparse.lemo.predictor_training import PredictorTrainConfig
 from tokensparse.pipelines import base as bases_lib
 from tokensparse.pipelines import predictors as predictors_lib
 
@@ -58,28 +67,20 @@ _BASE_WORKDIR = flags.DEFINE_string(
 _BASE = flags.DEFINE_string(
     "base", "", "A real pretrained base instead of pretraining --preset: a tokensparse.zoo name "
     "(e.g. smollm2-135m) or a directory tokensparse.pipelines.base.load_base accepts.")
-_LOSS = flags.DEFINE_enum("loss", "column", predictor_training.LOSSES, "Predictor loss: 'column' "
-                          "(standardised column scores, predictors_small.py's) or the spec's tile "
-                          "loss 'smooth_l1'.")
-_LR = flags.DEFINE_float("lr", 3e-4, "Predictor AdamW learning rate.")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Predictor AdamW weight decay.")
-_H2 = flags.DEFINE_integer("h2", 0, "Width of the predictors' second linear (0: the spec's b·d).")
-_SPARSE_ONLY = flags.DEFINE_bool(
-    "sparse_only", False, "Predictors only for the default schedule's sparse layers (the only ones "
-    "fine-tuning runs); the dense layers' rows are then absent.")
-_TARGETS_DIR = flags.DEFINE_string(
-    "targets_dir", "", "Where the collected training targets are stored (default: "
-    "<workdir>/targets); runs over the same base, context and layers can share one.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Predictor training, evaluation and timing context.")
-_STEPS = flags.DEFINE_integer("steps", 800, "Predictor training steps.")
-_TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 256, "Distinct training windows (cycled).")
-_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Held-out windows for recall.")
+_CONFIG = config_dicts.define_config_flags(
+    config_dict.ConfigDict({"predictors": predictors_small.get_config().train}),
+    lambda path: run_configs.field_help("train_predictors",
+                                        "train." + path.removeprefix("predictors.")),
+    "How the predictors are trained (PredictorTrainConfig: predictors_small.py's config.train, "
+    "the recipe of experiments.train_predictors); --smoke replaces seq_len, steps, train_windows "
+    "and eval_windows unless given.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Predictor run directory (default: "
-                               "<cache>/bench/lemo_predictor/<base>-T<seq_len>-s<steps>); reused "
-                               "when finished, resumed when interrupted.")
+                               "<cache>/bench/lemo_predictor/<base>-T<seq_len>-s<steps>-..., named "
+                               "after config.predictors); reused when finished, resumed when "
+                               "interrupted.")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed repetitions per variant (median; at least 3).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny preset, few steps, short context (tests); flags "
-                           "given explicitly still win.")
+                           "and --config.predictors.* given explicitly still win.")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_predictor.json", "Where to write the JSON "
                            "(and its per-layer figure, the same path with .png).")
 
@@ -87,21 +88,16 @@ _checks.one_of(_PRESET, preset_names())
 _checks.at_least(_BASE_SEQ_LEN, 2)
 _checks.at_least(_BASE_STEPS, 1)
 _checks.at_least(_BASE_BATCH, 1)
-_checks.at_least(_SEQ_LEN, LeMoConfig().block_size, multiple_of=LeMoConfig().block_size,
-                 why="LeMo keeps whole blocks")
-_checks.at_least(_STEPS, 1)
-_checks.at_least(_TRAIN_WINDOWS, 1)
-_checks.at_least(_EVAL_WINDOWS, 1)
 _checks.at_least(_REPS, 1)
-flags.register_validator(_LR, lambda v: v > 0, "must be positive.")
-flags.register_validator(_WEIGHT_DECAY, lambda v: v >= 0, "must be >= 0.")
-_checks.at_least(_H2, 0)
 
-SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
-         "seq_len": 256, "steps": 12, "train_windows": 4, "eval_windows": 2, "reps": 3}
+SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4, "reps": 3,
+         "predictors.seq_len": 256, "predictors.steps": 12, "predictors.train_windows": 4,
+         "predictors.eval_windows": 2}
 _FLAGS = {"preset": _PRESET, "base_seq_len": _BASE_SEQ_LEN, "base_steps": _BASE_STEPS,
-          "base_batch_size": _BASE_BATCH, "seq_len": _SEQ_LEN, "steps": _STEPS,
-          "train_windows": _TRAIN_WINDOWS, "eval_windows": _EVAL_WINDOWS, "reps": _REPS}
+          "base_batch_size": _BASE_BATCH, "reps": _REPS}
+# PredictorTrainConfig fields the result's settings name at their top level (as the flags did).
+SETTINGS = ("seq_len", "steps", "train_windows", "eval_windows", "loss", "lr", "weight_decay", "h2",
+            "sparse_only", "targets_dir", "block_size")
 VARIANTS = ("predictor", "fixed", "oracle")
 
 
@@ -109,14 +105,34 @@ def log(message: str) -> None:
     print(f"[lemo_predictor] {message}", flush=True)
 
 
-def settings() -> dict:
-    """Flag values, with ``--smoke`` replacing the defaults of unset flags. With ``--base`` the
-    pretraining settings are left out: they describe nothing about a base not pretrained here."""
+def overridden() -> set[str]:
+    """The ``--config.predictors.*`` fields given on the command line (``predictors.steps``)."""
+    return set(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def training() -> PredictorTrainConfig:
+    """``--config.predictors``, with ``--smoke`` replacing the values not given explicitly and short
+    runs pruning twice; errors (ValueError) name the config path."""
+    values, given = _CONFIG.value.predictors.to_dict(), overridden()
+    for path, value in SMOKE.items():
+        if _SMOKE.value and path.startswith("predictors.") and path not in given:
+            values[path.removeprefix("predictors.")] = value
+    if not {"predictors.prune_every", "predictors.prune_until"} & given and values["steps"] < 100:
+        values["prune_every"], values["prune_until"] = max(values["steps"] // 2, 1), values["steps"]
+    tc = config_dicts.from_dict(PredictorTrainConfig, values, "config.predictors")
+    for name in ("steps", "eval_windows"):  # (0 is a valid PredictorTrainConfig, not a benchmark)
+        if getattr(tc, name) < 1:
+            raise ValueError(f"config.predictors.{name}={getattr(tc, name)} must be >= 1.")
+    return tc
+
+
+def settings(tc: PredictorTrainConfig) -> dict:
+    """Flag values, with ``--smoke`` replacing the defaults of unset flags, and ``tc``'s
+    :data:`SETTINGS`. With ``--base`` the pretraining settings are left out: they describe nothing
+    about a base not pretrained here."""
     out = {name: (SMOKE[name] if _SMOKE.value and not flags.FLAGS[name].present else flag.value)
            for name, flag in _FLAGS.items()}
-    out.update(base=_BASE.value, loss=_LOSS.value, lr=_LR.value, weight_decay=_WEIGHT_DECAY.value,
-               h2=_H2.value, sparse_only=_SPARSE_ONLY.value, targets_dir=_TARGETS_DIR.value,
-               block_size=LeMoConfig().block_size)
+    out.update({name: getattr(tc, name) for name in SETTINGS}, base=_BASE.value)
     if out["base"]:
         for name in ("preset", "base_seq_len", "base_steps", "base_batch_size"):
             del out[name]
@@ -125,22 +141,35 @@ def settings() -> dict:
     return out
 
 
-def predictor_config(s: dict, base: pathlib.Path | str):
+def predictor_config(s: dict, tc: PredictorTrainConfig, base: pathlib.Path | str):
     c = predictors_small.get_config()
     c.base, c.progress = str(base), True
     if "vocab_size" in s:  # a pretrained-here base: the corpus BPE of that size
         c.data.vocab_size = s["vocab_size"]
-    c.train.seq_len, c.train.steps, c.train.block_size = s["seq_len"], s["steps"], s["block_size"]
-    c.train.train_windows, c.train.eval_windows = s["train_windows"], s["eval_windows"]
-    c.train.loss, c.train.lr, c.train.weight_decay = s["loss"], s["lr"], s["weight_decay"]
-    c.train.h2, c.train.sparse_only, c.train.targets_dir = s["h2"], s["sparse_only"], s["targets_dir"]
-    if s["steps"] < 100:  # short (smoke) runs prune too, twice
-        c.train.prune_every, c.train.prune_until = max(s["steps"] // 2, 1), s["steps"]
+    c.train = config_dicts.section(tc)
     return c
 
 
-def train_or_load(s: dict, base: pathlib.Path | str, workdir: pathlib.Path) -> dict:
-    c = predictor_config(s, base)
+def run_name(base_name: str, tc: PredictorTrainConfig) -> str:
+    """The default predictor workdir's name: the base, then the training settings that tell runs
+    apart (any field changed from the benchmark's recipe beyond the named ones is appended)."""
+    name = (f"{base_name}-T{tc.seq_len}-s{tc.steps}-w{tc.train_windows}-{tc.loss}-lr{tc.lr:g}"
+            + (f"-wd{tc.weight_decay:g}" if tc.weight_decay else "")
+            + (f"-h2_{tc.h2}" if tc.h2 else "") + ("-sparse" if tc.sparse_only else ""))
+    recipe, given = predictors_small.get_config().train, overridden()
+    for field in ("b1", "b2", "warmup_steps", "target_scale", "h1", "layers", "block_size",
+                  "prune_every", "prune_until", "prune_start_tau", "prune_tau_step", "keep_ratio",
+                  "seed"):
+        value = getattr(tc, field)
+        if f"predictors.{field}" in given and value != recipe[field]:
+            shown = "_".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+            name += f"-{field}_{shown}"
+    return name
+
+
+def train_or_load(s: dict, tc: PredictorTrainConfig, base: pathlib.Path | str,
+                  workdir: pathlib.Path) -> dict:
+    c = predictor_config(s, tc, base)
     done = workdir / "summary.json"
     if done.exists():
         trained = json.loads((workdir / "config.json").read_text())["experiment"]
@@ -199,19 +228,22 @@ def overhead(s: dict, base: pathlib.Path | str, predictors_dir: pathlib.Path) ->
 
 def main(argv):
     del argv
+    _CONFIG.exit_if_help()
+    try:
+        tc = training()
+    except ValueError as e:
+        _checks.fail(_checks.flag_for_config_error(str(e)))
     logging.set_verbosity(logging.WARNING)
-    s = settings()
+    s = settings(tc)
     if s["base"]:
         base, base_name = s["base"], pathlib.Path(s["base"]).name
     else:
         base = pathlib.Path(_BASE_WORKDIR.value or bases.default_base_workdir(s)).expanduser()
         bases.pretrain_base(s, base, log=log)
         base_name = base.name
-    name = (f"{base_name}-T{s['seq_len']}-s{s['steps']}-w{s['train_windows']}-{s['loss']}"
-            f"-lr{s['lr']:g}" + (f"-wd{s['weight_decay']:g}" if s["weight_decay"] else "")
-            + (f"-h2_{s['h2']}" if s["h2"] else "") + ("-sparse" if s["sparse_only"] else ""))
-    workdir = pathlib.Path(_WORKDIR.value or data.cache_dir() / "bench" / "lemo_predictor" / name)
-    trained = train_or_load(s, base, workdir)
+    workdir = pathlib.Path(_WORKDIR.value
+                           or data.cache_dir() / "bench" / "lemo_predictor" / run_name(base_name, tc))
+    trained = train_or_load(s, tc, base, workdir)
     key = "@0.4"
     rows = [{"kind": "layer", "layer": int(layer), "recall@0.4": r,
              "spearman": trained["spearman"][layer], "sparse": int(layer) in trained["sparse_layers"],
