@@ -38,12 +38,13 @@ class AbstractBatch(NamedTuple):
     segment_ids: jax.Array
 
 
-def lowered_lora_step(config: ModelConfig, seq_len: int, method: str, *, lemo: LeMoConfig,
-                      remat: str = "none", attention: str = "chunked", scan_layers: bool = True,
-                      loss_segment: int = 2048):
-    """The lowered gradient of the LoRA (``method="lora"``) or LeMo loss over the LoRA weights, on
-    abstract (shape-only) parameters and a batch of one ``seq_len`` row; nothing is allocated. LoRA
-    is r=8 on q, k, v, o; LeMo's layers are grouped to its runs (no weight copies in its scans)."""
+def lora_step(config: ModelConfig, seq_len: int, method: str, *, lemo: LeMoConfig,
+              remat: str = "none", attention: str = "chunked", scan_layers: bool = True,
+              loss_segment: int = 2048):
+    """``(loss, lora_state, rest)``: the LoRA (``method="lora"``) or LeMo loss as a pure function of
+    the LoRA weights, the other parameters and a batch, with both on abstract (shape-only)
+    parameters; nothing is allocated. LoRA is r=8 on q, k, v, o; LeMo's layers are grouped to its
+    runs (no weight copies in its scans). Call it under the mesh the step will run on."""
     def build():
         model = Llama(config.with_context(seq_len), attention_backend=attention, remat=remat,
                       scan_layers=scan_layers, rngs=nnx.Rngs(0))
@@ -58,5 +59,12 @@ def lowered_lora_step(config: ModelConfig, seq_len: int, method: str, *, lemo: L
             return lemo_loss(model, batch, lemo=lemo, loss_segment=loss_segment)[0]
         return train.lm_loss(model, batch, loss_segment=loss_segment)[0]
 
+    return loss, lora_state, rest
+
+
+def lowered_lora_step(config: ModelConfig, seq_len: int, method: str, **kwargs):
+    """The lowered gradient of :func:`lora_step`'s loss over the LoRA weights, on a batch of one
+    ``seq_len`` row (keywords as there)."""
+    loss, lora_state, rest = lora_step(config, seq_len, method, **kwargs)
     ints = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     return jax.jit(jax.grad(loss)).lower(lora_state, rest, AbstractBatch(ints, ints, ints))

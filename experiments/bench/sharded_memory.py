@@ -54,7 +54,6 @@ import re
 import subprocess
 import sys
 import time
-from typing import NamedTuple
 
 # Set before jax is imported (hence the E402 waivers below): 8 simulated CPU devices, so the meshes
 # exist on a CPU-only machine, and, as for every benchmark, the XLA CPU scheduler that lets remat
@@ -69,14 +68,12 @@ os.environ["XLA_FLAGS"] = _FLAGS
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import flags  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from experiments import _checks  # noqa: E402
 from experiments.bench import write_result  # noqa: E402
-from tokensparse import attention, lora, sharding, train  # noqa: E402
-from tokensparse.config import MESH_AXES, LeMoConfig, LoRAConfig, MeshConfig, preset, preset_names  # noqa: E402
-from tokensparse.lemo.forward import group_layers, lemo_loss  # noqa: E402
-from tokensparse.llama import Llama  # noqa: E402
+from experiments.bench.inputs import AbstractBatch, lora_step  # noqa: E402
+from tokensparse import attention, sharding  # noqa: E402
+from tokensparse.config import MESH_AXES, LeMoConfig, MeshConfig, preset, preset_names  # noqa: E402
 from tokensparse.remat import REMAT_POLICIES  # noqa: E402
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
@@ -110,12 +107,6 @@ _checks.at_least(_JOBS, 1)
 
 METHODS = ("lora", "lemo")
 _ROW_MARK = "ROW "
-
-
-class Batch(NamedTuple):
-    tokens: jax.Array
-    positions: jax.Array
-    segment_ids: jax.Array
 
 
 def parse_mesh(text: str) -> MeshConfig:
@@ -183,26 +174,12 @@ def step_cost(config, mesh_config: MeshConfig, method: str, remat: str) -> dict:
     n = math.prod(mesh_config.sizes())
     devices = jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")
     mesh = sharding.make_mesh(mesh_config, devices[:n])
-    lemo = LeMoConfig()
-
-    def build():
-        model = Llama(config.with_context(seq_len), attention_backend=_ATTENTION.value, remat=remat,
-                      rngs=nnx.Rngs(0))
-        model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
-        return group_layers(model, lemo) if method == "lemo" else model
-
     with jax.set_mesh(mesh):
-        graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
-
-        def loss(lora_state, rest, batch):
-            model = nnx.merge(graphdef, lora_state, rest)
-            if method == "lemo":
-                return lemo_loss(model, batch, lemo=lemo, loss_segment=segment)[0]
-            return train.lm_loss(model, batch, loss_segment=segment)[0]
-
+        loss, lora_state, rest = lora_step(config, seq_len, method, lemo=LeMoConfig(), remat=remat,
+                                           attention=_ATTENTION.value, loss_segment=segment)
         ints = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
                                     sharding=sharding.batch_sharding((batch, seq_len), mesh))
-        args = (_abstract(lora_state, mesh), _abstract(rest, mesh), Batch(ints, ints, ints))
+        args = (_abstract(lora_state, mesh), _abstract(rest, mesh), AbstractBatch(ints, ints, ints))
         start = time.perf_counter()
         lowered = jax.jit(jax.grad(loss)).lower(*args)
         lower_s = time.perf_counter() - start
