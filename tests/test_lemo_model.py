@@ -205,3 +205,25 @@ def test_bad_inputs(model):
         LeMoConfig(schedule="profile", profile=(1.0, 0.5, 0.5)).keep_ratios(4)
     with pytest.raises(ValueError, match="add_lora"):
         lemo_forward.check_lemo(Llama(CONFIG, rngs=nnx.Rngs(0)), LeMoConfig(block_size=BLOCK), T)
+
+
+def test_sparse_forward_loss_needs_no_adapters_and_matches_the_lemo_loss():
+    """No training: keep 1 is the dense loss; keep 0.4 equals LeMo's loss with zero LoRA (B = 0) and
+    costs loss; a model without adapters gives the same."""
+    import tokensparse.lemo as lemo_api
+
+    plain = Llama(CONFIG, rngs=nnx.Rngs(0))
+    adapted = lora.add_lora(Llama(CONFIG, rngs=nnx.Rngs(0)), LoRAConfig(), rngs=nnx.Rngs(1))
+    batch = _batch(4)
+    loss = nnx.jit(lambda m, t, lemo: lemo_api.sparse_forward_loss(m, t, lemo), static_argnums=2)
+    dense = LeMoConfig(block_size=BLOCK, keep_ratio=1.0, schedule="all")
+    sparse = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all")
+    dense_loss = float(nnx.jit(lambda m, b: train.lm_loss(m, b)[0])(plain, batch))
+    np.testing.assert_allclose(float(loss(plain, batch.tokens, dense)), dense_loss, rtol=1e-6)
+    got = float(loss(plain, batch.tokens, sparse))
+    want = float(nnx.jit(lambda m, b: lemo_forward.lemo_loss(m, b, lemo=sparse)[0])(adapted, batch))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(float(loss(adapted, batch.tokens, sparse)), got, rtol=1e-5)
+    assert abs(got - dense_loss) > 1e-3
+    with pytest.raises(ValueError, match="multiple of the block"):
+        lemo_api.sparse_forward_loss(plain, batch.tokens[:, :T - 1], sparse)

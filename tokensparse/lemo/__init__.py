@@ -12,7 +12,13 @@
   :mod:`~tokensparse.lemo.estimators`: training-free estimates of the oracle scores.
 """
 
-from tokensparse.lemo.forward import check_lemo, group_layers, lemo_hidden_states, lemo_loss
+from tokensparse.lemo.forward import (
+    check_lemo,
+    group_layers,
+    lemo_hidden_states,
+    lemo_loss,
+    sparse_forward_loss,
+)
 from tokensparse.lemo.mlp import channel_sparse_swiglu, keep_channels, sparse_backward_mlp
 from tokensparse.lemo.scoring import (
     ScoreOptions,
@@ -37,4 +43,5 @@ __all__ = [
     "num_blocks",
     "select_blocks",
     "sparse_backward_mlp",
+    "sparse_forward_loss",
 ]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from tokensparse import lora, train
 from tokensparse.config import LeMoConfig
+from tokensparse.data.batching import Batch
 from tokensparse.lemo import predictor
 from tokensparse.lemo.mlp import keep_channels, recomputed_mlp, sparse_backward_mlp
 from tokensparse.lemo.selection import layer_kinds, lemo_router
@@ -23,12 +25,14 @@ from tokensparse.llama import DecoderBlock, Llama
 from tokensparse.remat import tag
 
 
-def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int) -> tuple[float, ...]:
-    """Validate a LeMo run before compiling; returns the per-layer keep ratios."""
+def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int, *, training: bool = True
+               ) -> tuple[float, ...]:
+    """Validate a LeMo run before compiling; returns the per-layer keep ratios. ``training=False``
+    (a forward only) accepts a model without LoRA adapters."""
     if seq_len % lemo.block_size:
         raise ValueError(f"LeMo needs the sequence length ({seq_len}) to be a multiple of the block "
                          f"size ({lemo.block_size}); change train.seq_len or lemo.block_size.")
-    if not lora.has_lora(model):
+    if training and not lora.has_lora(model):
         raise ValueError("LeMo fine-tunes LoRA adapters, but the model has none: call "
                          "tokensparse.lora.add_lora(model, ...) first.")
     ratios = lemo.keep_ratios(len(model.layers))
@@ -107,12 +111,14 @@ def group_layers(model: Llama, lemo: LeMoConfig) -> Llama:
 
 
 def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, segment_ids=None,
-                       *, lemo: LeMoConfig, selections=None) -> Float[Array, "b t d"]:
+                       *, lemo: LeMoConfig, selections=None, training: bool = True
+                       ) -> Float[Array, "b t d"]:
     """Final-normed hidden states of the LeMo forward (the loss applies the head).
 
     ``selections`` (one per layer; used for the sparse ones) replaces the selector: fixed blocks, at
-    no selection cost (benchmarks use it to price selection)."""
-    ratios = check_lemo(model, lemo, tokens.shape[1])
+    no selection cost (benchmarks use it to price selection). ``training=False``: see
+    :func:`check_lemo`."""
+    ratios = check_lemo(model, lemo, tokens.shape[1], training=training)
     if selections is not None and len(selections) != len(ratios):
         raise ValueError(f"selections has {len(selections)} entries; the model has {len(ratios)} "
                          "layers.")
@@ -129,3 +135,16 @@ def lemo_loss(model: Llama, batch, *, lemo: LeMoConfig, loss_segment: int = 0, s
     must be whole blocks)."""
     hidden_fn = functools.partial(lemo_hidden_states, lemo=lemo, selections=selections)
     return train.lm_loss(model, batch, loss_segment=loss_segment, hidden_fn=hidden_fn, layout=layout)
+
+
+def sparse_forward_loss(model: Llama, tokens: Int[Array, "b t"], lemo: LeMoConfig, *,
+                        positions=None, segment_ids=None) -> Float[Array, ""]:
+    """Mean next-token cross entropy of the LeMo sparse forward, with no training: every sparse
+    layer selects from its own input inside the forward. The model needs no adapters (a LoRA with
+    B = 0 gives the same). How much elimination alone costs a model; dense equals
+    :func:`tokensparse.train.lm_loss`."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    batch = Batch(tokens, positions, segment_ids)
+    hidden_fn = functools.partial(lemo_hidden_states, lemo=lemo, training=False)
+    return train.lm_loss(model, batch, hidden_fn=hidden_fn)[0]
