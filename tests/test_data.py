@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tokenizers
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -221,7 +222,7 @@ def test_tokenizer_is_cached_by_train_texts_and_vocab_size(tmp_path, monkeypatch
     monkeypatch.setenv("TOKENSPARSE_CACHE", str(tmp_path))
     path.write_text("{not json")
     assert data.get_tokenizer(small, 600).get_vocab() == first.get_vocab()
-    assert data.tokenizers.Tokenizer.from_file(str(path)).get_vocab() == first.get_vocab()
+    assert tokenizers.Tokenizer.from_file(str(path)).get_vocab() == first.get_vocab()
 
 
 def test_encode_documents_appends_eos(tokenizer):

@@ -81,10 +81,9 @@ def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
     """Output [b, tq, h, d] and residuals. Queries come and go with ungrouped heads, so that the
     saved output is the very array the caller receives (a reshaped copy would be stored twice when
     layers run under a scan)."""
-    b0, tq, h0, d0 = q.shape
-    q4 = q
-    q = _grouped(q, k.shape[2])
-    qp, kp, vp, qpos, qseg, kpos, kseg = _padded(q, k, v, q_pos, q_seg, k_pos, k_seg, bq, bk)
+    tq = q.shape[1]
+    qp, kp, vp, qpos, qseg, kpos, kseg = _padded(_grouped(q, k.shape[2]), k, v, q_pos, q_seg, k_pos,
+                                                 k_seg, bq, bk)
     b, _, hkv, g, d = qp.shape
     keys = tuple(_blocks(x, bk) for x in (kp, vp, kpos, kseg))
 
@@ -118,9 +117,9 @@ def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):
         return jnp.moveaxis(out, 3, 1).astype(q.dtype), lse  # [b, bq, hkv, g, d], [b, hkv, g, bq]
 
     out, lse = jax.lax.map(query_block, tuple(_blocks(x, bq) for x in (qp, qpos, qseg)))
-    out = _unblock(out)[:, :tq].reshape(b0, tq, h0, d0)
+    out = _unblock(out)[:, :tq].reshape(q.shape)
     lse = jnp.moveaxis(lse, 0, 3).reshape(b, hkv, g, -1)[..., :tq]
-    return out, (q4, k, v, q_pos, q_seg, k_pos, k_seg, out, lse)
+    return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse)
 
 
 def _fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, causal, scale, bq, bk):

@@ -139,12 +139,7 @@ class LayerStack(nnx.Module):
     """``n`` decoder layers stored as stacked groups of consecutive layers (``sizes``)."""
 
     def __init__(self, layers: Sequence[nnx.Module], sizes: Sequence[int] | None = None):
-        sizes = (len(layers),) if sizes is None else tuple(int(s) for s in sizes)
-        _check_sizes(sizes, len(layers))
-        self.sizes = sizes
-        starts = [sum(sizes[:g]) for g in range(len(sizes))]
-        self.groups = nnx.List([stack_modules(layers[a:a + s]) for a, s in zip(starts, sizes,
-                                                                               strict=True)])
+        self._restack(layers, (len(layers),) if sizes is None else sizes)
 
     @property
     def starts(self) -> tuple[int, ...]:

@@ -20,8 +20,6 @@ name (details in :mod:`~tokensparse.data.corpus`):
 - train: the other 43 works (and with ``"shakespeare+folio"``, the First Folio texts of the others).
 """
 
-import tokenizers  # noqa: F401  (``data.tokenizers``, as when this was one module)
-
 from tokensparse.data import batching, corpus, tokenizer
 from tokensparse.data.batching import Batch, EvalWindow, PackedBatches, WindowBatches, eval_windows
 from tokensparse.data.corpus import (

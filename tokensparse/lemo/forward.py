@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from tokensparse import lora, train
@@ -143,8 +142,6 @@ def sparse_forward_loss(model: Llama, tokens: Int[Array, "b t"], lemo: LeMoConfi
     layer selects from its own input inside the forward. The model needs no adapters (a LoRA with
     B = 0 gives the same). How much elimination alone costs a model; dense equals
     :func:`tokensparse.train.lm_loss`."""
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    batch = Batch(tokens, positions, segment_ids)
+    batch = Batch(tokens, positions, segment_ids)  # lm_loss fills in default positions
     hidden_fn = functools.partial(lemo_hidden_states, lemo=lemo, training=False)
     return train.lm_loss(model, batch, hidden_fn=hidden_fn)[0]

@@ -33,9 +33,10 @@ from tokensparse.lemo.selection import layer_selection
 from tokensparse.llama import Llama, default_positions
 
 
-def _mean_loss(model: Llama, h, tokens, segment_ids):
+def _mean_loss(model: Llama, hidden, tokens, segment_ids):
+    """Mean next-token cross entropy of final-normed ``hidden``."""
     targets, weights = train.next_token_targets(tokens, segment_ids)
-    total = train.cross_entropy_sum(model.head(model.final_norm(h)), targets, weights)
+    total = train.cross_entropy_sum(model.head(hidden), targets, weights)
     return total / jnp.maximum(weights.sum(), 1.0)
 
 
@@ -45,9 +46,7 @@ def _dense_inputs(model: Llama, tokens, positions, segment_ids):
         return lemo_block(block, h, layer.positions, layer.segment_ids, None), h
 
     hidden, _, inputs = model.hidden_states(tokens, positions, segment_ids, layer_fn=layer_fn)
-    targets, weights = train.next_token_targets(tokens, segment_ids)
-    total = train.cross_entropy_sum(model.head(hidden), targets, weights)
-    return jnp.stack(inputs), total / jnp.maximum(weights.sum(), 1.0)
+    return jnp.stack(inputs), _mean_loss(model, hidden, tokens, segment_ids)
 
 
 def _probe_loss(model: Llama, h, tokens, positions, segment_ids, target, *, keep_ratio: float,
@@ -66,7 +65,7 @@ def _probe_loss(model: Llama, h, tokens, positions, segment_ids, target, *, keep
         return jax.lax.switch(branch, (lambda h: h, sparse, dense), h), None
 
     h, _ = model.run_layers(h, positions, segment_ids, layer_fn=layer_fn)
-    return _mean_loss(model, h, tokens, segment_ids)
+    return _mean_loss(model, model.final_norm(h), tokens, segment_ids)
 
 
 def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> np.ndarray:
@@ -90,9 +89,9 @@ def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> n
         positions = default_positions(tokens) if b.positions is None else jnp.asarray(b.positions)
         segment_ids = None if b.segment_ids is None else jnp.asarray(b.segment_ids)
         inputs, dense_loss = dense(model, tokens, positions, segment_ids)
-        for layer in range(n_layers):
-            loss = probe(model, inputs[layer], tokens, positions, segment_ids, jnp.int32(layer))
-            costs[i, layer] = float(loss) - float(dense_loss)
+        losses = [probe(model, inputs[layer], tokens, positions, segment_ids, jnp.int32(layer))
+                  for layer in range(n_layers)]  # dispatched back to back, fetched once
+        costs[i] = np.asarray(jax.device_get(losses)) - float(dense_loss)
     return costs
 
 
