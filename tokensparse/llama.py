@@ -192,13 +192,15 @@ class DecoderBlock(nnx.Module):
         return self.attend_and_norm(x, positions, segment_ids, selection)[0]
 
     def attend_and_norm(self, x, positions, segment_ids=None, selection: Selection | None = None,
-                        kv_cache: Callable | None = None):
+                        kv_cache: Callable | None = None, core: Callable | None = None):
         """``(h, post_attn_norm(h))`` with ``h = x + attention(input_norm(x))``.
 
         With a ``selection`` the attention runs only on the selected rows (gathered, at their
         original positions) and its output is added back at those rows; other rows pass through.
         ``kv_cache(k, v) -> (k, v, kv_positions, kv_segment_ids)`` (decoding) stores the rows'
-        rotated keys and values and returns the keys and values to attend to.
+        rotated keys and values and returns the keys and values to attend to. ``core`` replaces
+        the attention core (:meth:`Attention.core`'s signature; e.g. LeMo's two-dimensional
+        sparsity).
 
         Memory: the backward keeps ``x`` and what attention itself needs (q, k, v, its output and
         logsumexp), not the normed inputs, RoPE tables or ``h``: two small rematerialised regions
@@ -215,8 +217,7 @@ class DecoderBlock(nnx.Module):
         kv_pos = kv_seg = None
         if kv_cache is not None:
             k, v, kv_pos, kv_seg = kv_cache(k, v)
-        out = tag(self.attn.core(q, k, v, rows_pos, rows_seg, kv_pos, kv_seg),
-                              "attn_core")
+        out = tag((core or self.attn.core)(q, k, v, rows_pos, rows_seg, kv_pos, kv_seg), "attn_core")
         h, normed = checkpointed(_residual_and_norm)(self, x, out, selection)
         return tag(h, "attn_out"), normed
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from tokensparse import data, lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, ModelConfig
+from tokensparse.lemo.comparison import ROWS, comparison_configs, is_plain_lora
 from tokensparse.lemo.forward import group_layers, lemo_loss
 from tokensparse.llama import Llama
 
@@ -41,23 +42,30 @@ class AbstractBatch(NamedTuple):
 def lora_step(config: ModelConfig, seq_len: int, method: str, *, lemo: LeMoConfig,
               remat: str = "none", attention: str = "chunked", scan_layers: bool = True,
               loss_segment: int = 2048):
-    """``(loss, lora_state, rest)``: the LoRA (``method="lora"``) or LeMo loss as a pure function of
-    the LoRA weights, the other parameters and a batch, with both on abstract (shape-only)
-    parameters; nothing is allocated. LoRA is r=8 on q, k, v, o; LeMo's layers are grouped to its
+    """``(loss, lora_state, rest)``: one row of the fair comparison as a pure function of the LoRA
+    weights, the other parameters and a batch, on abstract (shape-only) parameters; nothing is
+    allocated. ``method`` is a row of :data:`tokensparse.lemo.comparison.ROWS` (``"lora"``: the
+    fair baseline for ``lemo``, which has LeMo's MLP rematerialisation when ``lemo`` uses it;
+    ``"lemo"``: ``lemo`` itself). LoRA is r=8 on q, k, v, o; the layers are grouped to the row's
     runs (no weight copies in its scans). Call it under the mesh the step will run on."""
+    if method not in ROWS:
+        raise ValueError(f"method={method!r} must be one of {ROWS}.")
+    row = comparison_configs(lemo)[method]
+    plain = is_plain_lora(row)
+
     def build():
         model = Llama(config.with_context(seq_len), attention_backend=attention, remat=remat,
                       scan_layers=scan_layers, rngs=nnx.Rngs(0))
         model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
-        return group_layers(model, lemo) if method == "lemo" else model
+        return model if plain else group_layers(model, row)
 
     graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)
 
     def loss(lora_state, rest, batch):
         model = nnx.merge(graphdef, lora_state, rest)
-        if method == "lemo":
-            return lemo_loss(model, batch, lemo=lemo, loss_segment=loss_segment)[0]
-        return train.lm_loss(model, batch, loss_segment=loss_segment)[0]
+        if plain:
+            return train.lm_loss(model, batch, loss_segment=loss_segment)[0]
+        return lemo_loss(model, batch, lemo=row, loss_segment=loss_segment)[0]
 
     return loss, lora_state, rest
 
