@@ -206,10 +206,13 @@ def test_reuse_or_run_recomputes_when_the_key_changes(tmp_path):
 def test_lemo_speed_smoke(tmp_path):
     result, stdout = _bench("lemo_speed", tmp_path / "s.json", "--preset=tiny", "--seq_lens=256",
                             "--reps=5", "--warmup=1")
-    assert set(result["summary"]) == {"step_speedup@256"}
+    assert set(result["summary"]) == {"step_speedup@256", "step_speedup_channel_sparse@256"}
     _finite(result["summary"], ["step_speedup@256"])
     rows = result["rows"]
-    assert [(r["method"], r["seq_len"]) for r in rows] == [("lora", 256), ("lemo", 256)]
+    assert [(r["method"], r["seq_len"]) for r in rows] == [
+        ("lora", 256), ("lemo_elimination", 256), ("lemo", 256)]
+    # The headline times elimination with the baseline's (dense) MLP, as the paper's artifact does.
+    assert [r["mlp_mode"] for r in rows] == ["dense", "dense", "channel_sparse_bwd"]
     for row in rows:
         _finite(row, ("step_s", "tokens_per_s", "temp_bytes", "arg_bytes", "warmup_loss"))
         assert len(row["times_s"]) == 5 and row["temp_bytes"] > 0
@@ -322,6 +325,28 @@ def test_lemo_memory_with_a_keep_profile(tmp_path):
             for mode, result in by_mode.items()}
     assert temp["recompute"] < temp["dense"], temp
     assert "recomputed from its input" in by_mode["recompute"]["settings"]["lemo"]
+
+
+def test_lemo_memory_gives_the_baseline_lemos_mlp_rematerialisation(tmp_path):
+    """The fair split: with mlp_mode=recompute the LoRA baseline recomputes its MLP too, so the MLP
+    row is the baseline itself and the whole saving is elimination's; with the channel-sparse
+    backward (LeMo's own) the baseline keeps the plain MLP and the MLP row saves memory."""
+    common = ("--preset=tiny", "--seq_lens=512", "--remat=none")
+    recompute, _ = _bench("lemo_memory", tmp_path / "r.json", *common,
+                          "--config.lemo.mlp_mode=recompute")
+    plain, _ = _bench("lemo_memory", tmp_path / "p.json", *common)
+    r = {row["method"]: row for row in recompute["rows"]}
+    p = {row["method"]: row for row in plain["rows"]}
+    assert list(r) == ["lora", "lemo_elimination", "lemo_mlp", "lemo"]
+    assert r["lemo_mlp"]["same_as"] == "lora" and r["lemo"]["same_as"] == "lemo_elimination"
+    assert recompute["settings"]["baseline_mlp_mode"] == "recompute"
+    assert r["lora"]["temp_bytes"] < p["lora"]["temp_bytes"]  # the baseline got the remat
+    assert recompute["summary"]["activation_ratio_mlp@512"] == 1.0
+    assert recompute["summary"]["activation_ratio@512"] == recompute["summary"][
+        "activation_ratio_elimination@512"] > 1.0
+    assert plain["settings"]["baseline_mlp_mode"] == "dense"
+    assert "same_as" not in p["lemo_mlp"] and p["lemo_mlp"]["temp_bytes"] < p["lora"]["temp_bytes"]
+    assert p["lemo_elimination"]["temp_bytes"] < p["lora"]["temp_bytes"]
 
 
 @pytest.mark.xdist_group("test_bench_lemo:predictor_smoke")

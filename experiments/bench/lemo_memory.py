@@ -1,4 +1,5 @@
-"""LeMo vs dense LoRA: compile-only activation and total memory of one LoRA training step.
+"""LeMo vs dense LoRA: compile-only activation and total memory of one LoRA training step, split
+into LeMo's parts.
 
     python -m experiments.bench.lemo_memory [--preset=llama2-7b --seq_lens=4096,8192 --out FILE]
     python -m experiments.bench.lemo_memory --config.lemo.mlp_drop=0.5 --remat=none  # LeMo's options
@@ -9,6 +10,13 @@ buffer assignment, so 7B shapes at 8K work on a CPU. ``temp_bytes`` is activatio
 ``arg_bytes`` is parameters + LoRA + batch. Both methods share dtype (bf16), remat policy and the
 segmented loss and attention backend (default ``chunked``: no [T, T] matrices, as with a flash
 kernel on a GPU); the ratio is LoRA / LeMo (larger is better).
+
+The comparison is fair (:mod:`tokensparse.lemo.comparison`): the LoRA baseline gets the MLP
+rematerialisation LeMo uses (``mlp_mode=recompute``), and four rows split the saving: ``lora``,
+``lemo_elimination`` (token elimination alone, the baseline's MLP), ``lemo_mlp`` (LeMo's MLP
+treatment alone, every layer dense) and ``lemo`` (both). Summary keys: ``activation_ratio@T`` and
+``total_ratio@T`` for ``lemo``, ``*_elimination@T`` and ``*_mlp@T`` for the parts; ``_remat_<p>``
+before ``@`` for remat policies other than none.
 
 LeMo's options are the fine-tuning config's, ``--config.lemo.*`` (default LeMoConfig: keep 0.4 in
 layers L/2-1..L-2, oracle selection, MLP backward drops 80% of channels; ``--config_help`` lists
@@ -31,6 +39,7 @@ from experiments.bench import read_keep_profile, write_result
 from experiments.bench.inputs import lowered_lora_step
 from tokensparse import attention
 from tokensparse.config import LeMoConfig, preset, preset_names
+from tokensparse.lemo.comparison import ROW_HELP, ROWS, baseline_mlp_mode, comparison_configs
 from tokensparse.remat import REMAT_POLICIES
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
@@ -121,6 +130,20 @@ def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -
             "output_bytes": int(mem.output_size_in_bytes)}
 
 
+def fair_rows(config, seq_len: int, remat: str, lemo: LeMoConfig) -> dict[str, dict]:
+    """Every row of :data:`~tokensparse.lemo.comparison.ROWS` at one length and remat policy; a row
+    whose config equals an earlier row's is not compiled again (it says ``same_as``)."""
+    configs, rows = comparison_configs(lemo), {}
+    for method in ROWS:
+        twin = next((m for m in rows if configs[m] == configs[method]), None)
+        rows[method] = ({**rows[twin], "method": method, "same_as": twin} if twin
+                        else step_cost(config, seq_len, method, remat, lemo))
+    return rows
+
+
+SPLIT = {"": "lemo", "_elimination": "lemo_elimination", "_mlp": "lemo_mlp"}  # summary key → row
+
+
 def main(argv):
     del argv
     _CONFIG.exit_if_help()
@@ -131,22 +154,26 @@ def main(argv):
         _checks.fail(_checks.flag_for_config_error(str(e)))
     check_seq_lens(lemo)
     rows, summary, ratios = [], {}, lemo.keep_ratios(config.n_layers)
-    print(f"{'seq_len':>8} {'remat':>6} {'method':>6} {'temp GiB':>9} {'args GiB':>9}")
+    print(f"{'seq_len':>8} {'remat':>6} {'row':>17} {'temp GiB':>9} {'args GiB':>9}")
     for remat in _REMAT.value:
         suffix = "" if remat == "none" else f"_remat_{remat}"
         for seq_len in map(int, _SEQ_LENS.value):
-            pair = {m: step_cost(config, seq_len, m, remat, lemo) for m in ("lora", "lemo")}
-            for row in pair.values():
+            by_row = fair_rows(config, seq_len, remat, lemo)
+            for row in by_row.values():
                 rows.append(row)
-                print(f"{seq_len:>8} {remat:>6} {row['method']:>6} {row['temp_bytes'] / 2**30:>9.2f} "
-                      f"{row['arg_bytes'] / 2**30:>9.2f}", flush=True)
-            total = {m: r["temp_bytes"] + r["arg_bytes"] for m, r in pair.items()}
-            summary[f"activation_ratio{suffix}@{seq_len}"] = (pair["lora"]["temp_bytes"]
-                                                             / pair["lemo"]["temp_bytes"])
-            summary[f"total_ratio{suffix}@{seq_len}"] = total["lora"] / total["lemo"]
+                print(f"{seq_len:>8} {remat:>6} {row['method']:>17} "
+                      f"{row['temp_bytes'] / 2**30:>9.2f} {row['arg_bytes'] / 2**30:>9.2f}",
+                      flush=True)
+            total = {m: r["temp_bytes"] + r["arg_bytes"] for m, r in by_row.items()}
+            for part, method in SPLIT.items():
+                summary[f"activation_ratio{part}{suffix}@{seq_len}"] = (
+                    by_row["lora"]["temp_bytes"] / by_row[method]["temp_bytes"])
+                summary[f"total_ratio{part}{suffix}@{seq_len}"] = total["lora"] / total[method]
     print(json.dumps(summary, indent=1))
     write_result(_OUT.value, "lemo_memory", rows, summary, settings={
         "dtype": "bfloat16", "lemo": describe(lemo), "lemo_config": dataclasses.asdict(lemo),
+        "rows": {m: ROW_HELP[m] for m in ROWS},
+        "baseline_mlp_mode": baseline_mlp_mode(lemo),
         **({"lemo_profile": _PROFILE.value} if _PROFILE.value else {}),
         "mean_keep": sum(ratios) / config.n_layers, "loss_segment": 2048, "batch": 1})
 

@@ -6,37 +6,45 @@
     python -m experiments.bench.lemo_speed --preset=llama2-7b --n_layers=8 --seq_lens=4096,8192 \\
         --out bench_results/lemo_speed_7b.json
 
-Both steps are built as :func:`tokensparse.pipelines.finetune.finetune` builds them
+Every step is built as :func:`tokensparse.pipelines.finetune.finetune` builds it
 (:func:`tokensparse.train.make_train_step` over :class:`tokensparse.lora.LoRAParam`, AdamW from
-``finetune_small.py``) on the *same* model, optimizer and batch; only the loss differs (dense
-:func:`tokensparse.train.lm_loss` vs :func:`tokensparse.lemo.forward.lemo_loss` with the default
-LeMoConfig). Same dtype, remat policy, attention backend and loss segment for both. Random weights
+``finetune_small.py``) on the *same* model, optimizer and batch; only the loss differs. The rows are
+the fair comparison's (:mod:`tokensparse.lemo.comparison`, ``--rows``): ``lora`` (the baseline,
+with LeMo's MLP rematerialisation when ``--config.lemo.mlp_mode=recompute``), ``lemo_elimination``
+(token elimination with the baseline's MLP: how the paper's artifact times LeMo, and the headline
+``step_speedup@<T>``), ``lemo_mlp`` (the channel-sparse MLP backward alone) and ``lemo`` (both;
+``step_speedup_channel_sparse@<T>``). Same dtype, remat policy, attention backend and loss segment for
+all. Random weights
 are fine: the step's work does not depend on their values. Each step is compiled and warmed up,
-then timed repetitions alternate the two (ABBA order), blocking on the loss, the LoRA parameters
+then timed repetitions rotate the rows' order (ABBA for two), blocking on the loss, the LoRA parameters
 and the optimizer state before the clock is read; rows report medians. ``step_speedup@<T>`` is
 LoRA time / LeMo time (larger is better). Rows also carry compile-only ``temp_bytes`` (activations)
-and, on a GPU, the device's ``peak_bytes_in_use`` after each method's warm-up (cumulative: LeMo is
-warmed up first, so its number is its own peak and the LoRA number is the max of both).
+and, on a GPU, the device's ``peak_bytes_in_use`` after each row's warm-up (cumulative: rows warm up
+from the sparsest, ``lemo``, to ``lora``, so the first is its own peak and each later one the max so
+far).
 Absolute times mean something only on a GPU or TPU; on a CPU read the ratio. ``--dtype=auto`` is
 bf16 on accelerators (the spec's recipe) and fp32 on a CPU, whose bf16 dots are far too slow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
 import jax
 from absl import flags
 from flax import nnx
+from ml_collections import config_dict
 
-from experiments import _checks, run_configs
+from experiments import _checks, config_dicts, run_configs
 from experiments.bench import timing, write_result
 from experiments.bench.inputs import random_batch, resolve_dtype
 from experiments.bench.timing import timed_step
 from experiments.configs import finetune_small
 from tokensparse import attention, lora, train
 from tokensparse.config import DTYPES, LeMoConfig, preset, preset_names
+from tokensparse.lemo.comparison import ROW_HELP, ROWS, comparison_configs, is_plain_lora
 from tokensparse.lemo.forward import check_lemo, group_layers, lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.metrics import compiled_memory
@@ -53,7 +61,13 @@ _DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter and compute dtype of bo
                              "bfloat16 on a GPU or TPU, float32 on a CPU, where bf16 dots are slow).")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy of both methods.")
 _LOSS_SEGMENT = flags.DEFINE_integer("loss_segment", 2048, "LM-head loss segment of both methods.")
+_ROWS = flags.DEFINE_list("rows", ["lora", "lemo_elimination", "lemo"], "Rows of the fair "
+                          f"comparison to time, from {', '.join(ROWS)} (lora always runs).")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_speed.json", "Where to write the JSON.")
+_CONFIG = config_dicts.define_config_flags(
+    config_dict.ConfigDict({"lemo": config_dicts.section(LeMoConfig())}),
+    lambda path: config_dicts.field_docs(LeMoConfig).get(path.removeprefix("lemo."), ""),
+    "LeMo's options (LeMoConfig) for the LeMo rows: a fixed schedule (half, all or profile).")
 
 _checks.one_of(_PRESET, preset_names())
 _checks.at_least(_N_LAYERS, 0)
@@ -65,8 +79,12 @@ _checks.one_of(_ATTENTION, _checks.attention_backends())
 _checks.one_of(_DTYPE, ("auto", *DTYPES))
 _checks.one_of(_REMAT, REMAT_POLICIES)
 _checks.at_least(_LOSS_SEGMENT, 0)
+_checks.one_of(_ROWS, ROWS)
 
-METHODS = ("lora", "lemo")
+
+def timed_rows() -> tuple[str, ...]:
+    """``--rows`` in report order, the baseline always first."""
+    return tuple(m for m in ROWS if m == "lora" or m in _ROWS.value)
 
 
 def build(seq_len: int, lemo: LeMoConfig):
@@ -86,16 +104,15 @@ def build(seq_len: int, lemo: LeMoConfig):
     return model, optimizer, config
 
 
-def train_steps(lemo: LeMoConfig) -> dict:
-    """Both methods' jitted LoRA train steps: the same factory, only the forward differs."""
-    def dense(model, batch):
-        return train.lm_loss(model, batch, loss_segment=_LOSS_SEGMENT.value)
+def train_step(row: LeMoConfig):
+    """One row's jitted LoRA train step: the same factory for every row, only the forward differs
+    (the plain :func:`tokensparse.train.lm_loss` when the row is plain LoRA)."""
+    def loss(model, batch):
+        if is_plain_lora(row):
+            return train.lm_loss(model, batch, loss_segment=_LOSS_SEGMENT.value)
+        return lemo_loss(model, batch, lemo=row, loss_segment=_LOSS_SEGMENT.value)
 
-    def sparse(model, batch):
-        return lemo_loss(model, batch, lemo=lemo, loss_segment=_LOSS_SEGMENT.value)
-
-    return {"lora": train.make_train_step(dense, wrt=lora.LoRAParam),
-            "lemo": train.make_train_step(sparse, wrt=lora.LoRAParam)}
+    return train.make_train_step(loss, wrt=lora.LoRAParam)
 
 
 def peak_bytes() -> int | None:
@@ -103,15 +120,15 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def measure(seq_len: int) -> dict[str, dict]:
-    """Rows for both methods at ``seq_len``: compile-only memory, warm-up, interleaved timing."""
-    lemo = LeMoConfig()
+def measure(seq_len: int, lemo: LeMoConfig) -> dict[str, dict]:
+    """The timed rows at ``seq_len``: compile-only memory, warm-up, interleaved timing."""
     model, optimizer, config = build(seq_len, lemo)
     check_lemo(model, lemo, seq_len)
     batch = random_batch(config.vocab_size, _BATCH.value, seq_len)
-    steps = train_steps(lemo)
+    configs = comparison_configs(lemo)
+    steps = {m: train_step(configs[m]) for m in timed_rows()}
     rows = {}
-    for method in ("lemo", "lora"):  # LeMo first: the cumulative device peak is then its own
+    for method in reversed(timed_rows()):  # sparsest first: the cumulative device peak
         cost = compiled_memory(steps[method], model, optimizer, batch)
         losses = [timed_step(steps[method], model, optimizer, batch)[1]
                   for _ in range(max(_WARMUP.value, 1))]
@@ -120,36 +137,58 @@ def measure(seq_len: int) -> dict[str, dict]:
                         "remat": _REMAT.value,
                         "attention": attention.model_backend(_ATTENTION.value, config,
                                                              seq_len=seq_len, batch=_BATCH.value),
+                        "mlp_mode": configs[method].mlp_mode,
                         "temp_bytes": cost.temp_bytes, "arg_bytes": cost.argument_bytes,
                         "flops": cost.flops, "warmup_loss": losses[-1],
                         "peak_bytes_after_warmup": peak_bytes()}
     timings = timing.interleaved(
         {m: functools.partial(lambda m: timed_step(steps[m], model, optimizer, batch)[0], m)
-         for m in METHODS}, max(_REPS.value, 5))
+         for m in timed_rows()}, max(_REPS.value, 5))
     for method, row in rows.items():
         row["times_s"], row["step_s"] = timings[method]["times_s"], timings[method]["median_s"]
         row["tokens_per_s"] = _BATCH.value * seq_len / row["step_s"]
     return rows
 
 
+def lemo_config() -> LeMoConfig:
+    """``--config.lemo``'s LeMoConfig (errors name the config path)."""
+    try:
+        lemo = config_dicts.from_dict(LeMoConfig, _CONFIG.value.lemo.to_dict(), "config.lemo")
+    except ValueError as e:
+        _checks.fail(_checks.flag_for_config_error(str(e)))
+    if lemo.schedule not in ("half", "all", "profile"):
+        _checks.fail(f"config.lemo.schedule={lemo.schedule!r}: this benchmark times a fixed schedule "
+                     "(half, all or profile).")
+    return lemo
+
+
 def main(argv):
     del argv
+    _CONFIG.exit_if_help()
+    lemo = lemo_config()
     rows, summary = [], {}
-    print(f"{'seq_len':>8} {'method':>6} {'step ms':>9} {'tok/s':>9} {'temp MiB':>9}")
+    print(f"{'seq_len':>8} {'row':>17} {'step ms':>9} {'tok/s':>9} {'temp MiB':>9}")
     for seq_len in map(int, _SEQ_LENS.value):
-        pair = measure(seq_len)
-        for method in METHODS:
-            row = pair[method]
+        measured = measure(seq_len, lemo)
+        for method in timed_rows():
+            row = measured[method]
             rows.append(row)
-            print(f"{seq_len:>8} {method:>6} {row['step_s'] * 1e3:>9.2f} {row['tokens_per_s']:>9.0f} "
-                  f"{row['temp_bytes'] / 2**20:>9.1f}", flush=True)
-        summary[f"step_speedup@{seq_len}"] = pair["lora"]["step_s"] / pair["lemo"]["step_s"]
+            print(f"{seq_len:>8} {method:>17} {row['step_s'] * 1e3:>9.2f} "
+                  f"{row['tokens_per_s']:>9.0f} {row['temp_bytes'] / 2**20:>9.1f}", flush=True)
+        for key, method in SPEEDUPS.items():
+            if method in measured:
+                summary[f"{key}@{seq_len}"] = measured["lora"]["step_s"] / measured[method]["step_s"]
     print(json.dumps(summary, indent=1))
     write_result(_OUT.value, "lemo_speed", rows, summary, settings={
-        "lemo": "default LeMoConfig: keep 0.4 in layers L/2-1..L-2, oracle selection, MLP backward "
-        "keeps 20% channels", "lora": "r=8, alpha=16 on q,k,v,o", "optimizer": "AdamW (LoRA only)",
+        "lemo_config": dataclasses.asdict(lemo), "rows": {m: ROW_HELP[m] for m in timed_rows()},
+        "lora": "r=8, alpha=16 on q,k,v,o", "optimizer": "AdamW (LoRA only)",
         "reps": max(_REPS.value, 5), "warmup": max(_WARMUP.value, 1),
-        "loss_segment": _LOSS_SEGMENT.value, "timing": "median, ABBA-interleaved, compile excluded"})
+        "loss_segment": _LOSS_SEGMENT.value, "timing": "median, rotated order, compile excluded"})
+
+
+# summary key → the row timed against lora
+SPEEDUPS = {"step_speedup": "lemo_elimination", "step_speedup_channel_sparse": "lemo",
+            "step_speedup_mlp": "lemo_mlp"}
 
 
 if __name__ == "__main__":
