@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test test-slow lint bench bench-quality plots clean
+.PHONY: run demo test test-slow lint bench bench-quality plots gpu-evidence clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "tokensparse needs Python >= 3.12, found " + sys.version.split()[0] + "; set PYTHON=/path/to/python3.12")'
@@ -62,6 +62,17 @@ bench-quality: $(STAMP)  ## hours on CPU: LeMo and SUBLLM quality, predictors; r
 
 plots: $(STAMP)  ## redraw every bench_results/*.png from the committed JSONs (runs nothing)
 	$(BIN)/python -m experiments.plots bench_results
+
+# Accelerator evidence (docs/kernels.md): kernel tests on the GPU, the kernels benchmark, LoRA vs LeMo
+# and SUBLLM vs dense step times into bench_results/gpu_*.json, in about 8 minutes on one H100. No
+# set-up step: GPU machines often have no network, so it runs the venv's Python when there is one and
+# the machine's python3 (with JAX for CUDA) otherwise. A copy of the tree without .git needs
+# TOKENSPARSE_GIT_COMMIT=<sha> for the JSONs' `git`. GPU_EVIDENCE_FLAGS=--dry_run: CPU, tiny shapes.
+GPU_EVIDENCE_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_EVIDENCE_FLAGS ?=
+
+gpu-evidence:  ## ~8 min on one GPU: kernel tests, kernel/LeMo/SUBLLM timings -> bench_results/gpu_*.json
+	HF_HUB_OFFLINE=1 $(GPU_EVIDENCE_PYTHON) -m experiments.bench.gpu_evidence $(GPU_EVIDENCE_FLAGS)
 
 clean:
 	rm -rf $(VENV)

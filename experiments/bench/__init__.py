@@ -18,7 +18,14 @@ if _SCHEDULER not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SCHEDULER}=false".strip()
 
 
+GIT_COMMIT_ENV = "TOKENSPARSE_GIT_COMMIT"
+
+
 def git_sha() -> str:
+    """The checkout's short commit; ``$TOKENSPARSE_GIT_COMMIT`` when set (a copy of the tree with no
+    ``.git``, such as an accelerator machine's, is told it by whoever starts the run)."""
+    if os.environ.get(GIT_COMMIT_ENV, "").strip():
+        return os.environ[GIT_COMMIT_ENV].strip()
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()

@@ -7,12 +7,20 @@
 ``--kv_heads`` 8, T in ``--seq_lens`` (2K-32K): forward and forward+backward of our kernel, of
 ``jax.nn.dot_product_attention`` (cuDNN on a GPU) and of the XLA reference (which materialises the
 logits, so it runs out of memory at long T: such rows record the error). All run in this process on
-the same inputs, interleaved, median of ``--reps`` after warm-up; TFLOP/s count dense causal FLOPs.
+the same inputs, interleaved, median of ``--reps`` after warm-up. TFLOP/s count only the FLOPs the mask
+needs: the visible (query, key) pairs (causal, diagonal included; for the packed rows,
+``pallas_packed<n>``, only pairs inside one document), 4·H·D per pair forward and 3.5 times that
+forward+backward (FlashAttention-2's count). Every row names the kernel settings it ran with
+(``kernel_config``); the JSON's ``config`` is that setting, ``config_source`` says whether it is
+:func:`~kernels_pallas.segment_attention.default_config` (what the models use) or a ``--sweep``
+winner, and ``default_config`` is the default for comparison. ``--baselines`` picks the baselines
+(the XLA reference materialises the logits: slow, and out of memory at long T).
 Then LeMo block scoring at ``--score_seq_len`` (16K) with SmolLM2's head layout (9/3 heads, D=64):
 the Pallas kernel vs the dense reference (``[B, H, T, T]`` logits) and the XLA scan.
 Summary: ``fwd_bwd_vs_cudnn@<T>`` and ``fwd_vs_cudnn@<T>`` (cuDNN time / ours; 1.0 = parity),
 ``fwd_bwd_vs_xla@<T>``, ``block_scores_vs_dense@<T>`` and ``block_scores_vs_scan@<T>`` (baseline
 time / kernel time). ``--sweep`` first tries a few block/warp/stage settings at the largest T.
+The JSON's ``git`` is the commit (``TOKENSPARSE_GIT_COMMIT`` where the checkout has no ``.git``).
 
 **On CPU** the kernels only run in interpret mode, so timings say nothing about them; the script
 says so and runs a correctness sweep instead: every kernel (the Triton-path segment attention, its
@@ -62,6 +70,11 @@ _SCORE_HEADS = flags.DEFINE_list("score_heads", ["9", "3", "64"], "Block scoring
 _KERNELS = flags.DEFINE_list("kernels", ["segment_attention", "segment_attention_tpu",
                                           "block_scores"],
                              "Kernels the correctness sweep checks (those this checkout has).")
+_BASELINES = flags.DEFINE_list("baselines", ["library", "xla"], "Attention baselines to time: "
+                                "library (jax.nn.dot_product_attention: cuDNN on a GPU), xla (the "
+                                "dense reference).")
+_PACKED = flags.DEFINE_integer("packed_segments", 4, "Documents in the packed-sequence rows "
+                               "(0: no packed rows).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes everywhere (tests); on CPU the timing "
                            "path then runs in interpret mode against the XLA baselines.")
 
@@ -74,6 +87,8 @@ flags.register_validator(_SCORE_HEADS, lambda v: len(v) == 3,
 _checks.at_least(_REPS, 1)
 _checks.at_least(_SCORE_T, 64, multiple_of=64, why="whole 64-token blocks")
 _checks.one_of(_KERNELS, KERNELS)
+_checks.one_of(_BASELINES, ("library", "xla"))
+_checks.at_least(_PACKED, 0)
 
 # H100, first sweep (bf16, D=128, T=8192, Hkv=8), fwd ms: 128x64 w8 s2 2.02, 128x64 w8 s3 1.90,
 # 128x128 w8 s2 1.77, 64x64 w4 s3 2.95, 128x64 w4 s3 1.84; fwd+bwd ms with dq/dkv blocks:
@@ -114,15 +129,40 @@ def _flat(cfg: dict) -> dict:
     return {**(dataclasses.asdict(blocks) if blocks is not None else {}), **rest}
 
 
+def packed_layout(t: int, segments: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions and segment ids ``[t]`` of ``segments`` packed documents of equal length (give or
+    take one token), positions restarting in each; one causal document (no ids) for 0 or 1."""
+    pos = np.arange(t, dtype=np.int32)
+    if segments <= 1:
+        return pos, None
+    seg = (pos.astype(np.int64) * segments // t).astype(np.int32)
+    starts = np.searchsorted(seg, np.arange(segments))
+    return (pos - starts[seg]).astype(np.int32), seg
+
+
+def visible_pairs(t: int, segments: int = 0) -> int:
+    """(query, key) pairs causal attention over :func:`packed_layout` must compute: L(L+1)/2 per
+    document of length L (the diagonal included), not the T(T+1)/2 of one dense causal sequence."""
+    _, seg = packed_layout(t, segments)
+    lengths = np.bincount(seg) if seg is not None else np.array([t])
+    return int((lengths * (lengths + 1) // 2).sum())
+
+
+def attention_flops(pairs: int, heads: int, head_dim: int) -> tuple[float, float]:
+    """(forward, forward+backward) FLOPs of attention over ``pairs`` visible (query, key) pairs:
+    QKᵀ and PV cost 2·D each per pair and head; the backward's five products 2.5 times that."""
+    fwd = 4.0 * pairs * heads * head_dim
+    return fwd, 3.5 * fwd
+
+
 def _pallas(cfg: dict, segments: int = 0):
-    """Our kernel on equal-length packed documents (``segments``) or one causal document."""
+    """Our kernel on packed documents (:func:`packed_layout`) or one causal document."""
     def attn(q, k, v):
         t = q.shape[1]
-        pos = jnp.arange(t, dtype=jnp.int32)[None]
-        seg = None
-        if segments:  # packed documents of equal length, positions restarting per document
-            seg = (pos // (t // segments)).astype(jnp.int32)
-            pos = pos % (t // segments)
+        pos, seg = packed_layout(t, segments)
+        pos = jnp.asarray(pos)[None]
+        if seg is not None:
+            seg = jnp.asarray(seg)[None]
         if jax.default_backend() == "tpu":
             from kernels_pallas.register import pallas_attention
             return pallas_attention(q, k, v, q_positions=pos, kv_positions=pos,
@@ -279,8 +319,12 @@ def attention_rows(cfg: dict, seq_lens: list[int], kv_heads: list[int]) -> tuple
     for t in seq_lens:
         for hkv in kv_heads:
             q, k, v, cot = _inputs(t, hkv)
-            fns = {"pallas": _fns(_pallas(cfg)), "library": _fns(_library), "xla": _fns(_xla),
-                   "pallas_packed4": _fns(_pallas(cfg, segments=4))}
+            packed = f"pallas_packed{_PACKED.value}"
+            fns = {"pallas": _fns(_pallas(cfg)), "library": _fns(_library), "xla": _fns(_xla)}
+            fns = {n: f for n, f in fns.items() if n == "pallas" or n in _BASELINES.value}
+            if _PACKED.value > 1:
+                fns[packed] = _fns(_pallas(cfg, segments=_PACKED.value))
+            segments = {packed: _PACKED.value}  # the rest: one causal document
             fns, errors = _runnable(fns, (q, k, v), (q, k, v, cot))
             errs = {}
             if "pallas" in fns and "library" in fns:
@@ -288,16 +332,18 @@ def attention_rows(cfg: dict, seq_lens: list[int], kv_heads: list[int]) -> tuple
                 errs = {n: _rel_err(a, b) for n, a, b in
                         zip(("out", "dq", "dk", "dv"), got, want, strict=True)}
             med = _median_times(fns, (q, k, v), (q, k, v, cot), _REPS.value)
-            fwd_flops = 2 * 2 * h * t * t * d / 2  # two matmuls, causal half
             base = {"seq_len": t, "heads": h, "kv_heads": hkv, "head_dim": d,
                     "dtype": "bfloat16", "causal": True}
             for name, error in errors.items():
                 rows.append({**base, "impl": name, "error": error})
             for name, (fwd_s, fb_s) in med.items():
-                rows.append({**base, "impl": name, "fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * fb_s,
-                             # FLOPs of dense causal attention (packed rows skip most of them)
+                pairs = visible_pairs(t, segments.get(name, 0))
+                fwd_flops, fb_flops = attention_flops(pairs, h, d)
+                rows.append({**base, "impl": name, "segments": max(segments.get(name, 0), 1),
+                             "visible_pairs": pairs, "fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * fb_s,
                              "fwd_tflops": fwd_flops / fwd_s / 1e12,
-                             "fwd_bwd_tflops": 3.5 * fwd_flops / fb_s / 1e12,
+                             "fwd_bwd_tflops": fb_flops / fb_s / 1e12,
+                             **({"kernel_config": _flat(cfg)} if name.startswith("pallas") else {}),
                              **({"rel_err_vs_library": errs} if name == "pallas" else {})})
             tag = f"@{t}" + ("" if hkv == min(kv_heads) else f"_hkv{hkv}")
             if "pallas" not in med:
@@ -342,7 +388,8 @@ def score_rows(t: int, heads: tuple[int, int, int]) -> tuple[list, dict]:
     err = _rel_err(ok["pallas"](q, k), want) if "pallas" in ok and want is not None else None
     rows = [{"what": "block_scores", "seq_len": t, "heads": h, "kv_heads": hkv, "head_dim": d,
              "dtype": "bfloat16", "impl": name, "ms": 1e3 * s,
-             **({"rel_err_vs_reference": err} if name == "pallas" else {})}
+             **({"kernel_config": {"block_size": opts.block_size}, "rel_err_vs_reference": err}
+                if name == "pallas" else {})}
             for name, s in med.items()]
     rows += [{"what": "block_scores", "seq_len": t, "impl": n, "error": e} for n, e in errors.items()]
     summary = {f"block_scores_vs_{n}@{t}": med[n] / med["pallas"]
@@ -477,7 +524,7 @@ def main(argv):
     checks = _check_defaults() if _CHECK.value else []
     sweep_rows = correctness_sweep(_SMOKE.value)
     summary = {f"correctness_{k}": v for k, v in _sweep_summary(sweep_rows).items()}
-    rows, cfg, sweep_log = [], {}, []
+    rows, cfg, sweep_log, source = [], {}, [], None
     if not accelerator:
         print(f"\n{jax.default_backend()} backend: the kernels run in interpret mode here, so their "
               "timings are not meaningful and none are taken; the correctness sweep above is the "
@@ -485,10 +532,11 @@ def main(argv):
     if accelerator or _SMOKE.value:
         seq_lens = [int(s) for s in _SEQ_LENS.value]
         kv_heads = [int(s) for s in _KV_HEADS.value]
-        cfg = default_config(_HEAD_DIM.value, jnp.bfloat16)
+        cfg, source = default_config(_HEAD_DIM.value, jnp.bfloat16), "default_config"
         if _SWEEP.value and jax.default_backend() == "gpu":
             cfg, sweep_log = _sweep(max(seq_lens), min(kv_heads))
-        print("config:", _flat(cfg), flush=True)
+            source = "default_config" if cfg == default_config(_HEAD_DIM.value, jnp.bfloat16) else "sweep"
+        print("config:", _flat(cfg), f"({source})", flush=True)
         rows, timing = attention_rows(cfg, seq_lens, kv_heads)
         score, score_summary = score_rows(_SCORE_T.value, tuple(int(x) for x in _SCORE_HEADS.value))
         rows += score
@@ -498,7 +546,9 @@ def main(argv):
             summary["timings"] = "not meaningful on CPU (interpret mode); see rows for the smoke"
 
     stats = device.memory_stats() or {}
-    write_result(out, "kernels", rows, summary, config=_flat(cfg), correctness=sweep_rows,
+    write_result(out, "kernels", rows, summary, config=_flat(cfg), config_source=source,
+                 default_config=_flat(default_config(_HEAD_DIM.value, jnp.bfloat16)),
+                 correctness=sweep_rows,
                  peak_bytes_in_use=stats.get("peak_bytes_in_use"), sweep=sweep_log,
                  check_defaults=checks)
     timed = [r for r in rows if "fwd_ms" in r]
