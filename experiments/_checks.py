@@ -7,22 +7,36 @@
   the flags, before ``main`` and therefore before anything is built or compiled; absl reports a
   failure as ``FATAL Flags parsing error: flag --NAME=VALUE: why`` and exits 1.
 - :func:`fail` reports an error found later (a config value) in that same format.
+- While ``main`` runs, a user error (``ValueError`` and its kin, ``OSError``: a missing corpus, a bad
+  Hugging Face directory, a workdir that is a file or is locked by another run, a diverged loss) is
+  one line on stderr, ``error: ...``, and exit 1; Ctrl-C before the training loop is ``interrupted``
+  and exit 130, SIGTERM exit 143 (``finally`` blocks run: the workdir lock is released). The
+  traceback is shown with ``--verbose`` or ``TOKENSPARSE_TRACEBACK=1``. Anything else is a bug and
+  keeps its traceback.
 
-No flags are defined here: benchmarks import this module without the experiment scripts' multi-host
-flags.
+The only flag defined here is ``--verbose``; the experiment scripts' own (multi-host) flags live in
+``_cli``, which benchmarks do not import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
 from absl import app, flags
 
 HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+TRACEBACK_ENV = "TOKENSPARSE_TRACEBACK"
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error (also: "
+                             f"environment variable {TRACEBACK_ENV}=1); without it an error in "
+                             "the input is one line.")
 
 
 def fail(message: str) -> NoReturn:
@@ -68,8 +82,74 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e))
 
 
+class Terminated(SystemExit):
+    """SIGTERM outside the training loop (whose own handler saves a checkpoint first): exit 143
+    after ``finally`` blocks (the workdir lock) have run."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that report bad input rather than a bug: one line, no traceback."""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    return errors
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one line: its message's lines joined; the type named unless it is a ValueError
+    (whose message says what was wrong) ."""
+    message = " ".join(str(error).split()) or "(no message)"
+    return message if isinstance(error, ValueError) else f"{type(error).__name__}: {message}"
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
+def traceback_wanted() -> bool:
+    env = os.environ.get(TRACEBACK_ENV, "").strip().lower()
+    return env not in ("", "0", "false", "no") or (flags.FLAGS.is_parsed() and _VERBOSE.value)
+
+
+def guarded(main):
+    """``main`` with user errors as one line (exit 1), Ctrl-C as exit 130 and SIGTERM as exit 143
+    (unless a traceback is wanted: see :func:`traceback_wanted`)."""
+    def wrapped(argv):
+        if not traceback_wanted():  # warnings too are one line (a taken-over lock, a broken step)
+            warnings.formatwarning = _one_line_warning
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            with contextlib.suppress(ValueError):  # not the main thread: keep the default
+                signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return main(argv)
+        except Terminated:
+            sys.stderr.write("terminated (SIGTERM).\n")
+            raise
+        except KeyboardInterrupt:
+            if traceback_wanted():
+                raise
+            sys.stderr.write("interrupted (Ctrl-C).\n")
+            sys.exit(128 + signal.SIGINT)
+        except user_errors() as e:
+            if traceback_wanted():
+                raise
+            sys.stderr.write(f"error: {one_line(e)}\n")
+            sys.exit(1)
+
+    return wrapped
+
+
 def run(main) -> None:
-    app.run(main, flags_parser=parse_flags)
+    app.run(guarded(main), flags_parser=parse_flags)
 
 
 def attention_backends() -> tuple[str, ...]:

@@ -11,12 +11,19 @@ The config file is an ml_collections ConfigDict generated from the library's con
 (:mod:`experiments.config_dicts`); ``--config_help`` lists every field with its value and meaning.
 Right after flag parsing the config is built into the pipeline's dataclass, whose validation runs
 then: a bad value is reported as the flag that set it (``--config.train.remat='bogus' must be one
-of ...``) before the corpus is read or anything is compiled."""
+of ...``) before the corpus is read or anything is compiled.
+
+Exit codes: 0 a finished run; 1 an error in the input (flags, config, corpus, base, a workdir that
+is a file or is in use by another run, a resume with changed settings: one line on stderr, the
+traceback with ``--verbose``); 128 + the signal's number for a run stopped by a signal (143 SIGTERM,
+130 Ctrl-C): its checkpoint is saved and rerunning the same command resumes it, but it has no
+``summary.json`` (nor, for pretraining, ``hf/`` export), so ``pretrain && finetune`` stops there."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import signal
 import sys
 
 from absl import flags
@@ -116,6 +123,11 @@ def main_for(kind: str, config, workdir):
             _checks.fail(_checks.flag_for_config_error(str(e)))
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
         summary = run_configs.PIPELINES[kind](run, workdir.value)
+        if summary.get("interrupted"):
+            name = summary.get("signal") or "SIGINT"
+            sys.stderr.write(f"{kind}: stopped by {name} at step {summary['steps']}; the checkpoint "
+                             f"is saved in {workdir.value}: rerun the same command to resume.\n")
+            sys.exit(128 + signal.Signals[name].value)
         if jax.process_index() == 0:
             print_summary(summary)
 

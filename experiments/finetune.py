@@ -8,8 +8,10 @@ r=8, alpha=16 on q, k, v, o by default (--config.lora.*, e.g. --config.lora.targ
 options are --config.lemo.* (e.g. --config.lemo.profile="[1.0, 0.4]"); --config_help lists every
 field with its value and meaning.
 Writes DIR/config.json, DIR/metrics.jsonl, DIR/checkpoints/ (LoRA state) and DIR/summary.json
-(dense validation perplexity; LeMo runs also the sparse one). Rerunning with the same DIR resumes;
-SIGTERM or Ctrl-C saves a checkpoint first. Progress with ETA goes to stderr
+(dense validation perplexity; LeMo runs also the sparse one). Rerunning with the same DIR resumes
+(with other training settings it is refused, unless --config.train.allow_changed_resume=True); one
+process per DIR. SIGTERM or Ctrl-C saves a checkpoint and exits 143 / 130 without summary.json
+(docs/training.md). Progress with ETA goes to stderr
 (--config.progress=False: off). Bad flags and config values fail before anything is compiled.
 """
 

@@ -18,6 +18,8 @@ Figures, by the JSON's ``benchmark`` key:
   no figure).
 - ``lemo_predictor``: per-layer held-out recall@0.4 and Spearman of the predictors, sparse layers
   marked.
+- ``lemo_scale``: LoRA / row ratios of compiled FLOPs, activation and total memory vs sequence
+  length for every LeMo row, with the analytic ceiling; the goal row's FLOPs by category.
 - ``analyze_sparsity``: per-layer sparsity and block-overlap curves and, when the rows carry
   ``keep_blocks``, each layer's kept blocks (the top 40%) for the first window of each length.
 """
@@ -31,7 +33,10 @@ from collections.abc import Callable
 import numpy as np
 
 GIB = 2**30
-METHOD_COLORS = {"lora": "tab:blue", "lemo": "tab:orange", "dense": "tab:blue", "subllm": "tab:green"}
+METHOD_COLORS = {"lora": "tab:blue", "lemo": "tab:orange", "dense": "tab:blue", "subllm": "tab:green",
+                 "lemo_elimination": "tab:red", "lemo_mlp": "tab:purple"}
+METHOD_LABELS = {"lora": "LoRA", "lemo": "LeMo", "lemo_elimination": "LeMo, elimination alone",
+                 "lemo_mlp": "LeMo, MLP treatment alone"}
 EXTRA_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan")  # ablation runs
 REMAT_STYLES = {"none": "-", "full": "--", "dots": ":", "names": "-.", "offload": (0, (1, 3))}
 
@@ -65,7 +70,8 @@ def _log2_lengths(ax, lengths) -> None:
 
 
 def lemo_memory(result: dict, png: pathlib.Path) -> bool:
-    """Activation (temp) and total memory of one LoRA step vs T: LoRA vs LeMo per remat policy."""
+    """Activation (temp) and total memory of one LoRA step vs T: the fair LoRA baseline and LeMo's
+    rows (elimination alone, MLP treatment alone, both) per remat policy."""
     plt = _pyplot()
     rows = result["rows"]
     lengths = sorted({r["seq_len"] for r in rows})
@@ -73,14 +79,14 @@ def lemo_memory(result: dict, png: pathlib.Path) -> bool:
     panels = (("temp_bytes", "activations + workspace (temp)"), ("total", "total (temp + arguments)"))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for remat in dict.fromkeys(r["remat"] for r in rows):
-            for method in ("lora", "lemo"):
+            for method in METHOD_LABELS:
                 pts = sorted((r["seq_len"], (r["temp_bytes"] + r["arg_bytes"] if key == "total"
                                              else r["temp_bytes"]) / GIB)
                              for r in rows if r["method"] == method and r["remat"] == remat)
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", color=METHOD_COLORS[method],
                             linestyle=REMAT_STYLES.get(remat, "-"),
-                            label=f"{'LoRA' if method == 'lora' else 'LeMo'}, remat {remat}")
+                            label=f"{METHOD_LABELS[method]}, remat {remat}")
         _log2_lengths(ax, lengths)
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
@@ -196,6 +202,42 @@ def lemo_predictor(result: dict, png: pathlib.Path) -> bool:
     return True
 
 
+def lemo_selection(result: dict, png: pathlib.Path) -> bool:
+    """Zero-step loss of the LeMo sparse forward vs keep ratio, one line per selection rule; one
+    panel per text set and length, the dense loss dashed."""
+    rows = [r for r in result["rows"] if r.get("kind") == "loss"]
+    if not rows:
+        return False
+    plt = _pyplot()
+    sets = [s for s in ("shakespeare", "english") if any(f"loss_{s}" in r for r in rows)]
+    lengths = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(len(sets), len(lengths), figsize=(5.5 * len(lengths), 4 * len(sets)),
+                             constrained_layout=True, squeeze=False)
+    rules = list(dict.fromkeys(r["rule"] for r in rows))
+    for i, name in enumerate(sets):
+        for j, seq_len in enumerate(lengths):
+            ax = axes[i][j]
+            for rule in rules:
+                pts = sorted((r["keep"], r[f"loss_{name}"]) for r in rows
+                             if r["rule"] == rule and r["seq_len"] == seq_len)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=rule)
+            dense = [r[f"loss_{name}"] for r in result["rows"]
+                     if r.get("kind") == "dense" and r["seq_len"] == seq_len]
+            if dense:
+                ax.axhline(dense[0], color="k", linestyle="--", linewidth=0.8, label="dense")
+            ax.set_title(f"{name}, T={seq_len}", fontsize=10)
+            ax.set_xlabel("keep ratio (half schedule)")
+            ax.set_ylabel("loss (nats)")
+            ax.grid(alpha=0.3)
+            if i == j == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"LeMo selection rules, zero-step loss of {result.get('settings', {}).get('model', '')} "
+                 f"({_provenance(result)})", fontsize=10)
+    _save(fig, png)
+    return True
+
+
 SPARSITY_KEYS = ("block_min_over_max", "score_sparsity", "score_sparsity_nosink", "softmax_sparsity",
                  "cross_input_jaccard", "adjacent_layer_jaccard")
 
@@ -237,10 +279,93 @@ def analyze_sparsity(result: dict, png: pathlib.Path) -> bool:
     return True
 
 
+PRESET_MARKERS = ("o", "s", "^", "D")
+CATEGORY_COLORS = {"projections": "tab:blue", "attention": "tab:orange", "mlp": "tab:green",
+                   "selection": "tab:red", "head": "tab:purple", "other": "tab:gray"}
+
+
+def lemo_scale(result: dict, png: pathlib.Path) -> bool:
+    """LoRA / row ratios of compiled FLOPs, activation and total memory vs T for every LeMo row,
+    preset and remat policy (the analytic ceiling dotted), and the goal row's FLOPs by category."""
+    plt = _pyplot()
+    rows = [r for r in result["rows"] if r["method"] != "lora"]
+    if not rows:
+        return False
+    lengths = sorted({r["seq_len"] for r in rows})
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 10), layout="constrained")
+    panels = (("flops_ratio", "compiled FLOPs, LoRA / row"),
+              ("activation_ratio", "activations (temp), LoRA / row"),
+              ("total_ratio", "total memory (temp + args), LoRA / row"))
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
+        for name, marker in zip(presets, PRESET_MARKERS, strict=False):
+            for remat in dict.fromkeys(r["remat"] for r in rows):
+                for method in dict.fromkeys(r["method"] for r in rows):
+                    pts = sorted((r["seq_len"], r[key]) for r in rows
+                                 if (r["preset"], r["remat"], r["method"]) == (name, remat, method))
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), marker=marker,
+                                color=METHOD_COLORS.get(method, "tab:gray"),
+                                linestyle=REMAT_STYLES.get(remat, "-"),
+                                label=f"{METHOD_LABELS.get(method, method)}, {name}, remat {remat}")
+        if key == "flops_ratio":
+            goal = result.get("settings", {}).get("goal_row", {})
+            for summary_key, color, what in (
+                    ("analytic_ceiling", "k", "analytic ceiling (free selection), every tile"),
+                    ("analytic_ceiling_causal", "tab:gray", "analytic ceiling, causal half"),
+                    ("flops_ratio_causal", "tab:red", "goal row, skipped causal tiles at half")):
+                pts = sorted((t, result["summary"][f"{summary_key}@{t}"]) for t in lengths
+                             if f"{summary_key}@{t}" in result["summary"])
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), color=color, linestyle=":", marker="x",
+                            label=f"{what}, {goal.get('preset', '')}")
+        _log2_lengths(ax, lengths)
+        ax.axhline(1.0, color="k", linewidth=0.6)
+        ax.set_xlabel("sequence length")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=3,
+               fontsize=7)
+    _flops_breakdown(axes[1, 1], result)
+    fig.suptitle(f"LeMo vs fair LoRA at scale, compile-only ({_provenance(result)})", fontsize=10)
+    _save(fig, png)
+    return True
+
+
+def _flops_breakdown(ax, result: dict) -> None:
+    """Stacked FLOPs by category of the goal row and its LoRA baseline at each length, in units of
+    the baseline's total."""
+    goal = result.get("settings", {}).get("goal_row", {})
+    mine = [r for r in result["rows"] if r["preset"] == goal.get("preset")
+            and r["remat"] == goal.get("remat") and r["method"] in ("lora", goal.get("method"))]
+    lengths = sorted({r["seq_len"] for r in mine})
+    for i, t in enumerate(lengths):
+        at = {r["method"]: r for r in mine if r["seq_len"] == t}
+        for j, method in enumerate(("lora", goal.get("method"))):
+            if method not in at or "lora" not in at:
+                continue
+            bottom = 0.0
+            for category, flops in at[method]["flops_by_category"].items():
+                share = flops / at["lora"]["flops"]
+                ax.bar(i + (j - 0.5) * 0.4, share, width=0.38, bottom=bottom,
+                       color=CATEGORY_COLORS.get(category, "tab:gray"),
+                       label=category if i == 0 and j == 0 else None)
+                bottom += share
+    ax.set_xticks(range(len(lengths)), [f"{f'{t // 1024}K' if t >= 1024 else t}\nLoRA | LeMo"
+                                        for t in lengths], fontsize=8)
+    ax.set_ylabel("FLOPs / LoRA's")
+    ax.set_ylim(0, 1.1)
+    ax.set_title(f"where the FLOPs go: {goal.get('preset', '')}, {goal.get('method', '')}, remat "
+                 f"{goal.get('remat', '')}", fontsize=9)
+    if mine:
+        ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3, axis="y")
+
+
 FIGURES: dict[str, Callable[[dict, pathlib.Path], bool]] = {
     "lemo_memory": lemo_memory, "subllm_speed": subllm_speed, "lemo_quality": loss_curves,
     "subllm_quality": loss_curves, "lemo_predictor": lemo_predictor,
-    "analyze_sparsity": analyze_sparsity,
+    "analyze_sparsity": analyze_sparsity, "lemo_selection": lemo_selection, "lemo_scale": lemo_scale,
 }
 
 

@@ -7,7 +7,9 @@
 
 Writes DIR/config.json, DIR/metrics.jsonl (one JSON object per logged step), DIR/checkpoints/,
 DIR/summary.json, DIR/tokenizer.json and DIR/hf/ (the fine-tuning base, HF format). Rerunning with
-the same DIR resumes exactly; SIGTERM or Ctrl-C saves a checkpoint first. Progress (loss, tokens/s,
+the same DIR resumes exactly (with other training settings it is refused, unless
+--config.train.allow_changed_resume=True); one process per DIR. SIGTERM or Ctrl-C saves a checkpoint
+and exits 143 / 130 without summary.json or hf/ (docs/training.md). Progress (loss, tokens/s,
 ETA) goes to stderr; --config.progress=False turns it off. --config_help lists every config field with
 its value and meaning. Bad flags and config values fail before anything is compiled.
 """

@@ -7,7 +7,7 @@
 
 Writes DIR/predictors/ (the trained, pruned predictors), DIR/metrics.jsonl, DIR/checkpoints/ and
 DIR/summary.json (held-out recall@0.4 and Spearman per layer). Rerunning with the same DIR resumes;
-SIGTERM or Ctrl-C saves a checkpoint first. Progress with ETA goes to stderr
+SIGTERM or Ctrl-C saves a checkpoint and exits 143 / 130 (no summary.json). Progress with ETA goes to stderr
 (--config.progress=False: off). --config_help lists every config field with its value and meaning.
 Bad flags and config values fail before anything is compiled.
 """

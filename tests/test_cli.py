@@ -204,10 +204,10 @@ def test_ctrl_c_leaves_a_checkpoint_the_predictor_run_resumes_from(tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]  # 128 + SIGINT: a scheduler sees it did not finish
     saved = sorted(int(p.name) for p in (tmp_path / "pred" / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and 3 <= saved[-1] < 100000
-    assert json.loads((tmp_path / "pred" / "summary.json").read_text())["interrupted"] is True
+    assert not (tmp_path / "pred" / "summary.json").exists()  # only a finished run has one
     logged = len(metrics.read_text().splitlines())
     again = subprocess.run([sys.executable, *args, f"--config.train.steps={saved[-1] + 2}"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=600)

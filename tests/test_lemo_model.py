@@ -227,3 +227,154 @@ def test_sparse_forward_loss_needs_no_adapters_and_matches_the_lemo_loss():
     assert abs(got - dense_loss) > 1e-3
     with pytest.raises(ValueError, match="multiple of the block"):
         lemo_api.sparse_forward_loss(plain, batch.tokens[:, :T - 1], sparse)
+
+
+# ----------------------------------------------------------------------------- spec §5, continued
+
+
+def _fixed_selections(seed, ratios, t=T):
+    """One random block selection per sparse layer (None for dense layers)."""
+    nb, out = t // BLOCK, []
+    for i, r in enumerate(ratios):
+        if r >= 1.0:
+            out.append(None)
+            continue
+        scores = jax.random.uniform(jax.random.key(seed + i), (B, nb))
+        out.append(routing.block_topk_select(scores, BLOCK, routing.capacity(nb, r, rounding="floor")))
+    return out
+
+
+def test_lemo_is_causal_with_a_frozen_selection(model):
+    """With the blocks fixed, perturbing tokens after t leaves every output at positions <= t
+    unchanged: elimination removes keys and queries, it never lets a token see the future."""
+    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.5, schedule="all", mlp_mode="dense")
+    sels = _fixed_selections(0, lemo.keep_ratios(CONFIG.n_layers))
+    hidden = nnx.jit(lambda m, t: lemo_forward.lemo_hidden_states(m, t, lemo=lemo, selections=sels))
+    tokens = _batch(5).tokens
+    cut = 70  # inside a block: the rest of that block is the future too
+    future = jax.random.randint(jax.random.key(9), (B, T - cut - 1), 0, CONFIG.vocab_size)
+    perturbed = tokens.at[:, cut + 1:].set(future)
+    a, b = np.asarray(hidden(model, tokens)), np.asarray(hidden(model, perturbed))
+    np.testing.assert_allclose(a[:, :cut + 1], b[:, :cut + 1], atol=1e-6)
+    assert np.max(np.abs(a[:, cut + 1:] - b[:, cut + 1:])) > 1e-3
+
+
+def test_selection_itself_is_not_causal(model):
+    """Documentation: the selection is made from the whole sequence (the oracle's column scores sum
+    over every query block, the future included, and top-k ranks early blocks against late ones), so
+    with the selector in the loop the future can change which early blocks a layer keeps, and so
+    outputs before it. LeMo is a training method; it is not meant for autoregressive decoding."""
+    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.5, schedule="all", mlp_mode="dense")
+    block = model.layers[1]
+    x = jax.random.normal(jax.random.key(6), (B, T, CONFIG.d_model))
+    cut = 4 * BLOCK
+    scores = nnx.jit(lambda b, x: lemo_selection.oracle_block_scores(
+        b, b.input_norm(x), ScoreOptions(block_size=BLOCK)))
+    before = np.asarray(scores(block, x))
+    after = np.asarray(scores(block, x.at[:, cut:].add(3.0)))
+    assert np.max(np.abs(before[:, :cut // BLOCK] - after[:, :cut // BLOCK])) > 1e-4
+    hidden = nnx.jit(lambda m, t: lemo_forward.lemo_hidden_states(m, t, lemo=lemo))
+    tokens = _batch(7).tokens
+    base = np.asarray(hidden(model, tokens))
+    changed = []
+    for seed in range(4):
+        future = jax.random.randint(jax.random.key(100 + seed), (B, T - cut), 0, CONFIG.vocab_size)
+        out = np.asarray(hidden(model, tokens.at[:, cut:].set(future)))
+        changed.append(float(np.max(np.abs(out[:, :cut] - base[:, :cut]))))
+    assert max(changed) > 1e-4, changed
+
+
+def test_sparse_layer_vjp_equals_the_masked_dense_layer(model):
+    """Compacted == masked reference for the VJP: the gathered/scattered layer's gradients (input
+    and LoRA) equal those of the dense layer with attention masked to kept tokens."""
+    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all", mlp_mode="dense")
+    block = model.layers[1]
+    x = jax.random.normal(jax.random.key(12), (B, T, CONFIG.d_model))
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    seg = jnp.zeros((B, T), jnp.int32)
+    sel = nnx.jit(lambda b, x: lemo_selection.layer_selection(b, b.input_norm(x), 0.4, lemo))(block, x)
+    kept = _kept_mask(sel)
+    w = jax.random.normal(jax.random.key(13), x.shape)
+
+    def grads(layer):
+        loss = lambda b, x: jnp.sum(layer(b, x) * w)
+        return nnx.jit(nnx.grad(loss, argnums=(nnx.DiffState(0, lora.LoRAParam), 1)))(block, x)
+
+    g_sparse = grads(lambda b, x: lemo_forward.lemo_block(b, x, pos, seg, sel))
+    g_masked = grads(lambda b, x: b.feed_forward(b.attend(x, pos, jnp.where(kept, seg, -1))))
+    leaves_s, leaves_m = jax.tree.leaves(g_sparse), jax.tree.leaves(g_masked)
+    assert len(leaves_s) == len(leaves_m) > 1
+    for a, b in zip(leaves_s, leaves_m, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_keep_first_block_keeps_block_zero_in_every_sparse_layer(model):
+    """The ``recent`` rule ranks block 0 last; ``keep_first_block`` forces it in anyway."""
+    ratios = (1.0, 0.5, 1.0, 1.0)  # one sparse layer: it runs inline, its selection concrete
+    base = LeMoConfig(block_size=BLOCK, schedule="profile", profile=ratios, selector="recent")
+    for first in (False, True):
+        lemo = base.replace(keep_first_block=first)
+        seen = []
+
+        def layer_fn(block, h, layer, selection, seen=seen):
+            if selection is not None:
+                seen.append(selection.indices)
+            return lemo_forward.lemo_block(block, h, layer.positions, layer.segment_ids,
+                                           selection, mlp_mode="dense"), None
+
+        model.hidden_states(_batch().tokens, layer_fn=layer_fn,
+                            router=lemo_selection.lemo_router(model, lemo),
+                            kinds=lemo_forward.lemo_kinds(model, lemo, ratios))
+        blocks = [np.unique(np.asarray(ix) // BLOCK) for ix in seen]
+        assert blocks, "no sparse layer ran"
+        nb = T // BLOCK
+        for b in blocks:
+            want = [0, *range(nb // 2 + 1, nb)] if first else list(range(nb // 2, nb))
+            assert b.tolist() == want
+
+
+def test_dense_equivalence_through_the_channel_sparse_vjp(model):
+    """Keep 1.0 everywhere with the MLP forced through the channel-sparse custom VJP keeping all
+    channels (LeMo's own routing sends keep = I to the plain MLP): loss and LoRA gradients equal
+    the dense LoRA model's, so the custom VJP itself is exact at keep = I."""
+    from tokensparse.lemo.mlp import sparse_backward_mlp
+
+    ffn = CONFIG.ffn_dim
+    calls = []
+
+    def layer_fn(block, h, layer, selection):
+        calls.append(1)
+        h, normed = block.attend_and_norm(h, layer.positions, layer.segment_ids, selection)
+        return block.feed_forward(h, normed, lambda x: sparse_backward_mlp(block.mlp, x, ffn)), None
+
+    def lemo_like(m, b):
+        return train.lm_loss(m, b, hidden_fn=lambda m, t, p, s: m.hidden_states(
+            t, p, s, layer_fn=layer_fn))
+
+    batch = _batch(3)
+    loss_d, g_d = _loss_and_lora_grads(train.lm_loss, model, batch)
+    loss_c, g_c = _loss_and_lora_grads(lemo_like, model, batch)
+    assert calls
+    np.testing.assert_allclose(loss_c, loss_d, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_d), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_mlp_drop_profile_sets_each_layers_mlp_backward(model):
+    batch = _batch(2)
+    common = {"block_size": BLOCK, "keep_ratio": 0.5, "schedule": "all"}
+    _, g_scalar = _lemo_grads(model, batch, mlp_drop=0.5, **common)
+    _, g_profile = _lemo_grads(model, batch, mlp_drop_profile=(0.5,) * CONFIG.n_layers, **common)
+    for a, b in zip(jax.tree.leaves(g_profile), jax.tree.leaves(g_scalar), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    lemo = LeMoConfig(mlp_drop_profile=(0.0, 0.5, 0.8, 0.5), **common)
+    kinds = lemo_forward.lemo_kinds(model, lemo, lemo.keep_ratios(CONFIG.n_layers))
+    ffn = CONFIG.ffn_dim
+    assert [k.mlp_keep for k in kinds] == [ffn, ffn // 2, int(ffn * 0.2), ffn // 2]
+    _, g_mixed = _lemo_grads(model, batch, mlp_drop_profile=(0.0, 0.5, 0.8, 0.5), **common)
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(g_mixed), jax.tree.leaves(g_scalar), strict=True)) > 1e-6
+    with pytest.raises(ValueError, match="mlp_drop_profile has 2 entries"):
+        lemo_forward.check_lemo(model, LeMoConfig(mlp_drop_profile=(0.5, 0.5), **common), T)
+    with pytest.raises(ValueError, match="outside"):
+        LeMoConfig(mlp_drop_profile=(1.0,))

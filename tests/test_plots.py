@@ -49,6 +49,13 @@ def test_every_figure_is_drawn_from_its_json(tmp_path):
                                   settings={"seq_len": 64, "batch_size": 2}),
         "lemo_predictor": _result("lemo_predictor", predictor, settings={"seq_len": 256}),
         "analyze_sparsity": _result("analyze_sparsity", sparsity, settings={"block_size": 64}),
+        "lemo_scale": _result("lemo_scale", [
+            {"preset": "tiny", "seq_len": t, "remat": "full", "method": m, "flops_ratio": k,
+             "activation_ratio": k, "total_ratio": k, "flops": 10 / k,
+             "flops_by_category": {"attention": 6 / k, "mlp": 4 / k}}
+            for t in (1024, 2048) for m, k in (("lora", 1.0), ("lemo_elimination", 1.3))],
+            {"analytic_ceiling@1024": 1.4}, settings={"goal_row": {
+                "preset": "tiny", "method": "lemo_elimination", "remat": "full"}}),
     }
     assert set(cases) == set(plots.FIGURES)
     for name, result in cases.items():

@@ -12,14 +12,25 @@ target holds raw data, so callers may convert themselves (``jax.random.key_data`
 
 Restores are checked against the stored tree metadata first: Orbax silently casts dtypes and
 reports shape errors without naming the leaf, and a resumed run must never continue on garbage.
+
+Damage on disk: a step directory without both items (empty, or left half-copied by hand) is not a
+checkpoint and is never listed. A listed step that cannot be read (a truncated data file, deleted or
+garbage metadata) is skipped when restoring the latest step: the newest intact step is restored
+instead, with a one-line warning naming the broken one, and the broken one is replaced when training
+reaches its step again. Asking for a specific step never falls back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
+import sys
 import threading
+import warnings
 from typing import Any
 
 import jax
@@ -28,10 +39,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _MAX_LISTED = 10  # mismatching leaves named in one error message
+ITEMS = ("state", "metadata")  # every step directory holds both
+_WARNED: set[tuple[str, int]] = set()  # broken steps already reported by this process
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, unreadable, or does not match the requested state."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A step's files cannot be read (truncated, deleted or garbage): restoring the latest step
+    falls back past it."""
+
+
+class _QuietMissingMetadata(logging.Filter):
+    """Orbax logs a warning for each step directory without its metadata file every time it lists
+    the steps; those directories are not checkpoints here (never listed), so the warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetadata())
 
 
 def _is_key(x) -> bool:
@@ -97,11 +126,31 @@ def _describe_mismatch(stored: dict, target: dict) -> list[str]:
     return problems
 
 
-def _unreadable(where: str, e: Exception, limit: int = 400) -> CheckpointError:
+def _unreadable(where: str, e: Exception, limit: int = 240) -> CheckpointError:
     """The cause in one line (TensorStore errors run to pages; the exception chain keeps them)."""
     cause = f"{type(e).__name__}: {e}".replace("\n", " ")
     cause = cause if len(cause) <= limit else cause[:limit] + " ..."
-    return CheckpointError(f"cannot read {where} (corrupt or incomplete?): {cause}")
+    return CorruptCheckpoint(f"cannot read {where} (corrupt or incomplete?): {cause}")
+
+
+@contextlib.contextmanager
+def _quiet_aborted_reads():
+    """When a read fails, Orbax closes its event loop while TensorStore still completes the other
+    reads of the step; each completion then reports "Event loop is closed" as an unraisable
+    exception (a page of tracebacks per damaged checkpoint). Those, and only those, are dropped
+    here: the failure itself is raised (or warned about) in one line."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 class Checkpointer:
@@ -113,6 +162,7 @@ class Checkpointer:
                              f"{save_every}, keep={keep}.")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
+        self.broken_steps: set[int] = set()  # found unreadable: skipped, replaced when saved again
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=False)
@@ -136,6 +186,7 @@ class Checkpointer:
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}; "
                             "store configs as dicts (e.g. config.to_dict()).") from e
+        self._remove_unusable(step)
         self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_storable(state)),
             metadata=ocp.args.JsonSave(metadata)))
@@ -143,9 +194,45 @@ class Checkpointer:
         return True
 
     def all_steps(self) -> list[int]:
-        """Finalised steps, ascending (re-read from disk: another process may have written)."""
+        """Finalised steps, ascending (re-read from disk: another process may have written), without
+        directories that lack an item (empty or partial) and steps found unreadable."""
         self._manager.reload()
-        return sorted(self._manager.all_steps())
+        return sorted(s for s in self._manager.all_steps()
+                      if s not in self.broken_steps and self._complete(s))
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _complete(self, step: int) -> bool:
+        path = self._step_dir(step)
+        return all(os.path.isdir(os.path.join(path, item)) and os.listdir(os.path.join(path, item))
+                   for item in ITEMS)
+
+    def _remove_unusable(self, step: int) -> None:
+        """Before saving ``step``: delete what occupies its directory without being a usable
+        checkpoint (an empty or partial directory, a step found unreadable), which Orbax would
+        otherwise refuse to overwrite."""
+        path = self._step_dir(step)
+        if os.path.exists(path) and (step in self.broken_steps or not self._complete(step)):
+            if jax.process_index() == 0:
+                shutil.rmtree(path)
+            self.broken_steps.discard(step)
+            self._manager.reload()
+
+    def _warn_broken(self, errors: dict[int, CorruptCheckpoint], used: int) -> None:
+        for step, error in errors.items():
+            if (self.directory, step) not in _WARNED:
+                _WARNED.add((self.directory, step))
+                warnings.warn(f"{error} Using step {used}, the newest intact checkpoint.",
+                              RuntimeWarning, stacklevel=4)
+
+    def _newest_first(self, step: int | None):
+        """The steps to try: ``step`` alone when given, else every step from the newest down."""
+        if step is not None:
+            yield self._resolve(step)
+            return
+        self._resolve(None)  # raises when there is none
+        yield from reversed(self.all_steps())
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -162,24 +249,57 @@ class Checkpointer:
                                   f"available steps: {steps}.")
         return step
 
+    def _with_fallback(self, read, step: int | None):
+        """``read(step)`` for ``step``, or (None) for the newest step it succeeds on: a
+        :class:`CorruptCheckpoint` marks that step broken, warns, and moves on to the previous one."""
+        errors: dict[int, CorruptCheckpoint] = {}
+        with _quiet_aborted_reads():
+            for candidate in self._newest_first(step):
+                try:
+                    result = read(candidate)
+                except CorruptCheckpoint as e:
+                    if step is not None:
+                        raise
+                    errors[candidate] = e
+                    self.broken_steps.add(candidate)
+                    continue
+                self._warn_broken(errors, candidate)
+                return result
+        newest = next(iter(errors.values()))
+        raise CorruptCheckpoint(f"no intact checkpoint in {self.directory} (steps {sorted(errors)} "
+                                f"are unreadable; move the directory aside to start afresh); the "
+                                f"newest: {newest}") from newest
+
     def restore_metadata(self, step: int | None = None) -> dict:
-        """Only the JSON metadata: cheap, e.g. to check the saved config before building a model."""
-        step = self._resolve(step)
+        """Only the JSON metadata: cheap, e.g. to check the saved config before building a model.
+        Without ``step``: the newest step whose metadata can be read."""
+        return self._with_fallback(self._read_metadata, step)
+
+    def _read_metadata(self, step: int) -> dict:
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+            metadata = restored["metadata"]
+            if not isinstance(metadata, dict):
+                raise TypeError(f"metadata is a {type(metadata).__name__}, not a JSON object")
         except Exception as e:
             raise _unreadable(f"metadata of checkpoint step {step} in {self.directory}", e) from e
-        return dict(restored["metadata"])
+        return dict(metadata)
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
-        """Restore ``step`` (default: latest) into the structure, dtypes and shardings of
-        ``abstract_state`` (ShapeDtypeStructs or arrays). Returns ``(state, metadata)``."""
-        step = self._resolve(step)
+        """Restore ``step`` (default: the newest intact one) into the structure, dtypes and
+        shardings of ``abstract_state`` (ShapeDtypeStructs or arrays). Returns ``(state,
+        metadata)``; ``metadata["step"]`` (when the saver stored it) says which step it was."""
+        return self._with_fallback(lambda s: self._restore(abstract_state, s), step)
+
+    def _restore(self, abstract_state, step: int) -> tuple[Any, dict]:
         where = f"checkpoint step {step} in {self.directory}"
+        metadata = self._read_metadata(step)
         target = _abstract_storable(abstract_state)
         try:
             stored = self._manager.item_metadata(step)["state"]
+            if stored is None:  # Orbax's answer when the state's _METADATA is gone
+                raise FileNotFoundError("the state item has no readable tree metadata (_METADATA)")
             stored_specs = _specs(stored)
         except Exception as e:
             raise _unreadable(where, e) from e
@@ -191,13 +311,13 @@ class Checkpointer:
                                   f"({len(problems)} leaves differ):\n  " + "\n  ".join(listed))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(target)))
         except Exception as e:
             raise _unreadable(where, e) from e
         state = jax.tree.map(
             lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x,
             restored["state"], abstract_state)
-        return state, dict(restored["metadata"])
+        return state, metadata
 
     def close(self) -> None:
         self._manager.close()
@@ -219,6 +339,8 @@ class InterruptGuard:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    last_signal: str | None = None  # the latest signal any guard caught (for callers whose loop
+    # reports only that it was interrupted, not by what)
 
     def __init__(self):
         self.requested = False
@@ -229,7 +351,7 @@ class InterruptGuard:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = InterruptGuard.last_signal = signal.Signals(signum).name
 
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():

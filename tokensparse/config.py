@@ -13,6 +13,8 @@ adding an option is one field, its validation in ``__post_init__`` and its docst
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -353,6 +355,11 @@ class TrainConfig:
     """Checkpoints kept on disk, newest first."""
     seed: int = 0
     """Seed of the initialisation, the data order and every random draw of training."""
+    allow_changed_resume: bool = False
+    """Resume a workdir even though settings that change the training trajectory (lr, schedule,
+    batch size, seq_len, seed, optimizer, LoRA / LeMo / SUBLLM options, data, tokenizer, model)
+    differ from the ones it was started with; without it such a resume is refused with the changed
+    fields."""
 
     def __post_init__(self):
         from tokensparse.remat import REMAT_POLICIES
@@ -362,7 +369,15 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"TrainConfig.{name}={getattr(self, name)} must be >= 1.")
         _check(self.seq_len >= 2, f"TrainConfig.seq_len={self.seq_len} must be >= 2 (next-token "
                "prediction needs an input and a target).")
-        _check(self.lr > 0, f"TrainConfig.lr={self.lr} must be positive.")
+        _check(math.isfinite(self.lr) and self.lr > 0,
+               f"TrainConfig.lr={self.lr} must be finite and positive.")
+        for name in ("b1", "b2"):
+            _check(0 <= getattr(self, name) < 1,
+                   f"TrainConfig.{name}={getattr(self, name)} must be in [0, 1) (AdamW's moment decay).")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+               f"TrainConfig.weight_decay={self.weight_decay} must be finite and >= 0.")
+        _check(isinstance(self.seed, int) and self.seed >= 0,
+               f"TrainConfig.seed={self.seed!r} must be an integer >= 0.")
         _check(self.warmup_steps >= 0, f"TrainConfig.warmup_steps={self.warmup_steps} must be >= 0.")
         _check(self.schedule in SCHEDULES,
                f"TrainConfig.schedule={self.schedule!r} must be one of {SCHEDULES}.")
@@ -373,15 +388,29 @@ class TrainConfig:
         _check(self.seq_layout in SEQ_LAYOUTS,
                f"TrainConfig.seq_layout={self.seq_layout!r} must be one of {SEQ_LAYOUTS}.")
         _check(self.eval_every >= 0, "TrainConfig.eval_every must be >= 0 (0: only at the end).")
-        _check(self.grad_clip >= 0, "TrainConfig.grad_clip must be >= 0 (0 disables).")
+        _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+               f"TrainConfig.grad_clip={self.grad_clip} must be finite and >= 0 (0 disables).")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
 LEMO_SCHEDULES = ("half", "profile", "all", "algorithm1", "sensitivity")
-LEMO_SELECTORS = ("oracle", "predictor")
+# The built-in selection rules (tokensparse.lemo.rules); a rule registered there at run time with
+# tokensparse.lemo.rules.register is accepted too.
+LEMO_SELECTORS = ("oracle", "predictor", "random", "attention_ratio", "attention_mass", "recent",
+                  "ratio_mass", "learned")
 LEMO_MLP_MODES = ("channel_sparse_bwd", "recompute", "dense")
+LEMO_OFFLOAD_MODES = ("none", "uniform", "sparsity")
+
+
+def lemo_selectors() -> tuple[str, ...]:
+    """The selection rules LeMoConfig.selector accepts: the built-in ones and any registered with
+    ``tokensparse.lemo.rules.register`` (read from the registry only once it has been imported, so
+    that this module imports nothing of the model)."""
+    rules = sys.modules.get("tokensparse.lemo.rules")
+    extra = () if rules is None else tuple(n for n in rules.names() if n not in LEMO_SELECTORS)
+    return LEMO_SELECTORS + extra
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,14 +431,35 @@ class LeMoConfig:
     profile: tuple[float, ...] | None = None
     """Per-layer keep ratios in (0, 1] (1.0: dense), given exactly when schedule=profile."""
     selector: str = "oracle"
-    """How blocks are chosen: oracle (exact block scores from q and k) or predictor (trained pattern
-    predictors attached to the model)."""
+    """How a sparse layer scores its blocks (tokensparse.lemo.rules; higher is kept): oracle (the
+    spec's key-side score: sum over heads of ReLU(q.k), tile max, column sums), predictor (trained
+    pattern predictors of the oracle, attached to the model), random (seeded by the layer and the
+    positions), attention_ratio (per token |attention output| / |residual input| from a dense
+    attention pass, block mean), attention_mass (causal softmax attention received, H2O-style),
+    recent (the latest blocks), ratio_mass (attention_ratio plus the attention mass received from
+    queries weighted by their ratio), learned (a trained per-token MLP on the layer's input that
+    predicts attention_ratio cheaply; tokensparse.lemo.learned_selector, weights attached to the
+    model)."""
+    score_causal: bool = False
+    """Oracle scores and predictor targets: only query blocks at or after a key block count (the
+    spec's default ranks the whole sequence, future queries included)."""
+    score_scale_by_sqrt_d: bool = False
+    """Oracle scores and predictor targets: multiply q.k by 1/sqrt(head_dim)."""
+    score_divide_by_heads: bool = False
+    """Oracle scores and predictor targets: average over heads instead of summing."""
+    score_exclude_diagonal: bool = False
+    """Oracle scores and predictor targets: leave out each token's score of itself (i == j)."""
+    score_post_rope: bool = False
+    """Oracle scores and predictor targets: score q, k after RoPE (the artifact scores them before)."""
     mlp_mode: str = "channel_sparse_bwd"
     """The MLP backward of sparse layers: channel_sparse_bwd (only the strongest channels), recompute
     (exact, recomputed from the MLP's input) or dense."""
     mlp_drop: float = 0.8
     """With mlp_mode=channel_sparse_bwd: the fraction of MLP channels dropped in the backward, in
     [0, 1)."""
+    mlp_drop_profile: tuple[float, ...] | None = None
+    """With mlp_mode=channel_sparse_bwd: per-layer fractions of MLP channels dropped in the backward
+    of the sparse layers (one per layer, each in [0, 1); spec 2.6's ablation), instead of mlp_drop."""
     keep_first_block: bool = False
     """Always keep each sequence's first block (the attention sink)."""
     route_shards: int = 0
@@ -421,6 +471,19 @@ class LeMoConfig:
     """Rounds of Algorithm 1 (schedule=algorithm1)."""
     loss_budget: float = 0.05
     """schedule=sensitivity: nats of calibration loss the sparse layers may cost together."""
+    two_d: bool = False
+    """Jenga's two-dimensional sparsity: sparse layers run shifted sparse attention (LongLoRA's
+    S2-Attn: 8 groups of the kept tokens, half the heads shifted by half a group) over their kept
+    tokens (tokensparse.lemo.two_d). Training only; evaluation stays dense."""
+    offload: str = "none"
+    """Jenga's activation offload to host memory, per layer (needs TrainConfig.remat=names or
+    offload; its remat_names are what may move): none; uniform: each layer moves up to
+    offload_budget_mib of them; sparsity: the same total, split in proportion to each layer's
+    candidate bytes, which follow its keep ratio (tokensparse.lemo.offload). Saves no FLOPs; the
+    memory effect shows only on a GPU or TPU."""
+    offload_budget_mib: float = 0.0
+    """With offload=uniform or sparsity: MiB (whole batch) of remat_names moved to host per layer,
+    on average over the layers; the rest stays on device."""
 
     def __post_init__(self):
         _check(self.route_shards >= 0, f"LeMoConfig.route_shards={self.route_shards} must be >= 0 "
@@ -436,13 +499,21 @@ class LeMoConfig:
         if self.profile is not None:
             bad = [r for r in self.profile if not 0.0 < r <= 1.0]
             _check(not bad, f"LeMoConfig.profile has keep ratios outside (0, 1]: {bad}.")
-        _check(self.selector in LEMO_SELECTORS,
-               f"LeMoConfig.selector={self.selector!r} must be one of {LEMO_SELECTORS}.")
+        _check(self.selector in lemo_selectors(),
+               f"LeMoConfig.selector={self.selector!r} must be one of {lemo_selectors()}.")
         _check(self.mlp_mode in LEMO_MLP_MODES,
                f"LeMoConfig.mlp_mode={self.mlp_mode!r} must be one of {LEMO_MLP_MODES}.")
         _check(0.0 <= self.mlp_drop < 1.0, f"LeMoConfig.mlp_drop={self.mlp_drop} must be in [0, 1).")
+        if self.mlp_drop_profile is not None:
+            bad = [p for p in self.mlp_drop_profile if not 0.0 <= p < 1.0]
+            _check(not bad, f"LeMoConfig.mlp_drop_profile has fractions outside [0, 1): {bad}.")
         _check(self.calibration_windows >= 1 and self.tune_rounds >= 0,
                "LeMoConfig.calibration_windows must be >= 1 and tune_rounds >= 0.")
+        _check(self.offload in LEMO_OFFLOAD_MODES,
+               f"LeMoConfig.offload={self.offload!r} must be one of {LEMO_OFFLOAD_MODES}.")
+        _check(self.offload == "none" or self.offload_budget_mib > 0,
+               f"LeMoConfig.offload={self.offload!r} needs offload_budget_mib > 0 (it is "
+               f"{self.offload_budget_mib}).")
         _check(self.loss_budget >= 0.0, f"LeMoConfig.loss_budget={self.loss_budget} must be >= 0 "
                "(nats of calibration loss).")
 

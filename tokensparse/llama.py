@@ -11,6 +11,8 @@ Weights use the ``[in, out]`` layout; :mod:`tokensparse.hf` transposes Hugging F
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -20,12 +22,20 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from tokensparse import layer_loop, routing
+from tokensparse import layer_loop, routing, sharding
 from tokensparse.attention import attention
 from tokensparse.config import ModelConfig
 from tokensparse.layer_loop import Layer, residual, with_residual
 from tokensparse.layer_stack import LayerStack
-from tokensparse.remat import check_remat, checkpointed, remat_policy, tag, tagging, uses_names
+from tokensparse.remat import (
+    check_remat,
+    checkpointed,
+    remat_policy,
+    tag,
+    tagging,
+    tagging_enabled,
+    uses_names,
+)
 from tokensparse.rope import apply_rope, inverse_frequencies
 from tokensparse.routing import Selection
 from tokensparse.sharding import constrain
@@ -46,22 +56,51 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Float[Array, "... i"]) -> Float[Array, "... o"]:
-        y = jnp.dot(x.astype(self.dtype), gathered_for_use(self.kernel).astype(self.dtype))
+        y = with_gathered(functools.partial(_matmul, dtype=self.dtype), x.astype(self.dtype),
+                          self.kernel)
         if self.adapter is not None:
             y = y + self.adapter(x).astype(y.dtype)
         return y
+
+
+def _matmul(x, kernel, *, dtype):
+    return jnp.dot(x, kernel.astype(dtype))
 
 
 def gathered_for_use(weight: nnx.Param) -> Array:
     """The weight with its FSDP (``embed``) split gathered, other splits kept: ZeRO-3 moves weights,
     never activations (left alone, XLA may instead keep the weight split and all-reduce the
     [B, T, F] product, which costs more than the weight whenever B·T exceeds the model dimension).
-    The gradient of the gather is a reduce-scatter. Identity without a mesh."""
-    axes = weight.get_metadata().get("logical_axes")
-    value = weight[...]
-    if axes is None:
-        return value
-    return constrain(value, tuple(None if a == "embed" else a for a in axes))
+    The gradient of the gather is a reduce-scatter. Identity without a mesh.
+
+    A gathered value that a differentiated computation uses becomes a backward residual: every
+    layer's whole weight would stay alive from the forward to the backward. Big frozen weights go
+    through :func:`with_gathered` instead, which gathers them again in the backward."""
+    return sharding.gather_for_use(weight[...], weight.get_metadata().get("logical_axes"))
+
+
+def with_gathered(fn: Callable[..., Array], x: Array, *weights: nnx.Param) -> Array:
+    """``fn(x, *values)`` on the weights' values gathered for use (:func:`gathered_for_use`), with
+    the gathers repeated in the backward instead of their results saved.
+
+    Where a mesh splits a weight over ``fsdp``, the call is a ``jax.checkpoint`` that saves nothing
+    of its own: the backward keeps the weight *shards* (which are the parameters, already in memory)
+    and ``x`` only if a weight is differentiated, all-gathers the weights once more and runs only
+    what the gradient needs (for a frozen weight under LoRA: ``dy @ w.T``, no weight gradient). That
+    is ZeRO-3's schedule: at any time only the layers in use hold gathered weights. ``fn`` should be
+    cheap to recompute (a projection); its checkpoint barrier keeps XLA from merging the backward's
+    gather with the forward's. Without such a split, e.g. on one device, it is just ``fn``.
+    """
+    names = [w.get_metadata().get("logical_axes") for w in weights]
+    values = [w[...] for w in weights]
+    if not any(sharding.gathered_on_use(v, n) for v, n in zip(values, names, strict=True)):
+        return fn(x, *values)
+
+    def gathered(x, *values):
+        values = jax.lax.optimization_barrier(values)
+        return fn(x, *(sharding.gather_for_use(v, n) for v, n in zip(values, names, strict=True)))
+
+    return jax.checkpoint(gathered, policy=jax.checkpoint_policies.nothing_saveable)(x, *values)
 
 
 class RMSNorm(nnx.Module):
@@ -212,6 +251,9 @@ class DecoderBlock(nnx.Module):
             seg = jnp.zeros(positions.shape, jnp.int32) if segment_ids is None else segment_ids
             rows_pos = routing.gather(positions, selection)
             rows_seg = routing.gather(seg, selection, fill_value=-1)
+            if kv_cache is None and _recovers(self, selection):
+                return _recovering_attend(self, x, rows_pos, rows_seg, selection,
+                                          core or self.attn.core)
         q, k, v = tag(checkpointed(_normed_qkv)(self, x, rows_pos, selection), "qkv")
         q, k, v = shard_qkv(q, k, v)
         kv_pos = kv_seg = None
@@ -267,6 +309,118 @@ def _residual_and_norm(block: DecoderBlock, x, out, selection):
     return h, block.post_attn_norm(h)
 
 
+_RECOVERY = contextvars.ContextVar("tokensparse_input_recovery", default=True)
+
+
+@contextlib.contextmanager
+def input_recovery(enabled: bool):
+    """Let block-sparse attention sub-layers recover their input in the backward (see
+    :func:`_recovering_attend`) only when ``enabled``. On by default where it pays: in
+    :meth:`Llama.run_layers` with remat ``none``. Under any remat policy the layer loop switches it
+    off: ``full`` would keep ``h`` beside the recomputation's own buffers (+3% temp at llama2-7b
+    8K), ``dots`` would recompute the projections its policy saves (+12% FLOPs), and a
+    names-based policy could not see the tags inside the custom VJP. It is read at trace time, so
+    switch it before tracing (``jax.jit`` caches traces by function)."""
+    token = _RECOVERY.set(enabled)
+    try:
+        yield
+    finally:
+        _RECOVERY.reset(token)
+
+
+def _recovers(block: DecoderBlock, selection: Selection) -> bool:
+    """Backward input recovery applies to block selections when no remat policy reads the
+    sub-layer's tags (they would be hidden inside its custom VJP) and no RNG is drawn in it."""
+    return (_RECOVERY.get() and selection.block_size > 1 and not tagging_enabled()
+            and not jax.tree.leaves(nnx.state(block, nnx.RngState)))
+
+
+def _recovering_attend(block: DecoderBlock, x, rows_pos, rows_seg, selection: Selection, core):
+    """``attend_and_norm`` on a selection with LeMo's in-place add and backward input recovery
+    (spec §2.8): ``h = x + scatter(a)`` adds the attention output ``a`` at the kept rows of ``x``,
+    which is dead afterwards (so XLA updates it in place, no copy); the backward keeps ``h`` (not
+    ``x``), recovers the kept rows ``x_k = h_k − a`` and adds their gradient in place into ``∂h``.
+
+    Saved: ``h``, the attention output and the core's own residuals (q, k, v, logsumexp); the norms
+    and projections are recomputed, as in the plain path. Only perturbed parameters (e.g. LoRA's)
+    are differentiated. Exact in real arithmetic; in floating point ``x_k`` is off by the rounding
+    of ``x + a`` (half an ulp of ``h``), which perturbs the gradient through the input norm and the
+    q/k/v projections at that level.
+    """
+    graphdef, state = nnx.split(block)
+    leaves, treedef = jax.tree.flatten(state)
+    n = len(leaves)
+    perturbed: list[bool] = []  # per leaf, x last; recorded when the forward rule is traced
+
+    def merged(params):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
+
+    def rows(indices, valid):
+        return Selection(indices, valid, selection.shards, selection.block_size)
+
+    def normed_qkv(params, x_k, rows_pos):
+        return shard_qkv(*_normed_qkv(merged(params), x_k, rows_pos, None))
+
+    def forward(params, x, rows_pos, rows_seg, indices, valid, *, residuals=True):
+        sel = rows(indices, valid)
+        q, k, v = normed_qkv(params, routing.gather(x, sel), rows_pos)
+        attend = lambda q, k, v: core(q, k, v, rows_pos, rows_seg, None, None)  # noqa: E731
+        out, core_vjp = jax.vjp(attend, q, k, v) if residuals else (attend(q, k, v), None)
+        h = routing.scatter_add(x, sel, merged(params).attn.project_out(out))
+        return (h, merged(params).post_attn_norm(h)), (params, h, out, rows_pos, indices, valid,
+                                                       core_vjp)
+
+    def forward_rule(params, x, rows_pos, rows_seg, indices, valid):
+        perturbed[:] = [p.perturbed for p in (*params, x)]
+        value = lambda t: jax.tree.map(lambda p: p.value, t)  # noqa: E731
+        return forward(value(params), x.value, *map(value, (rows_pos, rows_seg, indices, valid)))
+
+    def partial_vjp(fn, params, *args):
+        """``fn(params, *args)`` and its VJP in the perturbed params and ``args``."""
+        live = [i for i in range(n) if perturbed[i]]
+
+        def of_live(live_params, *args):
+            full = list(params)
+            for i, p in zip(live, live_params, strict=True):
+                full[i] = p
+            return fn(full, *args)
+
+        y, vjp = jax.vjp(of_live, [params[i] for i in live], *args)
+        return y, vjp, live
+
+    def backward(res, cotangents):
+        params, h, out, rows_pos, indices, valid, core_vjp = res
+        sel = rows(indices, valid)
+        dh, dnormed = (None if isinstance(c, jax.custom_derivatives.SymbolicZero) else c
+                       for c in cotangents)
+        d_params = [None] * n
+        grads = []
+        if dnormed is not None:
+            _, vjp, live = partial_vjp(lambda p, h: merged(p).post_attn_norm(h), params, h)
+            d_live, dh_norm = vjp(dnormed)
+            grads.append((live, d_live))
+            dh = dh_norm.astype(h.dtype) if dh is None else dh + dh_norm.astype(dh.dtype)
+        if dh is None:
+            return (d_params, None, None, None, None, None)
+        a, vjp, live = partial_vjp(lambda p, o: merged(p).attn.project_out(o), params, out)
+        d_live, dout = vjp(routing.gather(dh, sel).astype(a.dtype))
+        grads.append((live, d_live))
+        dq, dk, dv = core_vjp(dout)
+        x_k = routing.gather(h, sel) - a.astype(h.dtype)
+        _, vjp, live = partial_vjp(lambda p, x: normed_qkv(p, x, rows_pos), params, x_k)
+        d_live, dx_k = vjp((dq, dk, dv))
+        grads.append((live, d_live))
+        for live, d_live in grads:
+            for i, g in zip(live, d_live, strict=True):
+                d_params[i] = g if d_params[i] is None else d_params[i] + g
+        dx = routing.scatter_add(dh, sel, dx_k) if perturbed[n] else None
+        return (d_params, dx, None, None, None, None)
+
+    attend = jax.custom_vjp(lambda *args: forward(*args, residuals=False)[0])
+    attend.defvjp(forward_rule, backward, symbolic_zeros=True)
+    return attend(leaves, x, rows_pos, rows_seg, selection.indices, selection.valid)
+
+
 def dense_layer(block: DecoderBlock, h, layer: Layer, selection: Selection | None):
     """The default layer function: the block itself, routed through ``selection``."""
     return block(h, layer.positions, layer.segment_ids, selection), None
@@ -316,6 +470,7 @@ class Llama(nnx.Module):
         kinds: Sequence[Hashable] | None = None,
         inputs: Sequence[Any] | None = None,
         carry: tuple = (),
+        remat_for: Callable[[Hashable], Callable | None] | None = None,
     ):
         """Final-normed hidden states (before the LM head): embed → :meth:`run_layers` → norm.
 
@@ -337,7 +492,8 @@ class Llama(nnx.Module):
         h = shard_residual(self.embed(tokens))
         state = (h, *carry) if carry else h
         state, outputs = self.run_layers(state, positions, segment_ids, layer_fn=layer_fn,
-                                         router=router, kinds=kinds, inputs=inputs)
+                                         router=router, kinds=kinds, inputs=inputs,
+                                         remat_for=remat_for)
         hidden = self.final_norm(residual(state))
         if carry or outputs is not None:
             return hidden, state[1:] if carry else (), outputs
@@ -345,7 +501,8 @@ class Llama(nnx.Module):
 
     def run_layers(self, carry, positions, segment_ids=None, *, layer_fn: Callable | None = None,
                    router: Callable | None = None, kinds: Sequence[Hashable] | None = None,
-                   inputs: Sequence[Any] | None = None, start: int = 0, stop: int | None = None):
+                   inputs: Sequence[Any] | None = None, start: int = 0, stop: int | None = None,
+                   remat_for: Callable[[Hashable], Callable | None] | None = None):
         """The model's one loop over decoder layers ``start..stop-1``: ``(carry, outputs)``.
 
         ``carry`` is the residual stream ``h`` [B, T, D] or ``(h, *extra)`` (e.g. KV caches).
@@ -356,14 +513,22 @@ class Llama(nnx.Module):
         ``inputs`` (one per model layer) and its ``kinds`` entry. Consecutive layers of one kind
         run under one ``lax.scan`` (their ``inputs`` entries must share a structure, and so must
         their ``y``); ``outputs`` lists the ``y`` of layers ``start..stop-1`` (None when all are).
+        ``remat_for(kind)`` gives each kind of layer its own ``jax.checkpoint`` policy (None: save
+        nothing), replacing the model's ``remat`` (e.g. LeMo's per-layer offload budgets).
         """
-        body = _layer_body(self.rematerialised(layer_fn or dense_layer), router)
-        with tagging(uses_names(self.remat)):
+        body = _layer_body(self.rematerialised(layer_fn or dense_layer, remat_for), router)
+        recover = _RECOVERY.get() and self.remat == "none" and remat_for is None
+        with tagging(uses_names(self.remat) or remat_for is not None), input_recovery(recover):
             return layer_loop.run(self.layers, body, carry, positions, segment_ids, kinds=kinds,
                                   inputs=inputs, start=start, stop=stop, scan=self.scan_layers)
 
-    def rematerialised(self, layer_fn):
-        """``layer_fn(block, *args)`` checkpointed per ``self.remat`` (unchanged for ``"none"``)."""
+    def rematerialised(self, layer_fn, remat_for: Callable[[Hashable], Callable | None] | None = None):
+        """``layer_fn(block, carry, layer, selection)`` checkpointed per ``self.remat`` (unchanged
+        for ``"none"``), or with the policy ``remat_for(layer.kind)`` when given."""
+        if remat_for is not None:
+            def by_kind(block, carry, layer: Layer, selection):
+                return checkpointed(layer_fn, remat_for(layer.kind))(block, carry, layer, selection)
+            return by_kind
         if self.remat == "none":
             return layer_fn
         return checkpointed(layer_fn, remat_policy(self.remat, self.remat_names))

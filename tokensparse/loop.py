@@ -3,18 +3,23 @@
 State saved at each checkpoint: the trained parameters (all, or only LoRA), the optimizer state, the
 model's RNG streams, and metadata (step, data position, configs). Batches are a pure function of the
 step (``batches.batch(step)``), so resuming at step s continues the exact same sequence of batches:
-N steps straight and N/2 + N/2 across a process restart give identical losses.
+N steps straight and N/2 + N/2 across a process restart give identical losses. ``metrics.jsonl``
+keeps one record per step: on resume, records logged after the restored checkpoint (by a run killed
+before its next save) are dropped, and the resumed run logs those steps again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from flax import nnx
 
 from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
@@ -31,6 +36,7 @@ class LoopResult:
     step: int  # the number of completed steps
     interrupted: bool
     history: list[dict[str, Any]]
+    signal: str | None = None  # what interrupted the run ("SIGTERM", "SIGINT"), if anything
 
 
 MODEL_KEYS = ("model", "subllm")  # metadata sections that define the parameter tree
@@ -55,8 +61,31 @@ def check_resumable(workdir: str | pathlib.Path, metadata: dict[str, Any]) -> in
     with Checkpointer(directory, save_every=1) as checkpointer:
         step = checkpointer.latest_step()
         if step is not None:
-            _check_same_model(checkpointer.restore_metadata(), metadata, directory)
+            saved = checkpointer.restore_metadata()
+            _check_same_model(saved, metadata, directory)
+            step = int(saved.get("step", step))
     return step
+
+
+def truncate_log(path: str | pathlib.Path, step: int) -> None:
+    """Keep the records of ``path`` (JSON lines, each with a ``step``) up to ``step``: a run that
+    resumes from ``step`` logs the later ones again. A line without a readable step (cut by a kill)
+    is dropped. Atomic (write, then rename); process 0 only."""
+    path = pathlib.Path(path)
+    if jax.process_index() != 0 or not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int | float) and (
+                record["step"] <= step):
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def train_loop(
@@ -100,6 +129,7 @@ def train_loop(
         nnx.update(model, restored["params"], restored["rng"])
         nnx.update(optimizer, restored["opt"])
         start = int(saved_meta["data_step"])
+    truncate_log(logger.path, start)  # a fresh run (start 0) starts a fresh log
 
     history: list[dict[str, Any]] = []
     bar = Progress(tc.steps, start=start, every=tc.log_every) if progress else None
@@ -113,10 +143,12 @@ def train_loop(
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 last = checkpointer.latest_step()
-                raise TrainingDiverged(
-                    f"loss is {loss} at step {step}; not saving. The last good checkpoint is step "
-                    f"{last} in {workdir / 'checkpoints'} (lower the learning rate or enable "
-                    "grad_clip and resume from it).")
+                remedy = "lower the learning rate" + ("" if tc.grad_clip else " or enable grad_clip")
+                where = (f"the last good checkpoint is step {last} in {workdir / 'checkpoints'}"
+                         if last is not None else "no checkpoint was saved yet")
+                raise TrainingDiverged(f"loss is {loss} at step {step}; not saving: {where} ({remedy}"
+                                       ", then rerun; train.allow_changed_resume=True resumes with "
+                                       "the new settings).")
             tokens_since += int(batch.tokens.size)
             done = completed = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
@@ -140,4 +172,5 @@ def train_loop(
     if bar is not None:
         bar.close()
     checkpointer.close()
-    return LoopResult(step=completed, interrupted=interrupted, history=history)
+    return LoopResult(step=completed, interrupted=interrupted, history=history,
+                      signal=guard.signal_name if interrupted else None)

@@ -12,14 +12,18 @@ the norms, projections and MLP are recomputed. This block's backward needs neith
 ``offload`` keeps the ``names`` tensors too, but moves them to host memory (``pinned_host``) until
 the backward needs them: device memory then holds only block inputs, at the cost of device↔host
 copies (worth it on GPU/TPU when the copies overlap compute). On CPU, host and device memory are
-the same: it computes the same values and saves nothing.
+the same: it computes the same values and saves nothing. :func:`offload_policy` splits the names
+between device and host, and :func:`split_by_budget` picks the host share from a byte budget: the
+per-layer budgets of LeMo's sparsity-aware offload (:mod:`tokensparse.lemo.offload`) are built on
+them, one policy per kind of layer (``Llama.run_layers(remat_for=...)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -42,10 +46,36 @@ def remat_policy(name: str, names: tuple[str, ...] = ("qkv", "attn_core")
     if unknown:
         raise ValueError(f"remat names {unknown} are not tagged in the model; use {CHECKPOINT_NAMES}.")
     if name == "offload":
-        return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
-            offload_src="device", offload_dst="pinned_host")
+        return offload_policy(saved=(), offloaded=names)
     return jax.checkpoint_policies.save_only_these_names(*names)
+
+
+def offload_policy(saved: Sequence[str], offloaded: Sequence[str]) -> Callable[..., bool]:
+    """Keep the tagged tensors ``saved`` in device memory and ``offloaded`` in host memory
+    (``pinned_host``) until the backward; recompute everything else."""
+    unknown = [n for n in (*saved, *offloaded) if n not in CHECKPOINT_NAMES]
+    if unknown:
+        raise ValueError(f"remat names {unknown} are not tagged in the model; use {CHECKPOINT_NAMES}.")
+    if set(saved) & set(offloaded):
+        raise ValueError(f"remat names {sorted(set(saved) & set(offloaded))} are both saved and "
+                         "offloaded; name each once.")
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
+        offload_src="device", offload_dst="pinned_host")
+
+
+def split_by_budget(names: Sequence[str], sizes: Mapping[str, float], budget: float
+                    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(offloaded, saved)``: the subset of ``names`` with the most ``sizes`` bytes that fits in
+    ``budget`` goes to host (ties: the earlier names), the rest stays on device. Whole tensors only:
+    a policy offloads a named tensor or does not."""
+    best, best_bytes = (), 0.0
+    for k in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, k):
+            total = sum(sizes[n] for n in subset)
+            if best_bytes < total <= budget:
+                best, best_bytes = subset, total
+    return best, tuple(n for n in names if n not in best)
 
 
 _TAGGING = contextvars.ContextVar("tokensparse_remat_tagging", default=True)
@@ -68,6 +98,11 @@ def tagging(enabled: bool):
         yield
     finally:
         _TAGGING.reset(token)
+
+
+def tagging_enabled() -> bool:
+    """Whether activations are tagged here (:func:`tagging`): a names-based policy may read them."""
+    return _TAGGING.get()
 
 
 def uses_names(name: str) -> bool:

@@ -12,6 +12,14 @@ indices, so no device needs another's scores and the indices stay globally ascen
 locally, so XLA never gathers the whole sequence. Per-shard top-k is not global top-k: every piece keeps
 the same number of items, however its scores compare with the others'.
 
+**Block-granular movement.** A selection of whole blocks (:func:`expand_blocks`,
+:func:`block_topk_select`: LeMo's 64-token blocks) records its static ``block_size``. Its ``indices``
+are still token indices, but :func:`gather` and :func:`scatter_add` move whole ``[block_size, ...]``
+slabs addressed by block index (``x`` viewed as [B, N/b, b, ...]): K/b index rows instead of K, and
+the indices carry XLA's ``indices_are_sorted`` / ``unique_indices`` hints, true by construction
+(top-k block indices are distinct and sorted ascending, padding blocks included). Token-level
+selections (SUBLLM's, which may repeat an index in invalid slots) take the row-wise path, unhinted.
+
 Selection is discrete: the scores passed to the ``*_select`` functions receive **no gradient** from
 here. Methods that learn their scores (SUBLLM's weights, LeMo's predictors) add their own paths.
 ``gather`` and ``scatter_add`` are differentiable in the gathered / scattered values.
@@ -38,15 +46,30 @@ class Selection:
 
     ``shards`` > 1 (static) says the rows were selected piecewise (:func:`per_shard`): the k-th of
     ``shards`` equal runs of slots holds indices inside the k-th of ``shards`` equal runs of positions.
+
+    ``block_size`` > 1 (static) says the slots come in whole blocks: slots ``j·b … j·b+b−1`` hold
+    positions ``n·b … n·b+b−1`` of one block n, valid alike, and the block indices n of each row are
+    distinct and ascending (what :func:`expand_blocks` builds). Routing then moves whole blocks.
     """
 
     indices: Int[Array, "b k"]
     valid: Bool[Array, "b k"]
     shards: int = dataclasses.field(default=1, metadata=dict(static=True))
+    block_size: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
         return self.indices.shape[-1]
+
+    @property
+    def blocks(self) -> tuple[Int[Array, "b kb"], Bool[Array, "b kb"]]:
+        """(block indices, block validity), [B, K / block_size] each: one entry per block slot."""
+        b = self.block_size
+        return self.indices[:, ::b] // b, self.valid[:, ::b]
+
+    def tokens(self) -> Selection:
+        """The same slots as a token-level selection (row-wise routing; the reference path)."""
+        return Selection(self.indices, self.valid, self.shards)
 
 
 def capacity(n: int, keep_ratio: float, *, multiple: int = 1, rounding: str = "ceil") -> int:
@@ -166,12 +189,19 @@ def threshold_select(
 
 
 def expand_blocks(block_selection: Selection, block_size: int) -> Selection:
-    """Block-level selection → token-level selection (each block expands to its ``block_size`` tokens)."""
+    """Block-level selection → token-level selection (each block expands to its ``block_size``
+    tokens) that remembers ``block_size``, so that routing moves whole blocks.
+
+    The block indices must be distinct and ascending per row (any top-k or threshold selection over
+    blocks is)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size={block_size} must be positive.")
     offsets = jnp.arange(block_size, dtype=jnp.int32)
     indices = block_selection.indices[..., :, None] * block_size + offsets
     valid = jnp.broadcast_to(block_selection.valid[..., :, None], indices.shape)
     b = indices.shape[0]
-    return Selection(indices.reshape(b, -1), valid.reshape(b, -1), shards=block_selection.shards)
+    return Selection(indices.reshape(b, -1), valid.reshape(b, -1), shards=block_selection.shards,
+                     block_size=block_size)
 
 
 def block_topk_select(
@@ -208,14 +238,69 @@ def _per_piece(fn):
     return jax.vmap(jax.vmap(fn))
 
 
+def _block_view(x: Array, block_size: int) -> Array:
+    """[B, N, ...] viewed as [B, N / block_size, block_size, ...]."""
+    b, n = x.shape[:2]
+    if n % block_size:
+        raise ValueError(f"a sequence of {n} cannot be split into blocks of {block_size}; pad it to "
+                         "a multiple of the block size.")
+    return x.reshape(b, n // block_size, block_size, *x.shape[2:])
+
+
+def _local_blocks(sel: Selection, n_blocks: int) -> tuple[Array, Array]:
+    """Block indices and validity, [B, shards, K_b/shards], relative to the start of their piece."""
+    idx, valid = sel.blocks
+    b, k, s = *idx.shape, sel.shards
+    offsets = (jnp.arange(s, dtype=jnp.int32) * (n_blocks // s))[None, :, None]
+    return idx.reshape(b, s, k // s) - offsets, valid.reshape(b, s, k // s)
+
+
+_HINTS = dict(indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+
+
+def _take_blocks(row, idx):
+    return row.at[idx].get(**_HINTS)
+
+
+def _add_blocks(row, idx, valid, val):
+    # Invalid slots add zero at their own (distinct, in-range) block, so the hints stay true.
+    val = jnp.where(valid.reshape(valid.shape + (1,) * (val.ndim - 1)), val, jnp.zeros((), val.dtype))
+    return row.at[idx].add(val, **_HINTS)
+
+
+def _gather_blocks(x: Array, sel: Selection) -> Array:
+    xb = _block_view(x, sel.block_size)
+    if sel.shards == 1:
+        out = jax.vmap(_take_blocks)(xb, sel.blocks[0])
+    else:
+        out = _per_piece(_take_blocks)(seq_pieces(xb, sel.shards),
+                                       _local_blocks(sel, xb.shape[1])[0])
+    return out.reshape(x.shape[0], sel.capacity, *x.shape[2:])
+
+
+def _scatter_add_blocks(base: Array, sel: Selection, values: Array) -> Array:
+    bb = _block_view(base, sel.block_size)
+    vb = _block_view(values, sel.block_size)
+    if sel.shards == 1:
+        idx, valid = sel.blocks
+        out = jax.vmap(_add_blocks)(bb, idx, valid, vb)
+    else:
+        s = sel.shards
+        out = _per_piece(_add_blocks)(seq_pieces(bb, s), *_local_blocks(sel, bb.shape[1]),
+                                      seq_pieces(vb, s))
+    return out.reshape(base.shape)
+
+
 def gather(x: Array, sel: Selection, *, fill_value=None) -> Array:
     """``x[b, sel.indices[b]]`` for arrays shaped [B, N, ...] (tokens, positions, segment ids).
 
     With ``fill_value`` set, invalid slots read it instead of their (meaningless) gathered row; use it
     for segment ids (fill -1: the slot attends to nothing). A per-shard selection reads each piece
-    locally.
+    locally; a block selection reads whole blocks.
     """
-    if sel.shards == 1:
+    if sel.block_size > 1:
+        out = _gather_blocks(x, sel)
+    elif sel.shards == 1:
         out = _take_rows(x, sel.indices)
     else:
         local = _per_piece(lambda row, idx: row[idx])(seq_pieces(x, sel.shards),
@@ -235,10 +320,13 @@ def _add_rows(row, idx, valid, val):
 def scatter_add(base: Array, sel: Selection, values: Array) -> Array:
     """``base`` with ``values`` added at the selected rows; invalid slots write nothing.
 
-    Rows that were not selected come back bit-for-bit unchanged. A per-shard selection writes each
-    piece locally.
+    Rows that were not selected come back bit-for-bit unchanged (in a block selection, a padding
+    block's slot adds +0.0 to its block: values unchanged, only a −0.0 turns +0.0). A per-shard
+    selection writes each piece locally; a block selection writes whole blocks.
     """
     values = values.astype(base.dtype)
+    if sel.block_size > 1:
+        return _scatter_add_blocks(base, sel, values)
     if sel.shards == 1:
         return jax.vmap(_add_rows)(base, sel.indices, sel.valid, values)
     s = sel.shards

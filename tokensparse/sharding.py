@@ -168,6 +168,27 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
 
 
+def for_use(names: Sequence[str | None]) -> tuple[str | None, ...]:
+    """A parameter's logical ``names`` as the computation uses it: the ``embed`` (FSDP) split
+    gathered, every other split kept (ZeRO-3 gathers a weight's model dimension, never activations)."""
+    return tuple(None if name == "embed" else name for name in names)
+
+
+def gather_for_use(x: jax.Array, names: Sequence[str | None] | None) -> jax.Array:
+    """Parameter value ``x`` (logical ``names``) laid out per :func:`for_use`: an all-gather over
+    ``fsdp`` when the mesh splits its model dimension, whose transpose is a reduce-scatter. Identity
+    without a mesh or ``names``."""
+    return x if names is None else constrain(x, for_use(names))
+
+
+def gathered_on_use(x: jax.Array, names: Sequence[str | None] | None) -> bool:
+    """Whether :func:`gather_for_use` moves data: a mesh splits ``x``'s model dimension."""
+    mesh = current_mesh()
+    if mesh is None or names is None:
+        return False
+    return logical_to_spec(names, x.shape, mesh) != logical_to_spec(for_use(names), x.shape, mesh)
+
+
 def variable_spec(variable: nnx.Variable, mesh=None) -> PartitionSpec:
     """A variable's PartitionSpec from its ``logical_axes`` metadata (replicated without it)."""
     names = variable.get_metadata().get("logical_axes")

@@ -153,10 +153,19 @@ def fetch(name: str) -> pathlib.Path:
 
 
 def load(name: str, *, dtype=None, attention_backend: str = "auto"):
-    """``(model, config, tokenizer)`` of a named model (see :data:`MODELS`), fetched on first use."""
+    """``(model, config, tokenizer)`` of a named model (see :data:`MODELS`), fetched on first use.
+    Where the library ships LeMo learned-selector weights for the model
+    (:func:`tokensparse.lemo.learned_selector.shipped_path`), they are attached
+    (``model.lemo_selector``), so ``LeMoConfig(selector="learned")`` works with no extra step."""
     from tokensparse.gguf import load_gguf
+    from tokensparse.lemo import learned_selector
 
-    return load_gguf(fetch(name), dtype=dtype, attention_backend=attention_backend)
+    model, config, tokenizer = load_gguf(fetch(name), dtype=dtype,
+                                         attention_backend=attention_backend)
+    shipped = learned_selector.shipped_path(name)
+    if shipped is not None and shipped.exists():
+        learned_selector.attach(model, learned_selector.load(shipped, config))
+    return model, config, tokenizer
 
 
 __all__ = ["CACHE_ENV", "MODELS", "ZooError", "ZooModel", "cache_dir", "cached_path", "extract",

@@ -1,7 +1,7 @@
 """Dense LoRA vs LeMo on a device mesh: compile-only per-device memory of one LoRA training step.
 
     python -m experiments.bench.sharded_memory [--preset=llama2-7b --seq_len=32768 \
-        --meshes="1,8,1,1;1,1,1,8" --remat=none,full --out FILE]
+        --meshes="1,1,1,1;1,8,1,1;1,1,1,8" --remat=none,full --out FILE]
 
 What one device of a mesh (axes data, fsdp, tensor, seq) needs for the LoRA gradient of a long
 sequence, with and without LeMo. As in ``lemo_memory`` nothing is allocated: abstract parameters are
@@ -17,9 +17,14 @@ e.g. an ``all-gather`` whose result is a whole [B, T, D] activation.
 
 The default meshes:
 
+- ``1,1,1,1`` (single): one device and no mesh at all, the reference the others are read against.
 - ``1,8,1,1`` (fsdp8): weights split 8 ways (arguments about 1/8 of one device's). A batch of 1 has
   no rows to split, so every device holds the whole sequence's activations: temp is at best one
-  device's. Larger batches (``--batch=8``) split the activations too.
+  device's, and what it has over that is what FSDP costs in memory: the weights gathered at a
+  time (ZeRO-3 gathers each layer's weights for its forward and again for its backward, and keeps
+  only the shards in between, ``llama.with_gathered``), the gathered LM head, collective buffers.
+  The summary's ``temp_over_single_gib_<method>@fsdp8`` is that excess. Larger batches
+  (``--batch=8``) split the activations too.
 - ``1,1,1,8`` (seq8): weights replicated, the sequence in 8 contiguous pieces. LeMo picks its
   blocks per piece (``LeMoConfig.route_shards`` follows the mesh); K and V are gathered for attention.
 
@@ -45,6 +50,7 @@ LoRA / LeMo (larger is better).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import math
@@ -79,8 +85,8 @@ from tokensparse.remat import REMAT_POLICIES  # noqa: E402
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Sequence length (LeMo: a multiple of 64 x seq axis).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Global batch size (sequences per step).")
-_MESHES = flags.DEFINE_string("meshes", "1,8,1,1;1,1,1,8", "';'-separated mesh shapes "
-                              "data,fsdp,tensor,seq.")
+_MESHES = flags.DEFINE_string("meshes", "1,1,1,1;1,8,1,1;1,1,1,8", "';'-separated mesh shapes "
+                              "data,fsdp,tensor,seq (1,1,1,1: one device, no mesh).")
 _REMAT = flags.DEFINE_list("remat", ["none", "full"], "Remat policies (each for both methods on every "
                            "mesh); the summary's unsuffixed keys are for 'none'.")
 _ATTENTION = flags.DEFINE_string("attention", "chunked", "Attention backend for both methods.")
@@ -173,13 +179,16 @@ def step_cost(config, mesh_config: MeshConfig, method: str, remat: str) -> dict:
     seq_len, batch, segment = _SEQ_LEN.value, _BATCH.value, loss_segment_for(mesh_config)
     n = math.prod(mesh_config.sizes())
     devices = jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")
-    mesh = sharding.make_mesh(mesh_config, devices[:n])
-    with jax.set_mesh(mesh):
+    # One device runs without a mesh, as every single-device benchmark does.
+    mesh = sharding.make_mesh(mesh_config, devices[:n]) if n > 1 else None
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         loss, lora_state, rest = lora_step(config, seq_len, method, lemo=LeMoConfig(), remat=remat,
                                            attention=_ATTENTION.value, loss_segment=segment)
-        ints = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
-                                    sharding=sharding.batch_sharding((batch, seq_len), mesh))
-        args = (_abstract(lora_state, mesh), _abstract(rest, mesh), AbstractBatch(ints, ints, ints))
+        placed = mesh is not None
+        ints = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(
+            (batch, seq_len), mesh) if placed else None)
+        args = (_abstract(lora_state, mesh) if placed else lora_state,
+                _abstract(rest, mesh) if placed else rest, AbstractBatch(ints, ints, ints))
         start = time.perf_counter()
         lowered = jax.jit(jax.grad(loss)).lower(*args)
         lower_s = time.perf_counter() - start
@@ -235,6 +244,27 @@ def measure_in_subprocess(mesh: MeshConfig, method: str, remat: str) -> dict:
             f"{time.perf_counter() - start:.0f} s: " + " | ".join(tail)}
 
 
+def temp_over_single(rows: list[dict]) -> dict:
+    """``temp_over_single_gib_<method>[_remat_<r>]@<mesh>``: per-device temp on a mesh minus the
+    same step's on one device (no mesh), in GiB, for meshes that split no activations (batch and
+    sequence whole on every device), where any excess is what the mesh adds (gathered weights,
+    collective buffers)."""
+    single = {(r["method"], r["remat"]): r["temp_bytes"] for r in rows
+              if r["mesh_name"] == "single" and "error" not in r}
+    out = {}
+    for row in rows:
+        data, fsdp, tensor, seq = (int(x) for x in row["mesh"].split(","))
+        rows_split = data * fsdp > 1 and row["batch"] % (data * fsdp) == 0
+        whole = tensor == seq == 1 and not rows_split
+        key = (row["method"], row["remat"])
+        if row["mesh_name"] == "single" or not whole or "error" in row or key not in single:
+            continue
+        suffix = "" if row["remat"] == "none" else f"_remat_{row['remat']}"
+        out[f"temp_over_single_gib_{row['method']}{suffix}@{row['mesh_name']}"] = \
+            (row["temp_bytes"] - single[key]) / 2**30
+    return out
+
+
 def uncommitted_library_files() -> list[str]:
     """Library files that differ from the recorded git commit (the numbers measure the working tree)."""
     try:
@@ -278,6 +308,7 @@ def main(argv):
         at = f"{suffix}@{lora_row['mesh_name']}"
         summary["activation_ratio" + at] = lora_row["temp_bytes"] / lemo_row["temp_bytes"]
         summary["total_ratio" + at] = lora_row["total_bytes"] / lemo_row["total_bytes"]
+    summary.update(temp_over_single(rows))
     print(json.dumps(summary, indent=1))
     write_result(_OUT.value, "sharded_memory", rows, summary, settings={
         "preset": _PRESET.value, "seq_len": _SEQ_LEN.value, "batch": _BATCH.value,

@@ -1,7 +1,9 @@
 """LeMo (Jenga): long-context LoRA fine-tuning with per-layer block elimination.
 
 - :mod:`~tokensparse.lemo.scoring`: block informativeness (the oracle / predictor-target score).
-- :mod:`~tokensparse.lemo.selection`: which blocks a sparse layer keeps (oracle or predictor).
+- :mod:`~tokensparse.lemo.selection`: which blocks a sparse layer keeps, by the rule
+  ``LeMoConfig.selector`` names (:mod:`~tokensparse.lemo.rules`: oracle, predictor, random,
+  attention_ratio, attention_mass, recent, ratio_mass, or a registered one).
 - :mod:`~tokensparse.lemo.forward`: the LeMo forward and loss (per-layer elimination).
 - :mod:`~tokensparse.lemo.mlp`: SwiGLU with exact forward and channel-sparse backward.
 - :mod:`~tokensparse.lemo.predictor`: pattern predictors (selection without q·kᵀ), save/load/attach;

@@ -44,8 +44,11 @@ def lora_baseline(lemo: LeMoConfig) -> LeMoConfig:
 
 
 def is_plain_lora(lemo: LeMoConfig) -> bool:
-    """Whether ``lemo`` is the plain LoRA step: every layer dense and the ordinary MLP."""
-    return lemo.mlp_mode == "dense" and lemo.schedule in ("all", "profile") and all(
+    """Whether ``lemo`` is the plain LoRA step: every layer dense, the ordinary MLP and no offload
+    plan (a baseline with ``offload`` gets the same per-layer host budget through the LeMo forward;
+    with every layer dense, ``sparsity`` equals ``uniform``)."""
+    return lemo.mlp_mode == "dense" and lemo.offload == "none" and lemo.schedule in (
+        "all", "profile") and all(
         r >= 1.0 for r in (lemo.profile or (lemo.keep_ratio,)))
 
 

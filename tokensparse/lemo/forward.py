@@ -17,9 +17,11 @@ from jaxtyping import Array, Float, Int
 from tokensparse import lora, train
 from tokensparse.config import LeMoConfig
 from tokensparse.data.batching import Batch
-from tokensparse.lemo import predictor
+from tokensparse.lemo import predictor, rules
 from tokensparse.lemo.mlp import keep_channels, recomputed_mlp, sparse_backward_mlp
+from tokensparse.lemo.offload import model_remat_for
 from tokensparse.lemo.selection import layer_kinds, lemo_router
+from tokensparse.lemo.two_d import two_d_core
 from tokensparse.llama import DecoderBlock, Llama
 from tokensparse.remat import tag
 
@@ -50,6 +52,12 @@ def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int, *, training: bool =
         if predictors.block_size != lemo.block_size:
             raise ValueError(f"the predictors score {predictors.block_size}-token blocks; "
                              f"LeMoConfig.block_size is {lemo.block_size}.")
+    rule = rules.get(lemo.selector)
+    if rule.check is not None:
+        rule.check(model, lemo, ratios)
+    if lemo.mlp_drop_profile is not None and len(lemo.mlp_drop_profile) != len(ratios):
+        raise ValueError(f"LeMoConfig.mlp_drop_profile has {len(lemo.mlp_drop_profile)} entries; "
+                         f"the model has {len(ratios)} layers.")
     if lemo.mlp_mode == "channel_sparse_bwd":
         for start, group in zip(model.layers.starts, model.layers.groups, strict=True):
             if any(getattr(group.mlp, p).adapter is not None
@@ -60,8 +68,10 @@ def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int, *, training: bool =
 
 
 def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *,
-               mlp_mode: str = "dense", mlp_keep: int | None = None):
-    """One decoder layer with LeMo's MLP backward; attention runs on ``selection`` (None: dense).
+               mlp_mode: str = "dense", mlp_keep: int | None = None, two_d: bool = False):
+    """One decoder layer with LeMo's MLP backward; attention runs on ``selection`` (None: dense),
+    and with ``two_d`` (``LeMoConfig.two_d``) a sparse layer's attention is shifted sparse attention
+    over its kept tokens (:mod:`tokensparse.lemo.two_d`).
 
     ``mlp_mode`` (``LeMoConfig.mlp_mode``): ``"channel_sparse_bwd"`` keeps ``mlp_keep`` channels
     in the backward (all I of them: the ordinary MLP); ``"recompute"`` is the exact backward from
@@ -69,7 +79,8 @@ def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *
     the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any remat region, so
     recomputation never re-scores."""
     h = tag(h, "block_in")
-    h, normed = block.attend_and_norm(h, positions, segment_ids, selection)
+    core = two_d_core(block.attn) if two_d and selection is not None else None
+    h, normed = block.attend_and_norm(h, positions, segment_ids, selection, core=core)
     if mlp_mode == "recompute":
         return block.feed_forward(h, normed, functools.partial(recomputed_mlp, block.mlp))
     if mlp_mode == "channel_sparse_bwd" and mlp_keep < block.mlp.gate_proj.kernel.shape[1]:
@@ -86,11 +97,23 @@ def mlp_keep_channels(model: Llama, lemo: LeMoConfig) -> int:
     return keep_channels(ffn_dim, lemo.mlp_drop)
 
 
+def mlp_keeps(model: Llama, lemo: LeMoConfig) -> tuple[int, ...] | None:
+    """Per-layer MLP backward channels from ``lemo.mlp_drop_profile`` (None without one)."""
+    if lemo.mlp_drop_profile is None or lemo.mlp_mode != "channel_sparse_bwd":
+        return None
+    return tuple(keep_channels(model.config.ffn_dim, p) for p in lemo.mlp_drop_profile)
+
+
+def lemo_kinds(model: Llama, lemo: LeMoConfig, ratios: tuple[float, ...]):
+    """The layer loop's kinds for ``lemo`` (:func:`tokensparse.lemo.selection.layer_kinds`)."""
+    return layer_kinds(lemo, ratios, mlp_keeps(model, lemo))
+
+
 def lemo_block_fn(model: Llama, lemo: LeMoConfig):
     """:func:`lemo_block` with ``lemo``'s MLP backward bound: ``fn(block, h, positions,
     segment_ids, selection)``."""
     return functools.partial(lemo_block, mlp_mode=lemo.mlp_mode,
-                             mlp_keep=mlp_keep_channels(model, lemo))
+                             mlp_keep=mlp_keep_channels(model, lemo), two_d=lemo.two_d)
 
 
 def lemo_layer_fn(model: Llama, lemo: LeMoConfig):
@@ -98,14 +121,17 @@ def lemo_layer_fn(model: Llama, lemo: LeMoConfig):
     run = lemo_block_fn(model, lemo)
 
     def layer_fn(block, h, layer, selection):
-        return run(block, h, layer.positions, layer.segment_ids, selection), None
+        keep = getattr(layer.kind, "mlp_keep", None)  # per layer with mlp_drop_profile
+        fn = run if keep is None else functools.partial(lemo_block, mlp_mode=lemo.mlp_mode,
+                                                        mlp_keep=keep, two_d=lemo.two_d)
+        return fn(block, h, layer.positions, layer.segment_ids, selection), None
     return layer_fn
 
 
 def group_layers(model: Llama, lemo: LeMoConfig) -> Llama:
     """Regroup ``model``'s stacked layers to match ``lemo``'s schedule (in place, outside ``jit``,
     before building an optimizer), so that no scan over a run of layers slices (copies) weights."""
-    model.layers.regroup_for(layer_kinds(lemo, lemo.keep_ratios(len(model.layers))))
+    model.layers.regroup_for(lemo_kinds(model, lemo, lemo.keep_ratios(len(model.layers))))
     return model
 
 
@@ -123,9 +149,10 @@ def lemo_hidden_states(model: Llama, tokens: Int[Array, "b t"], positions=None, 
                          "layers.")
     inputs = None if selections is None else [s if r < 1.0 else None
                                                for s, r in zip(selections, ratios, strict=True)]
+    kinds = lemo_kinds(model, lemo, ratios)
     return model.hidden_states(tokens, positions, segment_ids, layer_fn=lemo_layer_fn(model, lemo),
-                               router=lemo_router(model, lemo), kinds=layer_kinds(lemo, ratios),
-                               inputs=inputs)
+                               router=lemo_router(model, lemo), kinds=kinds, inputs=inputs,
+                               remat_for=model_remat_for(model, lemo, ratios, kinds, *tokens.shape))
 
 
 def lemo_loss(model: Llama, batch, *, lemo: LeMoConfig, loss_segment: int = 0, selections=None,

@@ -30,9 +30,9 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from tokensparse import routing
-from tokensparse.llama import MLP, gathered_for_use
+from tokensparse.llama import MLP
 from tokensparse.remat import checkpointed
-from tokensparse.sharding import seq_pieces, seq_shards
+from tokensparse.sharding import gather_for_use, gathered_on_use, seq_pieces, seq_shards
 
 
 def keep_channels(ffn_dim: int, drop_fraction: float = 0.8) -> int:
@@ -92,21 +92,40 @@ def _forward(x, w_gate, w_up, w_down):
     return jnp.dot(jax.nn.silu(g) * v, w_down), g, v
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+WeightAxes = tuple[tuple[str | None, ...] | None, ...] | None
+
+
+def _gathered(weights, weight_axes: WeightAxes):
+    """The weights laid out for use (FSDP split gathered) when their axes are given. The barrier
+    keeps XLA from merging a backward gather with the forward's (for keep = I they are the same)
+    and from fusing a stacked weight's per-layer slice into the gather (see llama.with_gathered)."""
+    if weight_axes is None:
+        return weights
+    weights = jax.lax.optimization_barrier(tuple(weights))
+    return tuple(gather_for_use(w, names) for w, names in zip(weights, weight_axes, strict=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def channel_sparse_swiglu(
     x: Float[Array, "... d"],
     w_gate: Float[Array, "d i"],
     w_up: Float[Array, "d i"],
     w_down: Float[Array, "i d"],
     keep: int,
+    weight_axes: WeightAxes = None,
 ) -> Float[Array, "... d"]:
     """``(silu(x @ w_gate) * (x @ w_up)) @ w_down`` with a backward through ``keep`` channels.
 
     ``keep`` (C) is a static Python int in [1, I]. Weights use the [in, out] layout. Weight
     gradients are zeros: use only with frozen MLP weights (see the module docstring).
+
+    ``weight_axes``, the three weights' logical axes, says that the weights come as stored, e.g.
+    split over ``fsdp``: they are gathered for the forward (:func:`sharding.gather_for_use`) and the
+    backward keeps the stored shards, not the gathered weights, gathering only the kept channels'
+    rows and columns again (ZeRO-3). None: the weights are used as given.
     """
     _check_keep(keep, w_gate.shape[-1])
-    return _forward(x, w_gate, w_up, w_down)[0]
+    return _forward(x, *_gathered((w_gate, w_up, w_down), weight_axes))[0]
 
 
 def _check_keep(keep, ffn_dim: int) -> None:
@@ -115,9 +134,9 @@ def _check_keep(keep, ffn_dim: int) -> None:
                          f"see keep_channels().")
 
 
-def _fwd(x, w_gate, w_up, w_down, keep):
+def _fwd(x, w_gate, w_up, w_down, keep, weight_axes):
     _check_keep(keep, w_gate.shape[-1])
-    out, g, v = _forward(x, w_gate, w_up, w_down)
+    out, g, v = _forward(x, *_gathered((w_gate, w_up, w_down), weight_axes))
     if keep == w_gate.shape[-1]:  # every channel: exact backward, nothing to rank or gather
         idx = jnp.arange(keep, dtype=jnp.int32)
         g_c, v_c = g, v
@@ -127,17 +146,21 @@ def _fwd(x, w_gate, w_up, w_down, keep):
         # Tie the output to the kept channels: otherwise XLA's scheduler may postpone the ranking and
         # gathers past later layers, keeping the full g and v alive (measured: +5.4 T·D per layer).
         out, g_c, v_c = jax.lax.optimization_barrier((out, g_c, v_c))
-    # Residuals: g and v on the kept channels only; the weights are arguments, not activations.
-    # The empty array carries x's dtype, which dx must have.
+    # Residuals: g and v on the kept channels only; the weights as they came (arguments, not
+    # activations: with weight_axes, this device's shards). The empty array carries x's dtype,
+    # which dx must have.
     return out, (g_c, v_c, idx, w_gate, w_up, w_down, jnp.zeros((0,), x.dtype))
 
 
-def _bwd(keep, residuals, grad_out):
+def _bwd(keep, weight_axes, residuals, grad_out):
     g_c, v_c, idx, w_gate, w_up, w_down, x_proto = residuals
     wg_c, wu_c, wd_c = w_gate, w_up, w_down
     if keep != w_gate.shape[-1]:
         wg_c, wu_c = jnp.take(w_gate, idx, axis=1), jnp.take(w_up, idx, axis=1)
         wd_c = jnp.take(w_down, idx, axis=0)
+    if weight_axes is not None:
+        # Select the kept channels on the shards first, then gather only those: C of I channels.
+        wg_c, wu_c, wd_c = _gathered((wg_c, wu_c, wd_c), weight_axes)
     delta = jnp.dot(grad_out, wd_c.T)  # [..., C]
     grad_g = delta * v_c * _silu_grad(g_c)
     grad_v = delta * jax.nn.silu(g_c)
@@ -163,13 +186,13 @@ def sparse_backward_mlp(mlp: MLP, x: Float[Array, "b t d"], keep: int) -> Float[
                          f"gives no weight gradients and needs frozen MLP weights. Use a dense MLP "
                          f"(mlp_mode='dense') or drop the MLP LoRA targets.")
     dtype = mlp.gate_proj.dtype
-    return channel_sparse_swiglu(
-        x.astype(dtype),
-        gathered_for_use(mlp.gate_proj.kernel).astype(dtype),
-        gathered_for_use(mlp.up_proj.kernel).astype(dtype),
-        gathered_for_use(mlp.down_proj.kernel).astype(dtype),
-        keep,
-    )
+    kernels = [linear.kernel for linear in projections.values()]
+    # The stored (e.g. FSDP-split) weights go in with their axes: the VJP gathers them for the
+    # forward and saves the shards, not the gathered weights, for the backward.
+    axes = tuple(k.get_metadata().get("logical_axes") for k in kernels)
+    values = [k[...].astype(dtype) for k in kernels]
+    split = any(gathered_on_use(v, a) for v, a in zip(values, axes, strict=True))
+    return channel_sparse_swiglu(x.astype(dtype), *values, keep, axes if split else None)
 
 
 def recomputed_mlp(mlp: MLP, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:

@@ -12,7 +12,8 @@ keeps a whole block alive for one important token. The defaults are the artifact
 
 **Pre- or post-RoPE is decided by the caller**: these functions score whatever q, k they are given.
 The library default (``ScoreOptions.post_rope=False``, recorded with every result) is to pass the
-per-head projections *before* RoPE, as the artifact does.
+per-head projections *before* RoPE, as the artifact does; ``LeMoConfig.score_post_rope=True`` makes
+selection and predictor targets pass the rotated ones (:func:`tokensparse.lemo.rules.scoring_qk`).
 
 **Padding** (spec §4.6): T need not be a multiple of ``block_size``; the sequence is padded up to
 ``n_b = ceil(T / block_size)`` blocks. Padding tokens, and tokens with ``valid=False``, contribute
@@ -61,7 +62,12 @@ class ScoreOptions:
     - ``exclude_diagonal``: drop the token-level entries i == j (the paper's Σ_{i≠j}); the artifact
       includes them.
     - ``normalizer``: divides every tile (the artifact's 1024 = 64·16); ranking is unaffected.
-    - ``post_rope``: not used here: tells the caller whether to pass rotated q, k (default: no).
+    - ``post_rope``: not read by these functions (they score whatever q, k they get): tells the
+      caller whether to pass rotated q, k (default: no; :func:`tokensparse.lemo.rules.scoring_qk`
+      honours it).
+
+    :meth:`from_lemo` builds them from a :class:`~tokensparse.config.LeMoConfig`'s ``score_*``
+    fields, the one place selection, Algorithm 1 and predictor targets take them from.
     """
 
     block_size: int = 64
@@ -71,6 +77,17 @@ class ScoreOptions:
     exclude_diagonal: bool = False
     normalizer: float = 1024.0
     post_rope: bool = False
+
+    @classmethod
+    def from_lemo(cls, lemo) -> ScoreOptions:
+        """The options of a ``LeMoConfig``: its ``block_size`` and ``score_*`` flags."""
+        return cls(block_size=lemo.block_size, scale_by_sqrt_d=lemo.score_scale_by_sqrt_d,
+                   divide_by_heads=lemo.score_divide_by_heads, causal=lemo.score_causal,
+                   exclude_diagonal=lemo.score_exclude_diagonal, post_rope=lemo.score_post_rope)
+
+    def to_dict(self) -> dict:
+        """The flags as plain data (recorded with results and target caches)."""
+        return dataclasses.asdict(self)
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size <= 0:

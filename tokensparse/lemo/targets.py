@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from tokensparse.lemo import scoring
-from tokensparse.lemo.selection import pre_rope_qk
+from tokensparse.lemo.rules import scoring_qk
 from tokensparse.llama import Llama, default_positions
 
 Targets = dict[str, tuple[np.ndarray, np.ndarray]]  # {str(layer): (X [B, T, D], tiles [B, n_b, n_b])}
@@ -43,15 +43,15 @@ def collect_targets(model: Llama, tokens, layer_ids: Sequence[int], opts: scorin
                     ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """``{str(layer): (X [B, T, D], oracle tiles [B, n_b, n_b])}`` from one dense forward.
 
-    X is the layer's normed input; the tiles score its pre-RoPE q, k (with whatever LoRA the model
-    carries; training uses the frozen base). Jit it with :func:`nnx.jit`."""
+    X is the layer's normed input; the tiles score its q, k (pre-RoPE unless ``opts.post_rope``; with
+    whatever LoRA the model carries; training uses the frozen base). Jit it with :func:`nnx.jit`."""
     wanted = set(layer_ids)
 
     def layer_fn(block, h, layer, _):
         target = None
         if layer.kind:
             u = block.input_norm(h)
-            target = (u, scoring.block_tiles(*pre_rope_qk(block, u), opts))
+            target = (u, scoring.block_tiles(*scoring_qk(block, u, layer.positions, opts), opts))
         return block(h, layer.positions, layer.segment_ids, None), target
 
     kinds = [i in wanted for i in range(len(model.layers))]
@@ -114,13 +114,20 @@ class TargetCache:
     """Targets of window ``i`` of ``windows`` (``windows.batch(i)``), collected on first use.
 
     ``directory=None``: kept in host memory. Otherwise stored as ``directory/<i>.npz`` and read back
-    on every use (see the module docstring); ``directory`` is created if missing."""
+    on every use (see the module docstring); ``directory`` is created if missing. ``options``: the
+    score's flags (``ScoreOptions.from_lemo(lemo)``; default the spec's at ``block_size``), recorded
+    in the manifest when they differ from the default."""
 
     def __init__(self, model: Llama, windows, layer_ids: Sequence[int], block_size: int, *,
-                 directory: str | os.PathLike | None = None):
+                 directory: str | os.PathLike | None = None,
+                 options: scoring.ScoreOptions | None = None):
         self.windows = windows
         self.layer_ids = tuple(int(i) for i in layer_ids)
-        opts = scoring.ScoreOptions(block_size=block_size)
+        opts = options or scoring.ScoreOptions(block_size=block_size)
+        if opts.block_size != block_size:
+            raise ValueError(f"options.block_size={opts.block_size} differs from block_size="
+                             f"{block_size}.")
+        self.options = opts
         self._collect = nnx.jit(lambda m, t: collect_targets(m, t, self.layer_ids, opts))
         self._model = model
         self._memory: dict[int, Targets] = {}
@@ -132,6 +139,8 @@ class TargetCache:
     def _open(self, block_size: int) -> None:
         manifest = {"model": self._model.config.to_dict(), "weights": weights_digest(self._model),
                     "layers": list(self.layer_ids), "block_size": block_size}
+        if self.options != scoring.ScoreOptions(block_size=block_size):  # (older caches: default)
+            manifest["score_options"] = self.options.to_dict()
         manifest = json.loads(json.dumps(manifest))
         path = self.directory / "manifest.json"
         if path.exists():

@@ -1,4 +1,13 @@
-"""What every pipeline shares: the mesh, data preparation, evaluation, summaries and run files."""
+"""What every pipeline shares: the mesh, data preparation, evaluation, summaries and run files.
+
+A run's life in its workdir (every pipeline): :func:`run_directory` makes the workdir and holds its
+lock; :func:`check_resume` checks, before anything in the workdir is written, that a resumed run
+has the same model and the fingerprint it was started with
+(:mod:`~tokensparse.pipelines.fingerprint`); :func:`record_run` then stores the fingerprint with
+the other run files. A run stopped by SIGTERM / Ctrl-C saves a checkpoint and returns
+:func:`interrupted_summary`: no final evaluation, no ``summary.json``, no export (those describe
+finished runs only).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +24,10 @@ import numpy as np
 
 from tokensparse import data, sharding, train
 from tokensparse.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
-from tokensparse.loop import LoopResult
+from tokensparse.loop import LoopResult, check_resumable
 from tokensparse.metrics import compiled_memory
+from tokensparse.pipelines import fingerprint
+from tokensparse.pipelines import workdir as run_workdir
 
 
 def check(condition: bool, message: str) -> None:
@@ -77,12 +88,63 @@ def sequence_layout(tc: TrainConfig, mesh, multiple: int = 1):
     return functools.partial(sharding.zigzag_order, shards=shards, multiple=multiple)
 
 
-def prepare_data(data_config: DataConfig, workdir: pathlib.Path):
-    """The corpus and the BPE tokenizer trained on it (saved as ``workdir/tokenizer.json``)."""
+def prepare_data(data_config: DataConfig):
+    """The corpus and the BPE tokenizer trained on it (nothing is written to the workdir: the run
+    saves the tokenizer with :func:`save_tokenizer` once its resume check has passed)."""
     corpus = data.load_corpus(data_config.source)
-    tokenizer = data.get_tokenizer(corpus, data_config.vocab_size)
-    tokenizer.save(str(workdir / "tokenizer.json"))
-    return corpus, tokenizer
+    return corpus, data.get_tokenizer(corpus, data_config.vocab_size)
+
+
+def save_tokenizer(tokenizer, workdir: pathlib.Path) -> None:
+    """``workdir/tokenizer.json`` (process 0; written whole, then renamed into place)."""
+    if jax.process_index() != 0:
+        return
+    tmp = workdir / ".tokenizer.json.tmp"
+    tokenizer.save(str(tmp))
+    tmp.replace(workdir / "tokenizer.json")
+
+
+@contextlib.contextmanager
+def run_directory(workdir: str | pathlib.Path):
+    """The workdir (made when missing; ValueError when it is a file), locked for the ``with`` block:
+    a second process on it gets :class:`~tokensparse.pipelines.workdir.WorkdirBusy`."""
+    path = run_workdir.prepare(workdir)
+    with run_workdir.lock(path):
+        yield path
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeCheck:
+    """What :func:`check_resume` found: the step resumed from (None: fresh), the run's fingerprint
+    and the fields changed with ``allow_changed_resume``."""
+
+    step: int | None
+    fingerprint: dict
+    changed: list
+
+
+def check_resume(workdir: pathlib.Path, experiment: dict, built: dict, *, allow: bool | None,
+                 tokenizer=None, corpus=None) -> ResumeCheck:
+    """Before anything in ``workdir`` is written: a resumed run must have the same model
+    (``built["model"]``; CheckpointError otherwise: no option overrides that) and the fingerprint
+    it was started with (unless ``allow``; one-line ValueError listing the changed fields).
+    ``experiment``: the run config as JSON data; ``built``: what was built from it (model config,
+    SUBLLM structure)."""
+    fp = fingerprint.of_run(experiment, built, tokenizer=tokenizer, corpus=corpus)
+    step = check_resumable(workdir, built)
+    changed = fingerprint.check(workdir, fp, resuming=step is not None, allow=allow)
+    return ResumeCheck(step, fp, changed)
+
+
+def record_run(workdir: pathlib.Path, resume: ResumeCheck) -> None:
+    """Store the run's fingerprint (after :func:`check_resume` passed)."""
+    fingerprint.write(workdir, resume.fingerprint, resumed_step=resume.step, diff=resume.changed)
+
+
+def interrupted_summary(steps: int, signal_name: str | None) -> dict:
+    """What a run stopped by a signal returns (its checkpoint is saved; nothing final is written):
+    the command line exits 128 + the signal's number."""
+    return {"steps": steps, "interrupted": True, "signal": signal_name or "SIGINT"}
 
 
 def check_vocab(tokenizer, model_config: ModelConfig) -> None:

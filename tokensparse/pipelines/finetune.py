@@ -21,7 +21,7 @@ from tokensparse import data, lora, train
 from tokensparse.config import DataConfig, LeMoConfig, LoRAConfig, MeshConfig, TrainConfig
 from tokensparse.lemo import predictor
 from tokensparse.lemo.forward import check_lemo, group_layers, lemo_loss
-from tokensparse.loop import check_resumable, train_loop
+from tokensparse.loop import train_loop
 from tokensparse.pipelines import common
 from tokensparse.pipelines.base import check_base, load_base, set_context
 
@@ -92,21 +92,37 @@ def finetune(config: FinetuneConfig, workdir: str | pathlib.Path) -> dict:
 
     The summary's ``val_*`` keys are the dense evaluation (the LeMo spec's protocol, §2.9). With
     ``method="lemo"`` the same windows are also scored with the LeMo forward the model was trained
-    with (``val_sparse_loss``, ``val_sparse_ppl``, ``val_sparse_tokens``): the train/eval gap."""
-    workdir = pathlib.Path(workdir)
+    with (``val_sparse_loss``, ``val_sparse_ppl``, ``val_sparse_tokens``): the train/eval gap.
+    Holds the workdir's lock throughout; a resume with other settings is refused before anything is
+    written (``train.allow_changed_resume``); a run stopped by SIGTERM / Ctrl-C saves a checkpoint
+    and returns ``common.interrupted_summary`` (no evaluation, no ``summary.json``)."""
     tc, lemo_config = config.train, config.lemo_config
     check_base(config.base)
     mesh = common.make_mesh(config.mesh, "FinetuneConfig")
     layout = common.sequence_layout(tc, mesh, lemo_config.block_size if lemo_config else 1)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with common.run_directory(workdir) as workdir:
+        return _finetune(config, workdir, mesh, layout)
+
+
+def _resolved(path: str) -> str:
+    """An existing path as an absolute one (the same base however it is spelled); names as given."""
+    return str(pathlib.Path(path).resolve()) if path and pathlib.Path(path).exists() else path
+
+
+def _finetune(config: FinetuneConfig, workdir: pathlib.Path, mesh, layout) -> dict:
+    tc, lemo_config = config.train, config.lemo_config
     model, base_config, base_tokenizer = load_base(config.base,
                                                    attention_backend=config.attention_backend)
     corpus = data.load_corpus(config.data.source)
     tokenizer = base_tokenizer or data.get_tokenizer(corpus, config.data.vocab_size)
-    tokenizer.save(str(workdir / "tokenizer.json"))
     common.check_vocab(tokenizer, base_config)
     model_config = base_config.with_context(tc.seq_len)
-    check_resumable(workdir, {"model": model_config.to_dict()})
+    experiment = common.to_json(config)
+    built = {"model": model_config.to_dict()}
+    resume = common.check_resume(
+        workdir, {**experiment, "base": _resolved(config.base),
+                  "predictors": _resolved(config.predictors)},
+        built, allow=tc.allow_changed_resume, tokenizer=tokenizer, corpus=corpus)
     set_context(model, model_config)
     model.remat, model.remat_names = tc.remat, tc.remat_names
     if lemo_config is not None and lemo_config.selector == "predictor":
@@ -120,9 +136,9 @@ def finetune(config: FinetuneConfig, workdir: str | pathlib.Path) -> dict:
                                  seed=tc.seed)
     eval_batches = list(itertools.islice(data.eval_windows(val_docs, seq_len=tc.seq_len),
                                          tc.eval_batches))
-    experiment = common.to_json(config)
-    common.write_json(workdir / "config.json", {"experiment": experiment,
-                                                "model": model_config.to_dict()})
+    common.save_tokenizer(tokenizer, workdir)
+    common.write_json(workdir / "config.json", {"experiment": experiment, **built})
+    common.record_run(workdir, resume)
 
     def loss_fn(model, batch):  # evaluation is always dense (LeMo spec §2.9)
         return train.lm_loss(model, batch, loss_segment=tc.loss_segment)
@@ -145,8 +161,10 @@ def finetune(config: FinetuneConfig, workdir: str | pathlib.Path) -> dict:
     with common.on_mesh(mesh, model, optimizer, batches) as batches:
         result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
                             batches=batches, tc=tc, wrt=lora.LoRAParam,
-                            metadata={"model": model_config.to_dict(), "experiment": experiment},
+                            metadata={**built, "experiment": experiment},
                             eval_fn=evaluate, progress=config.progress)
+        if result.interrupted:
+            return common.interrupted_summary(result.step, result.signal)
         summary = common.run_summary(model, optimizer, step_fn, batches.batch(0), result,
                                      evaluate(model))
         if lemo_config is not None:

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 
 from tokensparse import data
+from tokensparse.checkpoint import InterruptGuard
 from tokensparse.config import DataConfig, ModelConfig
 from tokensparse.lemo import predictor_metrics, predictor_training
 from tokensparse.lemo.predictor_training import PredictorTrainConfig
+from tokensparse.loop import truncate_log
 from tokensparse.pipelines import common
 from tokensparse.pipelines.base import check_base, load_base, set_context
 
@@ -52,6 +54,11 @@ def predictor_setup(config: PredictorsConfig):
     """``(model, model_config, train_windows, held_out)`` of a predictor run: the frozen base at
     ``config.train.seq_len`` (RoPE scaled), and the train / validation windows it trains and is
     scored on."""
+    return _setup(config)[:4]
+
+
+def _setup(config: PredictorsConfig):
+    """:func:`predictor_setup`'s values, then the tokenizer and the corpus."""
     tc = config.train
     model, base_config, base_tokenizer = load_base(config.base,
                                                    attention_backend=config.attention_backend)
@@ -64,7 +71,7 @@ def predictor_setup(config: PredictorsConfig):
     val_docs = data.encode_documents(tokenizer, corpus.validation)
     train_windows = data.WindowBatches(train_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed)
     held_out = data.WindowBatches(val_docs, batch_size=1, seq_len=tc.seq_len, seed=tc.seed + 1)
-    return model, model_config, train_windows, held_out
+    return model, model_config, train_windows, held_out, tokenizer, corpus
 
 
 def predictor_sparse_layers(config: ModelConfig, tc: PredictorTrainConfig, scored) -> list[str]:
@@ -77,18 +84,33 @@ def train_predictors(config: PredictorsConfig, workdir: str | pathlib.Path) -> d
     """Train LeMo predictors for the frozen ``config.base`` on train-split windows; report held-out
     recall and Spearman.
 
-    Writes ``workdir/predictors``, ``config.json``, ``metrics.jsonl``, ``summary.json``; resumes from
-    ``workdir/checkpoints``."""
-    workdir = pathlib.Path(workdir)
-    tc = config.train
+    Writes ``workdir/predictors``, ``config.json``, ``fingerprint.json``, ``metrics.jsonl``,
+    ``summary.json``; resumes from ``workdir/checkpoints``. Holds the workdir's lock throughout; a
+    resume with other settings is refused before anything is written. A run stopped by SIGTERM /
+    Ctrl-C saves a checkpoint and returns ``common.interrupted_summary`` (no predictors export, no
+    scoring, no ``summary.json``)."""
     check_base(config.base)
-    workdir.mkdir(parents=True, exist_ok=True)
-    model, model_config, train_windows, held_out = predictor_setup(config)
-    common.write_json(workdir / "config.json", {"experiment": common.to_json(config),
-                                                "model": model_config.to_dict()})
+    with common.run_directory(workdir) as workdir:
+        return _train_predictors(config, workdir)
+
+
+def _train_predictors(config: PredictorsConfig, workdir: pathlib.Path) -> dict:
+    tc = config.train
+    model, model_config, train_windows, held_out, tokenizer, corpus = _setup(config)
+    experiment = common.to_json(config)
+    base = str(pathlib.Path(config.base).resolve()) if pathlib.Path(config.base).exists() else config.base
+    built = {"model": model_config.to_dict()}
+    resume = common.check_resume(workdir, {**experiment, "base": base}, built, allow=None,
+                                 tokenizer=tokenizer, corpus=corpus)
+    common.write_json(workdir / "config.json", {"experiment": experiment, **built})
+    common.record_run(workdir, resume)
+    truncate_log(workdir / "metrics.jsonl", resume.step or 0)
+    InterruptGuard.last_signal = None
     run = predictor_training.train_predictors(model, train_windows, tc, workdir,
                                               metadata={"base": str(config.base)},
                                               progress=config.progress)
+    if run.interrupted:
+        return common.interrupted_summary(run.step, InterruptGuard.last_signal)
     before, after = run.params_before, run.predictors.num_params()
     summary = {"steps": run.step, "interrupted": run.interrupted,
                "train_loss": run.history[-1]["loss"] if run.history else None,

@@ -18,7 +18,7 @@ from flax import nnx
 from tokensparse import data, hf, train
 from tokensparse.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
 from tokensparse.llama import Llama
-from tokensparse.loop import check_resumable, train_loop
+from tokensparse.loop import train_loop
 from tokensparse.pipelines import common
 from tokensparse.subllm import decode as subllm_decode
 from tokensparse.subllm import training as subllm_training
@@ -79,6 +79,11 @@ class PretrainConfig:
         common.check(isinstance(self.model, ModelConfig | SubLLMConfig), "PretrainConfig.model must "
                      f"be a ModelConfig or a SubLLMConfig, got {type(self.model).__name__}.")
         common.check_attention_backend("PretrainConfig", self.attention_backend)
+        positions = self.model_config.max_positions
+        common.check(self.train.seq_len <= positions,
+                     f"PretrainConfig.train.seq_len={self.train.seq_len} must be <= the model's "
+                     f"max_positions={positions} (pretraining does not stretch RoPE; raise the model's "
+                     "max_positions or shorten seq_len).")
 
     @property
     def kind(self) -> str:
@@ -175,19 +180,30 @@ def subllm_setup(config: PretrainConfig, vocab_size: int | None, tc: TrainConfig
 def pretrain(config: PretrainConfig, workdir: str | pathlib.Path) -> dict:
     """Pretrain ``config.model`` from scratch on packed documents; resumes from ``workdir``.
 
-    Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``tokenizer.json``, ``summary.json``
-    and, for a plain Llama, ``hf/`` (the fine-tuning base). Returns the summary."""
-    workdir = pathlib.Path(workdir)
+    Writes ``config.json``, ``fingerprint.json``, ``metrics.jsonl``, ``checkpoints/``,
+    ``tokenizer.json``, and when the run reaches ``train.steps``, ``summary.json`` and (a plain
+    Llama) ``hf/`` (the fine-tuning base). Returns the summary; a run stopped by SIGTERM / Ctrl-C
+    saves a checkpoint and returns ``common.interrupted_summary`` instead. Holds the workdir's lock
+    throughout; a resume with other settings is refused before anything is written
+    (``train.allow_changed_resume``)."""
     tc = config.train
     mesh = common.make_mesh(config.mesh, "PretrainConfig")
     layout = common.sequence_layout(tc, mesh)
-    workdir.mkdir(parents=True, exist_ok=True)
-    corpus, tokenizer = common.prepare_data(config.data, workdir)
+    with common.run_directory(workdir) as workdir:
+        return _pretrain(config, workdir, mesh, layout)
+
+
+def _pretrain(config: PretrainConfig, workdir: pathlib.Path, mesh, layout) -> dict:
+    tc = config.train
+    corpus, tokenizer = common.prepare_data(config.data)
     vocab = tokenizer.get_vocab_size()
     setup = (llama_setup if config.kind == "llama" else subllm_setup)(config, vocab, tc, layout)
     model_config = setup.model_config
     common.check_vocab(tokenizer, model_config)
-    check_resumable(workdir, setup.metadata)
+    experiment = common.to_json(config)
+    tracked = {k: v for k, v in experiment.items() if not (k == "subllm" and config.kind == "llama")}
+    resume = common.check_resume(workdir, tracked, setup.metadata, allow=tc.allow_changed_resume,
+                                 tokenizer=tokenizer, corpus=corpus)
     train_docs = data.encode_documents(tokenizer, corpus.train)
     val_docs = data.encode_documents(tokenizer, corpus.validation)
     data.check_tokens(np.concatenate(train_docs + val_docs), model_config.vocab_size)
@@ -195,8 +211,9 @@ def pretrain(config: PretrainConfig, workdir: str | pathlib.Path) -> dict:
                                  seed=tc.seed)
     val = data.PackedBatches(val_docs, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=0)
     eval_batches = [val.batch(i) for i in range(min(tc.eval_batches, val.steps_per_epoch))]
-    experiment = common.to_json(config)
+    common.save_tokenizer(tokenizer, workdir)
     common.write_json(workdir / "config.json", {"experiment": experiment, **setup.metadata})
+    common.record_run(workdir, resume)
 
     model = setup.model
     optimizer = nnx.Optimizer(model, setup.tx, wrt=nnx.Param)
@@ -206,6 +223,8 @@ def pretrain(config: PretrainConfig, workdir: str | pathlib.Path) -> dict:
         result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
                             batches=batches, tc=tc, metadata={**setup.metadata, "experiment": experiment},
                             eval_fn=evaluate, progress=config.progress)
+        if result.interrupted:
+            return common.interrupted_summary(result.step, result.signal)
         summary = common.run_summary(model, optimizer, step_fn, batches.batch(0), result,
                                      evaluate(model))
     summary["unigram_entropy"] = common.unigram_entropy(train_docs)

@@ -5,5 +5,12 @@
 - :mod:`~tokensparse.lemo.profiles.sensitivity`: ``schedule="sensitivity"``: each layer's measured
   cost of going sparse alone, layers made sparse cheapest first within a loss budget.
 
-Both return a profile that training uses through ``LeMoConfig(schedule="profile", profile=...)``.
+- :mod:`~tokensparse.lemo.profiles.named`: profiles that ship with the library, e.g.
+  ``named("llama2-7b-artifact")`` (the artifact's Llama-2-7B attention profile, spec §2.4).
+
+All return a profile that training uses through ``LeMoConfig(schedule="profile", profile=...)``.
 """
+
+from tokensparse.lemo.profiles.named import named
+
+__all__ = ["named"]

@@ -48,11 +48,11 @@ def threshold_selection(column_scores, tau, block_size: int) -> routing.Selectio
 def _forward(model: Llama, batch, taus, lemo: LeMoConfig):
     """(cross entropy, per-layer kept fraction, per-layer mean normalised score) at thresholds."""
     tokens = batch.tokens
-    opts = scoring.ScoreOptions(block_size=lemo.block_size)
+    opts = scoring.ScoreOptions.from_lemo(lemo)
     run_block = lemo_block_fn(model, lemo)
 
     def layer_fn(block, h, layer, _):
-        scores = oracle_block_scores(block, block.input_norm(h), opts)
+        scores = oracle_block_scores(block, block.input_norm(h), opts, layer.positions)
         selection = threshold_selection(scores, layer.inputs, lemo.block_size)
         h = run_block(block, h, layer.positions, layer.segment_ids, selection)
         return h, (jnp.mean(selection.valid), jnp.mean(normalised_scores(scores)))

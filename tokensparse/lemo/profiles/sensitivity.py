@@ -28,8 +28,9 @@ from flax import nnx
 
 from tokensparse import train
 from tokensparse.config import LeMoConfig
+from tokensparse.lemo import rules
 from tokensparse.lemo.forward import check_lemo, lemo_block, lemo_loss
-from tokensparse.lemo.selection import layer_selection
+from tokensparse.lemo.selection import rule_selection
 from tokensparse.llama import Llama, default_positions
 
 
@@ -53,9 +54,11 @@ def _probe_loss(model: Llama, h, tokens, positions, segment_ids, target, *, keep
                 lemo: LeMoConfig):
     """Loss with only layer ``target`` (traced) sparse, run from ``h``, its dense input: the layers
     before it are skipped, those after it run dense (one compiled program for every target)."""
+    score = rules.get(lemo.selector).scorer(model, lemo)
+
     def layer_fn(block, h, layer, _):
         def sparse(h):
-            selection = layer_selection(block, block.input_norm(h), keep_ratio, lemo)
+            selection = rule_selection(score, block, h, layer, keep_ratio, lemo)
             return lemo_block(block, h, layer.positions, layer.segment_ids, selection)
 
         def dense(h):
@@ -70,15 +73,19 @@ def _probe_loss(model: Llama, h, tokens, positions, segment_ids, target, *, keep
 
 def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> np.ndarray:
     """[n_batches, L]: each batch's loss with only layer l keeping ``keep_ratio`` of its blocks
-    (selected as training selects them: ``lemo.selector``'s oracle scores, ``keep_first_block``),
-    minus its dense loss."""
+    (selected as training selects them: ``lemo.selector``'s rule, ``keep_first_block``), minus
+    its dense loss. Rules with one module per layer (``predictor``) cannot be probed here."""
     batches = list(batches)
     if not batches:
         raise ValueError("layer_costs needs at least one calibration batch.")
+    if rules.get(lemo.selector).per_layer:
+        raise ValueError(f"the sensitivity profile cannot probe selector={lemo.selector!r} (one "
+                         "module per layer); measure it with selector='oracle' or another rule.")
     if not 0.0 < keep_ratio < 1.0:
         raise ValueError(f"keep_ratio={keep_ratio} must be in (0, 1): 1 eliminates nothing.")
     for b in batches:
-        check_lemo(model, lemo.replace(schedule="all", profile=None), b.tokens.shape[1])
+        check_lemo(model, lemo.replace(schedule="all", profile=None), b.tokens.shape[1],
+                   training=False)  # forwards only: no adapters needed
 
     dense = nnx.jit(_dense_inputs)
     probe = nnx.jit(functools.partial(_probe_loss, keep_ratio=keep_ratio, lemo=lemo))

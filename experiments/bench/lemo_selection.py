@@ -1,0 +1,387 @@
+"""LeMo selection rules: the zero-step loss of the sparse forward with each rule, and its cost.
+
+    python -m experiments.bench.lemo_selection --out bench_results/lemo_selection.json
+    python -m experiments.bench.lemo_selection --smoke --out /tmp/lemo_selection.json  # tiny, random
+
+On SmolLM2-135M (:func:`tokensparse.zoo.load`), no training (the sparse forward of the frozen model,
+:func:`tokensparse.lemo.sparse_forward_loss`): for every rule of ``--rules``
+(:mod:`tokensparse.lemo.rules`), sequence length of ``--seq_lens`` and keep ratio of ``--keeps``, the
+mean next-token loss with the ``half`` schedule (layers 14-28 of 30 sparse), 64-token blocks and
+block 0 always kept (``--keep_first_block``), each layer selecting from its own input inside the
+forward; and the dense loss. On two text sets, ``--windows`` windows each, in one batch:
+
+- ``shakespeare``: the library's held-out windows (:func:`tokensparse.lemo.analysis.
+  held_out_windows`: the first ``--windows`` of the held-out works, from their middles);
+- ``english``: held-out English the project never trains, tunes or tests on
+  (:func:`tokensparse.data.heldout.english_windows`).
+
+The layers before the first sparse one are dense, so their output is computed once per length and
+each rule runs only the rest (the same numbers as the whole sparse forward; a test checks it).
+
+``--sensitivity``: per rule, the ``sensitivity`` profile (:mod:`tokensparse.lemo.profiles.
+sensitivity`) at keep ``--sensitivity_keep`` within ``--loss_budget`` nats, calibrated on the
+shakespeare windows at ``--sensitivity_seq_len``: how many layers fit, and the profile's loss on
+both sets. ``--flops``: each rule's selection cost, compile-only, on the ``--flops_preset`` shape at
+``--flops_seq_len``: compiled matmul FLOPs (:func:`tokensparse.flops.compiled_flops`) of one layer's
+scores, times the sparse layers of the default schedule, against the compiled FLOPs of the LeMo
+LoRA step (default LeMoConfig, ``random`` selection: nearly free) to which it would be added.
+
+Rows: ``kind`` = ``loss`` (rule, seq_len, keep, per set: loss and loss minus dense), ``dense``,
+``sensitivity``, ``flops``. Summary: ``best_<set>@<keep>@<T>`` (the rule with the lowest loss),
+``delta_<rule>_<set>@<keep>@<T>``, ``beats_random_everywhere_<rule>`` (on both sets, every length and
+keep ratio), ``sensitivity_layers_<rule>``, ``selection_flops_share_<rule>``. Every row records the
+LeMo config (selector and ``score_*`` flags included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from experiments import _checks, plots  # noqa: F401  (plots: imported up front, see below)
+from experiments.bench import inputs, write_result
+from tokensparse import flops, routing, train
+from tokensparse.config import LeMoConfig, preset
+from tokensparse.data import heldout
+from tokensparse.data.batching import Batch
+from tokensparse.layer_loop import Layer
+from tokensparse.lemo import analysis, rules
+from tokensparse.lemo.forward import check_lemo, lemo_kinds, lemo_layer_fn
+from tokensparse.lemo.profiles import sensitivity as sensitivity_profile
+from tokensparse.lemo.selection import lemo_router
+from tokensparse.llama import DecoderBlock, Llama, default_positions
+
+# Every module a stage uses is imported up front: a long run does not import from a tree that may
+# change under it.
+
+_OUT = flags.DEFINE_string("out", "bench_results/lemo_selection.json", "Where to write the JSON.")
+_RULES = flags.DEFINE_list("rules", ["oracle", "random", "attention_ratio", "attention_mass",
+                                     "recent", "ratio_mass"], "Selection rules to measure.")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "2048"], "Window lengths.")
+_KEEPS = flags.DEFINE_list("keeps", ["0.4", "0.55", "0.7", "0.85"], "Keep ratios.")
+_WINDOWS = flags.DEFINE_integer("windows", 2, "Windows per text set.")
+_KEEP_FIRST = flags.DEFINE_bool("keep_first_block", True, "Always keep block 0.")
+_LOSSES = flags.DEFINE_bool("losses", True, "Measure the loss grid (rules x lengths x keeps).")
+_SENSITIVITY = flags.DEFINE_bool("sensitivity", True, "Measure the sensitivity profile per rule.")
+_SENS_WINDOWS = flags.DEFINE_integer("sensitivity_windows", 2,
+                                     "Shakespeare windows the sensitivity profile calibrates on.")
+_SENS_SEQ = flags.DEFINE_integer("sensitivity_seq_len", 1024, "Calibration window length.")
+_SENS_KEEP = flags.DEFINE_float("sensitivity_keep", 0.5, "Keep ratio of the sensitivity profile.")
+_BUDGET = flags.DEFINE_float("loss_budget", 0.05, "Nats the sensitivity profile may cost.")
+_FLOPS = flags.DEFINE_bool("flops", True, "Measure each rule's selection cost (compile-only).")
+_FLOPS_PRESET = flags.DEFINE_string("flops_preset", "llama2-7b", "Shape for the selection cost.")
+_FLOPS_SEQ = flags.DEFINE_integer("flops_seq_len", 8192, "Sequence length for the selection cost.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "A tiny random model and short windows (tests).")
+_MERGE = flags.DEFINE_list("merge", [], "Instead of measuring: merge these results of this "
+                           "benchmark (run in pieces, e.g. one length each) into --out.")
+
+_checks.int_list(_SEQ_LENS, multiple_of=64, why="LeMo keeps whole 64-token blocks")
+
+SETS = ("shakespeare", "english")
+
+
+def row_losses(model: Llama, hidden, tokens, lemo: LeMoConfig, start: int):
+    """Per-row mean next-token loss of the LeMo sparse forward run from ``hidden``, layer
+    ``start``'s input (the layers before it must be dense in ``lemo``)."""
+    ratios = lemo.keep_ratios(len(model.layers))
+    positions = default_positions(tokens)
+    h, _ = model.run_layers(hidden, positions, layer_fn=lemo_layer_fn(model, lemo),
+                            router=lemo_router(model, lemo), kinds=lemo_kinds(model, lemo, ratios),
+                            start=start)
+    return _per_row_loss(model, h, tokens)
+
+
+def masked_row_losses(model: Llama, hidden, tokens, lemo: LeMoConfig, start: int, k_blocks):
+    """:func:`row_losses` with the spec's masked reference of each sparse layer instead of the
+    compacted one (equal: spec §5, tested): the rule's top ``k_blocks`` blocks (a traced int, so
+    one compiled program serves every keep ratio; ``n_b`` keeps all: the dense forward) attend among
+    themselves, the other tokens see nothing, are seen by nothing and pass through
+    (``lemo.keep_ratio`` only marks the sparse layers)."""
+    ratios = lemo.keep_ratios(len(model.layers))
+    positions = default_positions(tokens)
+    score = rules.get(lemo.selector).scorer(model, lemo)
+    bs = lemo.block_size
+
+    def layer_fn(block, h, layer, _):
+        if layer.kind.keep_ratio >= 1.0:
+            return block(h, layer.positions, layer.segment_ids), None
+        scores = rules.layer_scores(score, block, h, layer, lemo)
+        if lemo.keep_first_block:
+            scores = scores.at[:, 0].set(jnp.inf)
+        order = jnp.argsort(-scores, axis=-1, stable=True)
+        rank = jnp.argsort(order, axis=-1, stable=True)
+        kept = jnp.repeat(rank < k_blocks, bs, axis=1)[:, :h.shape[1]]
+        seg = jnp.where(kept, 0, -1).astype(jnp.int32)
+        return block.feed_forward(block.attend(h, layer.positions, seg)), None
+
+    h, _ = model.run_layers(hidden, positions, layer_fn=layer_fn,
+                            kinds=lemo_kinds(model, lemo, ratios), start=start)
+    return _per_row_loss(model, h, tokens)
+
+
+def _per_row_loss(model: Llama, h, tokens):
+    h = model.final_norm(h)
+    targets, weights = train.next_token_targets(tokens, None)
+
+    def one(args):
+        hr, tr, wr = args
+        total = train.cross_entropy_sum(model.head(hr[None]), tr[None], wr[None])
+        return total / jnp.maximum(wr.sum(), 1.0)
+    return jax.lax.map(one, (h, targets, weights))
+
+
+def prefix(model: Llama, tokens, stop: int):
+    """The residual stream entering layer ``stop`` of the dense forward."""
+    h, _ = model.run_layers(model.embed(tokens), default_positions(tokens), stop=stop)
+    return h
+
+
+def first_sparse(lemo: LeMoConfig, n_layers: int) -> int:
+    ratios = lemo.keep_ratios(n_layers)
+    return min((i for i, r in enumerate(ratios) if r < 1.0), default=n_layers)
+
+
+def load_model(smoke: bool):
+    """``(model, tokenizer, name)``: SmolLM2-135M, or a tiny random model with a byte tokenizer."""
+    if smoke:
+        class Bytes:
+            def encode(self, text):
+                return type("Enc", (), {"ids": list(text.encode("utf-8"))})()
+
+        config = preset("tiny")  # vocab 256: bytes
+        return Llama(config, rngs=nnx.Rngs(0)), Bytes(), "tiny"
+    from tokensparse import zoo
+
+    model, _, tokenizer = zoo.load("smollm2-135m")
+    return model, tokenizer, "smollm2-135m"
+
+
+def text_windows(tokenizer, seq_len: int, count: int, smoke: bool) -> dict[str, np.ndarray]:
+    """``{set: [count, seq_len] int32}`` for :data:`SETS`."""
+    english_windows = heldout.english_windows
+    if smoke:  # a tiny corpus-free stand-in for Shakespeare: the English text, elsewhere
+        shakespeare = english_windows(tokenizer, seq_len, 2 * count)[count:]
+    else:
+        shakespeare = analysis.held_out_windows(tokenizer, [seq_len], [count])[seq_len]
+    return {"shakespeare": np.stack(shakespeare),
+            "english": np.stack(english_windows(tokenizer, seq_len, count))}
+
+
+def lemo_dict(lemo: LeMoConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(lemo).items()
+            if k.startswith("score_") or k in ("selector", "block_size", "schedule",
+                                               "keep_first_block", "keep_ratio", "profile")}
+
+
+def losses(model, tokens_by_set, lemo_for, keeps, rule_names, rows: list, save=lambda: None):
+    """Dense and per-(rule, keep) losses per set at one length, appended to ``rows`` (``save()``
+    after each). Each rule is compiled once per length (:func:`masked_row_losses`; the keep ratio
+    is a runtime argument)."""
+    sets = list(tokens_by_set)
+    tokens = jnp.asarray(np.concatenate([tokens_by_set[s] for s in sets]))
+    per_set = len(tokens_by_set[sets[0]])
+    n_layers = len(model.layers)
+    seq_len = int(tokens.shape[1])
+    nb = seq_len // lemo_for(rule_names[0], keeps[0]).block_size
+    start = first_sparse(lemo_for(rule_names[0], keeps[0]), n_layers)
+    hidden = nnx.jit(prefix, static_argnums=2)(model, tokens, start)
+    run = nnx.jit(masked_row_losses, static_argnums=(3, 4))
+
+    def by_set(values):
+        values = np.asarray(values)
+        return {s: float(values[i * per_set:(i + 1) * per_set].mean()) for i, s in enumerate(sets)}
+
+    marker = lemo_for(rule_names[0], 0.5)  # marks the sparse layers; k_blocks = n_b: dense
+    dense = by_set(run(model, hidden, tokens, marker, start, jnp.int32(nb)))
+    rows.append({"kind": "dense", "seq_len": seq_len, **{f"loss_{s}": v for s, v in dense.items()}})
+    print(f"T={seq_len} dense " + " ".join(f"{s} {v:.3f}" for s, v in dense.items()), flush=True)
+    for name in rule_names:
+        for keep in keeps:
+            lemo = lemo_for(name, keep)
+            check_lemo(model, lemo, seq_len, training=False)
+            k_blocks = routing.capacity(nb, keep, rounding="floor")
+            t0 = time.perf_counter()
+            got = by_set(run(model, hidden, tokens, lemo_for(name, 0.5), start,
+                             jnp.int32(k_blocks)))
+            row = {"kind": "loss", "rule": name, "seq_len": seq_len, "keep": keep,
+                   "kept_blocks": k_blocks, "blocks": nb,
+                   **{f"loss_{s}": v for s, v in got.items()},
+                   **{f"delta_{s}": got[s] - dense[s] for s in sets},
+                   "seconds": time.perf_counter() - t0, "lemo": lemo_dict(lemo)}
+            rows.append(row)
+            print(f"T={seq_len} {name:>16} keep {keep:.2f} " + " ".join(
+                f"{s} {got[s]:.3f} ({got[s] - dense[s]:+.3f})" for s in sets)
+                  + f"  {row['seconds']:.0f}s", flush=True)
+            save()
+
+
+def sensitivity(model, calibration, tokens_by_set, lemo: LeMoConfig, keep: float, budget: float):
+    """The sensitivity profile for ``lemo.selector`` and its loss on every set."""
+    batch = Batch(jnp.asarray(calibration), None, None)
+    costs = sensitivity_profile.layer_costs(model, [batch], lemo, keep)[0]
+    profile = sensitivity_profile.budget_profile(costs, keep, budget)
+    profiled = lemo.replace(schedule="profile", profile=profile)
+    run = nnx.jit(row_losses, static_argnums=(3, 4))
+    out = {"kind": "sensitivity", "rule": lemo.selector, "keep": keep, "budget": budget,
+           "seq_len": int(calibration.shape[1]), "profile": list(profile),
+           "layers": int(sum(r < 1.0 for r in profile)), "costs": [float(c) for c in costs]}
+    for s, toks in tokens_by_set.items():
+        toks = jnp.asarray(toks)
+        dense = run(model, model.embed(toks), toks, lemo.replace(schedule="all", keep_ratio=1.0), 0)
+        sparse = run(model, model.embed(toks), toks, profiled, 0)
+        out[f"loss_{s}"] = float(np.mean(sparse))
+        out[f"delta_{s}"] = float(np.mean(sparse) - np.mean(dense))
+    return out
+
+
+def selection_flops(preset_name: str, seq_len: int, rule_names, lemo: LeMoConfig) -> list[dict]:
+    """Per rule: compiled FLOPs of one layer's scores on the preset's shape (compile-only), times
+    the default schedule's sparse layers, against the LeMo LoRA step's compiled FLOPs."""
+    config = preset(preset_name, dtype="bfloat16", param_dtype="bfloat16").with_context(seq_len)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderBlock(config, layer=0,
+                                                                    rngs=nnx.Rngs(0))))
+    h = jax.ShapeDtypeStruct((1, seq_len, config.d_model), jnp.bfloat16)
+    ints = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    n_sparse = sum(r < 1.0 for r in lemo.keep_ratios(config.n_layers))
+    t0 = time.perf_counter()
+    step = flops.compiled_flops(inputs.lowered_lora_step(config, seq_len, "lemo",
+                                            lemo=lemo.replace(selector="random")).compile())
+    print(f"LeMo step ({preset_name}, T={seq_len}): {step:.3e} FLOPs "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    rows = []
+    for name in rule_names:
+        if rules.get(name).bind is not None:  # needs weights attached to a model: not priced here
+            print(f"{name:>16}: skipped (its cost needs a model with its weights)", flush=True)
+            continue
+        score = rules.get(name).scorer(None, lemo)
+        rule_lemo = lemo.replace(selector=name)
+
+        def scores(state, h, positions, score=score, rule_lemo=rule_lemo):
+            block = nnx.merge(graphdef, state)
+            layer = Layer(jnp.int32(20), positions, None, None, None)
+            return rules.layer_scores(score, block, h, layer, rule_lemo)
+
+        layer = flops.compiled_flops(jax.jit(scores).lower(state, h, ints).compile())
+        rows.append({"kind": "flops", "rule": name, "preset": preset_name, "seq_len": seq_len,
+                     "layer_flops": layer, "sparse_layers": n_sparse,
+                     "selection_flops": layer * n_sparse, "step_flops": step,
+                     "share": layer * n_sparse / (step + layer * n_sparse)})
+        print(f"{name:>16}: {layer:.3e} FLOPs per layer, {rows[-1]['share']:.2%} of the step",
+              flush=True)
+    return rows
+
+
+def summarise(rows: list[dict], rule_names) -> dict:
+    summary = {}
+    loss_rows = [r for r in rows if r["kind"] == "loss"]
+    for r in loss_rows:
+        for s in SETS:
+            if f"delta_{s}" in r:
+                summary[f"delta_{r['rule']}_{s}@{r['keep']:g}@{r['seq_len']}"] = r[f"delta_{s}"]
+    cells = {(r["seq_len"], r["keep"]) for r in loss_rows}
+    for seq_len, keep in sorted(cells):
+        mine = [r for r in loss_rows if (r["seq_len"], r["keep"]) == (seq_len, keep)]
+        for s in SETS:
+            if all(f"loss_{s}" in r for r in mine):
+                summary[f"best_{s}@{keep:g}@{seq_len}"] = min(mine, key=lambda r: r[f"loss_{s}"])["rule"]
+    if "random" in rule_names:
+        rand = {(r["seq_len"], r["keep"]): r for r in loss_rows if r["rule"] == "random"}
+        for name in rule_names:
+            if name == "random":
+                continue
+            mine = [r for r in loss_rows if r["rule"] == name]
+            summary[f"beats_random_everywhere_{name}"] = bool(mine) and all(
+                r[f"loss_{s}"] < rand[(r["seq_len"], r["keep"])][f"loss_{s}"]
+                for r in mine for s in SETS if f"loss_{s}" in r)
+    for r in rows:
+        if r["kind"] == "sensitivity":
+            summary[f"sensitivity_layers_{r['rule']}"] = r["layers"]
+            summary[f"sensitivity_delta_english_{r['rule']}"] = r.get("delta_english")
+        if r["kind"] == "flops":
+            summary[f"selection_flops_share_{r['rule']}"] = r["share"]
+    return summary
+
+
+def merge(paths, out: str) -> dict:
+    """One result from pieces of one measurement (e.g. run in parallel, one length each): rows
+    concatenated in order, the summary recomputed, settings of the first with every piece's."""
+    import json
+    import pathlib
+
+    pieces = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    rows = [r for piece in pieces for r in piece["rows"]]
+    rule_names = list(dict.fromkeys(r for piece in pieces for r in piece["settings"]["rules"]))
+    settings = {**pieces[0]["settings"], "pieces": [
+        {k: piece["settings"].get(k) for k in ("seq_lens", "seconds", "complete")}
+        | {"git": piece.get("git"), "losses": any(r["kind"] == "loss" for r in piece["rows"])}
+        for piece in pieces]}
+    settings["seq_lens"] = sorted({r["seq_len"] for r in rows if r["kind"] == "loss"})
+    return write_result(out, "lemo_selection", rows, summarise(rows, rule_names),
+                        settings=settings)
+
+
+def main(argv):
+    del argv
+    if _MERGE.value:
+        merge(_MERGE.value, _OUT.value)
+        print(f"wrote {_OUT.value}")
+        return
+    start_time = time.perf_counter()
+    smoke = _SMOKE.value
+    model, tokenizer, name = load_model(smoke)
+    rule_names = list(_RULES.value)
+    for r in rule_names:
+        rules.get(r)  # unknown names fail before any work
+    keeps = [float(k) for k in _KEEPS.value]
+    base = LeMoConfig(keep_first_block=_KEEP_FIRST.value, mlp_mode="dense")
+
+    def lemo_for(rule, keep):
+        return base.replace(selector=rule, keep_ratio=keep)
+
+    settings = {"model": name, "seq_lens": [int(t) for t in _SEQ_LENS.value], "keeps": keeps,
+                "windows": _WINDOWS.value, "rules": rule_names, "schedule": "half",
+                "keep_first_block": _KEEP_FIRST.value, "block_size": base.block_size,
+                "sets": {"shakespeare": "tokensparse.lemo.analysis.held_out_windows",
+                         "english": "tokensparse.data.heldout.english_windows"},
+                "score_options": {k: v for k, v in lemo_dict(base).items()
+                                  if k.startswith("score_")}}
+    rows = []
+
+    def save(final: bool = False):  # after every stage: an interrupted run keeps what it measured
+        settings["seconds"] = time.perf_counter() - start_time
+        settings["complete"] = final
+        write_result(_OUT.value, "lemo_selection", rows, summarise(rows, rule_names),
+                     png=None if final else False, settings=settings)
+
+    for seq_len in map(int, _SEQ_LENS.value) if _LOSSES.value else ():
+        losses(model, text_windows(tokenizer, seq_len, _WINDOWS.value, smoke), lemo_for, keeps,
+               rule_names, rows, save)
+    if _FLOPS.value:
+        flops_preset = "tiny" if smoke else _FLOPS_PRESET.value
+        rows += selection_flops(flops_preset, 256 if smoke else _FLOPS_SEQ.value, rule_names,
+                                LeMoConfig(keep_first_block=_KEEP_FIRST.value))
+        save()
+    if _SENSITIVITY.value:
+        sets = text_windows(tokenizer, _SENS_SEQ.value, _WINDOWS.value, smoke)
+        calibration = sets["shakespeare"][:_SENS_WINDOWS.value]
+        for r in rule_names:
+            if rules.get(r).per_layer:
+                continue
+            t0 = time.perf_counter()
+            rows.append(sensitivity(model, calibration, sets, lemo_for(r, 1.0),
+                                    _SENS_KEEP.value, _BUDGET.value))
+            print(f"sensitivity {r}: {rows[-1]['layers']} layers, english "
+                  f"{rows[-1]['delta_english']:+.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            save()
+    save(final=True)
+    print(f"wrote {_OUT.value} ({settings['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    _checks.run(main)
