@@ -1,11 +1,12 @@
 """Train LeMo's learned selector (``LeMoConfig.selector="learned"``) for a frozen base.
 
     python -m experiments.train_selector --base=smollm2-135m --out=selector.npz \\
-        [--windows=24 --seq_len=1024 --steps=3000 --layers=all --target=attention_ratio]
+        [--windows=12 --seq_len=1024 --steps=400 --layers=all --sparse_keeps=0.7,0.4,0.55,0.85]
 
 Per layer, a per-token MLP on the layer's normed input learns to predict the log of the layer's
 exact query-side importance (``attention_ratio``: ‖attention output‖ / ‖residual input‖ from the
-frozen dense model; :mod:`tokensparse.lemo.learned_selector`). Training windows come from the
+frozen model; :mod:`tokensparse.lemo.learned_selector`), on the layer inputs of the LeMo sparse
+forward with that exact rule selecting (``--sparse_keeps``). Training windows come from the
 training split of the library's Shakespeare corpus, tokenised with the base's tokenizer; quality
 (recall of the exact rule's kept blocks and Spearman, per keep ratio) is measured on windows of the
 validation split and stored in the file's ``info`` beside the data and settings. Attach the result
@@ -22,21 +23,27 @@ from absl import app, flags
 
 from experiments import _checks
 from tokensparse import data
+from tokensparse.config import LeMoConfig
 from tokensparse.lemo import learned_selector as ls
 
 _BASE = flags.DEFINE_string("base", "smollm2-135m", "A zoo model name, a pretraining workdir or a "
                             "Hugging Face directory (tokensparse.pipelines.base.load_base).")
 _OUT = flags.DEFINE_string("out", None, "Where to write the selector (.npz).", required=True)
-_WINDOWS = flags.DEFINE_integer("windows", 24, "Training windows (Shakespeare train split).")
+_WINDOWS = flags.DEFINE_integer("windows", 12, "Training windows (Shakespeare train split).")
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 4, "Validation windows for recall/Spearman.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per window (a multiple of --block_size).")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "LeMo block size the quality metrics use.")
-_STEPS = flags.DEFINE_integer("steps", 3000, "Adam steps.")
-_BATCH = flags.DEFINE_integer("batch", 2048, "Tokens per step (per layer).")
+_STEPS = flags.DEFINE_integer("steps", 400, "Adam steps.")
+_BATCH = flags.DEFINE_integer("batch", 1024, "Tokens per step (per layer).")
 _LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate (cosine decay).")
 _LAYERS = flags.DEFINE_string("layers", "all", "Layers to train: all, or a comma list of indices.")
 _TARGET = flags.DEFINE_enum("target", "attention_ratio", sorted(ls.TARGETS), "Per-token target.")
 _SEED = flags.DEFINE_integer("seed", 0, "Window sampling and initialisation seed.")
+_SPARSE_KEEPS = flags.DEFINE_list(
+    "sparse_keeps", ["0.7", "0.4", "0.55", "0.85"], "Training windows run through the LeMo sparse "
+    "forward (half schedule, block 0 kept) with the exact attention_ratio rule selecting, at these "
+    "keep ratios in turn, so the selector learns on the inputs it meets there; empty: the dense "
+    "forward (measured far worse in the loop).")
 
 _checks.at_least(_WINDOWS, 1)
 _checks.at_least(_EVAL_WINDOWS, 1)
@@ -88,7 +95,9 @@ def main(argv):
     layers = parse_layers(_LAYERS.value, config.n_layers)
     train = split_windows(tokenizer, "train", _SEQ_LEN.value, _WINDOWS.value, _SEED.value)
     valid = split_windows(tokenizer, "validation", _SEQ_LEN.value, _EVAL_WINDOWS.value, _SEED.value)
-    train_data = ls.collect(model, train, layers, _TARGET.value)
+    sparse = [LeMoConfig(keep_ratio=float(k), selector="attention_ratio", mlp_mode="dense",
+                         keep_first_block=True, block_size=_BLOCK.value) for k in _SPARSE_KEEPS.value]
+    train_data = ls.collect(model, train, layers, _TARGET.value, sparse=sparse)
     valid_data = ls.collect(model, valid, layers, _TARGET.value)
     print(f"collected {train_data['u'].shape[1]} tokens x {len(layers)} layers "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -101,6 +110,7 @@ def main(argv):
     info = {"base": _BASE.value, "corpus": "shakespeare train split", "windows": _WINDOWS.value,
             "seq_len": _SEQ_LEN.value, "steps": _STEPS.value, "batch": _BATCH.value,
             "lr": _LR.value, "seed": _SEED.value, "final_loss": losses[-1],
+            "sparse_keeps": [float(k) for k in _SPARSE_KEEPS.value],
             "validation": {"windows": _EVAL_WINDOWS.value, "block_size": _BLOCK.value, **quality}}
     selector = ls.LearnedSelector(config.n_layers, config.d_model, layers=layers,
                                   target=_TARGET.value, info=info)

@@ -200,6 +200,33 @@ def test_fit_learns_a_synthetic_target():
     assert final < 0.1 * variance
 
 
+def test_collect_dense_and_sparse_inputs():
+    model = _model(9, with_selector=False)
+    windows = [np.asarray(_tokens(9, b=1)[0]), np.asarray(_tokens(10, b=1)[0])]
+    layers = tuple(range(CONFIG.n_layers))
+    dense = ls.collect(model, windows, layers)
+    assert dense["u"].shape == (CONFIG.n_layers, 2 * T, CONFIG.d_model)
+    assert dense["log_rms"].shape == dense["target"].shape == (CONFIG.n_layers, 2 * T)
+    # The target is the exact ratio of each layer's dense attention output to its input.
+    h = model.embed(jnp.asarray(windows[0])[None])
+    positions = default_positions(h[..., 0].astype(jnp.int32))
+    for i in range(2):
+        block = model.layers[i]
+        a = block.attn(block.input_norm(h), positions)
+        ratio = np.linalg.norm(np.asarray(a[0]), axis=-1) / np.linalg.norm(np.asarray(h[0]), axis=-1)
+        np.testing.assert_allclose(dense["target"][i, :T], ratio, rtol=1e-4)
+        np.testing.assert_allclose(dense["log_rms"][i, :T],
+                                   np.log(np.sqrt(np.mean(np.asarray(h[0]) ** 2, -1))), rtol=1e-4,
+                                   atol=1e-5)
+        h = block(h, positions)
+    sparse = ls.collect(model, windows, layers,
+                        sparse=[LeMoConfig(block_size=BLOCK, keep_ratio=0.5, mlp_mode="dense",
+                                           selector="attention_ratio", keep_first_block=True)])
+    first = SPARSE[0]
+    np.testing.assert_allclose(sparse["target"][:first + 1], dense["target"][:first + 1], rtol=1e-5)
+    assert not np.allclose(sparse["target"][first + 1], dense["target"][first + 1], rtol=1e-3)
+
+
 def test_stacked_places_layers():
     p = {"w2": np.ones((2, 3))}
     out = ls.stacked(p, (1, 3), 4)["w2"]

@@ -245,30 +245,47 @@ def token_ratio(block, h: Float[Array, "b t d"], positions, segment_ids=None) ->
 TARGETS = {"attention_ratio": token_ratio}
 
 
-@nnx.jit(static_argnames=("target",))
-def _layer_data(model, tokens, target: str):
-    from tokensparse.llama import default_positions
+@nnx.jit(static_argnames=("target", "lemo"))
+def _layer_data(model, tokens, target: str, lemo: LeMoConfig | None):
+    from tokensparse.lemo.forward import lemo_layer_fn
+    from tokensparse.lemo.selection import layer_kinds, lemo_router
+    from tokensparse.llama import default_positions, dense_layer
 
-    def layer_fn(block, h, layer, _):
+    run = dense_layer if lemo is None else lemo_layer_fn(model, lemo)
+
+    def layer_fn(block, h, layer, selection):
         u = block.input_norm(h)
         out = (u.astype(jnp.bfloat16), features(u, h)[1],
                TARGETS[target](block, h, layer.positions, layer.segment_ids))
-        return block(h, layer.positions, layer.segment_ids), out
+        return run(block, h, layer, selection)[0], out
 
-    _, outputs = model.run_layers(model.embed(tokens), default_positions(tokens), layer_fn=layer_fn)
+    router = kinds = None
+    if lemo is not None:
+        router = lemo_router(model, lemo)
+        kinds = layer_kinds(lemo, lemo.keep_ratios(len(model.layers)))
+    _, outputs = model.run_layers(model.embed(tokens), default_positions(tokens), layer_fn=layer_fn,
+                                  router=router, kinds=kinds)
     return outputs
 
 
 def collect(model, windows: Iterable[np.ndarray], layers: Sequence[int],
-            target: str = "attention_ratio") -> dict[str, np.ndarray]:
-    """Training data from the frozen dense model: per layer in ``layers``, every token's normed input
+            target: str = "attention_ratio", sparse: Sequence[LeMoConfig] = ()
+            ) -> dict[str, np.ndarray]:
+    """Training data from the frozen model: per layer in ``layers``, every token's normed input
     ``u`` [L, N, D] (bf16), ``log_rms`` [L, N] and ``target`` [L, N] (``windows``: token arrays of
-    one length, run one at a time)."""
+    one length, run one at a time).
+
+    With ``sparse`` configs, window i is run through the LeMo sparse forward of
+    ``sparse[i % len(sparse)]`` (its selector choosing, e.g. the exact ``attention_ratio``) instead
+    of the dense one: the selector then learns on the inputs it meets inside the sparse forward,
+    where earlier layers have eliminated tokens (trained on dense inputs only, it cannot react to
+    that, and selects far worse in the loop)."""
     if target not in TARGETS:
         raise ValueError(f"unknown learned-selector target {target!r}; known: {tuple(TARGETS)}.")
     parts = {"u": [], "log_rms": [], "target": []}
-    for window in windows:
-        outputs = _layer_data(model, jnp.asarray(window, jnp.int32)[None], target)
+    for w, window in enumerate(windows):
+        lemo = sparse[w % len(sparse)] if sparse else None
+        outputs = _layer_data(model, jnp.asarray(window, jnp.int32)[None], target, lemo)
         for key, j in (("u", 0), ("log_rms", 1), ("target", 2)):
             parts[key].append(np.stack([np.asarray(outputs[i][j][0]) for i in layers]))
     return {key: np.concatenate(value, axis=1) for key, value in parts.items()}
