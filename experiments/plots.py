@@ -217,11 +217,11 @@ def lemo_selection(result: dict, png: pathlib.Path) -> bool:
     for i, name in enumerate(sets):
         for j, seq_len in enumerate(lengths):
             ax = axes[i][j]
-            for rule in rules:
+            for k, rule in enumerate(rules):  # one colour per rule across panels
                 pts = sorted((r["keep"], r[f"loss_{name}"]) for r in rows
                              if r["rule"] == rule and r["seq_len"] == seq_len)
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=rule)
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=rule, color=f"C{k % 10}")
             dense = [r[f"loss_{name}"] for r in result["rows"]
                      if r.get("kind") == "dense" and r["seq_len"] == seq_len]
             if dense:

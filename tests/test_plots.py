@@ -49,6 +49,11 @@ def test_every_figure_is_drawn_from_its_json(tmp_path):
                                   settings={"seq_len": 64, "batch_size": 2}),
         "lemo_predictor": _result("lemo_predictor", predictor, settings={"seq_len": 256}),
         "analyze_sparsity": _result("analyze_sparsity", sparsity, settings={"block_size": 64}),
+        "lemo_selection": _result("lemo_selection", [
+            {"kind": "dense", "seq_len": 128, "loss_shakespeare": 3.0, "loss_english": 2.0},
+            *({"kind": "loss", "rule": rule, "seq_len": 128, "keep": k, "loss_shakespeare": 3 + k,
+               "loss_english": 2 + k} for rule in ("oracle", "random") for k in (0.4, 0.7))],
+            settings={"model": "tiny"}),
         "lemo_scale": _result("lemo_scale", [
             {"preset": "tiny", "seq_len": t, "remat": "full", "method": m, "flops_ratio": k,
              "activation_ratio": k, "total_ratio": k, "flops": 10 / k,

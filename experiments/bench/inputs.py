@@ -12,6 +12,7 @@ from flax import nnx
 
 from tokensparse import data, lora, train
 from tokensparse.config import LeMoConfig, LoRAConfig, ModelConfig
+from tokensparse.lemo import learned_selector
 from tokensparse.lemo.comparison import ROWS, comparison_configs, is_plain_lora
 from tokensparse.lemo.forward import group_layers, lemo_loss
 from tokensparse.llama import Llama
@@ -57,6 +58,9 @@ def lora_step(config: ModelConfig, seq_len: int, method: str, *, lemo: LeMoConfi
         model = Llama(config.with_context(seq_len), attention_backend=attention, remat=remat,
                       scan_layers=scan_layers, rngs=nnx.Rngs(0))
         model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
+        if row.selector == "learned":  # its cost does not depend on its (placeholder) weights
+            learned_selector.attach(model, learned_selector.LearnedSelector(
+                config.n_layers, config.d_model, layers=range(config.n_layers)))
         return model if plain else group_layers(model, row)
 
     graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)

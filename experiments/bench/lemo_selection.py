@@ -295,7 +295,8 @@ def summarise(rows: list[dict], rule_names) -> dict:
         for name in rule_names:
             if name == "random":
                 continue
-            mine = [r for r in loss_rows if r["rule"] == name]
+            mine = [r for r in loss_rows if r["rule"] == name  # (cells random has measured)
+                    and (r["seq_len"], r["keep"]) in rand]
             summary[f"beats_random_everywhere_{name}"] = bool(mine) and all(
                 r[f"loss_{s}"] < rand[(r["seq_len"], r["keep"])][f"loss_{s}"]
                 for r in mine for s in SETS if f"loss_{s}" in r)

@@ -28,6 +28,8 @@ Built-in rules:
 - ``ratio_mass``: query- and key-side evidence together: the block's ``attention_ratio`` plus the
   attention mass it receives from queries weighted by their own ratio (queries likely to be kept),
   each divided by its mean over the row's valid blocks.
+- ``learned``: a trained per-token MLP on the layer's input predicting ``attention_ratio`` at ≈ 0.03%
+  of a 7B step (:mod:`tokensparse.lemo.learned_selector`; weights on ``model.lemo_selector``).
 
 Extending: ``register("name", fn)`` adds a rule (``LeMoConfig.selector="name"`` then validates, see
 :func:`tokensparse.config.lemo_selectors`). ``bind=`` gives a factory ``bind(model, lemo) -> fn``
