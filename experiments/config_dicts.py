@@ -358,3 +358,14 @@ def define_config_flags(sections: config_dict.ConfigDict, help_for: Callable[[st
     config_help = flags.DEFINE_bool("config_help", False, "Print every --config field with its value "
                                     "and meaning, then exit.")
     return ConfigFlags(config, config_help, help_for, what)
+
+
+def define_lemo_flags(description: str):
+    """``--config.lemo.*`` flags for a :class:`~tokensparse.config.LeMoConfig` alone (the LeMo
+    benchmarks' options), each with its field's docstring as help; ``.value.lemo`` holds them."""
+    from tokensparse.config import LeMoConfig
+
+    return define_config_flags(
+        config_dict.ConfigDict({"lemo": section(LeMoConfig())}),
+        lambda path: field_docs(LeMoConfig).get(path.removeprefix("lemo."), ""), description)
+

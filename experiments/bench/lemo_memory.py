@@ -32,7 +32,6 @@ import dataclasses
 import json
 
 from absl import flags
-from ml_collections import config_dict
 
 from experiments import _checks, config_dicts
 from experiments.bench import read_keep_profile, write_result
@@ -52,10 +51,7 @@ _PROFILE = flags.DEFINE_string("lemo_profile", "", "A JSON file with a per-layer
                                "the lemo_profile.json Algorithm 1 writes into a fine-tuning workdir): "
                                "LeMo uses it (schedule=profile) instead of the default keep 0.4 in "
                                "layers L/2-1..L-2; instead of --config.lemo.profile.")
-_CONFIG = config_dicts.define_config_flags(
-    config_dict.ConfigDict({"lemo": config_dicts.section(LeMoConfig())}),
-    # LeMoConfig's own help (the fine-tuning config's adds selector=auto and predictors, not here)
-    lambda path: config_dicts.field_docs(LeMoConfig).get(path.removeprefix("lemo."), ""),
+_CONFIG = config_dicts.define_lemo_flags(
     "LeMo's options (LeMoConfig, the fine-tuning config's config.lemo) for the LeMo step: "
     "schedule half, all or profile (algorithm1 and sensitivity are tuned during fine-tuning: give "
     "the profile they tune with --lemo_profile), selector oracle.")

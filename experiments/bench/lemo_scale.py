@@ -54,7 +54,6 @@ import time
 
 import numpy as np
 from absl import flags
-from ml_collections import config_dict
 
 from experiments import _checks, config_dicts
 from experiments.bench import write_result
@@ -80,9 +79,7 @@ _VERIFY = flags.DEFINE_bool("verify_max", True, "Confirm the first preset's fitt
 _CACHE = flags.DEFINE_string("cache_dir", "", "If set, JAX's persistent compilation cache lives "
                              "here, so a rerun (e.g. with another selector) recompiles only what "
                              "changed.")
-_CONFIG = config_dicts.define_config_flags(
-    config_dict.ConfigDict({"lemo": config_dicts.section(LeMoConfig())}),
-    lambda path: config_dicts.field_docs(LeMoConfig).get(path.removeprefix("lemo."), ""),
+_CONFIG = config_dicts.define_lemo_flags(
     "LeMo's options (LeMoConfig) for the LeMo rows: schedule half, all or profile, any selection "
     "rule but predictor (its trained modules are not in the compile-only step).")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_scale.json", "Where to write the JSON (and "

@@ -35,7 +35,6 @@ import json
 import jax
 from absl import flags
 from flax import nnx
-from ml_collections import config_dict
 
 from experiments import _checks, config_dicts, run_configs
 from experiments.bench import timing, write_result
@@ -64,9 +63,7 @@ _LOSS_SEGMENT = flags.DEFINE_integer("loss_segment", 2048, "LM-head loss segment
 _ROWS = flags.DEFINE_list("rows", ["lora", "lemo_elimination", "lemo"], "Rows of the fair "
                           f"comparison to time, from {', '.join(ROWS)} (lora always runs).")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_speed.json", "Where to write the JSON.")
-_CONFIG = config_dicts.define_config_flags(
-    config_dict.ConfigDict({"lemo": config_dicts.section(LeMoConfig())}),
-    lambda path: config_dicts.field_docs(LeMoConfig).get(path.removeprefix("lemo."), ""),
+_CONFIG = config_dicts.define_lemo_flags(
     "LeMo's options (LeMoConfig) for the LeMo rows: a fixed schedule (half, all or profile).")
 
 _checks.one_of(_PRESET, preset_names())
