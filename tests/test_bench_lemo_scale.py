@@ -10,7 +10,7 @@ import sys
 import pytest
 from _env import subprocess_env
 
-from experiments.bench.lemo_scale import STEP, analytic_flops, fitted_max, verify_max
+from experiments.bench.scaling import STEP, analytic_flops, fitted_max, verify_max
 from tokensparse.config import LeMoConfig, preset
 from tokensparse.flops import CATEGORIES
 from tokensparse.lemo.comparison import ROWS

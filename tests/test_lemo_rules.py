@@ -307,7 +307,7 @@ def test_selection_benchmark_shortcuts_equal_the_sparse_forward():
     sparse layer's input, compiled once for every keep ratio (the masked reference): both equal
     tokensparse.lemo.sparse_forward_loss, per row."""
     import tokensparse.lemo as lemo_api
-    from experiments.bench import lemo_selection as bench
+    from experiments.bench import selection_losses as bench
     from tokensparse import routing
 
     config = preset("tiny").replace(n_layers=4)
