@@ -27,7 +27,7 @@ import numpy as np
 
 from tokensparse.lemo import estimators, scoring
 from tokensparse.lemo import predictor_metrics as pm
-from tokensparse.lemo.selection import pre_rope_qk
+from tokensparse.lemo.rules import pre_rope_qk
 from tokensparse.lemo.targets import load_targets, weights_digest
 
 

@@ -155,7 +155,7 @@ def test_score_flags_reach_the_oracle(block):
         assert getattr(opts, flag.removeprefix("score_"))
         u = block.input_norm(h)
         want = scoring.column_scores(scoring.block_scores_reference(
-            *lemo_selection.pre_rope_qk(block, u), opts))
+            *rules.pre_rope_qk(block, u), opts))
         got = _scores(block, "oracle", h, _layer(), lemo)
         np.testing.assert_allclose(got, np.asarray(want), rtol=2e-4)
         if flag != "score_exclude_diagonal":  # (a tile's max is rarely on its diagonal)

@@ -364,7 +364,9 @@ def _recovering_attend(block: DecoderBlock, x, rows_pos, rows_seg, selection: Se
     def forward(params, x, rows_pos, rows_seg, indices, valid, *, residuals=True):
         sel = rows(indices, valid)
         q, k, v = normed_qkv(params, routing.gather(x, sel), rows_pos)
-        attend = lambda q, k, v: core(q, k, v, rows_pos, rows_seg, None, None)  # noqa: E731
+        def attend(q, k, v):
+            return core(q, k, v, rows_pos, rows_seg, None, None)
+
         out, core_vjp = jax.vjp(attend, q, k, v) if residuals else (attend(q, k, v), None)
         h = routing.scatter_add(x, sel, merged(params).attn.project_out(out))
         return (h, merged(params).post_attn_norm(h)), (params, h, out, rows_pos, indices, valid,
@@ -372,7 +374,9 @@ def _recovering_attend(block: DecoderBlock, x, rows_pos, rows_seg, selection: Se
 
     def forward_rule(params, x, rows_pos, rows_seg, indices, valid):
         perturbed[:] = [p.perturbed for p in (*params, x)]
-        value = lambda t: jax.tree.map(lambda p: p.value, t)  # noqa: E731
+        def value(tree):
+            return jax.tree.map(lambda p: p.value, tree)
+
         return forward(value(params), x.value, *map(value, (rows_pos, rows_seg, indices, valid)))
 
     def partial_vjp(fn, params, *args):

@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 
 from tokensparse import data, routing
 from tokensparse.lemo import scoring
-from tokensparse.lemo.selection import pre_rope_qk
+from tokensparse.lemo.rules import pre_rope_qk
 from tokensparse.llama import default_positions
 
 BLOCK = 64

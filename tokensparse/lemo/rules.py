@@ -36,10 +36,9 @@ Extending: ``register("name", fn)`` adds a rule (``LeMoConfig.selector="name"`` 
 for rules that need the model (e.g. attached weights); ``per_layer=True`` runs every sparse layer as
 its own loop step, with its static index in ``layer.kind.layer``; ``check(model, lemo, ratios)``
 raises ``ValueError`` before compiling when the rule cannot run (missing weights: name the command
-that makes them). A rule living in its own module can instead be listed in ``_LAZY`` (name → module):
-:func:`get` imports the module on first use and registers its ``bind`` and ``check`` functions
-(``PER_LAYER`` if set) unless the module registered the rule itself (``learned``:
-:mod:`tokensparse.lemo.learned_selector`).
+that makes them). A rule living in its own module (``learned``:
+:mod:`tokensparse.lemo.learned_selector`, which imports nothing of this one) is registered at the
+end of this module from its ``bind`` and ``check``.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ from jaxtyping import Array, Bool, Float
 
 from tokensparse.config import LeMoConfig
 from tokensparse.layer_loop import Layer
-from tokensparse.lemo import scoring
+from tokensparse.lemo import learned_selector, scoring
 from tokensparse.llama import DecoderBlock, Llama
 
 SCOPE = "lemo_selection"
@@ -97,20 +96,7 @@ def register(name: str, score: ScoreFn | None = None, *, bind=None, per_layer: b
     return rule
 
 
-# Rules defined in modules of their own, imported on first use (a module that does not register
-# the rule itself is registered from its ``bind`` and ``check`` functions).
-_LAZY = {"learned": "tokensparse.lemo.learned_selector"}
-
-
 def get(name: str) -> Rule:
-    if name not in _RULES and name in _LAZY:
-        import importlib
-
-        module = importlib.import_module(_LAZY[name])
-        if name not in _RULES and hasattr(module, "bind"):
-            register(name, bind=module.bind, check=getattr(module, "check", None),
-                     per_layer=getattr(module, "PER_LAYER", False),
-                     description=(module.__doc__ or "").strip().split("\n")[0])
     if name not in _RULES:
         raise ValueError(f"unknown selection rule {name!r}; registered: {names()}.")
     return _RULES[name]
@@ -319,8 +305,5 @@ register("recent", recent, description="the most recent blocks")
 register("ratio_mass", ratio_mass,
          description="attention_ratio + mass received from ratio-weighted queries")
 
-# The learned selector (tokensparse.lemo.learned_selector; it imports nothing of this module).
-from tokensparse.lemo import learned_selector as _learned  # noqa: E402
-
-register("learned", bind=_learned.bind, check=_learned.check,
+register("learned", bind=learned_selector.bind, check=learned_selector.check,
          description="trained per-token MLP on the layer input predicting attention_ratio")

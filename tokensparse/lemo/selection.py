@@ -20,7 +20,7 @@ from tokensparse import routing
 from tokensparse.config import LeMoConfig
 from tokensparse.layer_loop import Layer
 from tokensparse.lemo import predictor, rules, scoring
-from tokensparse.lemo.rules import pre_rope_qk, scoring_qk  # noqa: F401  (re-exported)
+from tokensparse.lemo.rules import scoring_qk
 from tokensparse.llama import DecoderBlock, Llama
 from tokensparse.sharding import route_shards
 
