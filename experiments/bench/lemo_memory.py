@@ -38,7 +38,7 @@ from experiments.bench import read_keep_profile, write_result
 from experiments.bench.inputs import lowered_lora_step
 from tokensparse import attention
 from tokensparse.config import LeMoConfig, preset, preset_names
-from tokensparse.lemo.comparison import ROW_HELP, ROWS, baseline_mlp_mode, comparison_configs
+from tokensparse.lemo.comparison import ROW_HELP, ROWS, baseline_mlp_mode, measure_rows
 from tokensparse.remat import REMAT_POLICIES
 
 _PRESET = flags.DEFINE_string("preset", "llama2-7b", "Model preset (random weights, shapes only).")
@@ -129,12 +129,7 @@ def step_cost(config, seq_len: int, method: str, remat: str, lemo: LeMoConfig) -
 def fair_rows(config, seq_len: int, remat: str, lemo: LeMoConfig) -> dict[str, dict]:
     """Every row of :data:`~tokensparse.lemo.comparison.ROWS` at one length and remat policy; a row
     whose config equals an earlier row's is not compiled again (it says ``same_as``)."""
-    configs, rows = comparison_configs(lemo), {}
-    for method in ROWS:
-        twin = next((m for m in rows if configs[m] == configs[method]), None)
-        rows[method] = ({**rows[twin], "method": method, "same_as": twin} if twin
-                        else step_cost(config, seq_len, method, remat, lemo))
-    return rows
+    return measure_rows(lemo, lambda method: step_cost(config, seq_len, method, remat, lemo))
 
 
 SPLIT = {"": "lemo", "_elimination": "lemo_elimination", "_mlp": "lemo_mlp"}  # summary key → row

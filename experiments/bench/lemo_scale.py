@@ -60,7 +60,7 @@ from experiments.bench.scaling import STEP, analytic_flops, fitted_max, verify_m
 from tokensparse import attention
 from tokensparse.config import LeMoConfig, ModelConfig, preset, preset_names
 from tokensparse.flops import categorised_flops
-from tokensparse.lemo.comparison import ROW_HELP, ROWS, comparison_configs
+from tokensparse.lemo.comparison import ROW_HELP, ROWS, comparison_configs, measure_rows
 from tokensparse.remat import REMAT_POLICIES
 
 _PRESET = flags.DEFINE_list("preset", ["llama2-7b", "llama3-8b"], "Model presets (random weights, "
@@ -133,11 +133,7 @@ def step_cost(config, name: str, seq_len: int, method: str, remat: str, lemo: Le
 def fair_rows(config, name: str, seq_len: int, remat: str, lemo: LeMoConfig) -> dict[str, dict]:
     """Every row of :data:`ROWS` at one length and policy; a row whose config equals an earlier
     row's is copied (``same_as``), not compiled again. Ratios are LoRA / row."""
-    configs, rows = comparison_configs(lemo), {}
-    for method in ROWS:
-        twin = next((m for m in rows if configs[m] == configs[method]), None)
-        rows[method] = ({**rows[twin], "method": method, "same_as": twin} if twin
-                        else step_cost(config, name, seq_len, method, remat, lemo))
+    rows = measure_rows(lemo, lambda method: step_cost(config, name, seq_len, method, remat, lemo))
     base = rows["lora"]
     for row in rows.values():
         row["flops_ratio"] = base["flops"] / row["flops"]

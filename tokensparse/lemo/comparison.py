@@ -64,3 +64,16 @@ def comparison_configs(lemo: LeMoConfig) -> dict[str, LeMoConfig]:
         "lemo_mlp": dense_everywhere(lemo),
         "lemo": lemo,
     }
+
+
+def measure_rows(lemo: LeMoConfig, measure) -> dict[str, dict]:
+    """``{row: measure(row)}`` for every row of :data:`ROWS`, in order; a row whose config equals
+    an earlier row's is not measured again but copied with ``same_as`` naming that row (e.g. with
+    ``mlp_mode="recompute"``, ``lemo_mlp`` is ``lora``)."""
+    configs, rows = comparison_configs(lemo), {}
+    for method in ROWS:
+        twin = next((m for m in rows if configs[m] == configs[method]), None)
+        rows[method] = ({**rows[twin], "method": method, "same_as": twin} if twin
+                        else measure(method))
+    return rows
+
