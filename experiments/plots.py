@@ -1,6 +1,11 @@
 """Figures of the benchmark results: one pure function per figure, JSON result in, PNG out.
 
     python -m experiments.plots [bench_results/ | FILE.json ...]   # redraw every PNG, rerun nothing
+    python -m experiments.plots RUN_DIR                           # a training run's curves
+
+A directory holding a ``metrics.jsonl`` is a training run (a pretrain / finetune ``--workdir``): its
+curves (training and validation loss, learning rate, tokens/s and gradient norm vs step) are drawn
+into ``RUN_DIR/curves.png`` (:func:`run_curves`).
 
 Each benchmark also draws its own figure when it writes its JSON (``write_result``), beside it as
 ``<out>.png``. matplotlib is optional (``pip install 'tokensparse[plots]'``) and imported only here,
@@ -107,13 +112,14 @@ def subllm_speed(result: dict, png: pathlib.Path) -> bool:
     plt = _pyplot()
     rows = result["rows"]
     lengths = sorted({r["seq_len"] for r in rows})
-    decode = any(r.get("decode_token_s") for r in rows)
-    fig, axes = plt.subplots(1, 2 if decode else 1, figsize=(11 if decode else 6, 4.2),
+    panels = [panel for panel in (("train_tokens_per_s", "training tokens/s", 1.0),
+                                  ("decode_token_s", "decode ms per token", 1e3))
+              if any(r.get(panel[0]) for r in rows)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2),
                              constrained_layout=True, squeeze=False)
     axes = axes[0]
-    panels = [("train_tokens_per_s", "training tokens/s", 1.0)]
-    if decode:
-        panels.append(("decode_token_s", "decode ms per token", 1e3))
     for ax, (key, title, scale) in zip(axes, panels, strict=True):
         for model in ("dense", "subllm"):
             pts = sorted((r["seq_len"], r[key] * scale) for r in rows
@@ -126,9 +132,11 @@ def subllm_speed(result: dict, png: pathlib.Path) -> bool:
         ax.set_title(title)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    ratios = ", ".join(f"{t}: {result['summary'][f'train_throughput_ratio@{t}']:.2f}x"
-                       for t in lengths if f"train_throughput_ratio@{t}" in result["summary"])
-    axes[0].legend(fontsize=8, title=f"throughput ratio {ratios}", title_fontsize=8)
+    for ax, (key, _, _) in zip(axes, panels, strict=True):
+        name = "train_throughput_ratio" if key == "train_tokens_per_s" else "decode_speedup"
+        ratios = ", ".join(f"{t}: {result['summary'][f'{name}@{t}']:.2f}x"
+                           for t in lengths if f"{name}@{t}" in result["summary"])
+        ax.legend(fontsize=8, title=f"{name.replace('_', ' ')} {ratios}", title_fontsize=8)
     fig.suptitle(f"SUBLLM vs dense twin, {rows[0].get('preset', '')}, batch "
                  f"{rows[0].get('batch_size', '?')}, {rows[0].get('dtype', '')} "
                  f"({_provenance(result)}; on a CPU read the ratios)", fontsize=10)
@@ -389,11 +397,67 @@ def plot_file(path: str | pathlib.Path) -> str:
     return plot(json.loads(path.read_text()), path.with_suffix(".png"))
 
 
+def read_run(run_dir: str | pathlib.Path) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl`` in step order (a line cut by a kill is skipped)."""
+    records = []
+    for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int | float):
+            records.append(record)
+    return sorted(records, key=lambda r: r["step"])
+
+
+def run_curves(records: list[dict], png: pathlib.Path, title: str = "") -> bool:
+    """A training run's curves vs step: training loss with the validation loss, learning rate,
+    tokens/s (steady steps; compile time excluded) and gradient norm. False when nothing to draw."""
+    plt = _pyplot()
+    panels = [(("loss", "val_loss"), "loss (nats/token)"), (("lr",), "learning rate"),
+              (("tokens_per_s",), "training tokens/s"), (("grad_norm",), "gradient norm")]
+    if not any(k in r for r in records for keys, _ in panels for k in keys):
+        return False
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for ax, (keys, name) in zip(axes.flat, panels, strict=True):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o" if key.startswith("val_") else None,
+                        markersize=4, label={"loss": "train", "val_loss": "validation"}.get(key, key))
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    compile_s = next((r["compile_s"] for r in records if "compile_s" in r), None)
+    note = f", first step (compile) {compile_s:.1f}s" if compile_s is not None else ""
+    fig.suptitle(f"{title}{note}", fontsize=10)
+    _save(fig, png)
+    return True
+
+
+def plot_run(run_dir: str | pathlib.Path) -> str:
+    """Draw ``run_dir``'s curves into ``run_dir/curves.png``; one line saying what happened."""
+    run_dir = pathlib.Path(run_dir)
+    png = run_dir / "curves.png"
+    if _pyplot() is None:
+        return f"skipped {png}: matplotlib is not installed (pip install 'tokensparse[plots]')"
+    if not run_curves(read_run(run_dir), png, title=f"{run_dir.resolve().name}"):
+        return f"skipped {png}: {run_dir / 'metrics.jsonl'} has no records to draw"
+    return f"wrote {png}"
+
+
 def main(argv) -> None:
     paths = [pathlib.Path(p) for p in argv[1:]] or [pathlib.Path("bench_results")]
-    files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
-    if not files:
-        raise SystemExit(f"no JSON results in {', '.join(map(str, paths))}")
+    runs = [p for p in paths if p.is_dir() and (p / "metrics.jsonl").is_file()]
+    for run in runs:
+        print(plot_run(run))
+    files = [f for p in paths if p not in runs
+             for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    if not files and not runs:
+        raise SystemExit(f"no JSON results or training runs (metrics.jsonl) in "
+                         f"{', '.join(map(str, paths))}")
     for f in files:
         print(plot_file(f))
 

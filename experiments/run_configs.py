@@ -15,7 +15,8 @@ Three conveniences exist only in this command-line form:
   changes that), ``level_keep`` (per-level keep ratios; empty: ``keep`` for every level) and the
   SubLLMTrainConfig fields;
 - ``config.lemo.predictors`` (``FinetuneConfig.predictors``) with ``config.lemo.selector="auto"``:
-  the predictors when a directory is given, the oracle otherwise.
+  the predictors when a directory is given, the library's default rule (``LeMoConfig().selector``,
+  the learned selector) otherwise.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def finetune_config(c) -> FinetuneConfig:
     lemo = dict(values.get("lemo") or {})
     values["predictors"] = lemo.pop("predictors", "")
     if lemo.get("selector") == "auto":
-        lemo["selector"] = "predictor" if values["predictors"] else "oracle"
+        lemo["selector"] = "predictor" if values["predictors"] else LeMoConfig().selector
     values["lemo"] = lemo
     return from_dict(FinetuneConfig, values, "config", aliases={"predictors": "lemo.predictors"})
 
@@ -223,9 +224,10 @@ _EXTRA_HELP = {
     "subllm.keep": "Keep ratio in (0, 1] of every nesting level (level_keep: one per level).",
     "subllm.level_keep": "One keep ratio per nesting level, outermost first, e.g. [0.64, 0.5]; "
                          "empty: keep for every level.",
-    "lemo.selector": "How blocks are chosen: oracle, predictor (trained predictors, "
-                     "config.lemo.predictors), or auto: predictor when config.lemo.predictors is set, "
-                     "else oracle.",
+    "lemo.selector": f"How blocks are chosen: a rule of tokensparse.lemo.rules (learned, oracle, "
+                     f"random, attention_ratio, ...; see LeMoConfig.selector), or auto: predictor when "
+                     f"config.lemo.predictors is set, else {LeMoConfig().selector!r} (the library's "
+                     f"default).",
     "lemo.predictors": f"{field_docs(FinetuneConfig)['predictors']} Setting it selects them "
                        "(selector=auto).",
 }

@@ -139,7 +139,6 @@ def main() -> None:
     model, config, tokenizer = load_base(args.base)
     model = _randomised_lora(model, args.seed)
     corpus = data.load_corpus("shakespeare")
-    tokenizer = tokenizer or data.get_tokenizer(corpus, config.vocab_size)
     windows = data.WindowBatches(data.encode_documents(tokenizer, corpus.train), batch_size=1,
                                  seq_len=args.seq_len, seed=args.seed + 1)
     exact_grads = _lora_grad_fn(functools.partial(

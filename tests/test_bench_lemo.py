@@ -48,6 +48,7 @@ def test_lemo_quality_smoke(tmp_path, predictor_smoke):
     shared, _, _ = predictor_smoke
     result, stdout = _bench("lemo_quality", tmp_path / "q.json", "--smoke", "--nomlp_drop_ablation",
                             "--nomlp_recompute", f"--base_workdir={shared / 'base'}",
+                            "--config.lemo.selector=oracle",  # a base pretrained here has no learned selector
                             f"--config.lemo.predictors={shared / 'run' / 'predictors'}")
     assert "[lemo_quality] fine-tuning lemo_mlp_drop0.8 " in stdout and "drop0.5" not in stdout
     summary = result["summary"]
@@ -75,13 +76,15 @@ def test_lemo_quality_smoke(tmp_path, predictor_smoke):
 
 # ``lemo_quality --base=smollm2-135m`` in a process whose zoo.load returns a tiny random Llama
 # (context 512, so the smoke's 256 needs no RoPE scaling, as 2K needs none for SmolLM2's 8K) and
-# the corpus' 512-token BPE: the zoo path end to end in seconds, without the 135M model.
+# the corpus' 512-token BPE and learned-selector weights of the right shape (zero: every block ties),
+# as the real zoo attaches: the zoo path end to end in seconds, without the 135M model.
 _FAKE_ZOO = """
 import runpy, sys
 import experiments.bench  # noqa: F401  (XLA flags before jax)
 from flax import nnx
 from tokensparse import data, zoo
 from tokensparse.config import preset
+from tokensparse.lemo import learned_selector
 from tokensparse.llama import Llama
 
 def load(name, *, dtype=None, attention_backend="auto"):
@@ -89,7 +92,10 @@ def load(name, *, dtype=None, attention_backend="auto"):
     print("[fake zoo] load", flush=True)
     config = preset("tiny", vocab_size=512, max_positions=512)
     tokenizer = data.get_tokenizer(data.load_corpus("shakespeare"), 512)
-    return Llama(config, attention_backend=attention_backend, rngs=nnx.Rngs(0)), config, tokenizer
+    model = Llama(config, attention_backend=attention_backend, rngs=nnx.Rngs(0))
+    learned_selector.attach(model, learned_selector.LearnedSelector(
+        config.n_layers, config.d_model, layers=range(config.n_layers)))
+    return model, config, tokenizer
 
 zoo.load = load
 sys.argv = [sys.argv[1], *sys.argv[2:]]
@@ -122,7 +128,7 @@ def test_lemo_quality_on_a_zoo_base_skips_pretraining_and_resumes(tmp_path):
     _finite(summary, summary)
     rows = result["rows"]
     assert [(r["method"], r["selector"], r["mlp_drop"], r["seq_len"]) for r in rows] == [
-        ("base", None, None, 256), ("lora", None, None, 256), ("lemo", "oracle", 0.8, 256)]
+        ("base", None, None, 256), ("lora", None, None, 256), ("lemo", "learned", 0.8, 256)]
     assert rows[0]["rope_factor"] == 1.0 and len({r["val_tokens"] for r in rows}) == 1
     assert summary["ppl_ratio"] == pytest.approx(rows[2]["val_ppl"] / rows[1]["val_ppl"])
     assert rows[1]["val_ppl"] < rows[0]["val_ppl"]  # fine-tuning moved the random base

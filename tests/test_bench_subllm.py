@@ -17,12 +17,16 @@ def test_subllm_speed_smoke(tmp_path):
                       "kv_allocated_bytes", "kv_occupied_bytes"))
     dense, sub = result["rows"]
     assert sub["kv_occupied_bytes"] < dense["kv_occupied_bytes"]  # inner levels cache fewer tokens
-    assert sub["kv_allocated_bytes"] == dense["kv_allocated_bytes"]  # infer_capacity 1.0
+    assert sub["kv_allocated_bytes"] < dense["kv_allocated_bytes"]  # infer_capacity 0.75 per level
+    assert sub["cache_sizes"] == [128, 96, 72] and dense["cache_sizes"] == [128]
     assert len(sub["level_keep_rates"]) == 2 and dense["level_keep_rates"] == []
+    assert all(abs(rate - 0.64) < 0.05 for rate in sub["level_keep_rates"])  # θ calibrated per level
     summary = result["summary"]
-    assert set(summary) == {f"{k}@128" for k in ("train_throughput_ratio", "train_flops_ratio",
-                                                  "decode_speedup", "kv_cache_ratio")}
-    assert summary["kv_cache_ratio@128"] == sub["kv_occupied_bytes"] / dense["kv_occupied_bytes"]
+    assert set(summary) == {f"{k}@128" for k in (
+        "train_throughput_ratio", "train_flops_ratio", "train_activation_ratio", "prefill_flops_ratio",
+        "decode_speedup", "kv_allocated_ratio", "kv_occupied_ratio", "overflow_rate_1", "overflow_rate_2")}
+    assert summary["kv_occupied_ratio@128"] == sub["kv_occupied_bytes"] / dense["kv_occupied_bytes"]
+    assert summary["prefill_flops_ratio@128"] == dense["prefill_flops"] / sub["prefill_flops"]
     assert "train_throughput_ratio" in stdout
 
 

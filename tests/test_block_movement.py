@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import lora, routing
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import LoRAConfig, preset
 from tokensparse.data.batching import Batch
 from tokensparse.flops import compiled_flops
 from tokensparse.lemo import forward as lemo_forward
@@ -222,7 +223,7 @@ def test_input_recovery_is_used_and_keeps_flops(model):
 def test_lemo_loss_and_grads_match_the_token_level_path(model, remat):
     """The LeMo loss and its LoRA gradient with block movement (and, where it applies, input
     recovery) equal those of the same selections routed token by token."""
-    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.5, schedule="all", mlp_mode="dense")
+    lemo = spec_lemo(block_size=BLOCK, keep_ratio=0.5, schedule="all", mlp_mode="dense")
     ratios = lemo.keep_ratios(CONFIG.n_layers)
     sels = [_block_selection(30 + i, routing.capacity(NB, r, rounding="floor"), n_valid=(NB, NB))
             for i, r in enumerate(ratios)]

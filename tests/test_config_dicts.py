@@ -59,7 +59,7 @@ def test_dataclasses_round_trip_through_config_dicts():
 def test_selector_auto_follows_the_predictors_directory():
     c = finetune_tiny.get_config()
     c.method = "lemo"
-    assert run_configs.finetune_config(c).lemo.selector == "oracle"
+    assert run_configs.finetune_config(c).lemo.selector == LeMoConfig().selector == "learned"
     c.lemo.predictors = "DIR"
     run = run_configs.finetune_config(c)
     assert (run.lemo.selector, run.predictors) == ("predictor", "DIR")

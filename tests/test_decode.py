@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tokensparse import attention, decode
 from tokensparse.config import preset
 from tokensparse.generate import Decoder, generate, pad_prompts, sample
 from tokensparse.llama import Llama
 from tokensparse.subllm import decode as subllm_decode
+from tokensparse.subllm.calibrate import calibrate_thresholds
 from tokensparse.subllm.model import SubLLM
 from tokensparse.subllm.structure import parse_structure, subllm_preset
 
@@ -79,14 +81,18 @@ CASES = {  # name: config changes
     "composed": {},
     "overflow": {"infer_capacity": 0.5},
     "parent": {"level_positions": "parent", "infer_capacity": 0.75},
+    "per_level": {"infer_capacity": 0.75},  # plus one θ per level, calibrated in the fixture
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
-    model = _subllm(**CASES[request.param])
-    decoder = Decoder(model, T)
     tokens = _tokens()
+    changes = dict(CASES[request.param])
+    if request.param == "per_level":  # level 2 keeps far fewer than θ_1 would let it
+        changes["infer_threshold"] = calibrate_thresholds(_subllm(), tokens, keep=(0.7, 0.35))
+    model = _subllm(**changes)
+    decoder = Decoder(model, T)
     lay = subllm_decode.layout(model, T)
     full, aux = _full_forward(model, jnp.asarray(tokens), capacities=lay.group_sizes[1:])
     got, cache = _teacher_forced(decoder, tokens, PROMPT_LENGTHS, STEPS)
@@ -250,3 +256,74 @@ def test_bad_prompts(gen_model):
         pad_prompts([[1], []])
     with pytest.raises(ValueError, match="token ids"):
         generate(gen_model, [[1, 999]], max_new_tokens=1)
+
+
+# --- length-bounded decode attention and the end of the cache ------------------------------------
+
+
+def test_bucket_sizes_cover_every_filled_length():
+    for size in (1, 5, 40, 2304, 3072, 4096):
+        sizes = decode.bucket_sizes(size)
+        assert sizes[-1] == size and list(sizes) == sorted(set(sizes))
+        assert len(sizes) <= decode.DECODE_BUCKETS
+        for n in range(1, size + 1):  # the bucket for n filled slots wastes < size/buckets + multiple
+            bucket = min(x for x in sizes if x >= n)
+            assert bucket - n < size / decode.DECODE_BUCKETS + decode.BUCKET_MULTIPLE
+
+
+def _core(backend):
+    def core(q, k, v, pos, seg, kv_pos, kv_seg):
+        return attention.attention(q, k, v, q_positions=pos, kv_positions=kv_pos, q_segment_ids=seg,
+                                   kv_segment_ids=kv_seg, backend=backend)
+    return core
+
+
+@pytest.mark.parametrize("filled", [[3, 17, 29], [1, 2, 9], [40, 5, 12]])
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+def test_length_bounded_attention_equals_full_buffer(backend, filled):
+    """Forward and gradient of attention over the filled prefix (ragged per row) equal the full
+    buffer's with the unfilled slots masked; those slots hold large garbage, which a cut at too
+    short a bucket or a mask leak would show."""
+    b, s, h, hkv, d = 3, 40, 4, 2, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    filled = jnp.asarray(filled, jnp.int32)
+    unfilled = (jnp.arange(s)[None, :] >= filled[:, None])[..., None, None]
+    q = jax.random.normal(keys[0], (b, 1, h, d))
+    k = jnp.where(unfilled, 30.0, jax.random.normal(keys[1], (b, s, hkv, d)))
+    v = jnp.where(unfilled, 1e3, jax.random.normal(keys[2], (b, s, hkv, d)))
+    cot = jax.random.normal(keys[3], (b, 1, h, d))
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    kv_seg = jnp.where(unfilled[..., 0, 0], -1, 0).astype(jnp.int32)
+    pos, seg = (filled - 1)[:, None], jnp.zeros((b, 1), jnp.int32)
+    full_core, bounded_core = _core(backend), decode.length_bounded(_core(backend), filled)
+
+    def loss(core, q, k, v):
+        out = core(q, k, v, pos, seg, kv_pos, kv_seg)
+        return jnp.sum(out * cot), out
+
+    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, full_core), (0, 1, 2),
+                                               has_aux=True)(q, k, v)
+    (_, got), got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, bounded_core), (0, 1, 2),
+                                                     has_aux=True))(q, k, v)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(want))) < 10  # the garbage values stayed out of both
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_past_the_end_raises_eagerly_and_is_flagged_under_jit():
+    model = Llama(preset("tiny", n_layers=2), rngs=nnx.Rngs(0))
+    tokens, lengths = jnp.asarray(_tokens(shape=(2, 6))), jnp.asarray([6, 4], jnp.int32)
+    _, cache = decode.prefill(model, tokens, lengths, 6)
+    token, positions = jnp.zeros(2, jnp.int32), jnp.asarray([6, 4], jnp.int32)
+    with pytest.raises(ValueError, match=r"rows \[0\] already hold max_len=6"):
+        decode.decode_step(model, cache, token, positions)
+    _, after = nnx.jit(decode.decode_step)(model, cache, token, positions)
+    assert np.asarray(decode.overflowed(after)).tolist() == [True, False]
+    assert not np.any(np.asarray(decode.overflowed(cache)))
+    decoder = Decoder(model, 6)
+    with pytest.raises(ValueError, match=r"Decoder.step: positions \[6\] \(rows \[0\]\)"):
+        decoder.step(cache, token, positions)
+    _, cache = decoder.prefill(tokens, jnp.asarray([5, 4], jnp.int32))
+    _, cache = decoder.step(cache, token, jnp.asarray([5, 4], jnp.int32))  # the last slot is fine
+    assert np.asarray(cache.lengths[0]).tolist() == [6, 5]

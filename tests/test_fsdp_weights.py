@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import flops, lora, sharding, train
-from tokensparse.config import LeMoConfig, LoRAConfig, MeshConfig, preset
+from tokensparse.config import LoRAConfig, MeshConfig, preset
 from tokensparse.data import Batch
 from tokensparse.lemo.comparison import comparison_configs
 from tokensparse.lemo.forward import group_layers, lemo_loss
@@ -22,7 +23,7 @@ from tokensparse.llama import Llama
 CONFIG = preset("tiny").replace(d_model=128, ffn_dim=512, n_layers=6, n_heads=4, n_kv_heads=2,
                                 head_dim=32)
 T = 128
-LEMO = LeMoConfig()  # keep 0.4 in layers 2..4, channel-sparse MLP backward (102 of 512 channels)
+LEMO = spec_lemo()  # keep 0.4 in layers 2..4, channel-sparse MLP backward (102 of 512 channels)
 METHODS = ("lora", "lemo")
 
 

@@ -290,7 +290,7 @@ def test_tiny_file_config_weights_and_export(tied, tmp_path):
         np.testing.assert_array_equal(params[path], expected, err_msg=name)
     # Exported with save_llama, it reads back the same through the HF loader.
     hf.save_llama(model, config, tmp_path / "hf")
-    again, config2 = hf.load_llama(tmp_path / "hf")
+    again, config2, _ = hf.load_llama(tmp_path / "hf")
     assert config2 == config
     for path, value in _params(again).items():
         np.testing.assert_array_equal(value, params[path])

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import hf, lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import LoRAConfig, preset
 from tokensparse.layer_stack import LayerStack, runs
 from tokensparse.lemo import forward as lemo_forward
 from tokensparse.llama import Llama
@@ -19,7 +20,7 @@ from tokensparse.llama import Llama
 CONFIG = preset("tiny").replace(n_layers=4)
 B, T, BLOCK = 2, 64, 16
 # Layers 1 and 2 sparse at keep 0.5 (one run), 0 and 3 dense: three runs.
-MIXED = LeMoConfig(block_size=BLOCK, schedule="profile", profile=(1.0, 0.5, 0.5, 1.0))
+MIXED = spec_lemo(block_size=BLOCK, schedule="profile", profile=(1.0, 0.5, 0.5, 1.0))
 
 
 class Batch(NamedTuple):
@@ -185,7 +186,7 @@ def test_hf_round_trip_through_the_stacked_layout(tmp_path):
     model = Llama(CONFIG, rngs=nnx.Rngs(3))
     model.layers.regroup((1, 3))
     hf.save_llama(model, CONFIG, tmp_path)
-    loaded, config = hf.load_llama(tmp_path)
+    loaded, config, _ = hf.load_llama(tmp_path)
     assert config == CONFIG and loaded.layers.sizes == (CONFIG.n_layers,)
     want = hf.per_layer_params(model)
     got = hf.per_layer_params(loaded)

@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import LoRAConfig, preset
 from tokensparse.data.batching import Batch
 from tokensparse.lemo import comparison
 from tokensparse.lemo.forward import lemo_loss
@@ -16,7 +17,7 @@ from tokensparse.llama import Llama
 
 
 def test_rows_split_lemo_into_its_parts():
-    lemo = LeMoConfig(keep_ratio=0.3, mlp_drop=0.5)
+    lemo = spec_lemo(keep_ratio=0.3, mlp_drop=0.5)
     rows = comparison.comparison_configs(lemo)
     assert tuple(rows) == comparison.ROWS
     assert rows["lemo"] == lemo
@@ -29,10 +30,10 @@ def test_rows_split_lemo_into_its_parts():
 
 
 def test_recompute_is_rematerialisation_the_baseline_gets_too():
-    rows = comparison.comparison_configs(LeMoConfig(mlp_mode="recompute"))
+    rows = comparison.comparison_configs(spec_lemo(mlp_mode="recompute"))
     assert rows["lora"].mlp_mode == "recompute" and not comparison.is_plain_lora(rows["lora"])
     assert rows["lemo_mlp"] == rows["lora"] and rows["lemo"] == rows["lemo_elimination"]
-    profiled = LeMoConfig(schedule="profile", profile=(1.0, 0.5), mlp_mode="dense")
+    profiled = spec_lemo(schedule="profile", profile=(1.0, 0.5), mlp_mode="dense")
     assert comparison.lora_baseline(profiled).keep_ratios(2) == (1.0, 1.0)
 
 
@@ -50,7 +51,7 @@ def test_baseline_through_the_lemo_forward_is_the_plain_lora_step(mlp_mode):
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 128)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(128, dtype=jnp.int32), tokens.shape)
     batch = Batch(tokens, positions, jnp.zeros_like(tokens))
-    baseline = comparison.lora_baseline(LeMoConfig(mlp_mode=mlp_mode))
+    baseline = comparison.lora_baseline(spec_lemo(mlp_mode=mlp_mode))
 
     def grads(loss_fn):
         def f(lora_state):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import lora, routing, train
@@ -53,8 +54,8 @@ def _loss_and_lora_grads(loss_fn, model, batch):
 
 
 @pytest.mark.parametrize("lemo", [
-    LeMoConfig(block_size=BLOCK, keep_ratio=1.0, schedule="all", mlp_mode="dense"),
-    LeMoConfig(block_size=BLOCK, keep_ratio=1.0, schedule="all", mlp_drop=0.0),
+    spec_lemo(block_size=BLOCK, keep_ratio=1.0, schedule="all", mlp_mode="dense"),
+    spec_lemo(block_size=BLOCK, keep_ratio=1.0, schedule="all", mlp_drop=0.0),
 ])
 def test_keep_everything_equals_dense_lora(model, lemo):
     batch = _batch()
@@ -67,7 +68,7 @@ def test_keep_everything_equals_dense_lora(model, lemo):
 
 
 def _lemo_grads(model, batch, **lemo):
-    return _loss_and_lora_grads(lambda m, b: lemo_forward.lemo_loss(m, b, lemo=LeMoConfig(**lemo)),
+    return _loss_and_lora_grads(lambda m, b: lemo_forward.lemo_loss(m, b, lemo=spec_lemo(**lemo)),
                                 model, batch)
 
 
@@ -94,7 +95,7 @@ def test_recomputed_mlp_trains_mlp_adapters():
     m = lora.add_lora(Llama(CONFIG, rngs=nnx.Rngs(0)), LoRAConfig(targets=targets), rngs=nnx.Rngs(1))
     _randomise_adapters(m, seed=4)
     with pytest.raises(ValueError, match="LoRA on its MLP"):
-        lemo_forward.check_lemo(m, LeMoConfig(block_size=BLOCK), T)
+        lemo_forward.check_lemo(m, spec_lemo(block_size=BLOCK), T)
     batch = _batch(1)
     common = {"block_size": BLOCK, "keep_ratio": 0.5, "schedule": "all"}
     _, g_d = _lemo_grads(m, batch, mlp_mode="dense", **common)
@@ -116,7 +117,7 @@ def _kept_mask(sel):
 
 
 def test_sparse_layer_equals_masked_dense_layer_and_passes_eliminated_tokens(model):
-    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all", mlp_mode="dense")
+    lemo = spec_lemo(block_size=BLOCK, keep_ratio=0.4, schedule="all", mlp_mode="dense")
     block = model.layers[1]
     x = jax.random.normal(jax.random.key(2), (B, T, CONFIG.d_model))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -133,7 +134,7 @@ def test_sparse_layer_equals_masked_dense_layer_and_passes_eliminated_tokens(mod
 
 def test_eliminated_tokens_do_not_leak_into_lora_gradients(model):
     block = model.layers[2]
-    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all")
+    lemo = spec_lemo(block_size=BLOCK, keep_ratio=0.4, schedule="all")
     x = jax.random.normal(jax.random.key(3), (B, T, CONFIG.d_model))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     sel = nnx.jit(lambda b, x: lemo_selection.layer_selection(b, b.input_norm(x), 0.4, lemo))(block, x)
@@ -153,7 +154,7 @@ def test_eliminated_tokens_do_not_leak_into_lora_gradients(model):
 
 def test_selection_is_top_blocks_of_the_oracle_scores(model):
     block = model.layers[1]
-    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all")
+    lemo = spec_lemo(block_size=BLOCK, keep_ratio=0.4, schedule="all")
     x = jax.random.normal(jax.random.key(5), (B, T, CONFIG.d_model))
     u = block.input_norm(x)
     scores = np.asarray(lemo_selection.oracle_block_scores(block, u, ScoreOptions(block_size=BLOCK)))
@@ -166,7 +167,7 @@ def test_selection_is_top_blocks_of_the_oracle_scores(model):
 
 
 def test_half_schedule_matches_the_artifact():
-    ratios = LeMoConfig().keep_ratios(32)
+    ratios = spec_lemo().keep_ratios(32)
     assert [i for i, r in enumerate(ratios) if r < 1] == list(range(15, 31))
     assert set(ratios) == {0.4, 1.0}
     assert routing.capacity(8192 // 64, 0.4, rounding="floor") == 51
@@ -178,7 +179,7 @@ def test_activation_memory_falls_with_keep_ratio_and_mlp_drop():
     batch = _batch(t=512)
 
     def temp(**kw):
-        lemo = LeMoConfig(block_size=64, schedule="all", **kw)
+        lemo = spec_lemo(block_size=64, schedule="all", **kw)
         fn = nnx.jit(nnx.grad(lambda m, b: lemo_forward.lemo_loss(m, b, lemo=lemo)[0],
                               argnums=nnx.DiffState(0, lora.LoRAParam)))
         return compiled_memory(fn, m, batch).temp_bytes
@@ -196,15 +197,15 @@ def test_activation_memory_falls_with_keep_ratio_and_mlp_drop():
 
 def test_bad_inputs(model):
     with pytest.raises(ValueError, match="multiple of the block size"):
-        lemo_forward.check_lemo(model, LeMoConfig(block_size=64), 100)
+        lemo_forward.check_lemo(model, spec_lemo(block_size=64), 100)
     with pytest.raises(ValueError, match="keep_ratio"):
-        LeMoConfig(keep_ratio=0.0)
+        spec_lemo(keep_ratio=0.0)
     with pytest.raises(ValueError, match="keep_ratio"):
-        LeMoConfig(keep_ratio=1.5)
+        spec_lemo(keep_ratio=1.5)
     with pytest.raises(ValueError, match="3 entries"):
-        LeMoConfig(schedule="profile", profile=(1.0, 0.5, 0.5)).keep_ratios(4)
+        spec_lemo(schedule="profile", profile=(1.0, 0.5, 0.5)).keep_ratios(4)
     with pytest.raises(ValueError, match="add_lora"):
-        lemo_forward.check_lemo(Llama(CONFIG, rngs=nnx.Rngs(0)), LeMoConfig(block_size=BLOCK), T)
+        lemo_forward.check_lemo(Llama(CONFIG, rngs=nnx.Rngs(0)), spec_lemo(block_size=BLOCK), T)
 
 
 def test_sparse_forward_loss_needs_no_adapters_and_matches_the_lemo_loss():
@@ -216,8 +217,8 @@ def test_sparse_forward_loss_needs_no_adapters_and_matches_the_lemo_loss():
     adapted = lora.add_lora(Llama(CONFIG, rngs=nnx.Rngs(0)), LoRAConfig(), rngs=nnx.Rngs(1))
     batch = _batch(4)
     loss = nnx.jit(lambda m, t, lemo: lemo_api.sparse_forward_loss(m, t, lemo), static_argnums=2)
-    dense = LeMoConfig(block_size=BLOCK, keep_ratio=1.0, schedule="all")
-    sparse = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all")
+    dense = spec_lemo(block_size=BLOCK, keep_ratio=1.0, schedule="all")
+    sparse = spec_lemo(block_size=BLOCK, keep_ratio=0.4, schedule="all")
     dense_loss = float(nnx.jit(lambda m, b: train.lm_loss(m, b)[0])(plain, batch))
     np.testing.assert_allclose(float(loss(plain, batch.tokens, dense)), dense_loss, rtol=1e-6)
     got = float(loss(plain, batch.tokens, sparse))
@@ -247,7 +248,7 @@ def _fixed_selections(seed, ratios, t=T):
 def test_lemo_is_causal_with_a_frozen_selection(model):
     """With the blocks fixed, perturbing tokens after t leaves every output at positions <= t
     unchanged: elimination removes keys and queries, it never lets a token see the future."""
-    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.5, schedule="all", mlp_mode="dense")
+    lemo = spec_lemo(block_size=BLOCK, keep_ratio=0.5, schedule="all", mlp_mode="dense")
     sels = _fixed_selections(0, lemo.keep_ratios(CONFIG.n_layers))
     hidden = nnx.jit(lambda m, t: lemo_forward.lemo_hidden_states(m, t, lemo=lemo, selections=sels))
     tokens = _batch(5).tokens
@@ -264,7 +265,7 @@ def test_selection_itself_is_not_causal(model):
     over every query block, the future included, and top-k ranks early blocks against late ones), so
     with the selector in the loop the future can change which early blocks a layer keeps, and so
     outputs before it. LeMo is a training method; it is not meant for autoregressive decoding."""
-    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.5, schedule="all", mlp_mode="dense")
+    lemo = spec_lemo(block_size=BLOCK, keep_ratio=0.5, schedule="all", mlp_mode="dense")
     block = model.layers[1]
     x = jax.random.normal(jax.random.key(6), (B, T, CONFIG.d_model))
     cut = 4 * BLOCK
@@ -287,7 +288,7 @@ def test_selection_itself_is_not_causal(model):
 def test_sparse_layer_vjp_equals_the_masked_dense_layer(model):
     """Compacted == masked reference for the VJP: the gathered/scattered layer's gradients (input
     and LoRA) equal those of the dense layer with attention masked to kept tokens."""
-    lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.4, schedule="all", mlp_mode="dense")
+    lemo = spec_lemo(block_size=BLOCK, keep_ratio=0.4, schedule="all", mlp_mode="dense")
     block = model.layers[1]
     x = jax.random.normal(jax.random.key(12), (B, T, CONFIG.d_model))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -367,7 +368,7 @@ def test_mlp_drop_profile_sets_each_layers_mlp_backward(model):
     _, g_profile = _lemo_grads(model, batch, mlp_drop_profile=(0.5,) * CONFIG.n_layers, **common)
     for a, b in zip(jax.tree.leaves(g_profile), jax.tree.leaves(g_scalar), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    lemo = LeMoConfig(mlp_drop_profile=(0.0, 0.5, 0.8, 0.5), **common)
+    lemo = spec_lemo(mlp_drop_profile=(0.0, 0.5, 0.8, 0.5), **common)
     kinds = lemo_forward.lemo_kinds(model, lemo, lemo.keep_ratios(CONFIG.n_layers))
     ffn = CONFIG.ffn_dim
     assert [k.mlp_keep for k in kinds] == [ffn, ffn // 2, int(ffn * 0.2), ffn // 2]
@@ -375,6 +376,6 @@ def test_mlp_drop_profile_sets_each_layers_mlp_backward(model):
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
         jax.tree.leaves(g_mixed), jax.tree.leaves(g_scalar), strict=True)) > 1e-6
     with pytest.raises(ValueError, match="mlp_drop_profile has 2 entries"):
-        lemo_forward.check_lemo(model, LeMoConfig(mlp_drop_profile=(0.5, 0.5), **common), T)
+        lemo_forward.check_lemo(model, spec_lemo(mlp_drop_profile=(0.5, 0.5), **common), T)
     with pytest.raises(ValueError, match="outside"):
-        LeMoConfig(mlp_drop_profile=(1.0,))
+        spec_lemo(mlp_drop_profile=(1.0,))

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import lora
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import LoRAConfig, preset
 from tokensparse.data.batching import Batch
 from tokensparse.lemo import offload
 from tokensparse.lemo.forward import lemo_loss
@@ -49,15 +50,15 @@ def test_split_by_budget_and_budgets():
 
 def test_config_checks():
     with pytest.raises(ValueError, match="offload_budget_mib > 0"):
-        LeMoConfig(offload="uniform")
+        spec_lemo(offload="uniform")
     with pytest.raises(ValueError, match="must be one of"):
-        LeMoConfig(offload="all", offload_budget_mib=1.0)
+        spec_lemo(offload="all", offload_budget_mib=1.0)
 
 
 MIB = 2**20
 # Uniform budget: a dense layer's attn_core (64 KiB) fits but its qkv (128 KiB) does not; a sparse
 # layer's qkv (64 KiB) and attn_core (32 KiB) both fit.
-UNIFORM = LeMoConfig(block_size=BLOCK, keep_ratio=0.5, mlp_mode="dense", offload="uniform",
+UNIFORM = spec_lemo(block_size=BLOCK, keep_ratio=0.5, mlp_mode="dense", offload="uniform",
                      offload_budget_mib=100 * 1024 / MIB)
 
 

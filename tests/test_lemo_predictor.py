@@ -292,7 +292,7 @@ def test_sparse_only_trains_the_default_schedules_sparse_layers(tmp_path):
 # ----------------------------------------------------------------------------- the LeMo forward
 
 
-LEMO = LeMoConfig(block_size=BLOCK, selector="predictor", keep_ratio=0.5)
+LEMO = LeMoConfig(block_size=BLOCK, selector="predictor", keep_ratio=0.5, keep_first_block=False)
 
 
 def _lemo_model(predictors=None):

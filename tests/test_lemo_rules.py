@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse.config import LeMoConfig, lemo_selectors, preset
 from tokensparse.layer_loop import Layer
+from tokensparse.lemo import forward as lemo_forward
 from tokensparse.lemo import rules, scoring
 from tokensparse.lemo import selection as lemo_selection
 from tokensparse.lemo.profiles import named
@@ -21,7 +23,7 @@ CONFIG = preset("tiny").replace(n_layers=2)
 B, T, BLOCK = 2, 64, 8
 NB = T // BLOCK
 BUILTIN = ("oracle", "random", "attention_ratio", "attention_mass", "recent", "ratio_mass")
-LEMO = LeMoConfig(block_size=BLOCK)
+LEMO = spec_lemo(block_size=BLOCK)
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +267,7 @@ def test_score_options_from_the_config_and_into_target_caches(tmp_path):
 
     from tokensparse.lemo import targets
 
-    lemo = LeMoConfig(block_size=BLOCK, score_causal=True, score_post_rope=True)
+    lemo = spec_lemo(block_size=BLOCK, score_causal=True, score_post_rope=True)
     opts = ScoreOptions.from_lemo(lemo)
     assert (opts.block_size, opts.causal, opts.post_rope) == (BLOCK, True, True)
     assert not (opts.divide_by_heads or opts.scale_by_sqrt_d or opts.exclude_diagonal)
@@ -295,7 +297,7 @@ def test_named_llama2_profile_follows_the_spec_anchors():
                                                                      0.51], atol=1e-6)
     assert np.all((eliminated[19:31] >= 0.55) & (eliminated[19:31] <= 0.60))
     assert abs(eliminated.mean() - 0.382) < 5e-4
-    lemo = LeMoConfig(schedule="profile", profile=tuple(p))
+    lemo = spec_lemo(schedule="profile", profile=tuple(p))
     assert lemo.keep_ratios(32) == tuple(p)
     with pytest.raises(ValueError, match="unknown profile"):
         named("opt-nonexistent")
@@ -357,3 +359,14 @@ def test_selection_benchmark_smoke(tmp_path):
     subprocess.run([sys.executable, "-m", "experiments.bench.lemo_selection",
                     f"--merge={out},{out}", f"--out={merged}"], check=True, capture_output=True)
     assert len(json.loads(merged.read_text())["rows"]) == 2 * len(result["rows"])
+
+
+def test_the_default_is_the_learned_rule_with_the_first_block_kept():
+    """LeMo's defaults select with the cheap learned rule and keep the attention sink; a model
+    without learned-selector weights is refused with the command that trains them."""
+    default = LeMoConfig()
+    assert (default.selector, default.keep_first_block) == ("learned", True)
+    model = Llama(CONFIG, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((1, T), jnp.int32)
+    with pytest.raises(ValueError, match=r"python -m experiments\.train_selector"):
+        lemo_forward.sparse_forward_loss(model, tokens, LeMoConfig(block_size=BLOCK))

@@ -7,17 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import LoRAConfig, preset
 from tokensparse.lemo.forward import lemo_loss
 from tokensparse.lemo.profiles import sensitivity
 from tokensparse.llama import Llama
 
 CONFIG = preset("tiny").replace(n_layers=3)
 T, BLOCK, KEEP = 128, 16, 0.5
-LEMO = LeMoConfig(block_size=BLOCK)
+LEMO = spec_lemo(block_size=BLOCK)
 
 
 class Batch(NamedTuple):
@@ -96,7 +97,7 @@ def test_tune_profile_reports_the_measured_losses_of_its_profile(model):
     assert result.profile_loss == pytest.approx(
         np.mean([_loss(model, b, profile_lemo) for b in batches]), abs=1e-5)
     assert (result.keep_ratio, result.budget) == (keep, budget)
-    LeMoConfig(schedule="profile", profile=result.profile).keep_ratios(CONFIG.n_layers)
+    spec_lemo(schedule="profile", profile=result.profile).keep_ratios(CONFIG.n_layers)
 
 
 def test_layer_costs_reject_bad_input(model):
@@ -112,6 +113,6 @@ def test_layer_costs_reject_bad_input(model):
 
 def test_sensitivity_schedule_needs_measuring_before_it_has_keep_ratios():
     with pytest.raises(ValueError, match="tune_profile"):
-        LeMoConfig(schedule="sensitivity").keep_ratios(3)
+        spec_lemo(schedule="sensitivity").keep_ratios(3)
     with pytest.raises(ValueError, match="loss_budget"):
-        LeMoConfig(schedule="sensitivity", loss_budget=-0.1)
+        spec_lemo(schedule="sensitivity", loss_budget=-0.1)

@@ -6,16 +6,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import LoRAConfig, preset
 from tokensparse.lemo.profiles import algorithm1 as threshold
 from tokensparse.llama import Llama
 
 CONFIG = preset("tiny").replace(n_layers=3)
 T, BLOCK = 128, 16
-LEMO = LeMoConfig(block_size=BLOCK, mlp_mode="dense")
+LEMO = spec_lemo(block_size=BLOCK, mlp_mode="dense")
 
 
 class Batch(NamedTuple):
@@ -78,7 +79,7 @@ def test_tuning_follows_the_finite_difference_rule_and_returns_a_profile(model):
     fwd = nnx.jit(lambda m, b, t: threshold._forward(m, b, t, LEMO))
     kept = np.mean([np.asarray(fwd(model, b, jnp.asarray(result.thresholds))[1]) for b in batches], 0)
     np.testing.assert_allclose(result.profile, np.clip(kept, 1e-3, 1), rtol=1e-6)
-    LeMoConfig(schedule="profile", profile=result.profile).keep_ratios(3)
+    spec_lemo(schedule="profile", profile=result.profile).keep_ratios(3)
 
 
 def test_tuning_rejects_bad_input(model):
@@ -91,6 +92,6 @@ def test_tuning_rejects_bad_input(model):
 
 def test_algorithm1_schedule_needs_tuning_before_it_has_keep_ratios():
     with pytest.raises(ValueError, match="tune_thresholds"):
-        LeMoConfig(schedule="algorithm1").keep_ratios(3)
+        spec_lemo(schedule="algorithm1").keep_ratios(3)
     with pytest.raises(ValueError, match="calibration_windows"):
-        LeMoConfig(schedule="algorithm1", calibration_windows=0)
+        spec_lemo(schedule="algorithm1", calibration_windows=0)

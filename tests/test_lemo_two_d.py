@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 
 from tokensparse import lora
-from tokensparse.config import LeMoConfig, LoRAConfig, preset
+from tokensparse.config import LoRAConfig, preset
 from tokensparse.data.batching import Batch
 from tokensparse.flops import compiled_flops
 from tokensparse.lemo import forward, two_d
@@ -171,7 +172,7 @@ def test_lemo_two_d_runs_only_in_sparse_layers_and_matches_the_reference(monkeyp
     config = preset("tiny").replace(n_layers=3)  # layers 0, 1 sparse; 2 dense
     model = _lora_model(config)
     t, block = 128, 16
-    lemo = LeMoConfig(block_size=block, keep_ratio=0.5, two_d=True, mlp_mode="dense")
+    lemo = spec_lemo(block_size=block, keep_ratio=0.5, two_d=True, mlp_mode="dense")
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, t)), jnp.int32)
     seg = np.zeros((2, t), np.int32)

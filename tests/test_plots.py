@@ -106,3 +106,20 @@ def test_loss_history_reads_metrics_jsonl_keeping_the_last_value_per_step(tmp_pa
              {"step": 3, "prune_tau": 0.1}, {"step": 4, "loss": 2.0, "grad_norm": 1.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert bench.loss_history(tmp_path) == {"step": [1, 2, 4], "loss": [3.0, 2.4, 2.0]}
+
+
+def test_a_training_run_draws_its_curves(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "loss": 7.0 - s / 10, "grad_norm": 1.0, "lr": 1e-3 * min(s / 10, 1),
+                **({"tokens_per_s": 1000.0 + s} if s > 5 else {"compile_s": 2.5}),
+                **({"val_loss": 6.9 - s / 10} if s % 20 == 0 else {})} for s in range(5, 45, 5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records)
+                                       + '{"step": 45, "lo')  # a line cut by a kill
+    (run / "summary.json").write_text("{}")  # a run's JSON files are not benchmark results
+    plots.main(["plots", str(run)])
+    assert f"wrote {run / 'curves.png'}" in capsys.readouterr().out
+    assert _is_png(run / "curves.png")
+    assert [r["step"] for r in plots.read_run(run)] == list(range(5, 45, 5))
+    (run / "metrics.jsonl").write_text("")
+    assert "has no records" in plots.plot_run(run)

@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _lemo import spec_lemo
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tokensparse import lora, routing, sharding, train
 from tokensparse.checkpoint import Checkpointer
-from tokensparse.config import LeMoConfig, LoRAConfig, MeshConfig, TrainConfig, preset
+from tokensparse.config import LoRAConfig, MeshConfig, TrainConfig, preset
 from tokensparse.lemo.forward import lemo_loss
 from tokensparse.llama import Llama
 from tokensparse.subllm import training as subllm_training
@@ -163,7 +164,7 @@ def _lemo(route_shards, layout=None):
     model = lora.add_lora(Llama(CONFIG.replace(n_layers=3), attention_backend="xla", rngs=nnx.Rngs(0)),
                           LoRAConfig(), rngs=nnx.Rngs(1))
     _randomise(model, lora.LoRAParam, 2)
-    lemo = LeMoConfig(block_size=16, keep_ratio=0.5, schedule="all", route_shards=route_shards)
+    lemo = spec_lemo(block_size=16, keep_ratio=0.5, schedule="all", route_shards=route_shards)
     return model, lora.LoRAParam, train.make_optimizer(TC), \
         lambda m, b: lemo_loss(m, b, lemo=lemo, layout=layout), False
 

@@ -259,3 +259,156 @@ def test_compiled_flops_follow_the_per_component_cost_model():
     model_dense = 24 * (t * linear + scores * t * t) + t * head
     measured = compiled_flops(cfg) / compiled_flops(dense_twin(cfg))
     assert measured == pytest.approx(model_sub / model_dense, rel=0.02)
+
+
+# --- weights as attention bias (weight_attn_bias, spec §2.6) ---------------------------------------
+
+
+def _masked_attention(q, k, v, bias, kept, pos):
+    """Causal attention over the kept keys only, logits + bias, written out (GQA by repetition);
+    a row with no visible key gives zeros."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) + bias[:, None, None, :]
+    visible = ((pos[:, None, :] <= pos[:, :, None]) & kept[:, None, :])[:, None]
+    m = jnp.max(jnp.where(visible, logits, -1e30), axis=-1, keepdims=True)
+    p = jnp.where(visible, jnp.exp(jnp.where(visible, logits, m) - m), 0.0)
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _full_length_reference(model: SubLLM, tokens):
+    """Top-k-mode SUBLLM with weight_attn_bias written at full length, without gather or scatter:
+    every layer runs on all rows; inside a level, keys outside it are masked and kept keys get
+    log(w + 1e-3) summed over the levels they passed; upsampling keeps the level's rows only."""
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    seg = jnp.zeros((b, t), jnp.int32)
+    h = model.embed(tokens)
+    kept, bias, stack = jnp.ones((b, t), bool), jnp.zeros((b, t), jnp.float32), []
+    n_level = t
+    for op in model.structure.ops:
+        if op.kind == "layer":
+            block = model.layers[op.index]
+            if not stack:
+                h = block(h, pos, seg)
+                continue
+            core = functools.partial(lambda bias, kept, q, k, v, *_: _masked_attention(
+                q, k, v, bias, kept, pos), bias, kept)
+            h = block.feed_forward(*block.attend_and_norm(h, pos, seg, core=core))
+        elif op.kind == "down":
+            scores = model.scorers[op.index](h)
+            k = routing.capacity(n_level, op.keep)
+            ranked = jnp.where(kept, scores, -jnp.inf)
+            threshold = jnp.sort(ranked, axis=-1)[:, -k][:, None]
+            new_kept = kept & (ranked >= threshold)
+            w = jnp.where(new_kept, jnp.clip(scores, 0.0, 1.0), 0.0)
+            stack.append((h, kept, bias, new_kept, w, n_level))
+            kept, n_level = new_kept, k
+            bias = bias + jnp.where(kept, jnp.log(w + 1e-3), 0.0)
+        else:
+            x, kept_above, bias_above, here, w, n_above = stack.pop()
+            u = jnp.where(here[..., None], x + w[..., None] * (h - x), x)
+            h = x + model.bypasses[op.index].scale[...] * (u - x)
+            kept, bias, n_level = kept_above, bias_above, n_above
+    return model.head(model.final_norm(h))
+
+
+def test_weight_attn_bias_matches_the_full_length_reference():
+    """Forward and every parameter's gradient (the scorers' included: the bias is differentiable in
+    w) equal a full-length computation that never compacts the sequence."""
+    model = SubLLM(_config(weight_attn_bias=True), rngs=nnx.Rngs(3))
+    tokens = _tokens(4)
+    cot = jax.random.normal(jax.random.key(5), (2, N, model.config.vocab_size))
+
+    def loss_of(fn):
+        return lambda m: jnp.sum(fn(m) * cot)
+
+    ours = lambda m: m(tokens, mode="topk")
+    ref = lambda m: _full_length_reference(m, tokens)
+    np.testing.assert_allclose(ours(model), ref(model), atol=2e-5, rtol=2e-5)
+    plain = SubLLM(_config(weight_attn_bias=False), rngs=nnx.Rngs(3))
+    assert float(jnp.abs(plain(tokens, mode="topk") - ref(model)).max()) > 1e-4  # the bias matters
+    g_ours = nnx.grad(loss_of(ours))(model)
+    g_ref = nnx.grad(loss_of(ref))(model)
+    flat_ours, flat_ref = nnx.to_flat_state(g_ours), nnx.to_flat_state(g_ref)
+    assert [p for p, _ in flat_ours] == [p for p, _ in flat_ref]
+    for (path, a), (_, r) in zip(flat_ours, flat_ref, strict=True):
+        np.testing.assert_allclose(a[...], r[...], atol=1e-5, rtol=1e-3, err_msg=str(path))
+    scorer_grads = [np.abs(np.asarray(v[...])).max() for p, v in flat_ours if "scorers" in p]
+    assert min(scorer_grads) > 0.0
+
+
+def test_weight_attn_bias_refuses_decoding_hooks():
+    model = SubLLM(_config(weight_attn_bias=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="weight_attn_bias"):
+        model.forward(_tokens(0), mode="infer", layer_fn=lambda *a: None)
+
+
+# --- train mode without a step: the schedules' defaults ---------------------------------------------
+
+
+def test_train_mode_without_a_step_has_balancer_off_and_c_min_zero(monkeypatch):
+    """step=None: Balancer probability 0 and bypass c_min 0 (icefall's ScheduledFloat defaults),
+    not the step-0 schedule (p = 1.0, c_min = 0.9) forever."""
+    import tokensparse.subllm.model as model_module
+    import tokensparse.subllm.modules as modules_module
+
+    model = SubLLM(_config(), rngs=nnx.Rngs(0))
+    tokens = _tokens(2)
+    cot = jax.random.normal(jax.random.key(6), (2, N, model.config.vocab_size))
+
+    def grads(**kw):
+        def loss(m):
+            return jnp.sum(m(tokens, mode="train", rng=jax.random.key(4), **kw) * cot)
+        return {str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.grad(loss)(model))}
+
+    no_step, step_zero = grads(), grads(step=0)
+    monkeypatch.setattr(model_module, "balance", lambda scores, **kw: scores)
+    monkeypatch.setattr(modules_module, "limit_grad", lambda c, *a, **kw: c)
+    neither = grads(step=0)
+    for path, value in neither.items():
+        np.testing.assert_allclose(no_step[path], value, atol=1e-7, rtol=1e-6, err_msg=path)
+    scorer = [p for p in neither if "scorers" in p]
+    assert any(np.abs(step_zero[p] - neither[p]).max() > 1e-6 for p in scorer)
+
+
+# --- initialisation (spec §2.1) ---------------------------------------------------------------------
+
+
+def test_spec_init_draws_the_official_scheme():
+    cfg = _config()
+    assert cfg.init == "spec"
+    mc, std = cfg.model, cfg.model.init_std
+    model = SubLLM(cfg, rngs=nnx.Rngs(0))
+    emb = np.asarray(model.embed.embedding[...])
+    assert abs(emb.std() / mc.d_model ** -0.5 - 1.0) < 0.03
+    assert np.abs(emb).max() > 3.2 * mc.d_model ** -0.5  # the embedding is not truncated
+    truncated_std = 0.98654  # std of a unit normal truncated at ±3
+
+    def check(kernel, sigma):
+        kernel = np.asarray(kernel)
+        assert np.abs(kernel).max() <= 3.0 * sigma * (1 + 1e-6)
+        assert abs(kernel.std() / (truncated_std * sigma) - 1.0) < 0.06
+
+    check(model.lm_head.kernel[...], std)
+    for layer in range(mc.n_layers):
+        block = model.layers[layer]
+        for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj,
+                       block.mlp.gate_proj, block.mlp.up_proj):
+            check(linear.kernel[...], std)
+        for linear in (block.attn.o_proj, block.mlp.down_proj):
+            check(linear.kernel[...], std / math.sqrt(2 * (layer + 1)))
+    backbone = SubLLM(cfg.replace(init="backbone"), rngs=nnx.Rngs(0))
+    assert abs(np.asarray(backbone.embed.embedding[...]).std() / std - 1.0) < 0.03
+    # the dense twin (same seed) starts from the same backbone weights
+    twin = SubLLM(dense_twin(cfg), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(twin.embed.embedding[...], emb)
+    for layer in range(mc.n_layers):
+        np.testing.assert_array_equal(twin.layers[layer].mlp.down_proj.kernel[...],
+                                      model.layers[layer].mlp.down_proj.kernel[...])
+
+
+def test_init_option_is_validated():
+    with pytest.raises(ValueError, match="init"):
+        _config(init="xavier")

@@ -29,6 +29,8 @@ from tokensparse.subllm import (
     bypass_min,
     coin,
     infer_select,
+    key_bias,
+    key_biased_attention,
     limit_grad,
     piecewise_linear,
     positive_fraction,
@@ -579,8 +581,12 @@ def test_bypass_module_applies_limit_only_when_asked():
     np.testing.assert_allclose(grad(limit_active=True, step=0), np.full(4, -3.0), rtol=1e-6)
     np.testing.assert_allclose(grad(limit_active=False, step=0), np.full(4, 3.0), rtol=1e-6)
     np.testing.assert_allclose(grad(limit_active=True, step=30000), np.full(4, 3.0), rtol=1e-6)
-    with pytest.raises(ValueError, match="step"):
-        module(x, u, limit_active=True)
+    # Without a step c_min is the schedule's default 0 (not step 0's 0.9): c = 0.5 is left alone,
+    # c = -0.1 (below 0) still has its positive gradient flipped.
+    np.testing.assert_allclose(grad(limit_active=True), np.full(4, 3.0), rtol=1e-6)
+    below = Bypass(4, init=-0.1)
+    flipped = nnx.grad(lambda m: m(x, u, limit_active=True).sum())(below).scale[...]
+    np.testing.assert_allclose(flipped, np.full(4, -3.0), rtol=1e-6)
 
 
 def test_a_narrower_margin_acts_inside_the_spec_band():
@@ -600,3 +606,60 @@ def test_a_narrower_margin_acts_inside_the_spec_band():
     assert math.sqrt((pushed.astype(np.float64) ** 2).mean()) == pytest.approx(0.04, rel=1e-3)
     assert np.mean(high - 3.0 * pushed > 0) < 0.67  # a descent step lowers the fraction
     np.testing.assert_array_equal(correction(_skewed_scores(0.64), 0.01), 0.0)
+
+
+# --- weights as attention bias (option weight_attn_bias, spec §2.6) ----------------------------------
+
+
+def _biased_reference(q, k, v, bias, pos, seg):
+    """softmax(q·k/√d + bias_j) over the visible keys, written out in fp32 (GQA by repeating kv)."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) + bias[:, None, None, :]
+    visible = ((pos[:, None, :] <= pos[:, :, None]) & (seg[:, :, None] == seg[:, None, :])
+               & (seg[:, :, None] >= 0))[:, None]
+    logits = jnp.where(visible, logits, -jnp.inf)
+    m = jnp.max(jnp.where(visible, logits, -1e30), axis=-1, keepdims=True)
+    p = jnp.where(visible, jnp.exp(logits - m), 0.0)
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def test_key_biased_attention_matches_the_written_out_reference():
+    rng = np.random.default_rng(21)
+    b, t, h, hkv, d = 2, 12, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, d)).astype(np.float32))
+               for n in (h, hkv, hkv))
+    w = jnp.asarray(rng.uniform(0.0, 1.0, (b, t)).astype(np.float32)).at[:, 3].set(0.0)
+    bias = key_bias(w)
+    # ragged: two packed documents in row 0, padding at the end of row 1; compacted positions
+    pos = jnp.asarray(np.sort(rng.choice(40, (b, t), replace=False), axis=1).astype(np.int32))
+    seg = jnp.asarray([[0] * 5 + [1] * 7, [0] * 9 + [-1] * 3], jnp.int32)
+    got = key_biased_attention(q, k, v, bias, q_positions=pos, kv_positions=pos,
+                               q_segment_ids=seg, kv_segment_ids=seg)
+    want = _biased_reference(q, k, v, bias, pos, seg)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got)[1, 9:], 0.0)  # padding rows see nothing
+    # the bias matters: without it the output differs
+    plain = _biased_reference(q, k, v, jnp.zeros_like(bias), pos, seg)
+    assert float(jnp.abs(plain - want).max()) > 1e-2
+
+    cot = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+    valid = (seg >= 0)[:, :, None, None]
+
+    def loss(fn):
+        return lambda q, k, v, w: jnp.sum(jnp.where(valid, fn(q, k, v, key_bias(w)), 0.0) * cot)
+
+    ours = jax.grad(loss(lambda q, k, v, bb: key_biased_attention(
+        q, k, v, bb, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)),
+        argnums=(0, 1, 2, 3))(q, k, v, w)
+    ref = jax.grad(loss(lambda q, k, v, bb: _biased_reference(q, k, v, bb, pos, seg)),
+                   argnums=(0, 1, 2, 3))(q, k, v, w)
+    for a, r in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
+    assert float(jnp.abs(ref[3]).max()) > 1e-3  # the weights get a gradient through the bias
+
+
+def test_key_bias_is_log_w_plus_eps():
+    w = jnp.asarray([[0.0, 0.5, 1.0]])
+    np.testing.assert_allclose(key_bias(w), np.log(np.array([[1e-3, 0.501, 1.001]])), rtol=1e-6, atol=1e-6)

@@ -57,7 +57,8 @@ class _QuietMissingMetadata(logging.Filter):
     the steps; those directories are not checkpoints here (never listed), so the warning is noise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Metadata file does not exist")
+        return not str(record.msg).startswith(("Metadata file does not exist",
+                                               "Given directory is read only"))  # read_only=True
 
 
 logging.getLogger("absl").addFilter(_QuietMissingMetadata())
@@ -156,7 +157,10 @@ def _quiet_aborted_reads():
 class Checkpointer:
     """Saves every ``save_every`` steps into ``directory/<step>``, keeping the ``keep`` latest."""
 
-    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3):
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3,
+                 read_only: bool = False):
+        """``read_only``: only read (no directory made, no temporary directories cleaned up),
+        e.g. to load a run that may still be training."""
         if save_every < 1 or keep < 1:
             raise ValueError(f"Checkpointer needs save_every >= 1 and keep >= 1, got save_every="
                              f"{save_every}, keep={keep}.")
@@ -164,7 +168,9 @@ class Checkpointer:
         self.save_every = save_every
         self.broken_steps: set[int] = set()  # found unreadable: skipped, replaced when saved again
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            max_to_keep=None if read_only else keep, create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only,
+            **({"save_interval_steps": 0} if read_only else {}),
             enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -318,6 +324,38 @@ class Checkpointer:
             lambda x, ref: jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x,
             restored["state"], abstract_state)
         return state, metadata
+
+    def restore_items(self, names: tuple[str, ...], step: int | None = None) -> tuple[dict, dict]:
+        """Only the top-level entries ``names`` of the saved state (e.g. ``("params",)``: a run's
+        weights without its optimizer state), as host arrays in the nested-dict structure they
+        were saved in (string keys), and the metadata; nothing else of the step is read. Without
+        ``step``: the newest step that reads (falling back like :meth:`restore`)."""
+        return self._with_fallback(lambda s: self._restore_items(tuple(names), s), step)
+
+    def _restore_items(self, names: tuple[str, ...], step: int) -> tuple[dict, dict]:
+        where = f"checkpoint step {step} in {self.directory}"
+        metadata = self._read_metadata(step)
+        try:
+            stored = self._manager.item_metadata(step)["state"]
+            if stored is None:
+                raise FileNotFoundError("the state item has no readable tree metadata (_METADATA)")
+            absent = [n for n in names if n not in stored]
+        except Exception as e:
+            raise _unreadable(where, e) from e
+        if absent:
+            raise CheckpointError(f"{where} holds no {absent}; it holds {sorted(stored)}.")
+        target = {n: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stored[n])
+                  for n in names}
+        try:  # StandardSave writes a PyTree checkpoint, whose handler can read part of it
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+                part = reader.restore(os.path.join(self._step_dir(step), "state"),
+                                      args=ocp.args.PyTreeRestore(
+                                          item=target, partial_restore=True,
+                                          restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                              target)))
+        except Exception as e:
+            raise _unreadable(where, e) from e
+        return dict(part), metadata
 
     def close(self) -> None:
         self._manager.close()

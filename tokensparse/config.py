@@ -241,10 +241,15 @@ class DataConfig:
     """A tokensparse.data corpus name, or a directory of .txt files (one document each)."""
     vocab_size: int = 8192
     """Size of the BPE tokenizer trained on the corpus (a base with its own tokenizer ignores it)."""
+    tokenizer: str = ""
+    """A tokenizer.json (or a directory holding one) to use instead of training a BPE: needed to
+    fine-tune a base that ships none; for a base with its own it must have the same vocabulary."""
 
     def __post_init__(self):
         _check(isinstance(self.source, str) and bool(self.source),
                f"DataConfig.source={self.source!r} must name a corpus or a directory.")
+        _check(isinstance(self.tokenizer, str),
+               f"DataConfig.tokenizer={self.tokenizer!r} must be a path (or empty).")
         _check(isinstance(self.vocab_size, int) and self.vocab_size >= 2,
                f"DataConfig.vocab_size={self.vocab_size!r} must be an integer >= 2.")
 
@@ -312,7 +317,12 @@ class TrainConfig:
     steps: int = 200
     """Optimizer steps of the run (a resumed run continues to this many)."""
     batch_size: int = 8
-    """Rows per step."""
+    """Rows per optimizer step (the global batch); with grad_accum_steps > 1 it is split into that
+    many micro-batches of batch_size / grad_accum_steps rows."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step: their gradients are summed (weighted by target tokens) under
+    one compiled step, then one update is applied; must divide batch_size. Same update as one batch of
+    batch_size rows, with a micro-batch's activation memory."""
     seq_len: int = 256
     """Tokens per row: the training context."""
     lr: float = 3e-4
@@ -344,9 +354,15 @@ class TrainConfig:
     """contiguous, or zigzag: reorder each row so causal attention is balanced over the mesh's seq
     axis."""
     log_every: int = 10
-    """Log (metrics.jsonl, progress) every this many steps."""
-    eval_every: int = 0
-    """Evaluate every this many steps; 0: only at the end."""
+    """Log (metrics.jsonl, TensorBoard, progress) every this many steps; the losses stay on the
+    device in between (no per-step host sync)."""
+    eval_every: int = 100
+    """Evaluate (val_loss in metrics.jsonl) every this many steps and at the end; 0: only at the
+    end."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files to workdir/tensorboard (needs tensorboardX)."""
+    wandb_project: str = ""
+    """Also log to this Weights & Biases project (needs wandb installed); empty: off."""
     eval_batches: int = 8
     """Validation batches (or windows) each evaluation scores."""
     checkpoint_every: int = 100
@@ -388,6 +404,11 @@ class TrainConfig:
         _check(self.seq_layout in SEQ_LAYOUTS,
                f"TrainConfig.seq_layout={self.seq_layout!r} must be one of {SEQ_LAYOUTS}.")
         _check(self.eval_every >= 0, "TrainConfig.eval_every must be >= 0 (0: only at the end).")
+        _check(isinstance(self.grad_accum_steps, int) and self.grad_accum_steps >= 1,
+               f"TrainConfig.grad_accum_steps={self.grad_accum_steps!r} must be an integer >= 1.")
+        _check(self.batch_size % self.grad_accum_steps == 0,
+               f"TrainConfig.grad_accum_steps={self.grad_accum_steps} must divide "
+               f"batch_size={self.batch_size} (batch_size is the batch of one optimizer step).")
         _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0,
                f"TrainConfig.grad_clip={self.grad_clip} must be finite and >= 0 (0 disables).")
 
@@ -430,16 +451,18 @@ class LeMoConfig:
     loss_budget nats, dense elsewhere (tokensparse.lemo.profiles.sensitivity.tune_profile)."""
     profile: tuple[float, ...] | None = None
     """Per-layer keep ratios in (0, 1] (1.0: dense), given exactly when schedule=profile."""
-    selector: str = "oracle"
-    """How a sparse layer scores its blocks (tokensparse.lemo.rules; higher is kept): oracle (the
-    spec's key-side score: sum over heads of ReLU(q.k), tile max, column sums), predictor (trained
-    pattern predictors of the oracle, attached to the model), random (seeded by the layer and the
-    positions), attention_ratio (per token |attention output| / |residual input| from a dense
+    selector: str = "learned"
+    """How a sparse layer scores its blocks (tokensparse.lemo.rules; higher is kept). The default,
+    learned, is a trained per-token MLP on the layer's input (tokensparse.lemo.learned_selector;
+    about 0.03% of a 7B step's FLOPs): tokensparse.zoo.load attaches SmolLM2's shipped weights; for
+    another model train them with `python -m experiments.train_selector` (without them LeMo stops
+    with an error naming that command). The others: oracle (the spec's key-side score: sum over
+    heads of ReLU(q.k), tile max, column sums; measured worse than random blocks on SmolLM2),
+    predictor (trained pattern predictors of the oracle, attached to the model), random (seeded by
+    the layer and the positions), attention_ratio (per token |attention output| / |residual input| from a dense
     attention pass, block mean), attention_mass (causal softmax attention received, H2O-style),
     recent (the latest blocks), ratio_mass (attention_ratio plus the attention mass received from
-    queries weighted by their ratio), learned (a trained per-token MLP on the layer's input that
-    predicts attention_ratio cheaply; tokensparse.lemo.learned_selector, weights attached to the
-    model)."""
+    queries weighted by their ratio)."""
     score_causal: bool = False
     """Oracle scores and predictor targets: only query blocks at or after a key block count (the
     spec's default ranks the whole sequence, future queries included)."""
@@ -460,8 +483,10 @@ class LeMoConfig:
     mlp_drop_profile: tuple[float, ...] | None = None
     """With mlp_mode=channel_sparse_bwd: per-layer fractions of MLP channels dropped in the backward
     of the sparse layers (one per layer, each in [0, 1); spec 2.6's ablation), instead of mlp_drop."""
-    keep_first_block: bool = False
-    """Always keep each sequence's first block (the attention sink)."""
+    keep_first_block: bool = True
+    """Always keep each sequence's first block (the attention sink). On by default: on SmolLM2 it
+    lowers the zero-step loss of every query-side rule (attention_ratio at keep 0.7: +0.50 nats over
+    dense with it, +1.23 without); the spec's setting is False."""
     route_shards: int = 0
     """Blocks are chosen per this many contiguous pieces of the sequence; 0: the mesh's seq axis
     (one piece on one device)."""

@@ -9,16 +9,34 @@ slots past the pointer are never attended.
 
 ``prefill`` runs the prompt (right-padded; ``lengths`` tokens per row are real) and fills the
 caches; ``decode_step`` runs one token per sequence at its own position. Both run the model's own
-layer loop and the block's own attention sub-layer (its ``kv_cache`` hook). Keys are stored after
-RoPE, so a cached token never needs its position again except for the causal mask.
+layer loop and the block's own attention sub-layer (its ``kv_cache`` hook) with the block's own
+attention backend, so prefill and decode compute attention the same way on every platform. Keys are
+stored after RoPE, so a cached token never needs its position again except for the causal mask.
+
+**Length-bounded decode.** A decode step attends only over the filled prefix of each cache, not
+the whole allocated buffer: :func:`length_bounded` slices the buffer to the smallest of a few
+static lengths (:func:`bucket_sizes`) that covers the longest filled prefix in the batch and runs
+the backend on that slice (one ``lax.switch`` branch per length). The per-token attention cost
+follows occupancy (within ``1/DECODE_BUCKETS`` of the buffer), which is what lets SUBLLM's shorter
+inner caches save time. Its reference is the same backend over the full buffer with the mask
+hiding the unfilled slots; the two agree exactly in what they attend to.
+
+**Past the end.** A cache of ``max_len`` slots holds ``max_len`` tokens. With a concrete cache
+(eager calls) :func:`decode_step` raises when a row's cache is full. Under ``jit`` the lengths are
+traced, so the step cannot raise: it writes nothing for such a row (the token is dropped, never
+wrapped) and leaves ``lengths[0] > max_len``, which :func:`overflowed` reports after the step;
+:class:`tokensparse.generate.Decoder` checks its (host) positions before each step instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from tokensparse.layer_loop import Layer
@@ -98,13 +116,72 @@ def prefill_layer(block, h, layer: Layer, selection):
     return block(h, layer.positions, layer.segment_ids, selection, kv_cache=record), recorded[0]
 
 
+DECODE_BUCKETS = 8
+"""How many static key lengths a decode step chooses between (see :func:`bucket_sizes`)."""
+BUCKET_MULTIPLE = 16
+"""Bucket lengths are rounded up to a multiple of this (attention kernel tiles)."""
+
+
+def bucket_sizes(size: int, buckets: int = DECODE_BUCKETS, multiple: int = BUCKET_MULTIPLE
+                 ) -> tuple[int, ...]:
+    """The static key lengths a decode step over a ``size``-slot buffer may attend over:
+    ``ceil(size·i/buckets)`` for i = 1..buckets, rounded up to ``multiple``, capped at ``size``."""
+    out: list[int] = []
+    for i in range(1, buckets + 1):
+        n = min(size, math.ceil(math.ceil(size * i / buckets) / multiple) * multiple)
+        if not out or n > out[-1]:
+            out.append(n)
+    return tuple(out)
+
+
+def length_bounded(core, filled: Int[Array, " b"], buckets: int = DECODE_BUCKETS,
+                   multiple: int = BUCKET_MULTIPLE):
+    """An attention core (:meth:`~tokensparse.llama.Attention.core`'s signature) that runs ``core``
+    on the first ``n`` key slots only, ``n`` the smallest of :func:`bucket_sizes` that is at least
+    ``max(filled)`` (``filled[b]``: slots of row b that may be visible). Slots at or past
+    ``filled[b]`` must be masked out by ``kv_segment_ids`` already: cutting them changes nothing."""
+
+    def bounded(q, k, v, positions, segment_ids, kv_positions, kv_segment_ids):
+        sizes = bucket_sizes(k.shape[1], buckets, multiple)
+        index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(filled).astype(jnp.int32))
+
+        def branch(n):
+            return core(q, k[:, :n], v[:, :n], positions, segment_ids, kv_positions[:, :n],
+                        kv_segment_ids[:, :n])
+        if len(sizes) == 1:
+            return branch(sizes[0])
+        return jax.lax.switch(jnp.minimum(index, len(sizes) - 1),
+                              [functools.partial(branch, n) for n in sizes])
+    return bounded
+
+
+def overflowed(cache: DecodeCache) -> Array:
+    """Per row: True when a decode step ran past the end of its full-length cache (under ``jit``
+    such a step drops the token's keys and values instead of raising)."""
+    return cache.lengths[0] > cache.positions[0].shape[1]
+
+
+def check_room(cache: DecodeCache, where: str) -> None:
+    """Raise when a row's full-length cache has no slot left for one more token. Only a concrete
+    cache can be checked (eager calls); under ``jit`` see :func:`overflowed`."""
+    lengths = cache.lengths[0]
+    if isinstance(lengths, jax.core.Tracer):
+        return
+    size = cache.positions[0].shape[1]
+    full = np.flatnonzero(np.asarray(lengths) >= size)
+    if full.size:
+        raise ValueError(f"{where}: rows {full.tolist()} already hold max_len={size} tokens; "
+                         "decoding past the end of the cache needs a larger max_len.")
+
+
 def decode_layer(slots: Int[Array, " l"], kv_positions: Int[Array, "b s"], slot: Int[Array, " b"],
                  write: Bool[Array, " b"]):
     """A layer function for one new token per row against a group's stacked caches (the loop
     carry ``(h, key_stack, value_stack)``; ``slots[layer]`` is the layer's place in the stack).
 
     The token's key/value go to ``slot`` where ``write``; it attends to slots ``<= slot`` (the cache
-    plus itself). Rows with ``write=False`` compute garbage that the caller must discard."""
+    plus itself), over the cache's filled prefix only (:func:`length_bounded`). Rows with
+    ``write=False`` compute garbage that the caller must discard."""
     visible = jnp.arange(kv_positions.shape[1])[None, :] <= slot[:, None]
     kv_segments = jnp.where(visible, 0, -1).astype(jnp.int32)
 
@@ -118,8 +195,10 @@ def decode_layer(slots: Int[Array, " l"], kv_positions: Int[Array, "b s"], slot:
             stacks["v"] = _write_layer_slot(value_stack, j, v[:, 0], slot, write)
             return stacks["k"][j], stacks["v"][j], kv_positions, kv_segments
 
-        h = block(h, layer.positions, jnp.zeros(layer.positions.shape, jnp.int32), selection,
-                  kv_cache=cache)
+        h, normed = block.attend_and_norm(h, layer.positions, jnp.zeros(layer.positions.shape, jnp.int32),
+                                          selection, kv_cache=cache,
+                                          core=length_bounded(block.attn.core, slot + 1))
+        h = block.feed_forward(h, normed)
         return (h, stacks["k"], stacks["v"]), None
     return layer_fn
 
@@ -188,7 +267,9 @@ def prefill(model: Llama, tokens: Int[Array, "b t"], lengths: Int[Array, " b"], 
 def decode_step(model: Llama, cache: DecodeCache, tokens: Int[Array, " b"], positions: Int[Array, " b"]
                 ) -> tuple[Float[Array, "b v"], DecodeCache]:
     """One new token per sequence (at ``positions``) through the dense model: next-token logits and
-    the cache with the token appended."""
+    the cache with the token appended. Raises when a row's cache is full and the cache is concrete;
+    under ``jit`` the token is dropped and :func:`overflowed` says so (module doc)."""
+    check_room(cache, "decode_step")
     slot = cache.lengths[0]
     write = jnp.ones(slot.shape, bool)
     kv_pos = write_slot(cache.positions[0], positions, slot, write)

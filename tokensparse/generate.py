@@ -28,6 +28,7 @@ from tokensparse import decode
 from tokensparse.llama import Llama
 from tokensparse.subllm import decode as subllm_decode
 from tokensparse.subllm.model import SubLLM
+from tokensparse.validation import check_token_ids
 
 
 def sample(logits: Float[Array, "b v"], key: Array | None, temperature: float = 0.0,
@@ -93,10 +94,27 @@ class Decoder:
 
     def prefill(self, tokens, lengths) -> tuple[Array, decode.DecodeCache]:
         """Logits at each row's last real prompt token, and the filled cache."""
+        check_token_ids(tokens, self.model.config.vocab_size, what="prompt token ids")
         return self._prefill(self.state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
 
+    def lower_prefill(self, tokens, lengths):
+        """The compiled prefill's lowering for these shapes (arrays or ``jax.ShapeDtypeStruct`` s):
+        ``.compile()`` it for compile-only costs (FLOPs, memory)."""
+        return self._prefill.lower(self.state, tokens, lengths)
+
     def step(self, cache: decode.DecodeCache, tokens, positions) -> tuple[Array, decode.DecodeCache]:
-        """Next-token logits for one token per row at ``positions``; consumes ``cache``."""
+        """Next-token logits for one token per row at ``positions``; consumes ``cache``.
+
+        Raises when a concrete position is ``>= max_len`` (its row's cache has no slot left: a
+        sequence of positions 0, 1, ... fills slot p at position p). Traced positions cannot be
+        checked: the compiled step then drops the token and ``tokensparse.decode.overflowed(cache)``
+        reports it."""
+        if not isinstance(positions, jax.core.Tracer):
+            late = np.flatnonzero(np.asarray(positions) >= self.max_len)
+            if late.size:
+                raise ValueError(f"Decoder.step: positions {np.asarray(positions)[late].tolist()} "
+                                 f"(rows {late.tolist()}) are past the end of the caches "
+                                 f"(max_len={self.max_len}); build the Decoder with a larger max_len.")
         return self._step(self.state, cache, jnp.asarray(tokens, jnp.int32),
                           jnp.asarray(positions, jnp.int32))
 
@@ -133,9 +151,7 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, temperature: float =
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
     tokens, lengths = pad_prompts(prompts, pad_id)
-    vocab = model.config.vocab_size
-    if tokens.min() < 0 or tokens.max() >= vocab:
-        raise ValueError(f"prompt token ids must be in [0, {vocab}); got {tokens.min()}..{tokens.max()}.")
+    check_token_ids(tokens, model.config.vocab_size, what="prompt token ids")
     needed = int(lengths.max()) + max_new_tokens
     if decoder is None:
         decoder = Decoder(model, max_len or needed)

@@ -7,13 +7,20 @@ tensors to their Hugging Face names and places them with :mod:`tokensparse.hf`'s
 converter interleaves each q/k head's two rotary halves (it rotates adjacent pairs); our RoPE, like
 HF's, rotates halves, so those rows are permuted back. The tokenizer is rebuilt from the file's vocabulary
 and merges as a byte-level BPE ``tokenizers.Tokenizer``.
+
+Every malformed file raises :class:`GGUFError` (a ``ValueError``) naming what is wrong: bad magic,
+truncation, unreadable or ill-typed metadata, metadata that describes no valid model, a broken
+vocabulary, tensors that do not fit; never a raw ``KeyError``, ``UnicodeDecodeError`` or tokenizers
+exception (a fuzz test flips and truncates bytes of a small file to hold this).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import pathlib
 import re
+import struct
 from typing import Any
 
 import gguf
@@ -61,17 +68,113 @@ def read(path: str | os.PathLike) -> gguf.GGUFReader:
         magic = fh.read(4)
     if magic != MAGIC:
         raise GGUFError(f"{path} is not a GGUF file: it starts with {magic!r}, not {MAGIC!r}.")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _HeaderWalk(buf, path).walk()
     try:
         return gguf.GGUFReader(path)
-    except (ValueError, IndexError, OSError) as e:
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as e:
         raise GGUFError(f"{path} ({path.stat().st_size} bytes) is truncated or corrupt: the GGUF "
                         f"reader failed with {type(e).__name__}: {e}") from e
 
 
+# GGUF value types: fixed sizes of the scalars, then STRING (8) and ARRAY (9).
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 4
+
+
+class _HeaderWalk:
+    """Walks the header's key/value and tensor-info tables, checking every count and length against
+    the bytes left in the file, before ``gguf.GGUFReader`` reads them.
+
+    The reader trusts the counts: with a corrupted array length it loops over empty reads past the
+    end of the file, for hours and gigabytes, instead of failing. Here every count is bounded by the
+    bytes that could hold it, so the walk is linear in the header size and a bad count is a
+    :class:`GGUFError` naming its offset."""
+
+    def __init__(self, buf, path: pathlib.Path):
+        self.buf, self.path, self.pos, self.size = buf, path, 4, len(buf)
+        self.order = "<"
+
+    def fail(self, what: str):
+        raise GGUFError(f"{self.path} ({self.size} bytes) is truncated or corrupt: {what} (at byte "
+                        f"{self.pos}).")
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > self.size:
+            self.fail(f"{what} ({n} bytes) runs past the end of the file")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def uint(self, width: int, what: str) -> int:
+        return struct.unpack_from(self.order + ("I" if width == 4 else "Q"), self.buf,
+                                  self.take(width, what))[0]
+
+    def count(self, what: str, min_item_bytes: int) -> int:
+        n = self.uint(8, what)
+        if n > (self.size - self.pos) // min_item_bytes:
+            self.fail(f"{what} = {n} cannot fit in the {self.size - self.pos} bytes left")
+        return n
+
+    def string(self, what: str) -> str:
+        n = self.uint(8, f"{what} length")
+        start = self.take(n, what)
+        return bytes(self.buf[start:start + min(n, 80)]).decode("utf-8", "replace")
+
+    def value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in _SCALAR_SIZES:
+            self.take(_SCALAR_SIZES[kind], what)
+        elif kind == _STRING:
+            self.string(what)
+        elif kind == _ARRAY:
+            if depth >= _MAX_NESTING:
+                self.fail(f"{what} nests arrays more than {_MAX_NESTING} deep")
+            item = self.uint(4, f"{what} item type")
+            if item in _SCALAR_SIZES:
+                self.take(self.count(f"{what} length", _SCALAR_SIZES[item]) * _SCALAR_SIZES[item], what)
+            elif item in (_STRING, _ARRAY):
+                for _ in range(self.count(f"{what} length", 8 if item == _STRING else 12)):
+                    self.value(item, what, depth + 1)
+            else:
+                self.fail(f"{what} has unknown item type {item}")
+        else:
+            self.fail(f"{what} has unknown value type {kind}")
+
+    def walk(self) -> None:
+        version = self.uint(4, "the version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            self.order = ">"
+            version = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            self.fail(f"GGUF version {version} is not supported (2 or 3)")
+        tensors = self.uint(8, "the tensor count")
+        pairs = self.count("the metadata count", 13)  # key length, type, one byte of value
+        for i in range(pairs):
+            key = self.string(f"metadata key {i}")
+            self.value(self.uint(4, f"metadata {key!r} type"), f"metadata {key!r}")
+        if tensors > (self.size - self.pos) // 24:  # name length, dims count, type, offset
+            self.fail(f"the tensor count {tensors} cannot fit in the {self.size - self.pos} bytes left")
+        for i in range(tensors):
+            self.string(f"tensor {i} name")
+            dims = self.uint(4, f"tensor {i} dimension count")
+            if dims > _MAX_DIMS:
+                self.fail(f"tensor {i} has {dims} dimensions (at most {_MAX_DIMS})")
+            self.take(8 * dims + 4 + 8, f"tensor {i} shape, type and offset")
+
+
 def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     """The file's key/value metadata as Python values (strings, numbers, lists)."""
-    return {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")}
+    out = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            out[name] = field.contents()
+        except (ValueError, IndexError, TypeError) as e:  # e.g. a string that is not UTF-8
+            raise GGUFError(f"The GGUF metadata field {name!r} is unreadable ({type(e).__name__}: "
+                            f"{e}); the file is corrupt.") from e
+    return out
 
 
 def dequantize(tensor) -> np.ndarray:
@@ -108,6 +211,15 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str] | None = None,
                      ) -> ModelConfig:
     """A :class:`ModelConfig` from GGUF ``llama.*`` metadata; tied embeddings when the file has no
     ``output.weight`` (pass ``tensor_names`` to decide that; without it, untied)."""
+    try:
+        return _config(meta, tensor_names, dtype)
+    except GGUFError:
+        raise
+    except (ValueError, TypeError, OverflowError) as e:  # ill-typed values, an impossible shape
+        raise GGUFError(f"The GGUF metadata does not describe a valid llama model: {e}") from e
+
+
+def _config(meta: dict[str, Any], tensor_names: set[str] | None, dtype) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise GGUFError(f"general.architecture={arch!r} is not supported; only 'llama' GGUF files "
@@ -179,7 +291,12 @@ def _model(reader: gguf.GGUFReader, config: ModelConfig, attention_backend: str)
         if want != got:
             mismatched.append(f"{tensor.name}: expected {want}, got {got}")
             continue
-        array = dequantize(tensor)
+        try:
+            array = dequantize(tensor)
+        except GGUFError:
+            raise
+        except (ValueError, TypeError, IndexError) as e:  # data that does not fill its shape
+            raise GGUFError(f"Tensor {tensor.name!r} is unreadable ({type(e).__name__}: {e}).") from e
         if name.endswith("q_proj.weight"):
             array = unpermute_rotary(array, config.n_heads)
         elif name.endswith("k_proj.weight"):
@@ -217,10 +334,21 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     both are matched whole. ``bos_token_id`` / ``eos_token_id`` (or ``None``) are set as attributes;
     BOS/EOS are added on encode when the file's ``add_bos_token`` / ``add_eos_token`` say so.
     """
+    try:
+        return _tokenizer(meta)
+    except GGUFError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exception; bad ids IndexError, bad types TypeError
+        raise GGUFError(f"The GGUF tokenizer metadata is malformed ({type(e).__name__}: {e}).") from e
+
+
+def _tokenizer(meta: dict[str, Any]) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(f"tokenizer.ggml.model={kind!r} is not supported; only byte-level BPE "
                         "('gpt2') tokenizers can be built from a GGUF file.")
+    if "tokenizer.ggml.tokens" not in meta:
+        raise GGUFError("The GGUF metadata lacks tokenizer.ggml.tokens (the vocabulary).")
     tokens = list(meta["tokenizer.ggml.tokens"])
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
@@ -269,7 +397,12 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, attention_backend: str = "
     """
     reader = read(path)
     meta = metadata(reader)
-    config = config_from_gguf(meta, {t.name for t in reader.tensors}, dtype=dtype)
+    names = {t.name for t in reader.tensors}
+    config = config_from_gguf(meta, names, dtype=dtype)
+    blocks = sorted({int(m.group(1)) for m in map(_BLOCK_RE.match, names) if m})
+    if blocks != list(range(config.n_layers)):  # before building a model of that many layers
+        raise GGUFError(f"llama.block_count={config.n_layers}, but the file's tensors belong to "
+                        f"{len(blocks)} blocks (indices {blocks[:1]}..{blocks[-1:]}).")
     tokenizer = tokenizer_from_gguf(meta)
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise GGUFError(f"The tokenizer has {tokenizer.get_vocab_size()} tokens but the model "

@@ -1,23 +1,32 @@
-"""Hugging Face Llama checkpoints: ``config.json`` + safetensors in and out, without torch.
+"""Hugging Face Llama checkpoints: ``config.json`` + safetensors (+ tokenizer) in and out, without torch.
 
 Loading builds the model abstractly (no random init) and fills it straight from the files, so a
-large checkpoint costs one copy of its weights. HF ``nn.Linear`` weights are ``[out, in]``; ours are
-``[in, out]``, hence the transposes. HF Llama stores q/k in the rotate-half RoPE layout that
-:mod:`tokensparse.rope` uses, so no head permutation is needed.
+large checkpoint costs one copy of its weights; given a mesh, each device's block is read straight
+into the training layout. The directory's tokenizer travels with the model: :func:`load_llama`
+returns ``(model, config, tokenizer)`` like :func:`tokensparse.zoo.load` and
+:func:`tokensparse.gguf.load_gguf`, and :func:`save_llama` writes it back.
+
+HF ``nn.Linear`` weights are ``[out, in]``; ours are ``[in, out]``, hence the transposes. HF Llama
+stores q/k in the rotate-half RoPE layout that :mod:`tokensparse.rope` uses, so no head permutation
+is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from tokensparse import sharding
 from tokensparse.config import ModelConfig, RopeScaling
 from tokensparse.layer_stack import per_layer_flat, stacked_flat
 from tokensparse.llama import Llama
@@ -133,31 +142,68 @@ def hf_param_names(config: ModelConfig) -> dict[str, tuple[Path, bool]]:
     return names
 
 
-def _abstract(config: ModelConfig, attention_backend: str = "auto"):
-    """(graphdef, {per-layer path: abstract Param}) of ``Llama(config)`` without allocating
-    weights; :func:`build` makes the model from values for those paths."""
+def _abstract_stacked(config: ModelConfig, attention_backend: str = "auto"):
+    """(graphdef, {stacked path: abstract Param}, layer group sizes) of ``Llama(config)``, built
+    without allocating weights."""
     model = nnx.eval_shape(lambda: Llama(config, attention_backend=attention_backend,
                                          rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    flat = per_layer_flat(dict(nnx.to_flat_state(state)), model.layers.sizes)
+    stacked, sizes = dict(nnx.to_flat_state(state)), model.layers.sizes
     table = {p for p, _ in hf_param_names(config).values()}
+    flat = per_layer_flat(stacked, sizes)
     if set(flat) != table:  # llama.py and this mapping drifted apart: a bug here, not in the file
         raise RuntimeError(f"hf_param_names is out of date with Llama: {sorted(set(flat) ^ table)}")
-    return graphdef, flat
+    return graphdef, stacked, sizes
+
+
+def _abstract(config: ModelConfig, attention_backend: str = "auto"):
+    """(graphdef, {per-layer path: abstract Param}) of ``Llama(config)`` without allocating
+    weights; :func:`build` makes the model from values for those paths."""
+    graphdef, stacked, sizes = _abstract_stacked(config, attention_backend)
+    return graphdef, per_layer_flat(stacked, sizes)
 
 
 def _hf_shape(var, transpose: bool) -> tuple[int, ...]:
     return tuple(reversed(var.shape)) if transpose else tuple(var.shape)
 
 
+def _json_file(file: pathlib.Path) -> dict:
+    """A JSON object from ``file``; a one-line ValueError naming it when it is not one."""
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(value).__name__}.")
+    return value
+
+
+def read_config(path: str | os.PathLike, *, dtype=None) -> ModelConfig:
+    """The :class:`ModelConfig` of a HF directory's ``config.json``; errors name the file."""
+    file = pathlib.Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: load_llama expects a Hugging Face model "
+                                "directory holding config.json and *.safetensors.")
+    try:
+        return config_from_hf(_json_file(file), dtype=dtype)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        if message.startswith("config.json"):
+            message = message.replace("config.json", str(file), 1)
+        raise ValueError(message if str(file) in message else f"{file}: {message}") from None
+
+
 def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-        files = [path / f for f in sorted(shards)]
-        absent = [str(f) for f in files if not f.exists()]
+        weight_map = _json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map' (tensor name -> shard file).")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
         if absent:
-            raise FileNotFoundError(f"{index} names shard files that do not exist: {absent}")
+            raise ValueError(f"{path / absent[0]} is missing: {index.name} names shard files that "
+                             f"do not exist ({', '.join(absent)}).")
         return files
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
@@ -168,58 +214,73 @@ def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def _read_bf16(file: pathlib.Path, name: str) -> np.ndarray:
-    """A BF16 tensor read from the raw file, for safetensors versions whose numpy API lacks it."""
+@contextlib.contextmanager
+def _safetensors_errors(file: pathlib.Path):
+    """Turn safetensors' and the OS's low-level failures into a one-line ValueError naming ``file``."""
+    try:
+        yield
+    except (SafetensorError, OSError, BufferError) as e:
+        size = file.stat().st_size if file.exists() else 0
+        raise ValueError(f"{file} ({size} bytes) is not a readable safetensors file (truncated or "
+                         f"corrupt?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         ) from None
+
+
+def _open(stack: contextlib.ExitStack, file: pathlib.Path):
+    with _safetensors_errors(file):
+        return stack.enter_context(safe_open(file, framework="np"))
+
+
+def _bf16_view(file: pathlib.Path, name: str) -> np.ndarray:
+    """A BF16 tensor memory-mapped from the raw file (slicing it reads only those bytes), for
+    safetensors versions whose numpy API lacks bfloat16."""
     with open(file, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
         info = json.loads(fh.read(size))[name]
-        start, end = info["data_offsets"]
-        fh.seek(8 + size + start)
-        data = fh.read(end - start)
-    return np.frombuffer(data, np.dtype(jnp.bfloat16)).reshape(info["shape"])
+    start, _ = info["data_offsets"]
+    return np.memmap(file, np.dtype(jnp.bfloat16), "r", offset=8 + size + start,
+                     shape=tuple(info["shape"]))
 
 
-def _read(handle, file: pathlib.Path, name: str) -> np.ndarray:
-    try:
-        return handle.get_tensor(name)
-    except (TypeError, ValueError, KeyError, SafetensorError):
-        if handle.get_slice(name).get_dtype() != "BF16":
-            raise
-        return _read_bf16(file, name)
+def _read_bf16(file: pathlib.Path, name: str) -> np.ndarray:
+    """A whole BF16 tensor read from the raw file (see :func:`_bf16_view`)."""
+    return np.array(_bf16_view(file, name))
 
 
-def load_llama(path: str | os.PathLike, *, dtype=None, attention_backend: str = "auto"):
-    """Load a local HF Llama directory as ``(Llama, ModelConfig)``.
+def _read_region(handle, file: pathlib.Path, name: str, index: tuple) -> np.ndarray:
+    """``tensor[index]`` (a tuple of slices) of ``name``, reading only that region."""
+    with _safetensors_errors(file):
+        try:
+            return np.asarray(handle.get_slice(name)[index])
+        except (TypeError, ValueError, KeyError, SafetensorError):
+            if handle.get_slice(name).get_dtype() != "BF16":
+                raise
+            return np.array(_bf16_view(file, name)[index])
 
-    Every tensor is checked before any is read: one ``ValueError`` lists all missing, unexpected
-    and wrongly shaped tensors, so a bad checkpoint is diagnosed in one go.
-    """
-    path = pathlib.Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: load_llama expects a Hugging "
-                                "Face model directory holding config.json and *.safetensors.")
-    config = config_from_hf(json.loads((path / "config.json").read_text()), dtype=dtype)
+
+def _check_tensors(path, files, handles, config, flat) -> dict[str, int]:
+    """{HF name: index of its file}; one ValueError listing every missing, unexpected and wrongly
+    shaped tensor, so a bad checkpoint is diagnosed in one go."""
     names = hf_param_names(config)
-    graphdef, flat = _abstract(config, attention_backend)
-
-    where: dict[str, pathlib.Path] = {}
+    where: dict[str, int] = {}
     unexpected, mismatched = [], []
-    for file in _safetensors_files(path):
-        with safe_open(file, framework="np") as f:
-            keys = f.keys()
-            for name in keys:
-                if name in where:
-                    raise ValueError(f"Tensor {name} appears in both {where[name]} and {file}.")
-                if name not in names:
-                    tied_head = name == "lm_head.weight" and config.tie_embeddings
-                    if not (tied_head or name.endswith(_IGNORED_SUFFIXES)):
-                        unexpected.append(name)
-                    continue
-                where[name] = file
-                p, transpose = names[name]
-                want, got = _hf_shape(flat[p], transpose), tuple(f.get_slice(name).get_shape())
-                if want != got:
-                    mismatched.append(f"{name}: expected {want}, got {got}")
+    for i, (file, f) in enumerate(zip(files, handles, strict=True)):
+        with _safetensors_errors(file):
+            keys = list(f.keys())
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in keys if name in names}
+        for name in keys:
+            if name in where:
+                raise ValueError(f"Tensor {name} appears in both {files[where[name]]} and {file}.")
+            if name not in names:
+                tied_head = name == "lm_head.weight" and config.tie_embeddings
+                if not (tied_head or name.endswith(_IGNORED_SUFFIXES)):
+                    unexpected.append(name)
+                continue
+            where[name] = i
+            p, transpose = names[name]
+            want, got = _hf_shape(flat[p], transpose), shapes[name]
+            if want != got:
+                mismatched.append(f"{name}: expected {want}, got {got}")
     missing = [n for n in names if n not in where]
     if missing or unexpected or mismatched:
         problems = [f"missing tensors: {missing}" if missing else "",
@@ -227,15 +288,84 @@ def load_llama(path: str | os.PathLike, *, dtype=None, attention_backend: str = 
                     "shape mismatches:\n  " + "\n  ".join(mismatched) if mismatched else ""]
         raise ValueError(f"{path} does not match a Llama with this config.json:\n"
                          + "\n".join(p for p in problems if p))
+    return where
 
-    values = {}
-    for file in sorted(set(where.values())):
-        with safe_open(file, framework="np") as f:
-            for name in (n for n, fl in where.items() if fl == file):
-                p, transpose = names[name]
-                array = _read(f, file, name).astype(config.weight_dtype)
-                values[p] = np.ascontiguousarray(array.T if transpose else array)
-    return build(graphdef, flat, values), config
+
+def _layer_sources(path: Path, sizes) -> list[Path] | None:
+    """The per-layer paths (``("layers", i, *rest)``) a stacked path ``("layers", "groups", g,
+    *rest)`` stacks, in order; None for a path outside the layer stack."""
+    if path[:2] != ("layers", "groups"):
+        return None
+    g, rest = path[2], tuple(path[3:])
+    start = sum(sizes[:g])
+    return [("layers", start + j, *rest) for j in range(sizes[g])]
+
+
+def load_llama(path: str | os.PathLike, *, dtype=None, attention_backend: str = "auto",
+               mesh=None):
+    """Load a local HF Llama directory as ``(Llama, ModelConfig, tokenizer-or-None)``.
+
+    The tokenizer is the directory's ``tokenizer.json`` with its special-token files
+    (:func:`tokensparse.data.tokenizer.load_tokenizer`; None when there is none); one with ids past
+    the model's embedding is refused. Every tensor is checked before any is read (one ValueError
+    lists all missing, unexpected and wrongly shaped tensors); an unreadable ``config.json``,
+    safetensors file or index, or a missing shard, is a one-line ValueError naming the file.
+
+    With ``mesh`` (a :class:`jax.sharding.Mesh`) each weight is created straight in the training
+    layout (:func:`tokensparse.sharding.variable_spec`, the rules ``sharding.shard`` places a model
+    by) with ``jax.make_array_from_callback``: each device's block is read from the files with
+    ``safe_open(...).get_slice``, so no device, and no host beyond its own devices' blocks, ever holds
+    a whole checkpoint. Without a mesh the weights go to the default device.
+    """
+    from tokensparse.data.tokenizer import check_fits, hf_tokenizer
+
+    path = pathlib.Path(path)
+    config = read_config(path, dtype=dtype)
+    tokenizer = hf_tokenizer(path)
+    if tokenizer is not None:
+        check_fits(tokenizer, config.vocab_size, f"{path / 'tokenizer.json'}")
+    names = hf_param_names(config)
+    graphdef, stacked, sizes = _abstract_stacked(config, attention_backend)
+    flat = per_layer_flat(stacked, sizes)
+    files = _safetensors_files(path)
+    with contextlib.ExitStack() as stack:
+        handles = [_open(stack, file) for file in files]
+        where = _check_tensors(path, files, handles, config, flat)
+        source = {names[n][0]: (n, names[n][1], where[n]) for n in names}
+
+        def region(p: Path, index: tuple) -> np.ndarray:
+            """Per-layer weight ``p``'s block ``index`` (our [in, out] order), in the model dtype."""
+            name, transpose, i = source[p]
+            hf_index = tuple(reversed(index)) if transpose else index
+            block = _read_region(handles[i], files[i], name, hf_index)
+            return np.ascontiguousarray((block.T if transpose else block)
+                                        .astype(config.weight_dtype, copy=False))
+
+        def stacked_region(p: Path, index: tuple) -> np.ndarray:
+            layers = _layer_sources(p, sizes)
+            if layers is None:
+                return region(p, index)
+            return np.stack([region(q, index[1:]) for q in layers[index[0]]])
+
+        state = {}
+        for p, var in stacked.items():
+            shape = tuple(var.get_value().shape)
+            full = tuple(slice(None) for _ in shape)
+            if mesh is None:
+                value = jnp.asarray(stacked_region(p, full))
+            else:
+                target = NamedSharding(mesh, sharding.variable_spec(var, mesh))
+                blocks: dict = {}  # replicated blocks are read once, not once per device
+
+                def block(index, p=p, blocks=blocks):
+                    key = tuple((s.start, s.stop, s.step) for s in index)
+                    if key not in blocks:
+                        blocks[key] = stacked_region(p, tuple(index))
+                    return blocks[key]
+
+                value = jax.make_array_from_callback(shape, target, block)
+            state[p] = var.replace(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(state)), config, tokenizer
 
 
 def build(graphdef, flat: dict, values: dict):
@@ -252,14 +382,59 @@ def per_layer_params(model: Llama) -> dict:
     return per_layer_flat(dict(nnx.to_flat_state(nnx.state(model, nnx.Param))), model.layers.sizes)
 
 
-def save_llama(model: Llama, config: ModelConfig, path: str | os.PathLike) -> None:
-    """Write ``config.json`` + ``model.safetensors`` for ``LlamaForCausalLM.from_pretrained``.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+"""Largest safetensors file :func:`save_llama` writes: 5 GB, transformers' ``max_shard_size="5GB"``
+(decimal units, as HF counts them)."""
+INDEX_FILE = "model.safetensors.index.json"
 
-    Tensors are stored in ``config.param_dtype``; a tied head is not written (HF re-ties it).
+
+def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names grouped into files in order, each file at most ``max_shard_bytes`` unless one
+    tensor alone is larger (it then gets a file to itself), as transformers shards."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def _remove_old_weights(path: pathlib.Path) -> None:
+    """Delete a previous export's weights in ``path`` (a stale index would shadow new files)."""
+    for old in [path / "model.safetensors", path / INDEX_FILE,
+                *path.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
+
+
+def generation_config(tokenizer=None) -> dict:
+    """``generation_config.json``: the BOS/EOS ids of ``tokenizer`` where it has them."""
+    from tokensparse.data.tokenizer import special_ids
+
+    bos, eos = special_ids(tokenizer) if tokenizer is not None else (None, None)
+    ids = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
+    return {"_from_model_config": True, **ids}
+
+
+def save_llama(model: Llama, config: ModelConfig, path: str | os.PathLike, *, tokenizer=None,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write a directory ``LlamaForCausalLM.from_pretrained`` (and :func:`load_llama`) reads:
+    ``config.json``, ``generation_config.json``, the weights, and with ``tokenizer`` its files
+    (:func:`tokensparse.data.tokenizer.save_hf_tokenizer`; BOS/EOS ids also go into the configs).
+
+    Tensors are stored in ``config.param_dtype``; a tied head is not written (HF re-ties it). Weights
+    past ``max_shard_bytes`` (default 5 GB, transformers' default) are split into
+    ``model-0000i-of-0000n.safetensors`` files with ``model.safetensors.index.json``; else one
+    ``model.safetensors``. Each file is written as soon as its tensors are gathered, so the host holds
+    at most one file's worth of weights.
     """
     if has_lora(model):
         raise ValueError("The model still has LoRA adapters; call "
                          "tokensparse.lora.merge_lora(model) first to fold them into the weights.")
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r} must be a positive integer.")
     params = per_layer_params(model)
     _, flat = _abstract(config)
     names = hf_param_names(config)
@@ -269,12 +444,37 @@ def save_llama(model: Llama, config: ModelConfig, path: str | os.PathLike) -> No
                  for p in flat if p in params and params[p].shape != flat[p].shape]
     if problems:
         raise ValueError("The model does not match the config:\n  " + "\n  ".join(problems))
-    tensors = {}
-    for name, (p, transpose) in names.items():
-        array = np.asarray(params[p][...]).astype(config.weight_dtype)
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    if tokenizer is not None:
+        from tokensparse.data.tokenizer import check_fits
+
+        check_fits(tokenizer, config.vocab_size, "the tokenizer")
+    itemsize = config.weight_dtype.itemsize
+    sizes = {name: int(np.prod(params[p].shape)) * itemsize for name, (p, _) in names.items()}
+    plan = _shard_plan(sizes, max_shard_bytes)
+    files = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2, sort_keys=True)
-                                      + "\n")
+    _remove_old_weights(path)
+    for file, shard in zip(files, plan, strict=True):
+        tensors = {}
+        for name in shard:
+            p, transpose = names[name]
+            array = np.asarray(params[p][...]).astype(config.weight_dtype)
+            tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+        save_file(tensors, path / file, metadata={"format": "pt"})
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {name: file for file, shard in zip(files, plan, strict=True)
+                                for name in shard}}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    generation = generation_config(tokenizer)
+    special = {k: v for k, v in generation.items() if k.endswith("_token_id")}
+    (path / "config.json").write_text(json.dumps({**config_to_hf(config), **special}, indent=2,
+                                                 sort_keys=True) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True)
+                                                 + "\n")
+    if tokenizer is not None:
+        from tokensparse.data.tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(tokenizer, path)

@@ -39,6 +39,7 @@ from tokensparse.remat import (
 from tokensparse.rope import apply_rope, inverse_frequencies
 from tokensparse.routing import Selection
 from tokensparse.sharding import constrain
+from tokensparse.validation import check_token_ids
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> Array:
@@ -131,6 +132,9 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+        # An id outside the table would embed as NaN (or wrap, if negative): concrete ids are checked
+        # here, traced ones in debug mode under checkify (tokensparse.validation).
+        check_token_ids(tokens, self.embedding.shape[0])
         # FSDP gathers the table's model dimension before the lookup, not the looked-up activations.
         return jnp.take(gathered_for_use(self.embedding), tokens, axis=0).astype(self.dtype)
 

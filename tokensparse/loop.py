@@ -22,9 +22,10 @@ from typing import Any
 import jax
 from flax import nnx
 
+from tokensparse import tracking, train
 from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
 from tokensparse.config import TrainConfig
-from tokensparse.metrics import JsonlLogger, Progress
+from tokensparse.metrics import Progress
 
 
 class TrainingDiverged(FloatingPointError):
@@ -88,6 +89,16 @@ def truncate_log(path: str | pathlib.Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _diverged(loss: float, step: int, checkpointer: Checkpointer, workdir: pathlib.Path,
+              tc: TrainConfig) -> TrainingDiverged:
+    last = checkpointer.latest_step()
+    remedy = "lower the learning rate" + ("" if tc.grad_clip else " or enable grad_clip")
+    where = (f"the last good checkpoint is step {last} in {workdir / 'checkpoints'}"
+             if last is not None else "no checkpoint was saved yet")
+    return TrainingDiverged(f"loss is {loss} at step {step}; not saving: {where} ({remedy}, then "
+                            "rerun; train.allow_changed_resume=True resumes with the new settings).")
+
+
 def train_loop(
     *,
     workdir: str | pathlib.Path,
@@ -100,18 +111,31 @@ def train_loop(
     metadata: dict[str, Any] | None = None,
     eval_fn: Callable[[nnx.Module], dict[str, float]] | None = None,
     progress: bool = True,
+    lr_schedule: Callable[[int], Any] | None = None,
 ) -> LoopResult:
     """Train to ``tc.steps``, resuming from ``workdir/checkpoints`` when it holds a checkpoint.
 
     ``wrt`` selects the trained (and checkpointed) parameters. ``metadata`` (JSON-able; include the
     model config under ``"model"``) is saved with every checkpoint and checked on resume.
     SIGTERM / Ctrl-C save a checkpoint at the current step before returning ``interrupted=True``.
+
+    Records (``metrics.jsonl``, TensorBoard, W&B: :class:`tokensparse.tracking.Tracker`, process 0
+    only) are written every ``tc.log_every`` steps, at every ``tc.eval_every``-th step (with
+    ``eval_fn``'s results as ``val_*``) and at the last step: ``step``, ``loss`` and ``grad_norm``
+    of that step, ``lr`` (``lr_schedule``, default :func:`tokensparse.train.learning_rate_schedule`,
+    at that step's update), ``tokens_per_s`` over the steady steps since the previous record
+    (evaluation and checkpoint writing excluded; absent when there were none), and in the process's
+    first record ``compile_s``: the wall time of its first step, compilation included, which
+    ``tokens_per_s`` never counts. The step's metrics stay on the device between records: the host
+    waits for them only when it writes a record or a checkpoint (where a NaN or infinite loss of
+    any step since the last fetch stops the run before saving), and once after the first step.
     """
     workdir = pathlib.Path(workdir)
     metadata = dict(metadata or {})
+    schedule = lr_schedule if lr_schedule is not None else train.learning_rate_schedule(tc)
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
                                 keep=tc.keep_checkpoints)
-    logger = JsonlLogger(workdir / "metrics.jsonl")
+    log_path = workdir / "metrics.jsonl"
 
     def state_now():  # the Checkpointer stores typed PRNG keys as key data and re-wraps them
         return {"params": nnx.state(model, wrt), "opt": nnx.state(optimizer),
@@ -129,46 +153,73 @@ def train_loop(
         nnx.update(model, restored["params"], restored["rng"])
         nnx.update(optimizer, restored["opt"])
         start = int(saved_meta["data_step"])
-    truncate_log(logger.path, start)  # a fresh run (start 0) starts a fresh log
+    truncate_log(log_path, start)  # a fresh run (start 0) starts a fresh log
+    tracker = tracking.Tracker(workdir, tensorboard=tc.tensorboard, wandb_project=tc.wandb_project,
+                               start_step=start, config=metadata)
 
     history: list[dict[str, Any]] = []
     bar = Progress(tc.steps, start=start, every=tc.log_every) if progress else None
-    tokens_since, t_since = 0, time.perf_counter()
-    interrupted = False
-    completed = start
-    with InterruptGuard() as guard:
-        for step in range(start, tc.steps):
-            batch = batches.batch(step)
-            metrics = train_step(model, optimizer, batch)
+    pending: list[tuple[int, Any]] = []  # (step number, its metrics on the device) since the last fetch
+    compile_s: float | None = None
+    tokens, steady, t_since = 0, 0, time.perf_counter()  # the steady steps since the last record
+
+    def fetch() -> dict[str, float]:
+        """The pending steps' metrics on the host (one transfer); raises on a non-finite loss."""
+        host = jax.device_get([metrics for _, metrics in pending])
+        for (done, _), metrics in zip(pending, host, strict=True):
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
-                last = checkpointer.latest_step()
-                remedy = "lower the learning rate" + ("" if tc.grad_clip else " or enable grad_clip")
-                where = (f"the last good checkpoint is step {last} in {workdir / 'checkpoints'}"
-                         if last is not None else "no checkpoint was saved yet")
-                raise TrainingDiverged(f"loss is {loss} at step {step}; not saving: {where} ({remedy}"
-                                       ", then rerun; train.allow_changed_resume=True resumes with "
-                                       "the new settings).")
-            tokens_since += int(batch.tokens.size)
+                raise _diverged(loss, done - 1, checkpointer, workdir, tc)
+        pending.clear()
+        return host[-1]
+
+    interrupted = False
+    completed = start
+    with InterruptGuard() as guard, tracker:
+        for step in range(start, tc.steps):
+            batch = batches.batch(step)
+            if compile_s is None:  # the process's first step: compilation, timed on its own
+                t0 = time.perf_counter()
+                metrics = jax.block_until_ready(train_step(model, optimizer, batch))
+                compile_s = time.perf_counter() - t0
+                t_since = time.perf_counter()
+            else:
+                metrics = train_step(model, optimizer, batch)
+                tokens += int(batch.tokens.size)
+                steady += 1
             done = completed = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
+            pending.append((done, metrics))
+            log_now = done % tc.log_every == 0 or done == tc.steps
+            eval_now = eval_fn is not None and tc.eval_every and done % tc.eval_every == 0
+            save_now = guard.requested or checkpointer.should_save(done) or done == tc.steps
+            if not (log_now or eval_now or save_now):
+                continue
+            last = fetch()  # waits for the device: the clock below covers all of its work
+            if log_now or eval_now:
                 elapsed = time.perf_counter() - t_since
-                record = {"step": done, "loss": loss,
-                          "grad_norm": float(metrics["grad_norm"]),
-                          "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
-                if eval_fn is not None and tc.eval_every and done % tc.eval_every == 0:
+                record = {"step": done, "loss": float(last["loss"]),
+                          "grad_norm": float(last["grad_norm"]), "lr": float(schedule(done - 1))}
+                if steady:
+                    record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                if not history:
+                    record["compile_s"] = compile_s
+                if eval_now:
                     record.update({f"val_{k}": v for k, v in eval_fn(model).items()})
-                logger.log(record)
+                tracker.log(record)
                 history.append(record)
-                tokens_since, t_since = 0, time.perf_counter()
-            if bar is not None:
-                bar.update(done, loss=loss)
+                if bar is not None:
+                    bar.update(done, loss=record["loss"])
             if guard.requested:
                 save(done, force=True)
                 interrupted = True
                 break
+            t_pause = time.perf_counter()
             if checkpointer.should_save(done) or done == tc.steps:
                 save(done, force=True)
+            if log_now or eval_now:  # the next window starts now: evaluation and saving excluded
+                tokens, steady, t_since = 0, 0, time.perf_counter()
+            else:  # a checkpoint between records: writing it is not training time
+                t_since += time.perf_counter() - t_pause
     if bar is not None:
         bar.close()
     checkpointer.close()

@@ -1,8 +1,14 @@
 """LoRA adapters on a Llama model: attach, train only them, merge for export.
 
 Adapters live in :class:`tokensparse.llama.Linear`'s ``adapter`` slot, so the base model code is
-unchanged. Their parameters are :class:`LoRAParam` (a subclass of ``nnx.Param``): pass
-``wrt=LoRAParam`` to ``nnx.Optimizer`` / ``nnx.grad`` (or use :data:`TRAINABLE`) to train only them.
+unchanged. Their parameters are :class:`LoRAParam`, a subclass of Flax's own ``nnx.LoRAParam``
+(itself an ``nnx.Param``), so Flax's filters select them: ``wrt=nnx.LoRAParam`` (or this module's
+``LoRAParam``, or :data:`TRAINABLE`) in ``nnx.Optimizer`` / ``nnx.DiffState`` trains only them.
+
+Orientation (what :func:`merge_lora` folds and :mod:`tokensparse.export` writes): a kernel is
+``[in, out]`` and the adapter adds ``scale * x @ a @ b`` with ``a: [in, r]``, ``b: [r, out]``,
+``scale = alpha / r``; so the merged kernel is ``W + scale * a @ b``. PEFT's ``lora_A.weight`` is
+``a.T`` (``[r, in]``) and ``lora_B.weight`` is ``b.T`` (``[out, r]``).
 """
 
 from __future__ import annotations
@@ -17,8 +23,13 @@ from tokensparse.config import LoRAConfig
 from tokensparse.llama import Linear, Llama, gathered_for_use
 
 
-class LoRAParam(nnx.Param):
-    """A trainable low-rank adapter weight."""
+class LoRAParam(nnx.LoRAParam):
+    """A trainable low-rank adapter weight (an ``nnx.LoRAParam``, hence also an ``nnx.Param``).
+
+    A subclass rather than ``nnx.LoRAParam`` itself so that ``wrt=tokensparse.lora.LoRAParam``
+    selects exactly this project's adapters, while Flax's filter selects them too. Checkpoints do not
+    record the variable class (Orbax stores ``.../adapter/a/value``), so runs saved before it became
+    a subclass restore unchanged."""
 
 
 TRAINABLE = LoRAParam

@@ -62,7 +62,10 @@ def median_seconds(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
 
 
 class JsonlLogger:
-    """Appends one JSON object per call to a file (``metrics.jsonl``), flushed immediately."""
+    """Appends one JSON object per call to a file (``metrics.jsonl``), flushed immediately.
+
+    With several processes (``jax.distributed``) only process 0 writes: they all log the same
+    (global) values into a shared workdir."""
 
     def __init__(self, path):
         import pathlib
@@ -73,6 +76,8 @@ class JsonlLogger:
     def log(self, record: dict) -> None:
         import json
 
+        if jax.process_index() != 0:
+            return
         clean = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")

@@ -23,6 +23,12 @@ selections (SUBLLM's, which may repeat an index in invalid slots) take the row-w
 Selection is discrete: the scores passed to the ``*_select`` functions receive **no gradient** from
 here. Methods that learn their scores (SUBLLM's weights, LeMo's predictors) add their own paths.
 ``gather`` and ``scatter_add`` are differentiable in the gathered / scattered values.
+
+**Checks.** Bad static arguments (``capacity``, ``shards``, ``block_size``) raise a one-line
+``ValueError``. Indices are not checked by default (XLA would clamp a gather and drop a scatter out
+of range): with :func:`tokensparse.validation.debug_checks` (or ``TOKENSPARSE_DEBUG_CHECKS=1``),
+:func:`gather` and :func:`scatter_add` check that every valid slot's index is in range, eagerly on
+concrete selections and with ``jax.experimental.checkify`` on traced ones.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from tokensparse.sharding import seq_pieces
+from tokensparse.validation import check_indices, debug_enabled
 
 
 @jax.tree_util.register_dataclass
@@ -60,6 +67,10 @@ class Selection:
     @property
     def capacity(self) -> int:
         return self.indices.shape[-1]
+
+    def __post_init__(self):
+        _check_static(self.shards, "shards")
+        _check_static(self.block_size, "block_size")
 
     @property
     def blocks(self) -> tuple[Int[Array, "b kb"], Bool[Array, "b kb"]]:
@@ -93,6 +104,13 @@ def capacity(n: int, keep_ratio: float, *, multiple: int = 1, rounding: str = "c
     return min(k, n)
 
 
+def _check_static(value, what: str) -> int:
+    """A static positive int (shards, block_size): one-line ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{what}={value!r} must be a positive static integer.")
+    return int(value)
+
+
 def _check_capacity(k: int, n: int, what: str) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer):
         raise TypeError(f"{what}={k!r} must be a static integer (a Python or NumPy int known at "
@@ -119,7 +137,7 @@ def per_shard(select: Callable, scores: Float[Array, "b n"], capacity: int, shar
     ``select`` returns a :class:`Selection` or a tuple whose first item is one and whose other items
     are per-slot arrays [rows, k] (e.g. SUBLLM's weights); they are reassembled alike.
     """
-    if shards == 1:
+    if _check_static(shards, "shards") == 1:
         return select(scores, capacity, valid=valid, **kwargs)
     b, n = scores.shape
     if n % shards:
@@ -151,7 +169,7 @@ def topk_select(
     filled with them are marked invalid. Ties break towards the lower position (deterministic).
     ``shards`` > 1 selects per sequence shard (:func:`per_shard`).
     """
-    if shards != 1:
+    if _check_static(shards, "shards") != 1:
         return per_shard(topk_select, scores, capacity, shards, valid)
     n = scores.shape[-1]
     capacity = _check_capacity(capacity, n, "capacity")
@@ -194,8 +212,7 @@ def expand_blocks(block_selection: Selection, block_size: int) -> Selection:
 
     The block indices must be distinct and ascending per row (any top-k or threshold selection over
     blocks is)."""
-    if block_size <= 0:
-        raise ValueError(f"block_size={block_size} must be positive.")
+    block_size = _check_static(block_size, "block_size")
     offsets = jnp.arange(block_size, dtype=jnp.int32)
     indices = block_selection.indices[..., :, None] * block_size + offsets
     valid = jnp.broadcast_to(block_selection.valid[..., :, None], indices.shape)
@@ -217,8 +234,7 @@ def block_topk_select(
     The token capacity is ``capacity_blocks * block_size``; a chosen block that was not valid (e.g. a
     padding block) is invalid in all its token slots. ``shards`` > 1 selects per sequence shard.
     """
-    if block_size <= 0:
-        raise ValueError(f"block_size={block_size} must be positive.")
+    block_size = _check_static(block_size, "block_size")
     blocks = topk_select(block_scores, capacity_blocks, valid_blocks, shards=shards)
     return expand_blocks(blocks, block_size)
 
@@ -232,6 +248,16 @@ def _local_indices(sel: Selection, n: int) -> Int[Array, "b s k"]:
     b, k, s = *sel.indices.shape, sel.shards
     offsets = (jnp.arange(s, dtype=jnp.int32) * (n // s))[None, :, None]
     return sel.indices.reshape(b, s, k // s) - offsets
+
+
+def _check_selection(sel: Selection, n: int, what: str) -> None:
+    """Debug mode: the valid slots' indices lie in the sequence (and, per shard, in their piece)."""
+    if not debug_enabled():
+        return
+    check_indices(sel.indices, sel.valid, n, what=what)
+    if sel.shards > 1:
+        check_indices(_local_indices(sel, n), seq_pieces(sel.valid, sel.shards), n // sel.shards,
+                      what=f"{what} (index within its sequence shard)")
 
 
 def _per_piece(fn):
@@ -296,8 +322,9 @@ def gather(x: Array, sel: Selection, *, fill_value=None) -> Array:
 
     With ``fill_value`` set, invalid slots read it instead of their (meaningless) gathered row; use it
     for segment ids (fill -1: the slot attends to nothing). A per-shard selection reads each piece
-    locally; a block selection reads whole blocks.
+    locally; a block selection reads whole blocks. Indices are checked in debug mode only.
     """
+    _check_selection(sel, x.shape[1], "routing.gather")
     if sel.block_size > 1:
         out = _gather_blocks(x, sel)
     elif sel.shards == 1:
@@ -322,8 +349,10 @@ def scatter_add(base: Array, sel: Selection, values: Array) -> Array:
 
     Rows that were not selected come back bit-for-bit unchanged (in a block selection, a padding
     block's slot adds +0.0 to its block: values unchanged, only a −0.0 turns +0.0). A per-shard
-    selection writes each piece locally; a block selection writes whole blocks.
+    selection writes each piece locally; a block selection writes whole blocks. Indices are
+    checked in debug mode only.
     """
+    _check_selection(sel, base.shape[1], "routing.scatter_add")
     values = values.astype(base.dtype)
     if sel.block_size > 1:
         return _scatter_add_blocks(base, sel, values)

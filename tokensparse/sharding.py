@@ -216,6 +216,27 @@ def shard(*modules, mesh: Mesh | None = None) -> None:
         nnx.update(module, jax.device_put(state, state_shardings(state, mesh)))
 
 
+def to_local(*modules, mesh: Mesh | None = None) -> None:
+    """Replace every variable of each module by its whole value on this process's first device, in
+    place. With several processes no process can read another's shards, and a computation on
+    global arrays must run on every process; afterwards each process can read, export or evaluate
+    the module alone (e.g. only process 0 writes an export). Every process must call it (the gather
+    is a collective over ``mesh``, default: the current one)."""
+    mesh = mesh if mesh is not None else _concrete_mesh()
+    for module in modules:
+        whole = jax.device_put(nnx.state(module), NamedSharding(mesh, PartitionSpec()))
+        nnx.update(module, jax.tree.map(lambda x: x.addressable_data(0), whole))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (e.g. until process 0 has written the
+    files the others read next); a no-op with one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def constrain_state(*modules) -> None:
     """Inside a jitted step: pin each module's variables to their rule shardings, so updated
     parameters and optimizer state come out sharded as they went in. Identity without a mesh."""

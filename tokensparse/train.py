@@ -140,14 +140,77 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return with_clipping(tc, adamw(tc))
 
 
-def make_train_step(loss_fn: Callable, wrt=nnx.Param, *, pass_step: bool = False) -> Callable:
+def split_micro_batches(batch, n: int):
+    """``batch`` (a pytree of [B, ...] arrays) as ``n`` stacked micro-batches, [n, B / n, ...].
+
+    Micro-batch ``j`` holds rows ``j, j + n, j + 2n, ...``: with the rows split contiguously over the
+    mesh's batch axes, every device then holds an equal share of every micro-batch and the split
+    moves no data."""
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into grad_accum_steps={n} "
+                             "micro-batches; make batch_size a multiple of it.")
+        stacked = jnp.moveaxis(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 1, 0)
+        return sharding.constrain(stacked, (None, *sharding.BATCH_AXES, *[None] * (x.ndim - 2))
+                                  [:x.ndim + 1])
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(grad_fn: Callable, model: nnx.Module, micro_batches, step, wrt=nnx.Param):
+    """``(loss, aux, grads)`` of ``grad_fn(model, micro_batch, step) -> ((loss, aux), grads)`` over
+    stacked ``micro_batches`` ([n, ...] leaves, see :func:`split_micro_batches`), one ``lax.scan``.
+
+    Each micro-batch's gradient and loss are weighted by its ``aux["tokens"]`` (its number of valid
+    targets; equal weights when the loss reports none), so for a loss that is a mean over targets
+    the result is the gradient and loss of the whole batch, padding and ragged rows included. The
+    sum is kept in fp32. ``aux["tokens"]`` is summed, other aux values are weighted means. Model
+    state the loss changes (RNG counters) is carried from one micro-batch to the next. Random draws
+    keyed by ``step`` alone (SUBLLM's coins) repeat in every micro-batch of a step.
+    """
+    graphdef, state = nnx.split(model)
+    params = nnx.state(model, wrt)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+
+    def body(carry, micro_batch):
+        state, total, weight = carry
+        module = nnx.merge(graphdef, state)
+        (loss, aux), grads = grad_fn(module, micro_batch, step)
+        w = jnp.asarray(aux["tokens"], jnp.float32) if "tokens" in aux else jnp.float32(1.0)
+        total = jax.tree.map(lambda t, g: t + w * g.astype(jnp.float32), total, grads)
+        return (nnx.state(module), total, weight + w), (loss, aux, w)
+
+    (state, total, weight), (losses, auxes, ws) = jax.lax.scan(
+        body, (state, zeros, jnp.float32(0.0)), micro_batches)
+    nnx.update(model, state)
+    scale = 1.0 / jnp.maximum(weight, 1e-30)  # all-zero weights: every gradient term is 0 anyway
+    grads = jax.tree.map(lambda t, p: (t * scale).astype(p.dtype), total, params)
+
+    def mean(x):
+        x = jnp.asarray(x, jnp.float32)
+        return jnp.sum(x * ws.reshape(-1, *[1] * (x.ndim - 1)), axis=0) * scale
+
+    aux = {k: (jnp.sum(v, axis=0) if k == "tokens" else mean(v)) for k, v in auxes.items()}
+    return mean(losses), aux, grads
+
+
+def make_train_step(loss_fn: Callable, wrt=nnx.Param, *, pass_step: bool = False,
+                    grad_accum_steps: int = 1) -> Callable:
     """``step(model, optimizer, batch) -> metrics``: one jitted update of the ``wrt`` parameters.
 
     ``loss_fn(model, batch) -> (loss, aux)``; with ``pass_step`` it is called as
     ``loss_fn(model, batch, step)`` with the optimizer's step count (a traced int: schedules and
     per-step random keys inside the loss, e.g. SUBLLM's). Pass ``wrt=tokensparse.lora.LoRAParam`` for
     LoRA-only training: base weights then get no gradient and stay bit-for-bit unchanged.
+
+    ``grad_accum_steps`` > 1 splits each batch into that many micro-batches
+    (:func:`split_micro_batches`) and sums their gradients under a ``lax.scan`` inside the same
+    compiled step (:func:`accumulate_gradients`) before the one optimizer update: the update of the
+    whole batch, with the activation memory of one micro-batch.
     """
+    if not (isinstance(grad_accum_steps, int) and grad_accum_steps >= 1):
+        raise ValueError(f"grad_accum_steps={grad_accum_steps!r} must be an integer >= 1.")
 
     def objective(model, batch, step):  # nnx transforms reject keyword-only parameters: wrap them away
         return loss_fn(model, batch, step) if pass_step else loss_fn(model, batch)
@@ -155,7 +218,12 @@ def make_train_step(loss_fn: Callable, wrt=nnx.Param, *, pass_step: bool = False
     @nnx.jit
     def step(model, optimizer, batch):
         grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)
-        (loss, aux), grads = grad_fn(model, batch, optimizer.step[...])
+        if grad_accum_steps == 1:
+            (loss, aux), grads = grad_fn(model, batch, optimizer.step[...])
+        else:
+            loss, aux, grads = accumulate_gradients(
+                grad_fn, model, split_micro_batches(batch, grad_accum_steps), optimizer.step[...],
+                wrt)
         optimizer.update(model, grads)
         sharding.constrain_state(model, optimizer)
         return {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}

@@ -34,6 +34,17 @@ def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> da
     return data.Batch(tokens, positions, np.zeros(tokens.shape, np.int32))
 
 
+def with_placeholder_selector(model: Llama, lemo: LeMoConfig) -> Llama:
+    """``model``, with zero learned-selector weights of the real shape attached when ``lemo``
+    selects with the learned rule and the model has none: a benchmark's time, memory and FLOPs do not
+    depend on their values (every block ties), and a random-weight preset has no trained ones."""
+    if lemo.selector == "learned" and learned_selector.attached(model) is None:
+        config = model.config
+        learned_selector.attach(model, learned_selector.LearnedSelector(
+            config.n_layers, config.d_model, layers=range(config.n_layers)))
+    return model
+
+
 class AbstractBatch(NamedTuple):
     tokens: jax.Array
     positions: jax.Array
@@ -58,9 +69,7 @@ def lora_step(config: ModelConfig, seq_len: int, method: str, *, lemo: LeMoConfi
         model = Llama(config.with_context(seq_len), attention_backend=attention, remat=remat,
                       scan_layers=scan_layers, rngs=nnx.Rngs(0))
         model = lora.add_lora(model, LoRAConfig(), rngs=nnx.Rngs(1))
-        if row.selector == "learned":  # its cost does not depend on its (placeholder) weights
-            learned_selector.attach(model, learned_selector.LearnedSelector(
-                config.n_layers, config.d_model, layers=range(config.n_layers)))
+        with_placeholder_selector(model, row)
         return model if plain else group_layers(model, row)
 
     graphdef, lora_state, rest = nnx.split(nnx.eval_shape(build), lora.LoRAParam, ...)

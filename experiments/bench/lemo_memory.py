@@ -19,11 +19,13 @@ treatment alone, every layer dense) and ``lemo`` (both). Summary keys: ``activat
 before ``@`` for remat policies other than none.
 
 LeMo's options are the fine-tuning config's, ``--config.lemo.*`` (default LeMoConfig: keep 0.4 in
-layers L/2-1..L-2, oracle selection, MLP backward drops 80% of channels; ``--config_help`` lists
+layers L/2-1..L-2, the learned selector, MLP backward drops 80% of channels; ``--config_help`` lists
 them). Only fixed schedules have a memory to measure: ``half``, ``all`` and ``profile``
 (``--config.lemo.profile="[1.0, 0.5, ...]"`` with ``--config.lemo.schedule=profile``, or the
 ``"profile"`` of the JSON file ``--lemo_profile``, e.g. the ``lemo_profile.json`` an
-``algorithm1`` / ``sensitivity`` fine-tuning run tuned); selection is the oracle's.
+``algorithm1`` / ``sensitivity`` fine-tuning run tuned). Any selection rule computed inside the step
+can be measured (``--config.lemo.selector``; the learned selector with placeholder weights of its
+real shape, which is all memory depends on); not ``predictor``, whose weights come from a run.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ _PROFILE = flags.DEFINE_string("lemo_profile", "", "A JSON file with a per-layer
 _CONFIG = config_dicts.define_lemo_flags(
     "LeMo's options (LeMoConfig, the fine-tuning config's config.lemo) for the LeMo step: "
     "schedule half, all or profile (algorithm1 and sensitivity are tuned during fine-tuning: give "
-    "the profile they tune with --lemo_profile), selector oracle.")
+    "the profile they tune with --lemo_profile); any selector but predictor.")
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_memory.json", "Where to write the JSON "
                            "(and its figure, the same path with .png).")
 
@@ -82,9 +84,9 @@ def lemo_config(n_layers: int) -> LeMoConfig:
         raise ValueError(f"config.lemo.schedule={lemo.schedule!r} has no keep ratios until a "
                          f"fine-tuning run tunes them; measure one of {', '.join(MEASURABLE)} (the "
                          "profile it tuned: --lemo_profile=<workdir>/lemo_profile.json).")
-    if lemo.selector != "oracle":
-        raise ValueError(f"config.lemo.selector={lemo.selector!r}: this benchmark measures oracle "
-                         "selection (the predictors' own memory is not in the step it lowers).")
+    if lemo.selector == "predictor":
+        raise ValueError("config.lemo.selector='predictor': this benchmark lowers the step with rules "
+                         "computed inside it (the predictors' weights come from a training run).")
     try:
         lemo.keep_ratios(n_layers)
     except ValueError as e:

@@ -203,7 +203,6 @@ def overhead(s: dict, base: pathlib.Path | str, predictors_dir: pathlib.Path) ->
     tc = recipe.train.replace(seq_len=s["seq_len"], batch_size=1)
     optimizer = nnx.Optimizer(model, train.make_optimizer(tc), wrt=lora.LoRAParam)
     corpus = data.load_corpus(recipe.data.source)
-    tokenizer = tokenizer or data.get_tokenizer(corpus, s["vocab_size"])  # a zoo base has its own
     docs = data.encode_documents(tokenizer, corpus.train)
     batch = data.WindowBatches(docs, batch_size=1, seq_len=s["seq_len"], seed=0).batch(0)
     lemo = LeMoConfig(block_size=s["block_size"], selector="predictor")

@@ -53,7 +53,7 @@ the same for mlp_drop 0.5, ``ppl_ratio_mlp_recompute`` for the recomputed (exact
 ``sparse_ppl_ratio`` = LeMo's sparse-eval perplexity / LoRA's (dense) perplexity;
 ``lemo_mean_keep`` that run's mean per-layer keep ratio (how much it eliminated).
 With ``--config.lemo.predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
-(``predictor_ppl_ratio`` = that / oracle-selection LeMo; the target is <= 1.01). Unlike the speed
+(``predictor_ppl_ratio`` = that / LeMo with the chosen rule; the target is <= 1.01). Unlike the speed
 and memory ratios these are method / baseline: smaller is better, and the library's target is
 ``ppl_ratio <= 1.03`` (spec §3). ``base_ppl@<T>`` (no RoPE scaling) or
 ``base_ppl_rope_scaled@<T>`` name the base's perplexity at each context it was scored at.
@@ -112,9 +112,9 @@ _CONFIG = run_configs.define_config_flags(
     config_dict.ConfigDict({"lemo": finetune_small.get_config().lemo,
                             "lora": finetune_small.get_config().lora}), "finetune",
     "The fine-tuning config's LeMo and LoRA sections (experiments/configs/finetune_small.py): "
-    "config.lemo is every LeMo run's (mlp_drop, mlp_mode and selector are set per run); "
-    "--config.lemo.predictors=DIR also fine-tunes LeMo selecting with those trained predictors "
-    "(summary predictor_ppl_ratio = that / oracle LeMo).")
+    "config.lemo is every LeMo run's (mlp_drop and mlp_mode are set per run; selector=auto is the "
+    "library's default rule, learned); --config.lemo.predictors=DIR also fine-tunes LeMo selecting "
+    "with those trained predictors (summary predictor_ppl_ratio = that / the other LeMo run).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the fine-tuning runs go (default: a temporary "
                                "directory); an existing run there is resumed.")
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
@@ -129,7 +129,7 @@ for _flag, _minimum in ((_BASE_SEQ_LEN, 2), (_BASE_STEPS, 1), (_BASE_BATCH, 1), 
                         (_EVAL_BATCHES, 1)):
     _checks.at_least(_flag, _minimum)
 _checks.at_least(_SEQ_LEN, 64, multiple_of=64, why="LeMo keeps whole 64-token blocks")
-PER_RUN = ("mlp_drop", "mlp_mode", "selector")  # LeMo fields the benchmark sets run by run
+PER_RUN = ("mlp_drop", "mlp_mode")  # LeMo fields the benchmark sets run by run
 
 SMOKE = {"preset": "tiny", "base_seq_len": 128, "base_steps": 8, "base_batch_size": 4,
          "seq_len": 256, "steps": 3, "eval_batches": 2}
@@ -272,8 +272,8 @@ class Interrupted(RuntimeError):
 def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | None,
                     predictors: str = "", mlp_mode: str = "channel_sparse_bwd"):
     """``finetune_small.py`` with this benchmark's base, method, length, steps and eval windows
-    (LeMo selects with the oracle, or with ``predictors`` when given; ``mlp_drop`` applies to the
-    channel-sparse ``mlp_mode`` only)."""
+    (LeMo selects with ``--config.lemo.selector``, or with ``predictors`` when given; ``mlp_drop``
+    applies to the channel-sparse ``mlp_mode`` only)."""
     c = finetune_small.get_config()
     c.base, c.method, c.attention_backend = str(base), method, _ATTENTION.value
     c.lora = _CONFIG.value.lora
@@ -282,6 +282,8 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
         for name, value in lemo_options().items():
             c.lemo[name] = value
         c.lemo.mlp_mode = mlp_mode
+        if predictors:
+            c.lemo.selector = "predictor"
     if mlp_drop is not None:
         c.lemo.mlp_drop = mlp_drop
     if "vocab_size" in s:  # a --base brings its own tokenizer, which finetune uses instead
@@ -312,6 +314,8 @@ def lemo_variant() -> str:
     else:
         name = ("" if schedule == "half" else f"_{schedule}") + ("" if keep == 0.4 else f"_keep{keep:g}")
     for field, value in o.items():
+        if field == "selector" and value == "auto":
+            continue  # the library's default rule
         if field not in NAMED and value != getattr(default, field):
             name += f"_{field}{value:g}" if isinstance(value, float) else f"_{field}{value}"
     return name
@@ -362,8 +366,8 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
                  mlp_drop: float | None, predictors: str = "",
                  mlp_mode: str = "channel_sparse_bwd") -> dict:
     name = run_name(method, mlp_drop, predictors, mlp_mode)
-    selector = None if method != "lemo" else "predictor" if predictors else "oracle"
     c = finetune_config(s, base, method, mlp_drop, predictors, mlp_mode)
+    selector = run_configs.finetune_config(c).lemo.selector if method == "lemo" else None
 
     def compute():
         log(f"fine-tuning {name} at T={s['seq_len']} for {s['steps']} steps")
@@ -376,6 +380,7 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
                     time.perf_counter() - start, selector, c.lemo.mlp_mode if method == "lemo" else None)
 
     key = {k: v for k, v in c.to_dict().items() if k != "progress"}
+    key["selector"] = selector  # "auto" names the library's default, which may change
     row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
     row["loss_history"] = loss_history(workdir / name)  # from the run's log, reused or not
     if method == "lemo":
@@ -388,9 +393,9 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
 
 
 def summarise(s: dict, base_rows: list[dict], lora: dict, lemo: list[dict]) -> dict:
-    oracle = [r for r in lemo if r["selector"] == "oracle"]
-    by_drop = {r["mlp_drop"]: r for r in oracle if r.get("mlp_mode") != "recompute"}
-    recomputed = [r for r in oracle if r.get("mlp_mode") == "recompute"]
+    chosen = [r for r in lemo if r["selector"] != "predictor"]  # the runs with the chosen rule
+    by_drop = {r["mlp_drop"]: r for r in chosen if r.get("mlp_mode") != "recompute"}
+    recomputed = [r for r in chosen if r.get("mlp_mode") == "recompute"]
     predicted = [r for r in lemo if r["selector"] == "predictor"]
     main = by_drop[0.8]
     summary = {"ppl_ratio": main["val_ppl"] / lora["val_ppl"]}

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ from tokensparse.config import LeMoConfig, preset
 from tokensparse.data import heldout
 from tokensparse.data.batching import Batch
 from tokensparse.layer_loop import Layer
-from tokensparse.lemo import analysis, rules
+from tokensparse.lemo import analysis, learned_selector, rules
 from tokensparse.lemo.forward import check_lemo
 from tokensparse.lemo.profiles import sensitivity as sensitivity_profile
 from tokensparse.llama import DecoderBlock, Llama
@@ -78,6 +79,9 @@ _FLOPS = flags.DEFINE_bool("flops", True, "Measure each rule's selection cost (c
 _FLOPS_PRESET = flags.DEFINE_string("flops_preset", "llama2-7b", "Shape for the selection cost.")
 _FLOPS_SEQ = flags.DEFINE_integer("flops_seq_len", 8192, "Sequence length for the selection cost.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "A tiny random model and short windows (tests).")
+_SELECTOR_WEIGHTS = flags.DEFINE_string(
+    "selector_weights", None, "Learned-selector weights (.npz from experiments.train_selector) to "
+    "attach instead of the shipped ones: the ``learned`` rule then measures these.")
 _MERGE = flags.DEFINE_list("merge", [], "Instead of measuring: merge these results of this "
                            "benchmark (run in pieces, e.g. one length each) into --out.")
 
@@ -194,11 +198,14 @@ def selection_flops(preset_name: str, seq_len: int, rule_names, lemo: LeMoConfig
     print(f"LeMo step ({preset_name}, T={seq_len}): {step:.3e} FLOPs "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
     rows = []
+    # The learned rule binds to weights on a model: zeros of the preset's shape cost the same.
+    holder = types.SimpleNamespace(lemo_selector=learned_selector.LearnedSelector(
+        config.n_layers, config.d_model, layers=range(config.n_layers)))
     for name in rule_names:
-        if rules.get(name).bind is not None:  # needs weights attached to a model: not priced here
+        if rules.get(name).bind is not None and name != "learned":  # needs its own model weights
             print(f"{name:>16}: skipped (its cost needs a model with its weights)", flush=True)
             continue
-        score = rules.get(name).scorer(None, lemo)
+        score = rules.get(name).scorer(holder if name == "learned" else None, lemo)
         rule_lemo = lemo.replace(selector=name)
 
         def scores(state, h, positions, score=score, rule_lemo=rule_lemo):
@@ -275,6 +282,8 @@ def main(argv):
     start_time = time.perf_counter()
     smoke = _SMOKE.value
     model, tokenizer, name = load_model(smoke)
+    if _SELECTOR_WEIGHTS.value:
+        learned_selector.attach(model, learned_selector.load(_SELECTOR_WEIGHTS.value, model.config))
     rule_names = list(_RULES.value)
     for r in rule_names:
         rules.get(r)  # unknown names fail before any work
@@ -284,7 +293,11 @@ def main(argv):
     def lemo_for(rule, keep):
         return base.replace(selector=rule, keep_ratio=keep)
 
-    settings = {"model": name, "seq_lens": [int(t) for t in _SEQ_LENS.value], "keeps": keeps,
+    selector = learned_selector.attached(model)
+    settings = {"model": name,
+                "learned_selector": None if selector is None else {
+                    "file": _SELECTOR_WEIGHTS.value or "shipped", **selector.spec()},
+                "seq_lens": [int(t) for t in _SEQ_LENS.value], "keeps": keeps,
                 "windows": _WINDOWS.value, "rules": rule_names, "schedule": "half",
                 "keep_first_block": _KEEP_FIRST.value, "block_size": base.block_size,
                 "sets": {"shakespeare": "tokensparse.lemo.analysis.held_out_windows",

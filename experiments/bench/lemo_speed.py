@@ -38,7 +38,7 @@ from flax import nnx
 
 from experiments import _checks, config_dicts, run_configs
 from experiments.bench import timing, write_result
-from experiments.bench.inputs import random_batch, resolve_dtype
+from experiments.bench.inputs import random_batch, resolve_dtype, with_placeholder_selector
 from experiments.bench.timing import timed_step
 from experiments.configs import finetune_small
 from tokensparse import attention, lora, train
@@ -94,6 +94,7 @@ def build(seq_len: int, lemo: LeMoConfig):
     model = Llama(config, attention_backend=_ATTENTION.value, remat=_REMAT.value, rngs=nnx.Rngs(0))
     recipe = run_configs.finetune_config(finetune_small.get_config())
     lora.add_lora(model, recipe.lora, rngs=nnx.Rngs(1))
+    with_placeholder_selector(model, lemo)
     group_layers(model, lemo)
     tc = recipe.train.replace(seq_len=seq_len, batch_size=_BATCH.value,
                               loss_segment=_LOSS_SEGMENT.value)

@@ -317,7 +317,7 @@ def main(argv):
         "meshes": {mesh_label(m): ",".join(map(str, m.sizes())) for m in meshes},
         "mesh_axes": ",".join(MESH_AXES), "bytes": "per device",
         "uncommitted_library_files": uncommitted_library_files(),
-        "lemo": "LeMoConfig(): keep 0.4 in layers L/2-1..L-2, oracle selection per sequence shard, "
+        "lemo": "LeMoConfig(): keep 0.4 in layers L/2-1..L-2, learned selection per sequence shard, "
         "MLP backward keeps 20% channels"})
 
 

@@ -15,9 +15,11 @@ carry each run's training throughput, its ``loss_history`` (training loss per lo
 (fraction of positive scores per subsampler: the Balancer's band is keep ± 0.05; threshold-mode keep
 rates; bypass scales). ``--config.subllm.<option>`` sets the SUBLLM's options
 (``balancer_statistic``, ``balancer_margin``, ``balancer_start_scale``, ``balancer_start_steps``,
-``bypass_init``, ``scorer_warmup``, ``schedule_step_multiplier``, ...; unset: the preset's, which are
-the spec's; ``--config_help`` lists them; :mod:`experiments.bench.subllm_options`); the dense twin's
-run is shared.
+``bypass_init``, ``scorer_warmup``, ``schedule_step_multiplier``, ``weight_attn_bias``, ``init``, ...;
+unset: the preset's, which are the spec's; ``--config_help`` lists them;
+:mod:`experiments.bench.subllm_options`); the dense twin's run is shared. ``init`` draws both models'
+weights, so it names the runs' directory (``-init<scheme>``; the runs made before the option existed
+used ``backbone`` and keep their names).
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def workdir(kind: str = "") -> pathlib.Path:
         s = settings()
         name = (f"{s['preset']}-T{s['seq_len']}-s{s['steps']}-b{s['batch_size']}-lr{s['lr']:g}"
                 f"-m{s['schedule_step_multiplier']:g}")
+        if s["init"] != "backbone":  # both models' init; the older runs (backbone) keep their names
+            name += f"-init{s['init']}"
         root = data.cache_dir() / "bench" / "subllm_quality" / name
     if not kind:
         return root
@@ -91,7 +95,7 @@ def subllm_run_name(options: dict, changed: dict) -> str:
     if "scorer_warmup" in changed:
         name += "-nowarmup"  # the preset warms it up
     named = {"balancer_statistic", "bypass_init", "balancer_margin", "balancer_start_scale",
-             "balancer_start_steps", "scorer_warmup"}
+             "balancer_start_steps", "scorer_warmup", "init"}  # init names the root (both models)
     for option, value in sorted(changed.items()):
         if option not in named:
             name += f"-{option}{_short(value)}"

@@ -1,7 +1,8 @@
-"""SUBLLM vs its dense twin: training throughput, decode latency and KV-cache bytes, side by side.
+"""SUBLLM vs its dense twin: training throughput, prefill FLOPs, decode latency and KV-cache bytes.
 
     python -m experiments.bench.subllm_speed --out bench_results/subllm_speed.json \\
-        [--preset=subllm-small --seq_lens=2048,4096 --batch_size=1 --reps=8 --decode_tokens=32]
+        [--preset=subllm-small --seq_lens=2048,4096 --batch_size=1 --reps=5 --decode_tokens=32 \\
+         --infer_capacity=0.75]
     # On a GPU, the paper's model:
     python -m experiments.bench.subllm_speed --preset=subllm-1.3b --seq_lens=4096,8192
 
@@ -10,16 +11,26 @@
 (:func:`tokensparse.subllm.training.make_optimizer`) and the step factory pretraining uses
 (:func:`tokensparse.train.make_train_step` with the step-aware loss). Steps are compiled, warmed up
 and timed ABBA-interleaved; ``train_throughput_ratio@<T>`` = dense step time / SUBLLM step time
-(tokens/s ratio, larger is better). Rows also carry compile-only activation bytes and FLOPs.
+(tokens/s ratio, larger is better). ``train_activation_ratio@<T>`` = SUBLLM / dense compile-only
+temporary bytes of the train step (activations + workspace, :func:`tokensparse.metrics.compiled_memory`)
+and ``train_flops_ratio@<T>`` = dense / SUBLLM loop-aware compiled matmul FLOPs.
 
-**Decoding**: batch ``--decode_batch``; prefill a prompt of ``T − decode_tokens`` random tokens, then
-time ``decode_tokens`` steps (per-token latency, first token excluded: it comes from the prefill).
-Random weights score about half the tokens positive, not the 64 % a trained Balancer gives, so the
-threshold θ is set to the 36th percentile of the level-1 scores on the prompt; the keep rates the
-run actually saw are reported per level. ``decode_speedup@<T>`` = dense / SUBLLM per-token time.
-``kv_cache_ratio@<T>`` = SUBLLM / dense occupied KV bytes after the prefill (the spec's token-linear
-bound for 0.64 per level is 0.75 for the 24-layer structure); allocated bytes are reported too
-(inference capacity 1.0 allocates every level at full length).
+**Inference** runs at the spec's benchmark capacity, ``--infer_capacity`` (0.75) per level: level l
+holds at most ``ceil(0.75 · level l-1)`` tokens, first come first served, and its decode caches are
+allocated at that size. Random weights score about half the tokens positive, not the ``keep`` a
+trained Balancer gives, so θ is calibrated per level on the prompt
+(:func:`tokensparse.subllm.calibrate.calibrate_thresholds`; level 2 is fitted on the tokens level 1
+keeps) to the structure's keep ratios (0.64 per level). Per level the rows report the keep rate after
+the prefill (kept / level input) and the overflow rate: the share of the tokens scoring above θ that
+found the level full (first-come capacity turned them away); ``overflow_rate_<level>@<T>``.
+
+``prefill_flops_ratio@<T>`` = dense / SUBLLM loop-aware compiled matmul FLOPs of the prefill of a
+``T``-token prompt (:mod:`tokensparse.flops`; compile only). **Decoding**: batch ``--decode_batch``;
+prefill a prompt of ``T − decode_tokens`` random tokens, then time ``decode_tokens`` steps (per-token
+latency, first token excluded: it comes from the prefill), AB then BA. Decode attends only over each
+cache's filled prefix (:func:`tokensparse.decode.length_bounded`). ``decode_speedup@<T>`` = dense /
+SUBLLM per-token time. ``kv_allocated_ratio@<T>`` and ``kv_occupied_ratio@<T>`` = SUBLLM / dense KV
+bytes allocated (cache buffers) and occupied (tokens held after the prefill).
 Absolute times mean something only on a GPU or TPU; on a CPU read the ratios.
 """
 
@@ -30,6 +41,7 @@ import json
 import statistics
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
@@ -41,22 +53,29 @@ from experiments.bench.inputs import random_batch, resolve_dtype
 from experiments.bench.timing import timed_step
 from tokensparse import attention, decode, train
 from tokensparse.config import DTYPES, TrainConfig
+from tokensparse.flops import compiled_flops
 from tokensparse.generate import Decoder
 from tokensparse.metrics import compiled_memory
 from tokensparse.remat import REMAT_POLICIES
 from tokensparse.subllm import decode as subllm_decode
 from tokensparse.subllm import training as subllm_training
+from tokensparse.subllm.calibrate import calibrate_thresholds
 from tokensparse.subllm.model import SubLLM
 from tokensparse.subllm.structure import dense_twin, subllm_preset, subllm_preset_names
 
 _PRESET = flags.DEFINE_string("preset", "subllm-small", "SUBLLM preset (random weights).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "4096"], "Sequence lengths.")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Rows per training step.")
-_REPS = flags.DEFINE_integer("reps", 8, "Timed training repetitions per model (median; at least 5).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed training steps per model after compiling.")
-_DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 32, "Timed decode steps per model (0: skip).")
+_REPS = flags.DEFINE_integer("reps", 5, "Timed training repetitions per model (median; 0: compile-only "
+                             "training rows, no timing).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed training steps per model after compiling.")
+_TRAIN = flags.DEFINE_bool("train", True, "Time training (false: inference rows only).")
+_DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 32, "Timed decode steps per model (0: skip every "
+                                     "inference measurement).")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Sequences decoded together.")
-_KEEP_RATE = flags.DEFINE_float("decode_keep_rate", 0.64, "Level-1 keep rate θ is calibrated to.")
+_CAPACITY = flags.DEFINE_float("infer_capacity", 0.75, "Inference capacity per level, in (0, 1]: "
+                               "level l holds at most ceil(capacity · level l-1) tokens (the spec's "
+                               "benchmarks: 0.75).")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention backend of both models.")
 _DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter and compute dtype (auto: bfloat16 on a GPU "
                              "or TPU, float32 on a CPU, where bf16 dots are slow).")
@@ -67,11 +86,11 @@ _OUT = flags.DEFINE_string("out", "bench_results/subllm_speed.json", "Where to w
 _checks.one_of(_PRESET, subllm_preset_names())
 _checks.int_list(_SEQ_LENS, minimum=2)
 _checks.at_least(_BATCH, 1)
-_checks.at_least(_REPS, 1)
+_checks.at_least(_REPS, 0)
 _checks.at_least(_WARMUP, 0)
 _checks.at_least(_DECODE_TOKENS, 0)
 _checks.at_least(_DECODE_BATCH, 1)
-_checks.in_range(_KEEP_RATE, 0.0, 1.0)
+_checks.in_range(_CAPACITY, 0.0, 1.0)
 _checks.one_of(_ATTENTION, _checks.attention_backends())
 _checks.one_of(_DTYPE, ("auto", *DTYPES))
 _checks.one_of(_REMAT, REMAT_POLICIES)
@@ -87,11 +106,11 @@ def _prompt_left(values) -> bool:
 MODELS = ("dense", "subllm")
 
 
-def configs(seq_len: int, threshold: float = 0.0):
+def configs(seq_len: int, thresholds: float | tuple[float, ...] = 0.0):
     base = subllm_preset(_PRESET.value)
     model = base.model.replace(dtype=resolve_dtype(_DTYPE.value), param_dtype=resolve_dtype(_DTYPE.value),
                                max_positions=max(base.model.max_positions, seq_len))
-    sub = base.replace(model=model, infer_threshold=threshold)
+    sub = base.replace(model=model, infer_threshold=thresholds, infer_capacity=_CAPACITY.value)
     return {"dense": dense_twin(sub), "subllm": sub}
 
 
@@ -108,7 +127,7 @@ def measure_training(seq_len: int) -> dict[str, dict]:
         optimizer = nnx.Optimizer(model, subllm_training.make_optimizer(tc), wrt=nnx.Param)
         batch = random_batch(config.model.vocab_size, _BATCH.value, seq_len)
         cost = compiled_memory(step, model, optimizer, batch)
-        for _ in range(max(_WARMUP.value, 1)):
+        for _ in range(max(_WARMUP.value, 1) if _REPS.value else 0):
             timed_step(step, model, optimizer, batch)
         runs[name] = functools.partial(lambda *args: timed_step(*args)[0], step, model, optimizer, batch)
         rows[name] = {"preset": _PRESET.value, "model": name, "structure": config.structure,
@@ -117,17 +136,13 @@ def measure_training(seq_len: int) -> dict[str, dict]:
                       "attention": attention.model_backend(_ATTENTION.value, config.model,
                                                            seq_len=seq_len, batch=_BATCH.value),
                       "temp_bytes": cost.temp_bytes, "arg_bytes": cost.argument_bytes, "flops": cost.flops}
-    timings = timing.interleaved(runs, max(_REPS.value, 5))
+    if not _REPS.value:
+        return rows
+    timings = timing.interleaved(runs, _REPS.value)
     for name, row in rows.items():
         row["train_times_s"], row["train_step_s"] = timings[name]["times_s"], timings[name]["median_s"]
         row["train_tokens_per_s"] = _BATCH.value * seq_len / row["train_step_s"]
     return rows
-
-
-def calibrated_threshold(model: SubLLM, prompt) -> float:
-    """θ such that ``--decode_keep_rate`` of the prompt's level-1 scores exceed it."""
-    _, aux = nnx.jit(lambda m, t: m.forward(t, mode="infer"))(model, jnp.asarray(prompt))
-    return float(np.quantile(np.asarray(aux["scores"][0]), 1.0 - _KEEP_RATE.value))
 
 
 def decode_tokens_timed(decoder: Decoder, prompt: np.ndarray, n: int) -> list[float]:
@@ -144,16 +159,44 @@ def decode_tokens_timed(decoder: Decoder, prompt: np.ndarray, n: int) -> list[fl
     return times
 
 
-def measure_decoding(seq_len: int) -> dict[str, dict]:
+def level_rates(model: SubLLM, prompt: np.ndarray, max_len: int) -> dict[str, list[float]]:
+    """Per nesting level (outermost first), on the prefill of ``prompt`` with caches for
+    ``max_len``: the keep rate (kept / level input tokens) and the overflow rate (tokens scoring
+    above θ that found the level full / tokens scoring above θ)."""
+    lay = subllm_decode.layout(model, max_len)
+
+    @nnx.jit
+    def run(m, tokens):
+        return m.forward(tokens, mode="infer", capacities=lay.group_sizes[1:])[1]
+
+    aux = run(model, jnp.asarray(prompt))
+    parents = subllm_decode.parent_groups(model.structure)
+    levels = [op.level for op in model.structure.ops if op.kind == "down"]
+    counts = {level: np.zeros(3) for level in sorted(set(levels))}  # input, wanted, kept
+    for j, (level, parent) in enumerate(zip(levels, parents, strict=True)):
+        segs = np.zeros(prompt.shape, np.int32) if parent == 0 else np.asarray(aux["segment_ids"][parent - 1])
+        valid = segs >= 0
+        wanted = valid & (np.asarray(aux["scores"][j]) > model.subllm_config.level_threshold(level))
+        counts[level] += [valid.sum(), wanted.sum(), np.asarray(aux["selections"][j].valid).sum()]
+    return {"level_keep_rates": [float(c[2] / c[0]) for c in counts.values()],
+            "level_overflow_rates": [float((c[1] - c[2]) / max(c[1], 1)) for c in counts.values()]}
+
+
+def prefill_flops(decoder: Decoder, seq_len: int) -> float:
+    """Loop-aware compiled matmul FLOPs of the prefill of one ``seq_len``-token prompt per row."""
+    tokens = jax.ShapeDtypeStruct((_DECODE_BATCH.value, seq_len), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((_DECODE_BATCH.value,), jnp.int32)
+    return compiled_flops(decoder.lower_prefill(tokens, lengths).compile())
+
+
+def measure_inference(seq_len: int) -> dict[str, dict]:
     n = _DECODE_TOKENS.value
     probe = build(configs(seq_len)["subllm"])
-    prompt = random_batch(probe.config.vocab_size, _DECODE_BATCH.value, seq_len - n).tokens
-    theta = calibrated_threshold(probe, prompt)
-    rows = {}
-    decoders = {}
-    for name, config in configs(seq_len, theta).items():
-        model = build(config)
-        decoders[name] = Decoder(model, seq_len)
+    prompt = np.asarray(random_batch(probe.config.vocab_size, _DECODE_BATCH.value, seq_len - n).tokens)
+    thetas = calibrate_thresholds(probe, prompt)
+    rows, decoders = {}, {}
+    for name, config in configs(seq_len, thetas).items():
+        decoders[name] = Decoder(build(config), seq_len)
         decode_tokens_timed(decoders[name], prompt, 2)  # compile + warm up
     per_token: dict[str, list[float]] = {name: [] for name in MODELS}
     for rep in range(2):  # AB then BA, each a full run of n tokens
@@ -161,46 +204,59 @@ def measure_decoding(seq_len: int) -> dict[str, dict]:
             per_token[name] += decode_tokens_timed(decoders[name], prompt, n)
     for name, decoder in decoders.items():
         model = decoder.model
-        groups = subllm_decode.layout(model, seq_len).layer_groups
+        lay = subllm_decode.layout(model, seq_len)
         _, cache = decoder.prefill(prompt, np.full(prompt.shape[0], prompt.shape[1], np.int32))
-        lengths = [np.asarray(x).mean() for x in cache.lengths]
-        parents = subllm_decode.parent_groups(model.structure)
         rows[name] = {
-            "preset": _PRESET.value, "model": name, "seq_len": seq_len, "prompt_len": seq_len - n,
+            "preset": _PRESET.value, "model": name, "seq_len": seq_len, "prompt_len": prompt.shape[1],
             "decode_batch": _DECODE_BATCH.value, "decode_tokens": n, "dtype": resolve_dtype(_DTYPE.value),
-            "threshold": theta if name == "subllm" else None,
-            "decode_token_s": statistics.median(per_token[name]), "decode_times_s": per_token[name],
+            "infer_capacity": _CAPACITY.value, "thresholds": list(thetas) if name == "subllm" else [],
+            "cache_sizes": list(lay.group_sizes),
             "kv_allocated_bytes": cache.nbytes(),
-            "kv_occupied_bytes": float(decode.occupied_bytes(cache, groups)),
-            "level_keep_rates": [float(lengths[j + 1] / lengths[parent]) for j, parent in enumerate(parents)]}
+            "kv_occupied_bytes": float(decode.occupied_bytes(cache, lay.layer_groups)),
+            "prefill_flops": prefill_flops(decoder, seq_len),
+            "decode_token_s": statistics.median(per_token[name]), "decode_times_s": per_token[name],
+            **level_rates(model, prompt, seq_len)}
     return rows
+
+
+def ratio(rows: dict, key: str, inverse: bool = False) -> float:
+    """dense / SUBLLM of ``key`` (SUBLLM / dense with ``inverse``)."""
+    dense, sub = rows["dense"][key], rows["subllm"][key]
+    return sub / dense if inverse else dense / sub
 
 
 def main(argv):
     del argv
     rows, summary = [], {}
-    print(f"{'T':>6} {'model':>7} {'train ms':>9} {'tok/s':>8} {'decode ms':>10} {'KV MiB':>7}")
+    print(f"{'T':>6} {'model':>7} {'train ms':>9} {'tok/s':>8} {'decode ms':>10} {'KV MiB alloc':>13} "
+          f"{'KV MiB used':>12}")
     for seq_len in map(int, _SEQ_LENS.value):
-        train_rows = measure_training(seq_len)
-        decode_rows = measure_decoding(seq_len) if _DECODE_TOKENS.value else {}
+        train_rows = measure_training(seq_len) if _TRAIN.value else {}
+        infer_rows = measure_inference(seq_len) if _DECODE_TOKENS.value else {}
         for name in MODELS:
-            row = {**train_rows[name], **decode_rows.get(name, {})}
+            row = {**train_rows.get(name, {}), **infer_rows.get(name, {})}
             rows.append(row)
-            print(f"{seq_len:>6} {name:>7} {row['train_step_s'] * 1e3:>9.1f} "
-                  f"{row['train_tokens_per_s']:>8.0f} {row.get('decode_token_s', 0) * 1e3:>10.2f} "
-                  f"{row.get('kv_occupied_bytes', 0) / 2**20:>7.1f}", flush=True)
-        summary[f"train_throughput_ratio@{seq_len}"] = (train_rows["dense"]["train_step_s"]
-                                                        / train_rows["subllm"]["train_step_s"])
-        summary[f"train_flops_ratio@{seq_len}"] = train_rows["dense"]["flops"] / train_rows["subllm"]["flops"]
-        if decode_rows:
-            summary[f"decode_speedup@{seq_len}"] = (decode_rows["dense"]["decode_token_s"]
-                                                    / decode_rows["subllm"]["decode_token_s"])
-            summary[f"kv_cache_ratio@{seq_len}"] = (decode_rows["subllm"]["kv_occupied_bytes"]
-                                                    / decode_rows["dense"]["kv_occupied_bytes"])
+            print(f"{seq_len:>6} {name:>7} {row.get('train_step_s', 0) * 1e3:>9.1f} "
+                  f"{row.get('train_tokens_per_s', 0):>8.0f} {row.get('decode_token_s', 0) * 1e3:>10.2f} "
+                  f"{row.get('kv_allocated_bytes', 0) / 2**20:>13.1f} "
+                  f"{row.get('kv_occupied_bytes', 0) / 2**20:>12.1f}",
+                  flush=True)
+        if train_rows and _REPS.value:
+            summary[f"train_throughput_ratio@{seq_len}"] = ratio(train_rows, "train_step_s")
+        if train_rows:
+            summary[f"train_flops_ratio@{seq_len}"] = ratio(train_rows, "flops")
+            summary[f"train_activation_ratio@{seq_len}"] = ratio(train_rows, "temp_bytes", inverse=True)
+        if infer_rows:
+            summary[f"prefill_flops_ratio@{seq_len}"] = ratio(infer_rows, "prefill_flops")
+            summary[f"decode_speedup@{seq_len}"] = ratio(infer_rows, "decode_token_s")
+            summary[f"kv_allocated_ratio@{seq_len}"] = ratio(infer_rows, "kv_allocated_bytes", inverse=True)
+            summary[f"kv_occupied_ratio@{seq_len}"] = ratio(infer_rows, "kv_occupied_bytes", inverse=True)
+            for level, rate in enumerate(infer_rows["subllm"]["level_overflow_rates"], start=1):
+                summary[f"overflow_rate_{level}@{seq_len}"] = rate
     print(json.dumps(summary, indent=1))
     write_result(_OUT.value, "subllm_speed", rows, summary, settings={
-        "preset": _PRESET.value, "reps": max(_REPS.value, 5), "warmup": max(_WARMUP.value, 1),
-        "decode_keep_rate_calibration": _KEEP_RATE.value,
+        "preset": _PRESET.value, "reps": _REPS.value, "warmup": max(_WARMUP.value, 1),
+        "infer_capacity": _CAPACITY.value, "threshold_calibration": "per level, to the structure's keep",
         "timing": "median, ABBA-interleaved, compile excluded; decode: per token, first excluded"})
 
 

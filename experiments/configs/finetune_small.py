@@ -17,4 +17,4 @@ def get_config():
         data=DataConfig(source="shakespeare", vocab_size=8192),
         train=TrainConfig(steps=100, batch_size=1, seq_len=512, lr=1e-3, warmup_steps=20,
                           schedule="constant", weight_decay=0.0, log_every=10, checkpoint_every=50,
-                          eval_batches=8, loss_segment=256)))
+                          eval_every=25, eval_batches=8, loss_segment=256)))

@@ -11,6 +11,7 @@ def get_config():
     c.train.batch_size = 2
     c.train.log_every = 5
     c.train.checkpoint_every = 5
+    c.train.eval_every = 5
     c.train.eval_batches = 2
     c.train.loss_segment = 64
     return c

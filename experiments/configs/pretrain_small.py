@@ -11,4 +11,4 @@ def get_config():
         model=model_dict("small", max_positions=256),
         data=DataConfig(source="shakespeare", vocab_size=8192),
         train=TrainConfig(steps=200, batch_size=8, seq_len=256, lr=2e-3, warmup_steps=20,
-                          log_every=10, checkpoint_every=50, eval_batches=8))
+                          log_every=10, checkpoint_every=50, eval_every=50, eval_batches=8))

@@ -18,4 +18,4 @@ def get_config():
         subllm=subllm_dict("subllm-small", overrides={"max_positions": 2048}),
         data=DataConfig(source="shakespeare", vocab_size=8192),
         train=TrainConfig(steps=400, batch_size=8, seq_len=512, lr=2e-3, warmup_steps=40,
-                          log_every=10, checkpoint_every=100, eval_batches=8))
+                          log_every=10, checkpoint_every=100, eval_every=100, eval_batches=8))

@@ -10,4 +10,4 @@ def get_config():
         subllm=subllm_dict("subllm-tiny", overrides={"max_positions": 128}),
         data=DataConfig(source="shakespeare", vocab_size=512),
         train=TrainConfig(steps=20, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=4, log_every=5,
-                          checkpoint_every=10, eval_batches=2))
+                          checkpoint_every=10, eval_every=10, eval_batches=2))

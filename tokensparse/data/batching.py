@@ -20,9 +20,12 @@ import numpy as np
 
 
 class Batch(NamedTuple):
+    """A training batch; ``Batch(tokens=...)`` alone is one unpadded document per row (positions
+    0..T-1, no segments)."""
+
     tokens: np.ndarray       # [B, T] int32
-    positions: np.ndarray    # [B, T] int32, restart at 0 in every segment
-    segment_ids: np.ndarray  # [B, T] int32, 0, 1, ... within a row; -1 marks padding
+    positions: np.ndarray | None = None    # [B, T] int32, restart at 0 in every segment
+    segment_ids: np.ndarray | None = None  # [B, T] int32, 0, 1, ... within a row; -1 marks padding
 
 
 def _check_docs(docs: Sequence[np.ndarray]) -> list[np.ndarray]:

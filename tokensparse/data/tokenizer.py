@@ -1,5 +1,6 @@
-"""The byte-level BPE tokenizer: training it on a corpus's train split, caching it on disk, and
-encoding documents into token ids.
+"""Tokenizers: the byte-level BPE trained on a corpus's train split (cached on disk), a pretrained
+model's own tokenizer read from (and written to) a Hugging Face directory, and encoding documents
+into token ids.
 
 Byte-level BPE (GPT-2 style pre-tokenizer and decoder, all 256 bytes in the initial alphabet, so any
 text encodes and decodes back exactly) with special tokens ``<|endoftext|>`` (id 0, appended to every
@@ -7,11 +8,18 @@ document as EOS) and ``<|pad|>`` (id 1). :func:`get_tokenizer` trains on ``corpu
 the JSON in :func:`~tokensparse.data.corpus.cache_dir`, keyed by a hash of the train texts and the
 vocabulary size. :func:`encode_documents` turns documents into int32 id arrays ending in EOS, the
 input of :mod:`tokensparse.data.batching`.
+
+A pretrained model travels with its tokenizer: :func:`load_tokenizer` reads a ``tokenizer.json`` (or
+an HF directory's, with the BOS/EOS ids of ``tokenizer_config.json``, ``special_tokens_map.json``,
+``generation_config.json`` or ``config.json``) into a plain ``tokenizers.Tokenizer`` carrying
+``bos_token_id`` / ``eos_token_id`` attributes, the type every loader returns;
+:func:`save_hf_tokenizer` writes the files ``transformers``' ``AutoTokenizer`` reads back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 from collections.abc import Iterable
@@ -21,6 +29,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tokensparse.data.corpus import Corpus, Document, cache_dir
+from tokensparse.validation import check_token_ids
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -78,21 +87,136 @@ def get_tokenizer(corpus: Corpus, vocab_size: int = 8192) -> tokenizers.Tokenize
 
 
 def eos_id(tokenizer: tokenizers.Tokenizer) -> int:
-    eos = tokenizer.token_to_id(EOS)
+    """The id that ends documents: the tokenizer's ``eos_token_id`` (a pretrained model's, set by
+    the loaders) or else its ``<|endoftext|>`` token."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = tokenizer.token_to_id(EOS) if eos is None else eos
     if eos is None:
-        raise ValueError(f"the tokenizer has no {EOS!r} special token to end documents with.")
-    return eos
+        raise ValueError(f"the tokenizer has no EOS token to end documents with: neither an "
+                         f"eos_token (tokenizer_config.json) nor {EOS!r}.")
+    return int(eos)
+
+
+def id_limit(tokenizer: tokenizers.Tokenizer) -> int:
+    """One past the largest id the tokenizer can produce (added tokens included): the embedding
+    rows it needs."""
+    return 1 + max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+
+
+def check_fits(tokenizer: tokenizers.Tokenizer, vocab_size: int, what: str) -> None:
+    """ValueError unless every id of ``tokenizer`` has a row in a ``vocab_size`` embedding.
+
+    A smaller tokenizer is accepted: checkpoints often pad the embedding past the tokenizer (to a
+    multiple of 64 or 128 for fast matmuls, e.g. Qwen2's 151,646 tokens in 151,936 rows), and the
+    unused rows are never indexed. A larger one would index past the table, which XLA clamps
+    silently, so it is refused. ``what`` names the tokenizer's source in the message."""
+    need = id_limit(tokenizer)
+    if need > vocab_size:
+        raise ValueError(f"{what} has ids up to {need - 1} but the model's embedding has "
+                         f"vocab_size={vocab_size} rows: it is not this model's tokenizer.")
+
+
+def _json_file(path: pathlib.Path) -> dict:
+    """A JSON object from ``path`` ({} when absent); a ValueError naming the file when unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(value).__name__}.")
+    return value
+
+
+def _token_text(value) -> str | None:
+    """A special token as ``tokenizer_config.json`` writes it: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_id(tokenizer: tokenizers.Tokenizer, directory: pathlib.Path, kind: str) -> int | None:
+    """``kind`` ("bos" or "eos")'s id: the token named by tokenizer_config.json or
+    special_tokens_map.json, else the id in generation_config.json or config.json (the first of a
+    list), else None."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        text = _token_text(_json_file(directory / name).get(f"{kind}_token"))
+        if text is not None:
+            token = tokenizer.token_to_id(text)
+            if token is None:
+                raise ValueError(f"{directory / name} names {kind}_token={text!r}, which is not in "
+                                 f"{directory / 'tokenizer.json'}.")
+            return token
+    for name in ("generation_config.json", "config.json"):
+        value = _json_file(directory / name).get(f"{kind}_token_id")
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """A ``tokenizer.json`` file, or a directory holding one (a Hugging Face model directory), as a
+    ``tokenizers.Tokenizer`` with ``bos_token_id`` / ``eos_token_id`` set (None where unknown) from
+    the special-token files beside it. One-line ValueErrors name an unreadable file."""
+    path = pathlib.Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist: expected a tokenizer.json (the "
+                                "`tokenizers` library's format) or a directory holding one.")
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise ValueError(f"{file} is not a readable tokenizer.json: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    tok.bos_token_id = _special_id(tok, file.parent, "bos")
+    tok.eos_token_id = _special_id(tok, file.parent, "eos")
+    return tok
+
+
+def hf_tokenizer(directory: str | os.PathLike) -> tokenizers.Tokenizer | None:
+    """The tokenizer of a Hugging Face model directory (:func:`load_tokenizer`), or None when it
+    has no ``tokenizer.json`` (e.g. only a sentencepiece ``tokenizer.model``, not supported)."""
+    directory = pathlib.Path(directory)
+    return load_tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
+
+
+def special_ids(tokenizer: tokenizers.Tokenizer) -> tuple[int | None, int | None]:
+    """(bos, eos) ids of a tokenizer (None where it has none)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.token_to_id(EOS)
+    return getattr(tokenizer, "bos_token_id", None), eos
+
+
+def save_hf_tokenizer(tokenizer: tokenizers.Tokenizer, directory: str | os.PathLike) -> None:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into
+    ``directory`` (each whole, then renamed into place): what ``transformers.AutoTokenizer`` (as
+    ``PreTrainedTokenizerFast``) and :func:`load_tokenizer` read, BOS/EOS included."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tokenizer.json.{os.getpid()}.tmp"
+    tokenizer.save(str(tmp))
+    os.replace(tmp, directory / "tokenizer.json")  # each file whole, then renamed into place
+    specials = {}
+    for kind, token in zip(("bos", "eos"), special_ids(tokenizer), strict=True):
+        if token is not None:
+            specials[f"{kind}_token"] = tokenizer.id_to_token(token)
+    if PAD in tokenizer.get_vocab(with_added_tokens=True):
+        specials["pad_token"] = PAD
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              **specials}
+    for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        tmp = directory / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, directory / name)
 
 
 def check_tokens(tokens, vocab_size: int) -> None:
-    """ValueError unless every id is in ``[0, vocab_size)`` (an id past the embedding fails silently)."""
-    tokens = np.asarray(tokens)
-    if tokens.size == 0:
-        return
-    hi, lo = int(tokens.max()), int(tokens.min())
-    if hi >= vocab_size or lo < 0:
-        raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}) but the max id is {hi} "
-                         f"(min {lo}); use a model with vocab_size > {hi} or the matching tokenizer.")
+    """ValueError unless every id is in ``[0, vocab_size)``
+    (:func:`tokensparse.validation.check_token_ids`)."""
+    check_token_ids(tokens, vocab_size)
 
 
 _ENCODED: dict[str, list[np.ndarray]] = {}  # the last few encode_documents results, in this process
@@ -105,13 +229,13 @@ def encode_documents(tokenizer: tokenizers.Tokenizer, docs: Iterable[Document | 
     (keyed by the tokenizer's JSON and the texts) and returned as fresh copies.
     """
     texts = [d.text if isinstance(d, Document) else d for d in docs]
-    key = _digest([tokenizer.to_str(), *texts])
+    eos = eos_id(tokenizer)
+    key = _digest([tokenizer.to_str(), str(eos), *texts])
     if key not in _ENCODED:
-        eos = eos_id(tokenizer)
         out = [np.asarray([*e.ids, eos], np.int32)
                for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
         for ids in out:
-            check_tokens(ids, tokenizer.get_vocab_size())
+            check_tokens(ids, id_limit(tokenizer))
         if len(_ENCODED) >= 4:
             _ENCODED.pop(next(iter(_ENCODED)))
         _ENCODED[key] = out

@@ -12,8 +12,17 @@
 - :mod:`~tokensparse.lemo.profiles`: per-layer keep-ratio profiles (Algorithm 1, sensitivity).
 - :mod:`~tokensparse.lemo.analysis`: contextual-sparsity statistics of a model's attention;
   :mod:`~tokensparse.lemo.estimators`: training-free estimates of the oracle scores.
+
+Entry points, importable from here: :class:`LeMoConfig` (the options), :func:`lemo_loss` (the
+training loss: ``train.make_train_step(partial(lemo_loss, lemo=cfg), wrt=lora.LoRAParam)``),
+:func:`group_layers` (group the layers to the schedule once, before the optimizer),
+:func:`check_lemo` (fail early on a config the model cannot run), :func:`sparse_forward_loss`
+(what elimination alone costs a model), and the selector modules ``learned_selector`` /
+``predictor`` (``attach`` / ``load``) and ``rules`` (``register`` a selection rule).
 """
 
+from tokensparse.config import LeMoConfig
+from tokensparse.lemo import learned_selector, predictor, rules
 from tokensparse.lemo.forward import (
     check_lemo,
     group_layers,
@@ -32,6 +41,7 @@ from tokensparse.lemo.scoring import (
 )
 
 __all__ = [
+    "LeMoConfig",
     "ScoreOptions",
     "block_scores",
     "block_scores_reference",
@@ -40,9 +50,12 @@ __all__ = [
     "group_layers",
     "column_scores",
     "keep_channels",
+    "learned_selector",
     "lemo_hidden_states",
     "lemo_loss",
     "num_blocks",
+    "predictor",
+    "rules",
     "select_blocks",
     "sparse_backward_mlp",
     "sparse_forward_loss",

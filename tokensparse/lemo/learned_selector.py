@@ -9,12 +9,18 @@ pass per sparse layer. This selector predicts it from the layer's input alone, p
     u_t = input_norm(h_t)                               (the tensor q/k/v_proj see; D values)
     r_t = log rms(h_t)                                  (one value: the residual's scale)
     s_t = w2 · ReLU(W1 u_t + w_r r_t + b1) + b2         (D → 64 → 1; one weight set per layer)
-    score(block) = mean over its valid tokens of exp(s_t)
+    score(block) = mean over its valid tokens of s_t    (exp(s_t) for a positive target)
 
 Cost per token and sparse layer: ≈ 2·(D+1)·64 FLOPs (0.5 MFLOP on a 4096-wide model), no q·kᵀ.
-``s_t`` is trained (:func:`fit`) to regress the log of a per-token target measured on the frozen
-dense model (:func:`collect`): :data:`TARGETS` (the exact ``attention_ratio`` ‖a_t‖ / ‖h_t‖ by
-default).
+``s_t`` is trained (:func:`fit`) on a per-token target measured on the frozen model inside the
+LeMo sparse forward (:func:`collect`), one of :data:`TARGETS`:
+
+- ``first_order`` (the default): the first-order loss change of keeping the token in this layer,
+  as a query and as a key (:mod:`tokensparse.lemo.first_order`), scaled per (layer, window); a
+  signed target, regressed as it is (Huber), so a block's score is the mean of ``s_t``: the
+  predicted effect of keeping the block.
+- ``attention_ratio``: ‖a_t‖ / ‖h_t‖, the exact query-side rule; positive, ``s_t`` regresses its
+  log and the block's score is the mean of ``exp(s_t)``.
 
 Integration: the weights of all layers are stacked ``[n_layers, ...]`` (zeros for layers never
 trained) in :class:`SelectorWeight` variables — not ``nnx.Param`` nor LoRA params, so no optimizer
@@ -42,6 +48,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from tokensparse.config import LeMoConfig, ModelConfig
+from tokensparse.lemo import first_order
 
 FORMAT = "tokensparse.lemo.learned_selector/1"
 HIDDEN = 64
@@ -85,11 +92,21 @@ def block_mean(x: Float[Array, "b t"], block_size: int, valid=None) -> Float[Arr
     return jnp.where(count > 0, x.sum(-1) / jnp.maximum(count, 1), -jnp.inf)
 
 
-def block_scores(params: dict[str, Array], u, h, block_size: int, valid=None) -> Float[Array, "b nb"]:
-    """One layer's block scores: the block mean of exp(s_t). No gradient reaches the inputs or the
-    weights (selection is discrete; the weights are trained by :func:`fit` alone)."""
+SIGNED = frozenset({"first_order"})  # targets regressed as they are (else their log)
+
+
+def token_values(s: Float[Array, "..."], target: str) -> Float[Array, "..."]:
+    """What a block's score averages: ``s_t`` for a signed target, ``exp(s_t)`` for a log-regressed
+    one."""
+    return s if target in SIGNED else jnp.exp(jnp.minimum(s, 30.0))
+
+
+def block_scores(params: dict[str, Array], u, h, block_size: int, valid=None,
+                 target: str = "first_order") -> Float[Array, "b nb"]:
+    """One layer's block scores: the block mean of :func:`token_values`. No gradient reaches the
+    inputs or the weights (selection is discrete; the weights are trained by :func:`fit` alone)."""
     s = token_logits(params, *features(u, h))
-    return jax.lax.stop_gradient(block_mean(jnp.exp(jnp.minimum(s, 30.0)), block_size, valid))
+    return jax.lax.stop_gradient(block_mean(token_values(s, target), block_size, valid))
 
 
 def flops_per_token(d_model: int, hidden: int = HIDDEN) -> int:
@@ -108,10 +125,12 @@ class LearnedSelector(nnx.Module):
     (training data, steps) kept in the file."""
 
     def __init__(self, n_layers: int, d_model: int, *, layers: Sequence[int], hidden: int = HIDDEN,
-                 target: str = "attention_ratio", info: dict | None = None):
+                 target: str = "first_order", info: dict | None = None):
         if min(n_layers, d_model, hidden) < 1:
             raise ValueError(f"LearnedSelector needs positive n_layers, d_model and hidden, got "
                              f"{n_layers}, {d_model}, {hidden}.")
+        if target not in TARGETS:
+            raise ValueError(f"unknown learned-selector target {target!r}; known: {tuple(TARGETS)}.")
         layers = tuple(sorted(int(i) for i in layers))
         if not layers or len(set(layers)) != len(layers) or not 0 <= layers[0] <= layers[-1] < n_layers:
             raise ValueError(f"LearnedSelector layers {layers} must be distinct layers of a "
@@ -228,7 +247,8 @@ def bind(model, lemo: LeMoConfig):
     def score(block, h, layer, lemo):
         valid = None if layer.segment_ids is None else layer.segment_ids >= 0
         params = selector.layer_params(layer.index)
-        return block_scores(params, block.input_norm(h), h, lemo.block_size, valid)
+        return block_scores(params, block.input_norm(h), h, lemo.block_size, valid,
+                            selector.target)
     return score
 
 
@@ -236,19 +256,27 @@ def bind(model, lemo: LeMoConfig):
 
 
 def token_ratio(block, h: Float[Array, "b t d"], positions, segment_ids=None) -> Float[Array, "b t"]:
-    """‖a_t‖ / ‖h_t‖ with ``a`` the layer's dense attention output: the default target."""
+    """‖a_t‖ / ‖h_t‖ with ``a`` the layer's dense attention output: the ``attention_ratio`` target."""
     a = block.attn(block.input_norm(h), positions, segment_ids).astype(jnp.float32)
     hf = h.astype(jnp.float32)
     return jnp.linalg.norm(a, axis=-1) / jnp.maximum(jnp.linalg.norm(hf, axis=-1), 1e-6)
 
 
-TARGETS = {"attention_ratio": token_ratio}
+TARGETS = ("first_order", "attention_ratio")
 
 
-@nnx.jit(static_argnames=("target", "lemo"))
-def _layer_data(model, tokens, target: str, lemo: LeMoConfig | None):
-    from tokensparse.lemo.forward import lemo_layer_fn
+def _router(model, lemo: LeMoConfig | None):
+    """``(router, kinds)`` of ``lemo``'s sparse forward; ``(None, None)``: the dense one."""
     from tokensparse.lemo.selection import layer_kinds, lemo_router
+
+    if lemo is None:
+        return None, None
+    return lemo_router(model, lemo), layer_kinds(lemo, lemo.keep_ratios(len(model.layers)))
+
+
+@nnx.jit(static_argnames=("lemo",))
+def _ratio_data(model, tokens, lemo: LeMoConfig | None):
+    from tokensparse.lemo.forward import lemo_layer_fn
     from tokensparse.llama import default_positions, dense_layer
 
     run = dense_layer if lemo is None else lemo_layer_fn(model, lemo)
@@ -256,36 +284,47 @@ def _layer_data(model, tokens, target: str, lemo: LeMoConfig | None):
     def layer_fn(block, h, layer, selection):
         u = block.input_norm(h)
         out = (u.astype(jnp.bfloat16), features(u, h)[1],
-               TARGETS[target](block, h, layer.positions, layer.segment_ids))
+               token_ratio(block, h, layer.positions, layer.segment_ids))
         return run(block, h, layer, selection)[0], out
 
-    router = kinds = None
-    if lemo is not None:
-        router = lemo_router(model, lemo)
-        kinds = layer_kinds(lemo, lemo.keep_ratios(len(model.layers)))
+    router, kinds = _router(model, lemo)
     _, outputs = model.run_layers(model.embed(tokens), default_positions(tokens), layer_fn=layer_fn,
                                   router=router, kinds=kinds)
     return outputs
 
 
+@nnx.jit(static_argnames=("lemo", "block_size", "start"))
+def _first_order_data(model, tokens, lemo: LeMoConfig | None, block_size: int, start: int):
+    value, outputs = first_order.importance(model, tokens, *_router(model, lemo), start=start)
+    value = first_order.normalised(value, block_size)
+    return [None] * start + [(u, log_rms, value[start + i])
+                             for i, (u, log_rms, _) in enumerate(outputs)]
+
+
 def collect(model, windows: Iterable[np.ndarray], layers: Sequence[int],
-            target: str = "attention_ratio", sparse: Sequence[LeMoConfig] = ()
+            target: str = "first_order", sparse: Sequence[LeMoConfig] = (), block_size: int = 64
             ) -> dict[str, np.ndarray]:
     """Training data from the frozen model: per layer in ``layers``, every token's normed input
     ``u`` [L, N, D] (bf16), ``log_rms`` [L, N] and ``target`` [L, N] (``windows``: token arrays of
-    one length, run one at a time).
+    one length, run one at a time; ``first_order`` is scaled per (layer, window) with the tokens
+    after the first ``block_size``).
 
     With ``sparse`` configs, window i is run through the LeMo sparse forward of
     ``sparse[i % len(sparse)]`` (its selector choosing, e.g. the exact ``attention_ratio``) instead
     of the dense one: the selector then learns on the inputs it meets inside the sparse forward,
     where earlier layers have eliminated tokens (trained on dense inputs only, it cannot react to
-    that, and selects far worse in the loop)."""
+    that, and selects far worse in the loop), and ``first_order`` measures keeping a token against
+    that forward's selections."""
     if target not in TARGETS:
-        raise ValueError(f"unknown learned-selector target {target!r}; known: {tuple(TARGETS)}.")
+        raise ValueError(f"unknown learned-selector target {target!r}; known: {TARGETS}.")
     parts = {"u": [], "log_rms": [], "target": []}
     for w, window in enumerate(windows):
         lemo = sparse[w % len(sparse)] if sparse else None
-        outputs = _layer_data(model, jnp.asarray(window, jnp.int32)[None], target, lemo)
+        tokens = jnp.asarray(window, jnp.int32)[None]
+        if target == "first_order":
+            outputs = _first_order_data(model, tokens, lemo, block_size, min(layers))
+        else:
+            outputs = _ratio_data(model, tokens, lemo)
         for key, j in (("u", 0), ("log_rms", 1), ("target", 2)):
             parts[key].append(np.stack([np.asarray(outputs[i][j][0]) for i in layers]))
     return {key: np.concatenate(value, axis=1) for key, value in parts.items()}
@@ -303,22 +342,34 @@ def init_params(n_layers: int, d_model: int, hidden: int = HIDDEN, seed: int = 0
             "b2": jnp.zeros((n_layers,))}
 
 
-def regression_loss(params, u, log_rms, log_target) -> Float[Array, ""]:
-    """Mean squared error of ``s_t`` against log(target), over the layers (leading axis) and
-    tokens."""
+def regression_target(target: np.ndarray, kind: str) -> np.ndarray:
+    """What ``s_t`` regresses: a signed target as it is, a positive one's log."""
+    if kind in SIGNED:
+        return np.asarray(target, np.float32)
+    return np.log(np.maximum(target, 1e-8)).astype(np.float32)
+
+
+def regression_loss(params, u, log_rms, y, huber: float = 0.0) -> Float[Array, ""]:
+    """Mean squared error of ``s_t`` against ``y`` (Huber with threshold ``huber`` when > 0: the
+    heavy-tailed first-order target), over the layers (leading axis) and tokens."""
     pred = jax.vmap(token_logits)(params, u.astype(jnp.float32), log_rms)
-    return jnp.mean((pred - log_target) ** 2)
+    if huber > 0:
+        return jnp.mean(optax.huber_loss(pred, y, delta=huber))
+    return jnp.mean((pred - y) ** 2)
 
 
-def fit(data: dict[str, np.ndarray], *, steps: int = 2000, batch: int = 2048, lr: float = 3e-3,
-        weight_decay: float = 1e-4, seed: int = 0, log_every: int = 0) -> tuple[dict, list[float]]:
-    """Train stacked weights for the layers in ``data`` (from :func:`collect`) by Adam on
-    :func:`regression_loss` over random token minibatches: ``(params [L, ...], losses)``."""
+def fit(data: dict[str, np.ndarray], *, target: str = "first_order", steps: int = 2000,
+        batch: int = 2048, lr: float = 3e-3, weight_decay: float = 1e-4, seed: int = 0,
+        log_every: int = 0) -> tuple[dict, list[float]]:
+    """Train stacked weights for the layers in ``data`` (from :func:`collect` with ``target``) by
+    Adam on :func:`regression_loss` (Huber, threshold 1, for a signed target) over random token
+    minibatches: ``(params [L, ...], losses)``."""
     u, log_rms = data["u"], data["log_rms"]
-    log_target = np.log(np.maximum(data["target"], 1e-8)).astype(np.float32)
+    y = regression_target(data["target"], target)
+    huber = 1.0 if target in SIGNED else 0.0
     n_layers, n, d = u.shape
     params = init_params(n_layers, d, seed=seed)
-    params["b2"] = jnp.asarray(log_target.mean(axis=1))
+    params["b2"] = jnp.asarray(y.mean(axis=1))
     opt = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=weight_decay)
     state = opt.init(params)
 
@@ -326,11 +377,11 @@ def fit(data: dict[str, np.ndarray], *, steps: int = 2000, batch: int = 2048, lr
     def step(params, state, idx):
         take = lambda x: jnp.take(x, idx, axis=1)
         loss, grads = jax.value_and_grad(regression_loss)(
-            params, take(u_dev), take(r_dev), take(t_dev))
+            params, take(u_dev), take(r_dev), take(y_dev), huber)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    u_dev, r_dev, t_dev = jnp.asarray(u), jnp.asarray(log_rms), jnp.asarray(log_target)
+    u_dev, r_dev, y_dev = jnp.asarray(u), jnp.asarray(log_rms), jnp.asarray(y)
     rng = np.random.default_rng(seed)
     losses = []
     for i in range(steps):
@@ -358,15 +409,16 @@ def stacked(params_for_layers: dict[str, Array], layers: Sequence[int], n_layers
 # ----------------------------------------------------------------------------- quality
 
 
-def predicted_blocks(params: dict[str, Array], data: dict[str, np.ndarray], block_size: int
-                     ) -> np.ndarray:
-    """Block scores [L, N / block_size] of stacked weights (one per layer of ``data``, from
-    :func:`collect`, whose N tokens are whole windows of whole blocks), one layer at a time."""
+def predicted_blocks(params: dict[str, Array], data: dict[str, np.ndarray], block_size: int,
+                     target: str = "first_order") -> np.ndarray:
+    """Block scores [L, N / block_size] of stacked weights trained on ``target`` (one per layer of
+    ``data``, from :func:`collect`, whose N tokens are whole windows of whole blocks), one layer at
+    a time."""
     out = []
     for i in range(data["u"].shape[0]):
         p = {name: value[i] for name, value in params.items()}
         s = token_logits(p, jnp.asarray(data["u"][i], jnp.float32), jnp.asarray(data["log_rms"][i]))
-        out.append(np.asarray(jnp.exp(s).reshape(-1, block_size).mean(-1)))
+        out.append(np.asarray(token_values(s, target).reshape(-1, block_size).mean(-1)))
     return np.stack(out)
 
 

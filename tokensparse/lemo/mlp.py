@@ -8,7 +8,9 @@ and lower layers' LoRA gradients are biased accordingly; with ``keep = I`` it is
 
 **Frozen MLP weights only.** The custom VJP returns *zero* gradients for ``w_gate``, ``w_up`` and
 ``w_down``: it is only correct when the MLP is not trained (LeMo's recipe: LoRA on q, k, v, o).
-:func:`sparse_backward_mlp` refuses MLPs that carry adapters.
+:func:`sparse_backward_mlp` refuses MLPs that carry adapters, and raises when differentiated with
+respect to the MLP weights themselves (e.g. ``make_train_step(..., wrt=nnx.Param)``) instead of
+silently giving them zero gradients.
 
 Channels are ranked over all B·T tokens of the call together (one channel set per batch, as the
 artifact does), not per row; padding tokens take part in the ranking.
@@ -105,7 +107,7 @@ def _gathered(weights, weight_axes: WeightAxes):
     return tuple(gather_for_use(w, names) for w, names in zip(weights, weight_axes, strict=True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def channel_sparse_swiglu(
     x: Float[Array, "... d"],
     w_gate: Float[Array, "d i"],
@@ -113,6 +115,7 @@ def channel_sparse_swiglu(
     w_down: Float[Array, "i d"],
     keep: int,
     weight_axes: WeightAxes = None,
+    frozen: bool = False,
 ) -> Float[Array, "... d"]:
     """``(silu(x @ w_gate) * (x @ w_up)) @ w_down`` with a backward through ``keep`` channels.
 
@@ -123,6 +126,9 @@ def channel_sparse_swiglu(
     split over ``fsdp``: they are gathered for the forward (:func:`sharding.gather_for_use`) and the
     backward keeps the stored shards, not the gathered weights, gathering only the kept channels'
     rows and columns again (ZeRO-3). None: the weights are used as given.
+
+    ``frozen=True`` raises ``ValueError`` when the weights are differentiated (their gradient
+    would silently be zero).
     """
     _check_keep(keep, w_gate.shape[-1])
     return _forward(x, *_gathered((w_gate, w_up, w_down), weight_axes))[0]
@@ -134,7 +140,16 @@ def _check_keep(keep, ffn_dim: int) -> None:
                          f"see keep_channels().")
 
 
-def _fwd(x, w_gate, w_up, w_down, keep, weight_axes):
+def _fwd(x, w_gate, w_up, w_down, keep, weight_axes, frozen):
+    # symbolic_zeros: each differentiable argument comes as (value, perturbed).
+    trained = [n for n, w in zip(("gate_proj", "up_proj", "down_proj"), (w_gate, w_up, w_down),
+                                 strict=True) if w.perturbed]
+    if frozen and trained:
+        raise ValueError(f"the MLP weights {trained} are being trained, but LeMo's channel-sparse "
+                         "MLP backward (lemo.mlp_mode='channel_sparse_bwd') gives them zero "
+                         "gradients: train LoRA adapters only (wrt=tokensparse.lora.LoRAParam) or "
+                         "use lemo.mlp_mode='dense' or 'recompute'.")
+    x, w_gate, w_up, w_down = (p.value for p in (x, w_gate, w_up, w_down))
     _check_keep(keep, w_gate.shape[-1])
     out, g, v = _forward(x, *_gathered((w_gate, w_up, w_down), weight_axes))
     if keep == w_gate.shape[-1]:  # every channel: exact backward, nothing to rank or gather
@@ -152,7 +167,9 @@ def _fwd(x, w_gate, w_up, w_down, keep, weight_axes):
     return out, (g_c, v_c, idx, w_gate, w_up, w_down, jnp.zeros((0,), x.dtype))
 
 
-def _bwd(keep, weight_axes, residuals, grad_out):
+def _bwd(keep, weight_axes, frozen, residuals, grad_out):
+    if isinstance(grad_out, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None
     g_c, v_c, idx, w_gate, w_up, w_down, x_proto = residuals
     wg_c, wu_c, wd_c = w_gate, w_up, w_down
     if keep != w_gate.shape[-1]:
@@ -169,14 +186,15 @@ def _bwd(keep, weight_axes, residuals, grad_out):
     return dx.astype(x_proto.dtype), None, None, None
 
 
-channel_sparse_swiglu.defvjp(_fwd, _bwd)
+channel_sparse_swiglu.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def sparse_backward_mlp(mlp: MLP, x: Float[Array, "b t d"], keep: int) -> Float[Array, "b t d"]:
     """``mlp(x)`` exactly, with the channel-sparse backward, for a frozen ``llama.MLP``.
 
     Computes in the module's compute dtype, like the module itself. Raises ``ValueError`` if any of
-    its projections carries an adapter: adapter weights would get no gradient.
+    its projections carries an adapter, or (when differentiated) if the MLP weights themselves are
+    being trained: either would get no gradient.
     """
     projections = {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj,
                    "down_proj": mlp.down_proj}
@@ -192,7 +210,7 @@ def sparse_backward_mlp(mlp: MLP, x: Float[Array, "b t d"], keep: int) -> Float[
     axes = tuple(k.get_metadata().get("logical_axes") for k in kernels)
     values = [k[...].astype(dtype) for k in kernels]
     split = any(gathered_on_use(v, a) for v, a in zip(values, axes, strict=True))
-    return channel_sparse_swiglu(x.astype(dtype), *values, keep, axes if split else None)
+    return channel_sparse_swiglu(x.astype(dtype), *values, keep, axes if split else None, True)
 
 
 def recomputed_mlp(mlp: MLP, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:

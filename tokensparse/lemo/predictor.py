@@ -237,8 +237,12 @@ def save_predictors(predictors: LeMoPredictors, directory: str | os.PathLike, *,
 def load_predictors(directory: str | os.PathLike, config: ModelConfig, *, dtype=None
                     ) -> LeMoPredictors:
     """Predictors saved by :func:`save_predictors` (or ``train_predictors``), checked against
-    ``config``; the stored (pruned) widths decide the shapes."""
-    with Checkpointer(directory, save_every=1) as checkpointer:
+    ``config``; the stored (pruned) widths decide the shapes. Only reads: a missing ``directory`` is
+    a :class:`CheckpointError` (it is not created)."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no predictors in {os.fspath(directory)}: the directory does not "
+                                "exist; train them with `python -m experiments.train_predictors` first.")
+    with Checkpointer(directory, save_every=1, read_only=True) as checkpointer:
         if checkpointer.latest_step() is None:
             raise CheckpointError(f"no predictors in {os.fspath(directory)}: train them with "
                                   "`python -m experiments.train_predictors` first.")

@@ -49,10 +49,14 @@ def to_json(config) -> dict[str, Any]:
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
-    if jax.process_index() != 0:  # one writer when several processes share the workdir
+    """``obj`` as JSON at ``path``, by process 0 only (several processes share the workdir), written
+    whole and then renamed into place: a reader (another process, a later run) never sees a part."""
+    if jax.process_index() != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
 
 
 def make_mesh(mesh_config: MeshConfig, owner: str):
@@ -89,19 +93,21 @@ def sequence_layout(tc: TrainConfig, mesh, multiple: int = 1):
 
 
 def prepare_data(data_config: DataConfig):
-    """The corpus and the BPE tokenizer trained on it (nothing is written to the workdir: the run
-    saves the tokenizer with :func:`save_tokenizer` once its resume check has passed)."""
+    """The corpus and the BPE tokenizer trained on it, or ``data_config.tokenizer``'s when set
+    (nothing is written to the workdir: the run saves the tokenizer with :func:`save_tokenizer` once
+    its resume check has passed)."""
     corpus = data.load_corpus(data_config.source)
+    if data_config.tokenizer:
+        return corpus, data.load_tokenizer(data_config.tokenizer)
     return corpus, data.get_tokenizer(corpus, data_config.vocab_size)
 
 
 def save_tokenizer(tokenizer, workdir: pathlib.Path) -> None:
-    """``workdir/tokenizer.json`` (process 0; written whole, then renamed into place)."""
+    """``workdir/tokenizer.json`` and its special-token files, so the run's BOS/EOS travel with it
+    (process 0; :func:`tokensparse.data.save_hf_tokenizer`)."""
     if jax.process_index() != 0:
         return
-    tmp = workdir / ".tokenizer.json.tmp"
-    tokenizer.save(str(tmp))
-    tmp.replace(workdir / "tokenizer.json")
+    data.save_hf_tokenizer(tokenizer, workdir)
 
 
 @contextlib.contextmanager
@@ -181,6 +187,8 @@ def run_summary(model, optimizer, step_fn, batch, result: LoopResult, final_eval
     cost = compiled_memory(step_fn, model, optimizer, batch)
     last = result.history[-1] if result.history else {}
     return {"steps": result.step, "interrupted": result.interrupted,
-            "train_loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
+            "train_loss": last.get("loss"),
+            "tokens_per_s": next((r["tokens_per_s"] for r in reversed(result.history)
+                                  if "tokens_per_s" in r), None),  # steady steps, no compile
             "activation_bytes": cost.temp_bytes, "argument_bytes": cost.argument_bytes,
             **{f"val_{k}": v for k, v in final_eval.items()}}

@@ -45,7 +45,8 @@ class FinetuneConfig:
     predictors: str = ""
     """With lemo.selector=predictor: the predictors/ directory of a train_predictors run."""
     data: DataConfig = DataConfig()
-    """The corpus; a base with its own tokenizer ignores data.vocab_size."""
+    """The corpus. The base's own tokenizer encodes it (data.vocab_size is unused); data.tokenizer
+    supplies one for a base that ships none."""
     train: TrainConfig = TrainConfig()
     """Optimisation, context (train.seq_len), checkpointing and evaluation cadence."""
     mesh: MeshConfig = MeshConfig(data=1)
@@ -111,10 +112,9 @@ def _resolved(path: str) -> str:
 
 def _finetune(config: FinetuneConfig, workdir: pathlib.Path, mesh, layout) -> dict:
     tc, lemo_config = config.train, config.lemo_config
-    model, base_config, base_tokenizer = load_base(config.base,
-                                                   attention_backend=config.attention_backend)
+    model, base_config, tokenizer = load_base(config.base, tokenizer=config.data.tokenizer,
+                                              attention_backend=config.attention_backend, mesh=mesh)
     corpus = data.load_corpus(config.data.source)
-    tokenizer = base_tokenizer or data.get_tokenizer(corpus, config.data.vocab_size)
     common.check_vocab(tokenizer, base_config)
     model_config = base_config.with_context(tc.seq_len)
     experiment = common.to_json(config)
@@ -156,7 +156,8 @@ def _finetune(config: FinetuneConfig, workdir: pathlib.Path, mesh, layout) -> di
 
     if lemo_config is not None:
         check_lemo(model, lemo_config, tc.seq_len)
-    step_fn = train.make_train_step(train_loss_fn, wrt=lora.LoRAParam)
+    step_fn = train.make_train_step(train_loss_fn, wrt=lora.LoRAParam,
+                                    grad_accum_steps=tc.grad_accum_steps)
     evaluate = common.eval_fn(eval_batches, loss_fn)
     with common.on_mesh(mesh, model, optimizer, batches) as batches:
         result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,

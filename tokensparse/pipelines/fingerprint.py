@@ -10,9 +10,10 @@ fields, before anything in the workdir is written; ``train.allow_changed_resume`
 change through (recorded in the file's ``changes``).
 
 Not in the fingerprint: the step count (a run may be extended), logging, evaluation and checkpoint
-cadence, and the knobs that change memory or speed but not the mathematics (remat, loss_segment,
-attention_backend, mesh, progress). Note that a cosine schedule decays over ``train.steps``, so
-extending a cosine run changes its learning rate from the resumed step on.
+cadence, tracking, and the knobs that change memory or speed but not the mathematics (remat,
+loss_segment, grad_accum_steps, attention_backend, mesh, progress). Note that a cosine schedule
+decays over ``train.steps``, so extending a cosine run changes its learning rate from the resumed
+step on.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ UNTRACKED = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_checkpoints", "train.allow_changed_resume",
     "train.remat", "train.remat_names", "train.loss_segment", "train.eval_windows",
-    "train.targets_dir", "attention_backend", "progress"})
+    "train.targets_dir", "train.grad_accum_steps", "train.tensorboard", "train.wandb_project",
+    "attention_backend", "progress"})
 UNTRACKED_PREFIXES = ("mesh.",)
 _SHOWN = 8  # changed fields listed in one message
 _WIDTH = 40  # characters of one shown value

@@ -32,7 +32,8 @@ class PredictorsConfig:
     """How the predictors are trained, pruned and scored (train.seq_len: the context, RoPE-scaled
     as fine-tuning will scale it)."""
     data: DataConfig = DataConfig()
-    """The corpus; a base with its own tokenizer ignores data.vocab_size."""
+    """The corpus. The base's own tokenizer encodes it (data.vocab_size is unused); data.tokenizer
+    supplies one for a base that ships none."""
     attention_backend: str = "auto"
     """Attention implementation: auto, or a registered backend (tokensparse.attention.backends())."""
     progress: bool = True
@@ -60,10 +61,9 @@ def predictor_setup(config: PredictorsConfig):
 def _setup(config: PredictorsConfig):
     """:func:`predictor_setup`'s values, then the tokenizer and the corpus."""
     tc = config.train
-    model, base_config, base_tokenizer = load_base(config.base,
-                                                   attention_backend=config.attention_backend)
+    model, base_config, tokenizer = load_base(config.base, tokenizer=config.data.tokenizer,
+                                              attention_backend=config.attention_backend)
     corpus = data.load_corpus(config.data.source)
-    tokenizer = base_tokenizer or data.get_tokenizer(corpus, config.data.vocab_size)
     common.check_vocab(tokenizer, base_config)
     model_config = base_config.with_context(tc.seq_len)
     set_context(model, model_config)

@@ -12,10 +12,11 @@ import pathlib
 import warnings
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
-from tokensparse import data, hf, train
+from tokensparse import data, hf, sharding, train
 from tokensparse.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
 from tokensparse.llama import Llama
 from tokensparse.loop import train_loop
@@ -217,7 +218,8 @@ def _pretrain(config: PretrainConfig, workdir: pathlib.Path, mesh, layout) -> di
 
     model = setup.model
     optimizer = nnx.Optimizer(model, setup.tx, wrt=nnx.Param)
-    step_fn = train.make_train_step(setup.train_loss, pass_step=setup.pass_step)
+    step_fn = train.make_train_step(setup.train_loss, pass_step=setup.pass_step,
+                                    grad_accum_steps=tc.grad_accum_steps)
     evaluate = common.evaluate_all(eval_batches, setup.eval_losses)
     with common.on_mesh(mesh, model, optimizer, batches) as batches:
         result = train_loop(workdir=workdir, model=model, optimizer=optimizer, train_step=step_fn,
@@ -228,12 +230,16 @@ def _pretrain(config: PretrainConfig, workdir: pathlib.Path, mesh, layout) -> di
         summary = common.run_summary(model, optimizer, step_fn, batches.batch(0), result,
                                      evaluate(model))
     summary["unigram_entropy"] = common.unigram_entropy(train_docs)
-    if config.kind == "llama":
-        hf.save_llama(model, model_config, workdir / "hf")  # the base for fine-tuning
+    if config.kind == "llama":  # fine-tuning's base: one writer, once every process reads it whole
+        if mesh is not None and jax.process_count() > 1:
+            sharding.to_local(model, mesh=mesh)
+        if jax.process_index() == 0:
+            hf.save_llama(model, model_config, workdir / "hf", tokenizer=tokenizer)
     elif model.structure.n_subsamplers:
         summary["subllm"] = subllm_stats(model, eval_batches[0])
         warn_shut_subsamplers(summary["subllm"])
     common.write_json(workdir / "summary.json", summary)
+    sharding.barrier("pretrain finished")  # no process moves on before process 0 has written
     return summary
 
 

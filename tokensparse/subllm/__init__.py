@@ -18,7 +18,7 @@ from tokensparse.subllm.balancer import (
     balancer_stats,
     positive_fraction,
 )
-from tokensparse.subllm.model import SubLLM, hidden_fn
+from tokensparse.subllm.model import SubLLM, hidden_fn, spec_init
 from tokensparse.subllm.modules import (
     BYPASS_LIMIT_PROB,
     BYPASS_MAX,
@@ -32,6 +32,8 @@ from tokensparse.subllm.modules import (
     bypass_min,
     coin,
     infer_select,
+    key_bias,
+    key_biased_attention,
     limit_grad,
     piecewise_linear,
     score,
@@ -74,10 +76,13 @@ __all__ = [
     "dense_twin",
     "hidden_fn",
     "infer_select",
+    "key_bias",
+    "key_biased_attention",
     "limit_grad",
     "parse_structure",
     "piecewise_linear",
     "score",
+    "spec_init",
     "subllm_preset",
     "subllm_preset_names",
     "train_select",

@@ -7,10 +7,17 @@ size is its inference capacity, ``ceil(infer_capacity · size of the parent grou
 prefill plus decode steps equal those of one infer-mode forward over the whole sequence at
 ``max_len``: first-come overflow decides the same way in both.
 
+Allocation follows the capacity: at ``infer_capacity=0.75`` the default 24-layer structure
+``TTTTT(TTTTT(TTTT)TTTTT)TTTTT`` allocates (10 + 10·0.75 + 4·0.5625)/24 = 0.82 of the dense KV bytes,
+and fills about (10 + 10·0.64 + 4·0.41)/24 = 0.75 of them at the spec's keep rates.
+
 A decode step walks the structure as a tree. At a subsampler the new token's own score decides
-(``s > θ`` and room in the cache); the inner region runs under ``lax.cond`` only when some sequence
+(``s > θ_level`` and room in the cache); the inner region runs under ``lax.cond`` only when some sequence
 in the batch keeps the token, and sequences that dropped it write nothing and keep their state
-(upsampling returns ``x`` exactly at a dropped token, and so does the bypass).
+(upsampling returns ``x`` exactly at a dropped token, and so does the bypass). Every group's
+attention runs over its filled prefix only (:func:`tokensparse.decode.length_bounded`), so a level's
+per-token cost follows its occupancy. A full inner cache is the capacity rule (first-come: the token
+is dropped), not an error; a full root cache is, as in :func:`tokensparse.decode.decode_step`.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from tokensparse import routing
 from tokensparse.decode import (
     DecodeCache,
     check_prompt,
+    check_room,
     decode_layer,
     filled_cache,
     last_rows,
@@ -130,7 +138,11 @@ def prefill(model: SubLLM, tokens: Int[Array, "b t"], lengths: Int[Array, " b"],
 
 def decode_step(model: SubLLM, cache: DecodeCache, tokens: Int[Array, " b"],
                 positions: Int[Array, " b"]) -> tuple[Float[Array, "b v"], DecodeCache]:
-    """One new token per sequence at its original ``positions``: next-token logits and the cache."""
+    """One new token per sequence at its original ``positions``: next-token logits and the cache.
+
+    Raises when a row's full-length cache is full and the cache is concrete; under ``jit`` the token
+    is dropped and :func:`tokensparse.decode.overflowed` says so."""
+    check_room(cache, "subllm decode_step")
     lay = layout(model, cache.positions[0].shape[1])
     state = {"keys": list(cache.key_stacks), "values": list(cache.value_stacks),
              "positions": list(cache.positions), "lengths": list(cache.lengths)}
@@ -179,7 +191,7 @@ def _subsample(model: SubLLM, lay: Layout, region: Region, x, pos, parent_slot, 
     cfg = model.subllm_config
     j, g = region.subsampler, region.group
     s = model.scorers[j](x)[:, 0]
-    keep = alive & (s > cfg.infer_threshold) & (state["lengths"][g] < lay.group_sizes[g])
+    keep = alive & (s > cfg.level_threshold(region.level)) & (state["lengths"][g] < lay.group_sizes[g])
     w = jnp.where(keep, jnp.clip(s, 0.0, 1.0), 0.0)[:, None, None].astype(x.dtype)
     group_pos = parent_slot if cfg.level_positions == "parent" and region.level > 1 else pos
 

@@ -17,6 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from tokensparse import routing
+from tokensparse.layer_loop import residual
 from tokensparse.llama import Llama, default_positions, shard_residual
 from tokensparse.sharding import route_shards
 from tokensparse.subllm.balancer import balance
@@ -28,6 +29,8 @@ from tokensparse.subllm.modules import (
     balancer_prob,
     coin,
     infer_select,
+    key_bias,
+    key_biased_attention,
     train_select,
     upsample,
 )
@@ -43,7 +46,9 @@ class SubLLM(Llama):
     helpers apply); ``self.subllm_config`` the full :class:`SubLLMConfig`. Modes:
 
     - ``"train"``: top-k at the training capacity with the discard penalty, Balancer and bypass limit;
-      needs ``rng`` (their per-call coins) and ``step`` (their schedules).
+      needs ``rng`` (their per-call coins) and ``step`` (their schedules). Without a ``step`` the
+      schedules take the spec's defaults (icefall's ``ScheduledFloat`` without a batch count): the
+      Balancer is off (p = 0) and the bypass limit's c_min is 0, not the step-0 values (1.0, 0.9).
     - ``"infer"``: the causal threshold rule ``s > θ`` (first-come up to the inference capacity).
     - ``"topk"``: deterministic top-k at the training capacity, ``w = clamp(s, 0, 1)``, no penalty:
       the training-time token budget without randomness, for evaluation.
@@ -60,6 +65,8 @@ class SubLLM(Llama):
         self.subllm_config = config
         self.structure = structure
         n_sub = self.structure.n_subsamplers
+        if config.init == "spec":  # drawn before the scorers: the dense twin draws the same weights
+            spec_init(self, rngs.params())
         self.scorers = nnx.List([Scorer(mc.d_model, dtype=jnp.float32, param_dtype=mc.weight_dtype,
                                         rngs=rngs) for _ in range(n_sub)])
         self.bypasses = nnx.List([Bypass(mc.d_model, init=config.bypass_init, param_dtype=mc.weight_dtype)
@@ -72,7 +79,7 @@ class SubLLM(Llama):
         segment_ids: Int[Array, "b t"] | None = None,
         *,
         mode: str = "train",
-        step=0,
+        step=None,
         rng: Array | None = None,
         force_unit_weights: bool = False,
         capacities: tuple[int, ...] | None = None,
@@ -90,6 +97,10 @@ class SubLLM(Llama):
         ``layer_fn`` replaces the layer function of :meth:`~tokensparse.llama.Llama.run_layers`
         (prefill uses it to record each layer's keys and values); what it returns per layer is in
         ``aux["layer_outputs"]`` (one entry per layer, None without).
+
+        With ``weight_attn_bias`` each subsampled level's attention adds ``log(w + 1e-3)`` per key
+        (summed over the levels the key passed): its layers run with the bias beside the residual
+        stream in the loop carry and a key-biased attention core (XLA).
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {MODES}.")
@@ -102,16 +113,26 @@ class SubLLM(Llama):
             segment_ids = jnp.zeros(tokens.shape, jnp.int32)
         aux: dict[str, list[Any]] = {k: [] for k in
                                      ("scores", "selections", "weights", "positions", "segment_ids")}
+        if cfg.weight_attn_bias and layer_fn is not None:
+            raise ValueError("SubLLMConfig.weight_attn_bias=True has no decoding path (layer_fn); "
+                             "decode a model with weight_attn_bias=False.")
         if capacities is not None and len(capacities) != self.structure.n_subsamplers:
             raise ValueError(f"capacities has {len(capacities)} entries; the structure has "
                              f"{self.structure.n_subsamplers} subsamplers.")
         layer_outputs: list[Any] = [None] * len(self.layers)
         h = shard_residual(self.embed(tokens))
+        bias = None  # the key bias of the current level (weight_attn_bias), None at level 0
         stack: list[tuple] = []
         for op in _layer_runs(self.structure.ops):
             if isinstance(op, tuple):  # a run of consecutive layers at one level
-                h, outputs = self.run_layers(h, positions, segment_ids, layer_fn=layer_fn,
-                                             start=op[0], stop=op[1])
+                if bias is None:
+                    h, outputs = self.run_layers(h, positions, segment_ids, layer_fn=layer_fn,
+                                                 start=op[0], stop=op[1])
+                else:
+                    carry, outputs = self.run_layers((h, bias), positions, segment_ids,
+                                                     layer_fn=key_biased_layer, start=op[0],
+                                                     stop=op[1])
+                    h = residual(carry)
                 layer_outputs[op[0]:op[1]] = outputs or [None] * (op[1] - op[0])
             elif op.kind == "down":
                 key = None if rng is None else jax.random.fold_in(rng, op.index)
@@ -119,8 +140,10 @@ class SubLLM(Llama):
                 sel, w, scores = self._select(op, h, segment_ids, mode, step, key, cap)
                 if force_unit_weights:
                     w = jnp.where(sel.valid, 1.0, 0.0).astype(w.dtype)
-                stack.append((h, sel, w, positions, segment_ids, key))
+                stack.append((h, sel, w, positions, segment_ids, key, bias))
                 h = shard_residual(routing.gather(h, sel))
+                if cfg.weight_attn_bias:
+                    bias = key_bias(w) + (0.0 if bias is None else routing.gather(bias, sel))
                 if cfg.level_positions == "parent" and op.level > 1:
                     positions = routing.gather(parent_ranks(segment_ids), sel)
                 else:
@@ -129,7 +152,7 @@ class SubLLM(Llama):
                 for name, value in zip(aux, (scores, sel, w, positions, segment_ids), strict=True):
                     aux[name].append(value)
             else:
-                x, sel, w, positions, segment_ids, key = stack.pop()
+                x, sel, w, positions, segment_ids, key, bias = stack.pop()
                 u = upsample(x, h, sel, w)
                 if train:
                     active = coin(jax.random.fold_in(key, 2), BYPASS_LIMIT_PROB)
@@ -151,25 +174,27 @@ class SubLLM(Llama):
         elif mode == "train":
             scores = balance(scores, keep=op.keep, valid=valid, statistic=cfg.balancer_statistic,
                              margin=cfg.balancer_margin,
-                             grad_scale=balancer_grad_scale(step, cfg.balancer_start_scale,
+                             grad_scale=balancer_grad_scale(0 if step is None else step,
+                                                            cfg.balancer_start_scale,
                                                             cfg.balancer_start_steps),
-                             active=coin(jax.random.fold_in(key, 0), balancer_prob(step)))
+                             active=coin(jax.random.fold_in(key, 0),
+                                         0.0 if step is None else balancer_prob(step)))
             k = routing.capacity(n_in, op.keep, multiple=cfg.capacity_multiple)
             flip = coin(jax.random.fold_in(key, 1), 0.5) if cfg.discard_penalty else None
             sel, w = routing.per_shard(train_select, scores, k, shards, valid, flip=flip,
                                        discard_penalty=cfg.discard_penalty)
         else:
             k = routing.capacity(n_in, cfg.infer_capacity) if capacity is None else min(capacity, n_in)
-            sel, w = infer_select(scores, k, threshold=cfg.infer_threshold, valid=valid)
+            sel, w = infer_select(scores, k, threshold=cfg.level_threshold(op.level), valid=valid)
         return sel, w, scores
 
     def hidden_states(self, tokens, positions=None, segment_ids=None, *, mode: str = "train",
-                      step=0, rng: Array | None = None, force_unit_weights: bool = False):
+                      step=None, rng: Array | None = None, force_unit_weights: bool = False):
         """Final-normed hidden states (before the LM head), spec §2.8."""
         return self.forward(tokens, positions, segment_ids, mode=mode, step=step, rng=rng,
                             force_unit_weights=force_unit_weights)[0]
 
-    def __call__(self, tokens, positions=None, segment_ids=None, *, mode: str = "train", step=0,
+    def __call__(self, tokens, positions=None, segment_ids=None, *, mode: str = "train", step=None,
                  rng: Array | None = None, force_unit_weights: bool = False):
         return self.head(self.hidden_states(tokens, positions, segment_ids, mode=mode, step=step,
                                             rng=rng, force_unit_weights=force_unit_weights))
@@ -194,8 +219,55 @@ def parent_ranks(segment_ids: Int[Array, "b n"]) -> Int[Array, "b n"]:
     return jnp.cumsum(segment_ids >= 0, axis=1, dtype=jnp.int32) - 1
 
 
-def hidden_fn(*, mode: str = "train", step=0, rng: Array | None = None):
+def hidden_fn(*, mode: str = "train", step=None, rng: Array | None = None):
     """A ``hidden_fn(model, tokens, positions, segment_ids)`` for :func:`tokensparse.train.lm_loss`."""
     def fn(model: SubLLM, tokens, positions, segment_ids):
         return model.hidden_states(tokens, positions, segment_ids, mode=mode, step=step, rng=rng)
     return fn
+
+
+def key_biased_layer(block, carry, layer, selection):
+    """A decoder layer whose attention adds the per-key bias carried beside the residual stream
+    (``carry = (h, bias)``; the bias passes through unchanged)."""
+    del selection
+    h, bias = carry
+
+    def core(q, k, v, positions, segment_ids, kv_positions=None, kv_segment_ids=None):
+        del kv_positions, kv_segment_ids  # no cache: keys are the queries' rows
+        return key_biased_attention(q, k, v, bias, q_positions=positions, kv_positions=positions,
+                                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+
+    h, normed = block.attend_and_norm(h, layer.positions, layer.segment_ids, core=core)
+    return (block.feed_forward(h, normed), bias), None
+
+
+def spec_init(model: Llama, key: Array) -> None:
+    """Redraw the backbone's weights as the official SUBLLM code does (spec §2.1), in place.
+
+    Every projection (q, k, v, gate, up and an untied LM head) is truncated normal at ±3σ with
+    σ = ``init_std``; the output projections (o, down) use σ/√(2(l+1)) for 0-based layer l (the same
+    depth scaling as the Llama init, truncated); the embedding is N(0, 1/d_model), untruncated. The
+    scorer and bypass keep their own inits. Scorers and bypasses aside, this replaces what the Llama
+    constructor drew, so the SUBLLM and its dense twin (same seed) still start from equal weights.
+    """
+    mc = model.config
+    std = mc.init_std
+
+    def truncated(k, shape, sigma):
+        return (sigma * jax.random.truncated_normal(k, -3.0, 3.0, shape, jnp.float32)
+                ).astype(mc.weight_dtype)
+
+    keys = iter(jax.random.split(key, 2 + 7 * mc.n_layers))
+    model.embed.embedding[...] = (mc.d_model ** -0.5 * jax.random.normal(
+        next(keys), model.embed.embedding.shape, jnp.float32)).astype(mc.weight_dtype)
+    head_key = next(keys)
+    if model.lm_head is not None:
+        model.lm_head.kernel[...] = truncated(head_key, model.lm_head.kernel.shape, std)
+    with model.layers.editing() as layers:
+        for layer, block in enumerate(layers):
+            out_std = std / (2 * (layer + 1)) ** 0.5
+            for linear, sigma in ((block.attn.q_proj, std), (block.attn.k_proj, std),
+                                  (block.attn.v_proj, std), (block.attn.o_proj, out_std),
+                                  (block.mlp.gate_proj, std), (block.mlp.up_proj, std),
+                                  (block.mlp.down_proj, out_std)):
+                linear.kernel[...] = truncated(next(keys), linear.kernel.shape, sigma)

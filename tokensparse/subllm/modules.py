@@ -21,6 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from tokensparse import routing
+from tokensparse.attention import attention_mask
 from tokensparse.routing import Selection
 from tokensparse.subllm.balancer import GRAD_SCALE
 
@@ -28,6 +29,7 @@ BALANCER_PROB_POINTS = ((0.0, 1.0), (8000.0, 0.25))
 BYPASS_MIN_POINTS = ((0.0, 0.9), (20000.0, 0.2))
 BYPASS_MAX = 1.0
 BYPASS_LIMIT_PROB = 0.6
+KEY_BIAS_EPS = 1e-3
 
 
 # --- schedules -----------------------------------------------------------------------------------
@@ -169,6 +171,33 @@ def upsample(
     return routing.scatter_add(x, sel, delta)
 
 
+def key_bias(w: Float[Array, "b k"]) -> Float[Array, "b k"]:
+    """log(w + 1e-3) in fp32: the attention bias of a kept key of weight w (spec §2.6, icefall's
+    variant; option ``weight_attn_bias``). A key of weight 0 is damped by e^-6.9, not removed."""
+    return jnp.log(w.astype(jnp.float32) + KEY_BIAS_EPS)
+
+
+def key_biased_attention(
+    q: Float[Array, "b t h dh"],
+    k: Float[Array, "b t hkv dh"],
+    v: Float[Array, "b t hkv dh"],
+    bias: Float[Array, "b t"],
+    *,
+    q_positions,
+    kv_positions,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+) -> Float[Array, "b t h dh"]:
+    """Causal grouped-query attention whose logits get ``bias[b, j]`` added for key j (every query
+    head alike), masked by positions and segment ids like :func:`tokensparse.attention.attention`
+    (a query row with no visible key returns zeros). XLA only: no kernel takes a key bias."""
+    mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal=True)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias[:, None, None, :].astype(q.dtype),
+                                       mask=mask[:, None], implementation="xla")
+    visible = jnp.any(mask, axis=-1)[:, :, None, None]
+    return jnp.where(visible, out, jnp.zeros((), out.dtype))
+
+
 def bypass(
     x: Float[Array, "b n d"], u: Float[Array, "b n d"], c: Float[Array, " d"]
 ) -> Float[Array, "b n d"]:
@@ -239,11 +268,12 @@ class Bypass(nnx.Module):
 
     def __call__(self, x: Float[Array, "b n d"], u: Float[Array, "b n d"], *,
                  limit_active: bool | Bool[Array, ""] | None = None, step=None) -> Float[Array, "b n d"]:
-        """``limit_active`` is the per-call coin (probability :data:`BYPASS_LIMIT_PROB`); with it the
-        trainer must pass ``step`` for ``c_min``. Leave it None in evaluation: c is used as-is."""
+        """``limit_active`` is the per-call coin (probability :data:`BYPASS_LIMIT_PROB`); the trainer
+        passes ``step`` for ``c_min`` (without one, c_min is the schedule's default 0, as icefall's
+        ``ScheduledFloat`` gives without a batch count). Leave it None in evaluation: c is used
+        as-is."""
         c = self.scale[...]
         if limit_active is not None:
-            if step is None:
-                raise ValueError("Bypass with limit_active needs step (the c_min schedule's input).")
-            c = limit_grad(c, bypass_min(step), BYPASS_MAX, limit_active)
+            c_min = 0.0 if step is None else bypass_min(step)
+            c = limit_grad(c, c_min, BYPASS_MAX, limit_active)
         return bypass(x, u, c)

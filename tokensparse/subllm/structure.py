@@ -16,6 +16,7 @@ from tokensparse.config import ModelConfig, preset
 from tokensparse.subllm.balancer import GRAD_SCALE, STATISTICS
 
 LEVEL_POSITIONS = ("composed", "parent")
+INITS = ("spec", "backbone")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +137,9 @@ class SubLLMConfig:
     discard_penalty: bool = True
     """Training subtracts the best discarded tokens' weights from the kept ones' (icefall's discard
     penalty, spec §2.4), which pushes the discarded scores below 0."""
-    infer_threshold: float = 0.0
-    """Inference (threshold mode) keeps a token when its score exceeds this (the spec's 0)."""
+    infer_threshold: float | tuple[float, ...] = 0.0
+    """Inference (threshold mode) keeps a token when its score exceeds this (the spec's 0), or one
+    threshold per nesting level (outermost first; see tokensparse.subllm.calibrate)."""
     infer_capacity: float = 1.0
     """Inference keeps at most ceil(infer_capacity * N_in) tokens per level, first come first
     served, in (0, 1]."""
@@ -162,6 +164,15 @@ class SubLLMConfig:
     balancer_start_steps: int = 0
     """Steps over which the Balancer's grad_scale falls from balancer_start_scale to 0.04; 0 (the
     spec's): 0.04 throughout."""
+    weight_attn_bias: bool = False
+    """Attention inside a subsampled level adds log(w + 1e-3) to each key's logit, w being the key's
+    selection weight (summed over the nested levels it passed): icefall's variant, spec 2.6. False
+    (the spec's and the official code's): weights act only in the upsampling."""
+    init: str = "spec"
+    """How fresh weights are drawn: spec (the official code's: projections truncated normal at
+    +-3 sigma with sigma = model.init_std, output projections scaled by 1/sqrt(2(layer+1)), the
+    embedding normal with std d_model^-1/2) or backbone (the plain Llama's untruncated normal
+    init_std everywhere). The dense twin is drawn the same way."""
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig):
@@ -172,6 +183,12 @@ class SubLLMConfig:
         if parsed.n_layers != self.model.n_layers:
             raise ValueError(f"SubLLMConfig.structure {self.structure!r} has {parsed.n_layers} layers "
                              f"but model.n_layers={self.model.n_layers}; make them agree.")
+        if not isinstance(self.infer_threshold, int | float):
+            object.__setattr__(self, "infer_threshold", tuple(float(t) for t in self.infer_threshold))
+            if len(self.infer_threshold) != parsed.depth:
+                raise ValueError(f"SubLLMConfig.infer_threshold has {len(self.infer_threshold)} values "
+                                 f"but the structure has {parsed.depth} nesting levels; give one per "
+                                 "level or a single float.")
         if not 0.0 < self.infer_capacity <= 1.0:
             raise ValueError(f"SubLLMConfig.infer_capacity={self.infer_capacity} must be in (0, 1].")
         if not (isinstance(self.capacity_multiple, int) and self.capacity_multiple >= 1):
@@ -193,9 +210,19 @@ class SubLLMConfig:
         if self.balancer_statistic not in STATISTICS:
             raise ValueError(f"SubLLMConfig.balancer_statistic={self.balancer_statistic!r} must be one "
                              f"of {STATISTICS}.")
+        if not isinstance(self.weight_attn_bias, bool):
+            raise ValueError(f"SubLLMConfig.weight_attn_bias={self.weight_attn_bias!r} must be a bool.")
+        if self.init not in INITS:
+            raise ValueError(f"SubLLMConfig.init={self.init!r} must be one of {INITS}.")
         if self.level_positions not in LEVEL_POSITIONS:
             raise ValueError(f"SubLLMConfig.level_positions={self.level_positions!r} must be one of "
                              f"{LEVEL_POSITIONS}.")
+
+    def level_threshold(self, level: int) -> float:
+        """The inference threshold θ of nesting level ``level`` (1 = outermost subsampled level)."""
+        if isinstance(self.infer_threshold, int | float):
+            return float(self.infer_threshold)
+        return self.infer_threshold[level - 1]
 
     @property
     def parsed(self) -> Structure:
@@ -208,7 +235,8 @@ class SubLLMConfig:
 def dense_twin(config: SubLLMConfig) -> SubLLMConfig:
     """The same model with every layer at full length (structure ``"T"*n``): SUBLLM's baseline."""
     keep = config.keep if isinstance(config.keep, int | float) else 1.0
-    return config.replace(structure="T" * config.model.n_layers, keep=keep)
+    threshold = config.infer_threshold if isinstance(config.infer_threshold, int | float) else 0.0
+    return config.replace(structure="T" * config.model.n_layers, keep=keep, infer_threshold=threshold)
 
 
 _SUBLLM_1P3B = ModelConfig(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
