@@ -1,17 +1,19 @@
 """Train LeMo's learned selector (``LeMoConfig.selector="learned"``) for a frozen base.
 
     python -m experiments.train_selector --base=smollm2-135m --out=selector.npz \\
-        [--windows=48 --seq_len=1024 --steps=3000 --layers=14-28 --sparse_keeps=0.7,0.4,0.55,0.85]
+        [--target=attention_ratio --windows=48 --seq_len=1024 --steps=3000 --layers=14-28 \\
+         --sparse_keeps=0.7,0.4,0.55,0.85]
 
-Per layer, a per-token MLP on the layer's normed input learns to predict each token's first-order
-importance (``--target=first_order``: the loss change of keeping it in that layer, as a query and
-as a key; :mod:`tokensparse.lemo.first_order`) or the exact query-side ratio
-(``attention_ratio``), on the layer inputs of the LeMo sparse forward with the exact
-``attention_ratio`` rule selecting (``--sparse_keeps``, in turn per window). Training windows come
-from the training split of the library's Shakespeare corpus, tokenised with the base's tokenizer;
-quality (recall of the target's top blocks and Spearman, per keep ratio) is measured on windows of
-the validation split, run the same way, and stored in the file's ``info`` beside the data and
-settings. Deterministic for a given ``--seed`` on one machine. Attach the result
+Per layer, a per-token MLP on the layer's normed input learns to predict the exact query-side
+importance (``--target=attention_ratio``: ‖attention output‖ / ‖residual input‖) or each token's
+first-order importance (``first_order``: the loss change of keeping it in that layer, as a query
+and as a key; :mod:`tokensparse.lemo.first_order`; a forward and a backward per window), on the
+layer inputs of the LeMo sparse forward with the exact ``attention_ratio`` rule selecting
+(``--sparse_keeps``, in turn per window; see :mod:`tokensparse.lemo.learned_selector`). Training
+windows come from the training split of the library's Shakespeare corpus, tokenised with the
+base's tokenizer; quality (recall of the target's top blocks and Spearman, per keep ratio) is
+measured on windows of the validation split, run the same way, and stored in the file's ``info``
+beside the data and settings. Deterministic for a given ``--seed`` on one machine. Attach the result
 with ``learned_selector.attach(model, learned_selector.load(path, config))``; SmolLM2-135M's ships
 with the library (``tokensparse/lemo/weights/``) and ``zoo.load`` attaches it.
 """
@@ -40,7 +42,7 @@ _BATCH = flags.DEFINE_integer("batch", 2048, "Tokens per step (per layer).")
 _LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate (cosine decay).")
 _LAYERS = flags.DEFINE_string("layers", "all", "Layers to train: all, a range a-b (inclusive) or a "
                               "comma list of indices.")
-_TARGET = flags.DEFINE_enum("target", "first_order", list(ls.TARGETS), "Per-token target.")
+_TARGET = flags.DEFINE_enum("target", "attention_ratio", list(ls.TARGETS), "Per-token target.")
 _SEED = flags.DEFINE_integer("seed", 0, "Window sampling and initialisation seed.")
 _SPARSE_KEEPS = flags.DEFINE_list(
     "sparse_keeps", ["0.7", "0.4", "0.55", "0.85"], "Training windows run through the LeMo sparse "

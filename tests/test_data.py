@@ -7,6 +7,7 @@ brute-force NumPy/Python constructions on synthetic documents with recognisable 
 """
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -140,8 +141,8 @@ def test_user_directory_split_is_deterministic_disjoint_and_nonempty(tmp_path, n
     (path / "notes.md").write_text("ignored")
     corpus = data.load_corpus(str(path))
     names = [d.name for s in data.SPLITS for d in corpus.split(s)]
-    assert sorted(names) == [f"doc{i:02d}" for i in range(n)]
-    assert corpus.train and (n < 3 or corpus.validation)
+    assert sorted(n for n in names if not n.endswith(".tail")) == [f"doc{i:02d}" for i in range(n)]
+    assert corpus.train and corpus.validation  # under 3 files: each train document's tail
     assert data.load_corpus(str(path)) == corpus
     assert corpus.train[0].text.startswith("some text doc")
 
@@ -157,7 +158,9 @@ def test_user_file_is_one_train_document(tmp_path):
     path = tmp_path / "book.txt"
     path.write_bytes(b"\xef\xbb\xbfline one\r\nline two\r\n")
     corpus = data.load_corpus(str(path))
-    assert corpus == data.Corpus((data.Document("book", "line one\nline two\n"),), (), ())
+    (train,), (validation,) = corpus.train, corpus.validation  # validation: the document's tail
+    assert (train.name, validation.name, corpus.test) == ("book", "book.tail", ())
+    assert train.text + validation.text == "line one\nline two\n" and validation.text
 
 
 def test_bad_corpus_sources_fail_clearly(tmp_path):
@@ -446,3 +449,28 @@ def test_eval_windows_arguments_are_checked():
         list(data.eval_windows(_docs([10]), seq_len=1))
     with pytest.raises(ValueError, match="stride"):
         list(data.eval_windows(_docs([10]), seq_len=8, stride=8))
+
+
+def test_jsonl_corpora_hold_one_document_per_line(tmp_path):
+    lines = [json.dumps({"text": f"document number {i}\n" * 20, "id": i}) for i in range(40)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines[:30]) + "\n\n")  # a blank line is skipped
+    corpus = data.load_corpus(str(tmp_path / "docs.jsonl"))
+    every = corpus.train + corpus.validation + corpus.test
+    assert sorted(d.name for d in every) == sorted(f"docs:{i}" for i in range(1, 31))
+    assert {d.text for d in every} == {f"document number {i}\n" * 20 for i in range(30)}
+    assert corpus.validation and len(corpus.train) > len(corpus.validation)
+    # A directory mixes .txt and .jsonl files; one line alone still gets validation (its tail).
+    (tmp_path / "more.txt").write_text("plain text document\n" * 10)
+    mixed = data.load_corpus(str(tmp_path))
+    names = {d.name for d in mixed.train + mixed.validation + mixed.test}
+    assert "more" in names or "more.tail" in names
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.jsonl").write_text(lines[0] + "\n")
+    single = data.load_corpus(str(tmp_path / "one"))
+    assert [d.name for d in single.validation] == ["a:1.tail"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2 is not a JSON object"):
+        data.load_corpus(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1 has no string \"text\" field"):
+        data.load_corpus(str(tmp_path / "bad.jsonl"))

@@ -182,8 +182,9 @@ def test_train_predictors_then_finetune_with_them(pretrained, tmp_path):
     c.base, c.method, c.progress = str(workdir), "lemo", False
     c.train.steps = 2
     c.lemo.block_size, c.lemo.predictors = 32, str(tmp_path / "pred" / "predictors")
+    c.lemo.selector = "auto"  # with a predictors directory: the predictors
     with_predictors = _finetune(c, tmp_path / "ft")
-    c.lemo.predictors = ""  # selector "auto": the oracle
+    c.lemo.predictors, c.lemo.selector = "", "oracle"
     with_oracle = _finetune(c, tmp_path / "ft_oracle")
     assert math.isfinite(with_predictors["val_sparse_loss"])
     assert with_predictors["val_sparse_loss"] != pytest.approx(with_oracle["val_sparse_loss"], abs=1e-6)

@@ -125,12 +125,21 @@ def test_array_length_past_the_end_is_refused_quickly(tmp_path):
         tg.load_gguf(tmp_path / "bad.gguf")
 
 
-def test_block_count_must_match_the_tensors(tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    ("llama.block_count", 10**6, r"block_count=1000000, but the file's tensors belong to 1 "),
+    ("llama.attention.head_count", 0, "does not describe a valid llama model"),
+    ("llama.attention.head_count_kv", 3, "does not describe a valid llama model"),
+    ("llama.embedding_length", 0, "rotates part of each 0-wide head"),
+    ("tokenizer.ggml.bos_token_id", 99, r"tokenizer metadata is malformed \(IndexError"),
+])
+def test_impossible_metadata_values(tmp_path, key, value, message):
+    """Values that parse but describe no model: zero heads, a million layers (the model would be
+    built before its tensors were found missing), ids past the vocabulary."""
     path = _write_tiny(tmp_path / "tiny.gguf")
-    field = tg.read(path).fields["llama.block_count"]
+    field = tg.read(path).fields[key]
     raw = bytearray(path.read_bytes())
-    value_at = field.offset + 8 + len("llama.block_count") + 4
-    raw[value_at:value_at + 4] = (10**6).to_bytes(4, "little")  # a million-layer model to build
+    value_at = field.offset + 8 + len(key) + 4  # key length, key, value type
+    raw[value_at:value_at + 4] = value.to_bytes(4, "little")  # all these fields are 32-bit
     (tmp_path / "bad.gguf").write_bytes(bytes(raw))
-    with pytest.raises(tg.GGUFError, match=r"block_count=1000000, but the file's tensors belong to 1 "):
+    with pytest.raises(tg.GGUFError, match=message):
         tg.load_gguf(tmp_path / "bad.gguf")

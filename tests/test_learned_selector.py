@@ -331,12 +331,13 @@ def test_first_order_importance_is_the_loss_derivative():
 def test_collect_first_order_scales_each_layer_and_window():
     model, lemo, _, _ = _sparse_setup()
     windows = [np.asarray(_tokens(14, b=1)[0]), np.asarray(_tokens(15, b=1)[0])]
-    data = ls.collect(model, windows, SPARSE, sparse=[lemo], block_size=BLOCK)
+    data = ls.collect(model, windows, SPARSE, "first_order", sparse=[lemo], block_size=BLOCK)
     assert data["target"].shape == (len(SPARSE), 2 * T)
     rest = data["target"].reshape(len(SPARSE), 2, T)[..., BLOCK:]
     np.testing.assert_allclose(rest.std(-1), 1.0, rtol=1e-4)
     # Collecting from the first sparse layer on skips the earlier layers' backward, not a value.
-    every = ls.collect(model, windows, range(CONFIG.n_layers), sparse=[lemo], block_size=BLOCK)
+    every = ls.collect(model, windows, range(CONFIG.n_layers), "first_order", sparse=[lemo],
+                       block_size=BLOCK)
     np.testing.assert_allclose(every["target"][list(SPARSE)], data["target"], rtol=1e-4, atol=1e-5)
 
 

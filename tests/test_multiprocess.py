@@ -6,7 +6,8 @@ A tiny pretraining run and a tiny LeMo fine-tune (``tests/multiprocess_driver.py
 config files and pipelines) must give the losses of the same runs in one process with 8 devices, and
 checkpoints written by one process must resume in the pair (pretraining: the full state) and the
 pair's in one process (the fine-tune: LoRA state), continuing to the uninterrupted run's losses.
-Process 0 alone writes the run files (one ``metrics.jsonl`` record per step).
+Process 0 alone writes the run files (one ``metrics.jsonl`` record per step). A SIGTERM reaching
+one process stops both at the same, saved step.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -55,17 +58,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tasks: list[dict], processes: int, timeout: float = 600) -> list[dict]:
-    """Run ``tasks`` in ``processes`` processes sharing :data:`DEVICES` devices; each process's
-    ``RESULT`` records, in process order."""
+def start(tasks: list[dict], processes: int) -> list[subprocess.Popen]:
+    """Start ``tasks`` in ``processes`` processes sharing :data:`DEVICES` devices."""
     env = subprocess_env()
     env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={DEVICES // processes}"
     address = f"127.0.0.1:{_free_port()}"
     commands = [[sys.executable, str(DRIVER), json.dumps(tasks)]
                 + ([address, str(processes), str(i)] if processes > 1 else [])
                 for i in range(processes)]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for c in commands]
+    return [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for c in commands]
+
+
+def run(tasks: list[dict], processes: int, timeout: float = 600, procs=None) -> list[dict]:
+    """Run ``tasks`` in ``processes`` processes (or wait for ``procs`` running them); each
+    process's ``RESULT`` records, in process order."""
+    procs = procs or start(tasks, processes)
     outputs = []
     try:
         for p in procs:
@@ -175,3 +183,28 @@ def test_two_processes_match_one_and_resume_across(tmp_path):
         assert resumed(workdir, steps), f"{workdir.name} did not resume from step {steps // 2}"
         assert_same_losses(losses(workdir), want)
         assert (workdir / "checkpoints" / str(steps)).is_dir()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """A preemption signal reaching one process only: every process saves the same step and stops
+    (deciding alone, the signalled one would start a checkpoint save while the others start the
+    next step: both wait forever)."""
+    workdir = tmp_path / "run"
+    task = pretrain_task(workdir)
+    task["set"].update({"train.steps": 10_000, "train.checkpoint_every": 10_000})
+    procs = start([task], processes=2)
+    log = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 500
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            "the pair did not start training"
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    results = run([task], processes=2, timeout=300, procs=procs)
+    summaries = [records[0]["summary"] for records in results]
+    assert all(s["interrupted"] for s in summaries), summaries
+    assert summaries[0]["steps"] == summaries[1]["steps"] < 10_000
+    assert summaries[1]["signal"] == "SIGTERM"
+    assert (workdir / "checkpoints" / str(summaries[0]["steps"])).is_dir()
+    assert not (workdir / "summary.json").exists()

@@ -72,7 +72,7 @@ def read(path: str | os.PathLike) -> gguf.GGUFReader:
         _HeaderWalk(buf, path).walk()
     try:
         return gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as e:
+    except (ValueError, IndexError, KeyError, TypeError, ArithmeticError, OSError) as e:
         raise GGUFError(f"{path} ({path.stat().st_size} bytes) is truncated or corrupt: the GGUF "
                         f"reader failed with {type(e).__name__}: {e}") from e
 
@@ -215,7 +215,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str] | None = None,
         return _config(meta, tensor_names, dtype)
     except GGUFError:
         raise
-    except (ValueError, TypeError, OverflowError) as e:  # ill-typed values, an impossible shape
+    except (ValueError, TypeError, ArithmeticError) as e:  # ill-typed values, zero heads
         raise GGUFError(f"The GGUF metadata does not describe a valid llama model: {e}") from e
 
 
@@ -295,7 +295,7 @@ def _model(reader: gguf.GGUFReader, config: ModelConfig, attention_backend: str)
             array = dequantize(tensor)
         except GGUFError:
             raise
-        except (ValueError, TypeError, IndexError) as e:  # data that does not fill its shape
+        except (ValueError, TypeError, IndexError, ArithmeticError) as e:  # data short of its shape
             raise GGUFError(f"Tensor {tensor.name!r} is unreadable ({type(e).__name__}: {e}).") from e
         if name.endswith("q_proj.weight"):
             array = unpermute_rotary(array, config.n_heads)
@@ -400,7 +400,8 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, attention_backend: str = "
     names = {t.name for t in reader.tensors}
     config = config_from_gguf(meta, names, dtype=dtype)
     blocks = sorted({int(m.group(1)) for m in map(_BLOCK_RE.match, names) if m})
-    if blocks != list(range(config.n_layers)):  # before building a model of that many layers
+    # Before a model of n_layers is built (a corrupt count may be 2**64 - 1): blocks 0..n-1 exist.
+    if config.n_layers != len(blocks) or blocks != list(range(len(blocks))):
         raise GGUFError(f"llama.block_count={config.n_layers}, but the file's tensors belong to "
                         f"{len(blocks)} blocks (indices {blocks[:1]}..{blocks[-1:]}).")
     tokenizer = tokenizer_from_gguf(meta)

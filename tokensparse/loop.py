@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from tokensparse import tracking, train
+from tokensparse import sharding, tracking, train
 from tokensparse.checkpoint import Checkpointer, CheckpointError, InterruptGuard
 from tokensparse.config import TrainConfig
 from tokensparse.metrics import Progress
@@ -191,7 +191,8 @@ def train_loop(
             pending.append((done, metrics))
             log_now = done % tc.log_every == 0 or done == tc.steps
             eval_now = eval_fn is not None and tc.eval_every and done % tc.eval_every == 0
-            save_now = guard.requested or checkpointer.should_save(done) or done == tc.steps
+            stop = sharding.any_process(guard.requested)  # a signal to one process stops all
+            save_now = stop or checkpointer.should_save(done) or done == tc.steps
             if not (log_now or eval_now or save_now):
                 continue
             last = fetch()  # waits for the device: the clock below covers all of its work
@@ -209,7 +210,7 @@ def train_loop(
                 history.append(record)
                 if bar is not None:
                     bar.update(done, loss=record["loss"])
-            if guard.requested:
+            if stop:
                 save(done, force=True)
                 interrupted = True
                 break

@@ -237,6 +237,17 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it, at the
+    same point); ``flag`` itself with one process. Decisions that start collectives (save a
+    checkpoint and stop on a signal that reached only some processes) must be taken together."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, dtype=np.int32))))
+
+
 def constrain_state(*modules) -> None:
     """Inside a jitted step: pin each module's variables to their rule shardings, so updated
     parameters and optimizer state come out sharded as they went in. Identity without a mesh."""

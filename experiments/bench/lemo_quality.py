@@ -298,7 +298,7 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
 NAMED = ("schedule", "keep_ratio", "loss_budget", "profile", "calibration_windows", "tune_rounds")
 
 
-def lemo_variant() -> str:
+def lemo_variant(*, selector: bool = True) -> str:
     """The run-name part that tells LeMo settings apart ("" for the default: keep 0.4, "half"): the
     schedule and what it depends on, then any other LeMo field changed (``_block_size32``)."""
     o, default = lemo_options(), LeMoConfig()
@@ -314,8 +314,9 @@ def lemo_variant() -> str:
     else:
         name = ("" if schedule == "half" else f"_{schedule}") + ("" if keep == 0.4 else f"_keep{keep:g}")
     for field, value in o.items():
-        if field == "selector" and value == "auto":
-            continue  # the library's default rule
+        if field == "selector":  # e.g. lemo_oracle; a predictor run is named by its predictors
+            name += "" if not selector or value in ("auto", default.selector) else f"_{value}"
+            continue
         if field not in NAMED and value != getattr(default, field):
             name += f"_{field}{value:g}" if isinstance(value, float) else f"_{field}{value}"
     return name
@@ -342,7 +343,7 @@ def _row(method: str, mlp_drop, steps: int, seq_len: int, summary: dict, wall_s:
 
 def run_name(method: str, mlp_drop: float | None, predictors: str = "",
              mlp_mode: str = "channel_sparse_bwd") -> str:
-    name = method + ("" if method != "lemo" else lemo_variant())
+    name = method + ("" if method != "lemo" else lemo_variant(selector=not predictors))
     name += "" if mlp_drop is None else f"_mlp_drop{mlp_drop}"
     name += "_mlp_recompute" if method == "lemo" and mlp_mode == "recompute" else ""
     return name + ("_predictor" if predictors else "")

@@ -24,7 +24,10 @@ shakespeare windows at ``--sensitivity_seq_len``: how many layers fit, and the p
 both sets. ``--flops``: each rule's selection cost, compile-only, on the ``--flops_preset`` shape at
 ``--flops_seq_len``: compiled matmul FLOPs (:func:`tokensparse.flops.compiled_flops`) of one layer's
 scores, times the sparse layers of the default schedule, against the compiled FLOPs of the LeMo
-LoRA step (default LeMoConfig, ``random`` selection: nearly free) to which it would be added.
+LoRA step (default LeMoConfig, ``random`` selection: nearly free) to which it would be added
+(``learned`` is priced with zero weights of the preset's shape: the same FLOPs).
+``--selector_weights``: the ``learned`` rule measures these weights instead of the shipped ones
+(recorded in the settings).
 
 Rows: ``kind`` = ``loss`` (rule, seq_len, keep, per set: loss and loss minus dense), ``dense``,
 ``sensitivity``, ``flops``. Summary: ``best_<set>@<keep>@<T>`` (the rule with the lowest loss),

