@@ -117,7 +117,7 @@ def subllm_speed(result: dict, png: pathlib.Path) -> bool:
               if any(r.get(panel[0]) for r in rows)]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2),
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5 * len(panels), 8.5), 4.2),
                              constrained_layout=True, squeeze=False)
     axes = axes[0]
     for ax, (key, title, scale) in zip(axes, panels, strict=True):

@@ -1,4 +1,4 @@
-"""Test set-up: 8 simulated CPU devices and the XLA flags from DESIGN.md, before jax is imported."""
+"""Test set-up: 8 simulated CPU devices and the XLA flags the suite compiles with, before jax is imported."""
 
 import os
 

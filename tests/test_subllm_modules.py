@@ -1,4 +1,4 @@
-"""SUBLLM building blocks against the spec (reference/subllm.md §2.3–2.7, §5) and NumPy references."""
+"""SUBLLM building blocks against the spec (SUBLLM specification §2.3–2.7, §5) and NumPy references."""
 
 import math
 

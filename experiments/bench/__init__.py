@@ -1,9 +1,10 @@
-"""Benchmarks: ``python -m experiments.bench.<name> --out FILE`` (see BENCHMARKS.md).
+"""Benchmarks: ``python -m experiments.bench.<name> --out FILE``; each writes a JSON (settings, rows,
+summary, the device and git commit) and its figure.
 
 Importing this package (which ``python -m experiments.bench.<name>`` does before the benchmark module
 imports jax) turns off XLA's concurrency-optimised CPU scheduler, without which rematerialisation has
-no visible effect on compile-only memory (DESIGN.md), unless ``XLA_FLAGS`` already sets it; other
-flags there are kept.
+no visible effect on compile-only memory, unless ``XLA_FLAGS`` already sets it; other flags there are
+kept.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ import time
 
 # Set before jax is imported (hence the E402 waivers below): 8 simulated CPU devices, so the meshes
 # exist on a CPU-only machine, and, as for every benchmark, the XLA CPU scheduler that lets remat
-# show (DESIGN.md). Flags the caller already gave win.
+# show. Flags the caller already gave win.
 _FLAGS = os.environ.get("XLA_FLAGS", "")
 for _flag, _value in (("--xla_force_host_platform_device_count", "8"),
                       ("--xla_cpu_enable_concurrency_optimized_scheduler", "false")):

@@ -1,6 +1,6 @@
 """SUBLLM: a decoder whose middle layers run on a learned subsample of the sequence.
 
-Spec: ``reference/subllm.md``.
+The SUBLLM specification, summarised in docs/subllm.md.
 
 - :mod:`~tokensparse.subllm.modules`: schedules, scorer, training / inference selection, upsampling,
   bypass and its gradient-side limit.

@@ -1,6 +1,6 @@
 """SUBLLM's Balancer: an identity on the scores whose backward nudges their statistics into a band.
 
-Spec: ``reference/subllm.md`` §2.3 (from icefall's ``Balancer``). The scorer must make about ``keep``
+SUBLLM specification §2.3 (from icefall's ``Balancer``). The scorer must make about ``keep``
 of the scores positive, because inference keeps ``s > 0``. There is no loss term: the backward adds
 ``|g| ⊙ g_b`` to the incoming gradient ``g``, where ``g_b`` is the gradient of a band penalty on the
 scores' mean/std and rms, rescaled to a fixed rms. A descent step on ``s`` thus moves the statistics

@@ -1,6 +1,6 @@
 """The SUBLLM model (NNX): a Llama backbone whose middle layers run on learned token subsets.
 
-Spec: ``reference/subllm.md`` §2.8. The forward walks the parsed structure with a stack: at ``(`` the
+SUBLLM specification §2.8. The forward walks the parsed structure with a stack: at ``(`` the
 scorer picks a static-capacity subset (train: top-k + discard penalty; infer: first-come threshold),
 the hidden states, positions and segment ids are gathered; at ``)`` the short stream is upsampled into
 the stream saved at ``(`` and mixed with it by the bypass. Positions travel with the tokens, so RoPE

@@ -1,6 +1,6 @@
 """SUBLLM building blocks: schedules, scorer, selection, upsampling and bypass.
 
-Spec: ``reference/subllm.md`` §2.3–2.7. The math is pure functions over arrays; :class:`Scorer` and
+SUBLLM specification §2.3–2.7. The math is pure functions over arrays; :class:`Scorer` and
 :class:`Bypass` only own parameters (tagged :class:`ScorerParam` / :class:`BypassParam` so the
 optimiser can treat them apart, e.g. the scorer's ×0.5 learning rate). The Balancer lives in
 :mod:`tokensparse.subllm.balancer`.

@@ -1,6 +1,6 @@
 """SUBLLM structure strings and configuration.
 
-Spec: ``reference/subllm.md`` §2.1–2.2. A structure such as ``TTTTT(TTTTT(TTTT)TTTTT)TTTTT`` reads left
+SUBLLM specification §2.1–2.2. A structure such as ``TTTTT(TTTTT(TTTT)TTTTT)TTTTT`` reads left
 to right: ``T`` is one decoder layer, ``(`` a subsampler (scorer + selection), ``)`` the matching
 upsampler followed by a bypass. Parsing turns it into a flat list of ops in execution order, so the
 model's forward is one loop with a stack, whatever the nesting.
