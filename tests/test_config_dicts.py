@@ -58,7 +58,7 @@ def test_dataclasses_round_trip_through_config_dicts():
 
 def test_selector_auto_follows_the_predictors_directory():
     c = finetune_tiny.get_config()
-    c.method = "lemo"
+    c.method, c.lemo.selector = "lemo", "auto"  # (finetune_tiny itself selects with the oracle)
     assert run_configs.finetune_config(c).lemo.selector == LeMoConfig().selector == "learned"
     c.lemo.predictors = "DIR"
     run = run_configs.finetune_config(c)

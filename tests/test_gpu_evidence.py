@@ -108,16 +108,17 @@ def test_lemo_summary_and_goals():
 
 def test_the_gpu_plans_commands_parse(tmp_path):
     """Every benchmark the GPU run starts accepts the flags it is given (the GPU plan cannot run
-    here): with an invalid --reps appended, each fails on that flag alone, after parsing the rest."""
+    here): with an invalid --reps appended, each fails on that flag alone, after parsing the rest
+    (--reps=-1: no benchmark accepts it; subllm_speed takes 0, compile-only)."""
     out = tmp_path / "x.json"
     commands = [ge.kernels_cmd(ge.GPU, out), ge.subllm_cmd(ge.GPU, ge.GPU.subllm_runs[-1], out)]
     commands += [ge.lemo_cmd(ge.GPU, t, remat, 8, ["lora", "lemo_elimination"], out)
                  for t, remat in (ge.GPU.lemo_runs[0], ge.GPU.lemo_runs[-1])]
     for cmd in commands:
-        done = subprocess.run([*cmd, "--reps=0"], cwd=ROOT, env=subprocess_env(),
+        done = subprocess.run([*cmd, "--reps=-1"], cwd=ROOT, env=subprocess_env(),
                               capture_output=True, text=True, timeout=300)
         errors = [ln for ln in done.stderr.splitlines() if "FATAL Flags parsing error" in ln]
-        assert done.returncode != 0 and len(errors) == 1 and "--reps=0" in errors[0], (
+        assert done.returncode != 0 and len(errors) == 1 and "--reps=-1" in errors[0], (
             cmd, done.stderr[-2000:])
     assert not out.exists()
 

@@ -459,8 +459,8 @@ class LeMoConfig:
     with an error naming that command). The others: oracle (the spec's key-side score: sum over
     heads of ReLU(q.k), tile max, column sums; measured worse than random blocks on SmolLM2),
     predictor (trained pattern predictors of the oracle, attached to the model), random (seeded by
-    the layer and the positions), attention_ratio (per token |attention output| / |residual input| from a dense
-    attention pass, block mean), attention_mass (causal softmax attention received, H2O-style),
+    the layer and the positions), attention_ratio (per token |attention output| / |residual input|
+    from a dense attention pass, block mean), attention_mass (causal softmax attention received, H2O-style),
     recent (the latest blocks), ratio_mass (attention_ratio plus the attention mass received from
     queries weighted by their ratio)."""
     score_causal: bool = False

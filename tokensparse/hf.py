@@ -31,6 +31,7 @@ from tokensparse.config import ModelConfig, RopeScaling
 from tokensparse.layer_stack import per_layer_flat, stacked_flat
 from tokensparse.llama import Llama
 from tokensparse.lora import has_lora
+from tokensparse.validation import json_object
 
 ROPE_TYPES = ("default", "linear", "llama3")
 # Buffers some older exports carry; HF itself ignores them on load.
@@ -167,17 +168,6 @@ def _hf_shape(var, transpose: bool) -> tuple[int, ...]:
     return tuple(reversed(var.shape)) if transpose else tuple(var.shape)
 
 
-def _json_file(file: pathlib.Path) -> dict:
-    """A JSON object from ``file``; a one-line ValueError naming it when it is not one."""
-    try:
-        value = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{file} must hold a JSON object, not {type(value).__name__}.")
-    return value
-
-
 def read_config(path: str | os.PathLike, *, dtype=None) -> ModelConfig:
     """The :class:`ModelConfig` of a HF directory's ``config.json``; errors name the file."""
     file = pathlib.Path(path) / "config.json"
@@ -185,7 +175,7 @@ def read_config(path: str | os.PathLike, *, dtype=None) -> ModelConfig:
         raise FileNotFoundError(f"{file} not found: load_llama expects a Hugging Face model "
                                 "directory holding config.json and *.safetensors.")
     try:
-        return config_from_hf(_json_file(file), dtype=dtype)
+        return config_from_hf(json_object(file), dtype=dtype)
     except (ValueError, TypeError) as e:
         message = str(e)
         if message.startswith("config.json"):
@@ -196,7 +186,7 @@ def read_config(path: str | os.PathLike, *, dtype=None) -> ModelConfig:
 def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _json_file(index).get("weight_map")
+        weight_map = json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map' (tensor name -> shard file).")
         files = [path / f for f in sorted(set(weight_map.values()))]

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -92,10 +94,11 @@ def check_token_ids(tokens, vocab_size: int, *, what: str = "token ids") -> None
     if ok.all():
         return
     bad, index = _first_bad(ok, values)
+    hint = ("negative ids are padding or a bug; mask them instead" if bad < 0 else
+            f"use the tokenizer that matches the model (or a model with vocab_size > {int(values.max())})")
     raise ValueError(f"{what} must be in [0, vocab_size={vocab_size}) but id {bad} (at index "
                      f"{index}) is not; the max id is {int(values.max())}, the min {int(values.min())}: "
-                     f"use the tokenizer that matches the model (or a model with vocab_size > "
-                     f"{int(values.max())}).")
+                     f"{hint}.")
 
 
 def check_indices(indices, valid, bound: int, *, what: str) -> None:
@@ -118,3 +121,15 @@ def check_indices(indices, valid, bound: int, *, what: str) -> None:
 
 __all__ = ["DEBUG_ENV", "check_indices", "check_token_ids", "debug_checks", "debug_enabled",
            "is_traced"]
+
+
+def json_object(file: str | os.PathLike) -> dict:
+    """The JSON object in ``file``; a one-line ValueError naming the file when it is not one."""
+    file = pathlib.Path(file)
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(value).__name__}.")
+    return value

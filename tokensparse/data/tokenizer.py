@@ -29,7 +29,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tokensparse.data.corpus import Corpus, Document, cache_dir
-from tokensparse.validation import check_token_ids
+from tokensparse.validation import check_token_ids, json_object
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -118,15 +118,7 @@ def check_fits(tokenizer: tokenizers.Tokenizer, vocab_size: int, what: str) -> N
 
 def _json_file(path: pathlib.Path) -> dict:
     """A JSON object from ``path`` ({} when absent); a ValueError naming the file when unreadable."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(value).__name__}.")
-    return value
+    return json_object(path) if path.is_file() else {}
 
 
 def _token_text(value) -> str | None:
