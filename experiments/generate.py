@@ -27,7 +27,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample at
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
-_checks.in_range(_TOP_P, 0.0, 1.0)
+flags.register_validator(_TOP_P, lambda p: 0.0 < p <= 1.0, message="--top_p must be in (0, 1].")
 
 
 def load(name: str):

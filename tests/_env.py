@@ -16,4 +16,8 @@ def subprocess_env() -> dict[str, str]:
     XLA flags (its 8 simulated devices: a child that wants devices sets up its own)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "XLA_FLAGS": FAST_COMPILE})
+    # The repository root: `experiments` (the scripts and benchmarks) is not part of the installed
+    # package, and a child started as `python path/to/file.py` does not see the working directory.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return env

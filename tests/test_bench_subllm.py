@@ -24,7 +24,8 @@ def test_subllm_speed_smoke(tmp_path):
     summary = result["summary"]
     assert set(summary) == {f"{k}@128" for k in (
         "train_throughput_ratio", "train_flops_ratio", "train_activation_ratio", "prefill_flops_ratio",
-        "decode_speedup", "kv_allocated_ratio", "kv_occupied_ratio", "overflow_rate_1", "overflow_rate_2")}
+        "decode_speedup", "decode_cpu_speedup", "kv_allocated_ratio", "kv_occupied_ratio", "overflow_rate_1",
+        "overflow_rate_2")}
     assert summary["kv_occupied_ratio@128"] == sub["kv_occupied_bytes"] / dense["kv_occupied_bytes"]
     assert summary["prefill_flops_ratio@128"] == dense["prefill_flops"] / sub["prefill_flops"]
     assert "train_throughput_ratio" in stdout

@@ -370,3 +370,6 @@ def test_the_default_is_the_learned_rule_with_the_first_block_kept():
     tokens = jnp.zeros((1, T), jnp.int32)
     with pytest.raises(ValueError, match=r"python -m experiments\.train_selector"):
         lemo_forward.sparse_forward_loss(model, tokens, LeMoConfig(block_size=BLOCK))
+    # No sparse layer, nothing to select: no weights needed.
+    everything = LeMoConfig(block_size=BLOCK, keep_ratio=1.0, schedule="all")
+    assert np.isfinite(float(lemo_forward.sparse_forward_loss(model, tokens, everything)))

@@ -226,7 +226,10 @@ def shipped_path(name: str) -> pathlib.Path | None:
 
 
 def check(model, lemo: LeMoConfig, ratios: Sequence[float]) -> None:
-    """``ValueError`` unless ``model`` carries a selector trained for every sparse layer."""
+    """``ValueError`` unless ``model`` carries a selector trained for every sparse layer (a schedule
+    with no sparse layer selects nothing and needs none)."""
+    if all(r >= 1.0 for r in ratios):
+        return
     selector = attached(model)
     if selector is None:
         raise ValueError("LeMoConfig.selector='learned' needs learned-selector weights on the model "
@@ -243,10 +246,10 @@ def check(model, lemo: LeMoConfig, ratios: Sequence[float]) -> None:
 def bind(model, lemo: LeMoConfig):
     """The ``learned`` rule's score function for ``model`` (weights indexed by ``layer.index``)."""
     selector = attached(model)
-    if selector is None:
-        check(model, lemo, (0.0,))
 
     def score(block, h, layer, lemo):
+        if selector is None:  # a sparse layer is selecting: say what is missing
+            check(model, lemo, (0.0,))
         valid = None if layer.segment_ids is None else layer.segment_ids >= 0
         params = selector.layer_params(layer.index)
         return block_scores(params, block.input_norm(h), h, lemo.block_size, valid,
