@@ -265,7 +265,7 @@ def load_corpus(source: str = "shakespeare") -> Corpus:
     path = pathlib.Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"corpus path {path} does not exist; pass 'shakespeare', "
-                                "'shakespeare+folio', a .txt file or a directory of .txt files.")
+                                "'shakespeare+folio', a .txt or .jsonl file, or a directory of them.")
     files = sorted([*path.glob("*.txt"), *path.glob("*.jsonl")]) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"corpus directory {path} is empty: it holds no *.txt or *.jsonl files.")
