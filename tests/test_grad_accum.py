@@ -156,8 +156,7 @@ def test_accumulation_on_a_mesh_equals_one_unsharded_batch():
     from tokensparse import sharding
     from tokensparse.config import MeshConfig
 
-    if jax.device_count() < 4:
-        pytest.skip("needs 4 devices (tests/conftest.py forces 8 host devices)")
+    assert jax.device_count() >= 4, "tests/conftest.py forces 8 host devices"
     batch = _ragged_batch(b=8)
     whole = Llama(TINY, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(whole, SGD, wrt=nnx.Param)

@@ -35,11 +35,6 @@ PEFT_VERSION = "0.20.1.dev0"
 """The peft release whose ``save_pretrained`` output :func:`save_peft` reproduces."""
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-# Our projection paths → the Llama module names peft targets (``target_modules``).
-_HF_MODULES = {("attn", "q_proj"): "self_attn.q_proj", ("attn", "k_proj"): "self_attn.k_proj",
-               ("attn", "v_proj"): "self_attn.v_proj", ("attn", "o_proj"): "self_attn.o_proj",
-               ("mlp", "gate_proj"): "mlp.gate_proj", ("mlp", "up_proj"): "mlp.up_proj",
-               ("mlp", "down_proj"): "mlp.down_proj"}
 # Zoo models' Hugging Face ids (their weights there are full precision; the zoo's are Q4_1 GGUF).
 ZOO_HF_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
@@ -62,7 +57,7 @@ def _adapter_modules(model):
     """``{(part, proj): LoRA module of the first layer group}`` for every adapted projection."""
     group = model.layers.groups[0]
     found = {}
-    for part, proj in _HF_MODULES:
+    for part, proj in hf.PROJECTIONS:
         adapter = getattr(getattr(group, part), proj).adapter
         if isinstance(adapter, lora.LoRA):
             found[(part, proj)] = adapter
@@ -78,7 +73,7 @@ def peft_state_dict(model) -> dict[str, np.ndarray]:
     for path, var in flat.items():
         _, i, part, proj, _, which = path  # ("layers", i, "attn", "q_proj", "adapter", "a")
         name = "lora_A" if which == "a" else "lora_B"
-        key = f"base_model.model.model.layers.{i}.{_HF_MODULES[(part, proj)]}.{name}.weight"
+        key = f"base_model.model.model.layers.{i}.{hf.PROJECTIONS[(part, proj)]}.{name}.weight"
         tensors[key] = np.ascontiguousarray(np.asarray(var[...], np.float32).T)
     return tensors
 

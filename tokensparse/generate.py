@@ -150,8 +150,7 @@ def generate(model: Llama, prompts, *, max_new_tokens: int, temperature: float =
     check_sampling(temperature, top_p)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-    tokens, lengths = pad_prompts(prompts, pad_id)
-    check_token_ids(tokens, model.config.vocab_size, what="prompt token ids")
+    tokens, lengths = pad_prompts(prompts, pad_id)  # (Decoder.prefill checks their ids)
     needed = int(lengths.max()) + max_new_tokens
     if decoder is None:
         decoder = Decoder(model, max_len or needed)

@@ -124,17 +124,21 @@ def config_to_hf(config: ModelConfig) -> dict:
     }
 
 
+PROJECTIONS = {("attn", "q_proj"): "self_attn.q_proj", ("attn", "k_proj"): "self_attn.k_proj",
+               ("attn", "v_proj"): "self_attn.v_proj", ("attn", "o_proj"): "self_attn.o_proj",
+               ("mlp", "gate_proj"): "mlp.gate_proj", ("mlp", "up_proj"): "mlp.up_proj",
+               ("mlp", "down_proj"): "mlp.down_proj"}
+"""A decoder layer's projections: our (sub-layer, projection) path → the HF Llama module name."""
+
+
 def hf_param_names(config: ModelConfig) -> dict[str, tuple[Path, bool]]:
     """HF tensor name → (our NNX state path, whether the weight is transposed)."""
     names = {"model.embed_tokens.weight": (("embed", "embedding"), False),
              "model.norm.weight": (("final_norm", "scale"), False)}
     for i in range(config.n_layers):
         pre = f"model.layers.{i}."
-        for p in ("q", "k", "v", "o"):
-            path = ("layers", i, "attn", f"{p}_proj", "kernel")
-            names[f"{pre}self_attn.{p}_proj.weight"] = (path, True)
-        for p in ("gate", "up", "down"):
-            names[f"{pre}mlp.{p}_proj.weight"] = (("layers", i, "mlp", f"{p}_proj", "kernel"), True)
+        for (part, proj), module in PROJECTIONS.items():
+            names[f"{pre}{module}.weight"] = (("layers", i, part, proj, "kernel"), True)
         names[f"{pre}input_layernorm.weight"] = (("layers", i, "input_norm", "scale"), False)
         names[f"{pre}post_attention_layernorm.weight"] = (("layers", i, "post_attn_norm", "scale"),
                                                           False)

@@ -13,7 +13,6 @@ tokenizer) are the pipelines' own functions, exported here as the public names.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 
@@ -25,7 +24,9 @@ from tokensparse import data, lora
 from tokensparse.checkpoint import Checkpointer
 from tokensparse.config import LoRAConfig, ModelConfig
 from tokensparse.llama import Llama
+from tokensparse.pipelines import fingerprint
 from tokensparse.pipelines.base import load_base, set_context
+from tokensparse.validation import json_object
 
 __all__ = ["RunInfo", "load_run", "load_base", "read_run", "set_context"]
 
@@ -50,27 +51,19 @@ def _json(file: pathlib.Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: load_run expects the --workdir of a pretrain or "
                                 "finetune run (config.json, tokenizer.json, checkpoints/).")
-    try:
-        value = json.loads(file.read_text())
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{file} holds a {type(value).__name__}, not a JSON object.")
-    return value
+    return json_object(file)
 
 
 def _recorded_base(workdir: pathlib.Path, experiment: dict) -> str:
     """The fine-tune's base: the resolved path the run fingerprinted (valid from any directory),
-    else ``experiment["base"]`` as given."""
-    fingerprint = workdir / "fingerprint.json"
-    if fingerprint.is_file():
-        try:
-            resolved = json.loads(fingerprint.read_text()).get("fingerprint", {}).get("base")
-        except ValueError:
-            resolved = None
-        if resolved and (pathlib.Path(resolved).exists() or not pathlib.Path(
-                experiment["base"]).exists()):
-            return resolved
+    else ``experiment["base"]`` as given (also when the fingerprint is missing or unreadable)."""
+    try:
+        record = fingerprint.read(workdir)
+    except ValueError:
+        record = None
+    resolved = record["fingerprint"].get("base") if record else None
+    if resolved and (pathlib.Path(resolved).exists() or not pathlib.Path(experiment["base"]).exists()):
+        return resolved
     return experiment["base"]
 
 
