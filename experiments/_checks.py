@@ -13,6 +13,10 @@
   and exit 130, SIGTERM exit 143 (``finally`` blocks run: the workdir lock is released). The
   traceback is shown with ``--verbose`` or ``TOKENSPARSE_TRACEBACK=1``. Anything else is a bug and
   keeps its traceback.
+- Background threads (Orbax's checkpoint writers) log their failure with a traceback before the main
+  thread re-raises it (a full disk: dozens of tracebacks). Without ``--verbose`` those records are
+  dropped and an exception that ends a thread is one line (``error in thread NAME: ...``); the main
+  thread's one-line error reports the failure.
 
 The only flag defined here is ``--verbose``; the experiment scripts' own (multi-host) flags live in
 ``_cli``, which benchmarks do not import.
@@ -21,10 +25,12 @@ The only flag defined here is ``--verbose``; the experiment scripts' own (multi-
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import NoReturn
@@ -120,6 +126,36 @@ def traceback_wanted() -> bool:
     return env not in ("", "0", "false", "no") or (flags.FLAGS.is_parsed() and _VERBOSE.value)
 
 
+class _BackgroundTracebacks(logging.Filter):
+    """Drop error records that carry a traceback from threads other than the main one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.levelno >= logging.ERROR
+                    and record.thread != threading.main_thread().ident)
+
+
+def _one_line_thread_error(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is not SystemExit:
+        name = args.thread.name if args.thread else "?"
+        sys.stderr.write(f"error in thread {name}: {one_line(args.exc_value)}\n")
+
+
+@contextlib.contextmanager
+def quiet_background_threads():
+    """Background threads' failures as at most one line each (see the module docstring)."""
+    quiet, hook = _BackgroundTracebacks(), threading.excepthook
+    handlers = [h for h in (*logging.getLogger().handlers, logging.lastResort) if h is not None]
+    for handler in handlers:
+        handler.addFilter(quiet)
+    threading.excepthook = _one_line_thread_error
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
 def guarded(main):
     """``main`` with user errors as one line (exit 1), Ctrl-C as exit 130 and SIGTERM as exit 143
     (unless a traceback is wanted: see :func:`traceback_wanted`)."""
@@ -130,7 +166,8 @@ def guarded(main):
             with contextlib.suppress(ValueError):  # not the main thread: keep the default
                 signal.signal(signal.SIGTERM, _terminate)
         try:
-            return main(argv)
+            with (contextlib.nullcontext() if traceback_wanted() else quiet_background_threads()):
+                return main(argv)
         except Terminated:
             sys.stderr.write("terminated (SIGTERM).\n")
             raise

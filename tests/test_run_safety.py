@@ -281,6 +281,57 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypa
         _checks.guarded(lambda argv: (_ for _ in ()).throw(ValueError("shown")))(["prog"])
 
 
+_THREADS_FAIL = """
+import threading
+from absl import logging
+from experiments import _checks
+
+def main(argv):
+    def writer():  # an Orbax writer thread: logs its failure with a traceback, then re-raised in main
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            logging.exception("writer failed")
+    def crasher():
+        raise RuntimeError("thread boom")
+    for target, name in ((writer, "writer"), (crasher, "crasher")):
+        thread = threading.Thread(target=target, name=name)
+        thread.start()
+        thread.join()
+    raise OSError(28, "No space left on device")
+
+_checks.run(main)
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_background_thread_failures_are_one_line_without_verbose(verbose):
+    """A full disk fails in Orbax's writer threads first: their tracebacks are dropped, a thread's
+    uncaught exception is one line, and the main thread's error is the last line."""
+    done = subprocess.run([sys.executable, "-c", _THREADS_FAIL, *(["--verbose"] if verbose else [])],
+                          cwd=ROOT, env={**subprocess_env(), _checks.TRACEBACK_ENV: ""},
+                          capture_output=True, text=True, timeout=120)
+    if verbose:
+        assert done.returncode == 1 and done.stderr.count("Traceback") == 3, done.stderr
+    else:
+        assert done.returncode == 1 and done.stderr.splitlines() == [
+            "error in thread crasher: RuntimeError: thread boom",
+            "error: OSError: [Errno 28] No space left on device"], done.stderr
+
+
+def test_a_tokenizer_that_cannot_be_written_is_an_os_error(tmp_path):
+    from tokensparse.data import tokenizer as tokenizer_lib
+
+    class FullDisk:  # the Rust tokenizer raises a bare Exception
+        def save(self, path):
+            pathlib.Path(path).write_text("{")
+            raise Exception("No space left on device (os error 28)")
+
+    with pytest.raises(OSError, match=r"cannot write .*tokenizer.json: No space left on device"):
+        tokenizer_lib.save_hf_tokenizer(FullDisk(), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the partial file is removed
+
+
 # ----------------------------------------------------------------------------- command lines
 def _cli(*args, timeout=600, **kwargs):
     return subprocess.run([sys.executable, "-m", "experiments.pretrain", *args], cwd=ROOT,

@@ -189,7 +189,11 @@ def save_hf_tokenizer(tokenizer: tokenizers.Tokenizer, directory: str | os.PathL
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tokenizer.json.{os.getpid()}.tmp"
-    tokenizer.save(str(tmp))
+    try:
+        tokenizer.save(str(tmp))
+    except Exception as e:  # the Rust side raises a bare Exception (a full disk, a read-only directory)
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {directory / 'tokenizer.json'}: {e}") from e
     os.replace(tmp, directory / "tokenizer.json")  # each file whole, then renamed into place
     specials = {}
     for kind, token in zip(("bos", "eos"), special_ids(tokenizer), strict=True):
