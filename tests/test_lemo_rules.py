@@ -315,9 +315,9 @@ def test_selection_benchmark_shortcuts_equal_the_sparse_forward():
     config = preset("tiny").replace(n_layers=4)
     model = Llama(config, rngs=nnx.Rngs(3))
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, config.vocab_size)
-    for name in ("attention_ratio", "oracle"):
+    for name, eliminated in (("attention_ratio", "sink_local"), ("oracle", "pass")):
         lemo = LeMoConfig(block_size=BLOCK, keep_ratio=0.5, selector=name, keep_first_block=True,
-                          mlp_mode="dense")
+                          mlp_mode="dense", eliminated=eliminated)
         start = bench.first_sparse(lemo, config.n_layers)
         assert start == 1
         hidden = bench.prefix(model, tokens, start)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from tokensparse import train
 from tokensparse.config import LeMoConfig
-from tokensparse.lemo import rules
+from tokensparse.lemo import fill, rules
 from tokensparse.lemo.forward import lemo_kinds, lemo_layer_fn
 from tokensparse.lemo.selection import lemo_router
 from tokensparse.llama import Llama, default_positions
@@ -30,7 +30,8 @@ def masked_row_losses(model: Llama, hidden, tokens, lemo: LeMoConfig, start: int
     """:func:`row_losses` with the spec's masked reference of each sparse layer instead of the
     compacted one (equal: spec §5, tested): the rule's top ``k_blocks`` blocks (a traced int, so
     one compiled program serves every keep ratio; ``n_b`` keeps all: the dense forward) attend among
-    themselves, the other tokens see nothing, are seen by nothing and pass through
+    themselves, the other tokens see nothing and are seen by nothing: they pass through, or with
+    ``lemo.eliminated="sink_local"`` get that fill (:mod:`tokensparse.lemo.fill`) first
     (``lemo.keep_ratio`` only marks the sparse layers)."""
     ratios = lemo.keep_ratios(len(model.layers))
     positions = default_positions(tokens)
@@ -45,7 +46,11 @@ def masked_row_losses(model: Llama, hidden, tokens, lemo: LeMoConfig, start: int
             scores = scores.at[:, 0].set(jnp.inf)
         order = jnp.argsort(-scores, axis=-1, stable=True)
         rank = jnp.argsort(order, axis=-1, stable=True)
-        kept = jnp.repeat(rank < k_blocks, bs, axis=1)[:, :h.shape[1]]
+        kept_blocks = rank < k_blocks
+        if lemo.eliminated == "sink_local":  # every block a candidate: n_b is static, k_blocks not
+            others = fill.complement(kept_blocks, kept_blocks.shape[1], bs)
+            h = fill.sink_local(block, h, layer.positions, None, others)
+        kept = jnp.repeat(kept_blocks, bs, axis=1)[:, :h.shape[1]]
         seg = jnp.where(kept, 0, -1).astype(jnp.int32)
         return block.feed_forward(block.attend(h, layer.positions, seg)), None
 

@@ -1,7 +1,9 @@
 """LeMo's forward pass: per-layer contextual token elimination on a LoRA-adapted Llama (spec §2.5).
 
 In a sparse layer l the attention sub-layer runs only on the blocks :mod:`tokensparse.lemo.selection`
-keeps, at their original positions; the other tokens pass through on the residual (h = x exactly).
+keeps, at their original positions; the other blocks attend only to the row's first block and to
+themselves (``LeMoConfig.eliminated="sink_local"``, :mod:`tokensparse.lemo.fill`) or, as in the
+spec (``"pass"``), pass through on the residual (h = x exactly).
 The MLP runs on every token, with an exact forward and, by default, a backward through only the top
 20% channels (spec §2.6; :mod:`tokensparse.lemo.mlp`). The next layer re-scores all tokens:
 elimination is per layer, not permanent. Evaluation is dense (the plain model with the trained
@@ -17,7 +19,7 @@ from jaxtyping import Array, Float, Int
 from tokensparse import lora, train
 from tokensparse.config import LeMoConfig
 from tokensparse.data.batching import Batch
-from tokensparse.lemo import predictor, rules
+from tokensparse.lemo import fill, predictor, rules
 from tokensparse.lemo.mlp import keep_channels, recomputed_mlp, sparse_backward_mlp
 from tokensparse.lemo.offload import model_remat_for
 from tokensparse.lemo.selection import layer_kinds, lemo_router
@@ -68,10 +70,13 @@ def check_lemo(model: Llama, lemo: LeMoConfig, seq_len: int, *, training: bool =
 
 
 def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *,
-               mlp_mode: str = "dense", mlp_keep: int | None = None, two_d: bool = False):
+               mlp_mode: str = "dense", mlp_keep: int | None = None, two_d: bool = False,
+               eliminated: str = "pass"):
     """One decoder layer with LeMo's MLP backward; attention runs on ``selection`` (None: dense),
     and with ``two_d`` (``LeMoConfig.two_d``) a sparse layer's attention is shifted sparse attention
-    over its kept tokens (:mod:`tokensparse.lemo.two_d`).
+    over its kept tokens (:mod:`tokensparse.lemo.two_d`). ``eliminated="sink_local"``
+    (``LeMoConfig.eliminated``): the other blocks attend to the first block and themselves
+    (:mod:`tokensparse.lemo.fill`); ``"pass"``: they pass through.
 
     ``mlp_mode`` (``LeMoConfig.mlp_mode``): ``"channel_sparse_bwd"`` keeps ``mlp_keep`` channels
     in the backward (all I of them: the ordinary MLP); ``"recompute"`` is the exact backward from
@@ -79,6 +84,9 @@ def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *
     the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any remat region, so
     recomputation never re-scores."""
     h = tag(h, "block_in")
+    if selection is not None and eliminated == "sink_local":
+        others = fill.eliminated_of(selection, h.shape[1] // selection.block_size)
+        h = fill.sink_local(block, h, positions, segment_ids, others)
     core = two_d_core(block.attn) if two_d and selection is not None else None
     h, normed = block.attend_and_norm(h, positions, segment_ids, selection, core=core)
     if mlp_mode == "recompute":
@@ -113,7 +121,8 @@ def lemo_block_fn(model: Llama, lemo: LeMoConfig):
     """:func:`lemo_block` with ``lemo``'s MLP backward bound: ``fn(block, h, positions,
     segment_ids, selection)``."""
     return functools.partial(lemo_block, mlp_mode=lemo.mlp_mode,
-                             mlp_keep=mlp_keep_channels(model, lemo), two_d=lemo.two_d)
+                             mlp_keep=mlp_keep_channels(model, lemo), two_d=lemo.two_d,
+                             eliminated=lemo.eliminated)
 
 
 def lemo_layer_fn(model: Llama, lemo: LeMoConfig):
@@ -123,7 +132,8 @@ def lemo_layer_fn(model: Llama, lemo: LeMoConfig):
     def layer_fn(block, h, layer, selection):
         keep = getattr(layer.kind, "mlp_keep", None)  # per layer with mlp_drop_profile
         fn = run if keep is None else functools.partial(lemo_block, mlp_mode=lemo.mlp_mode,
-                                                        mlp_keep=keep, two_d=lemo.two_d)
+                                                        mlp_keep=keep, two_d=lemo.two_d,
+                                                        eliminated=lemo.eliminated)
         return fn(block, h, layer.positions, layer.segment_ids, selection), None
     return layer_fn
 
