@@ -7,8 +7,9 @@ On SmolLM2-135M (:func:`tokensparse.zoo.load`), no training (the sparse forward 
 :func:`tokensparse.lemo.sparse_forward_loss`): for every rule of ``--rules``
 (:mod:`tokensparse.lemo.rules`), sequence length of ``--seq_lens`` and keep ratio of ``--keeps``, the
 mean next-token loss with the ``half`` schedule (layers 14-28 of 30 sparse), 64-token blocks and
-block 0 always kept (``--keep_first_block``), each layer selecting from its own input inside the
-forward; and the dense loss. On two text sets, ``--windows`` windows each, in one batch:
+block 0 always kept (``--keep_first_block``), eliminated blocks attending to the first block and
+themselves (``--eliminated=sink_local``, the default; ``pass``: the spec's pass-through), each layer
+selecting from its own input inside the forward; and the dense loss. On two text sets, ``--windows`` windows each, in one batch:
 
 - ``shakespeare``: the library's held-out windows (:func:`tokensparse.lemo.analysis.
   held_out_windows`: the first ``--windows`` of the held-out works, from their middles);
@@ -71,6 +72,10 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "2048"], "Window lengths.")
 _KEEPS = flags.DEFINE_list("keeps", ["0.4", "0.55", "0.7", "0.85"], "Keep ratios.")
 _WINDOWS = flags.DEFINE_integer("windows", 2, "Windows per text set.")
 _KEEP_FIRST = flags.DEFINE_bool("keep_first_block", True, "Always keep block 0.")
+_ELIMINATED = flags.DEFINE_enum("eliminated", "sink_local", ["sink_local", "pass"],
+                                "What eliminated blocks get (LeMoConfig.eliminated): sink_local "
+                                "(the default) attends to the first block and themselves; pass: "
+                                "nothing (the spec).")
 _LOSSES = flags.DEFINE_bool("losses", True, "Measure the loss grid (rules x lengths x keeps).")
 _SENSITIVITY = flags.DEFINE_bool("sensitivity", True, "Measure the sensitivity profile per rule.")
 _SENS_WINDOWS = flags.DEFINE_integer("sensitivity_windows", 2,
@@ -121,7 +126,7 @@ def text_windows(tokenizer, seq_len: int, count: int, smoke: bool) -> dict[str, 
 
 def lemo_dict(lemo: LeMoConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(lemo).items()
-            if k.startswith("score_") or k in ("selector", "block_size", "schedule",
+            if k.startswith("score_") or k in ("selector", "block_size", "schedule", "eliminated",
                                                "keep_first_block", "keep_ratio", "profile")}
 
 
@@ -291,7 +296,8 @@ def main(argv):
     for r in rule_names:
         rules.get(r)  # unknown names fail before any work
     keeps = [float(k) for k in _KEEPS.value]
-    base = LeMoConfig(keep_first_block=_KEEP_FIRST.value, mlp_mode="dense")
+    base = LeMoConfig(keep_first_block=_KEEP_FIRST.value, mlp_mode="dense",
+                      eliminated=_ELIMINATED.value)
 
     def lemo_for(rule, keep):
         return base.replace(selector=rule, keep_ratio=keep)
@@ -302,7 +308,8 @@ def main(argv):
                     "file": _SELECTOR_WEIGHTS.value or "shipped", **selector.spec()},
                 "seq_lens": [int(t) for t in _SEQ_LENS.value], "keeps": keeps,
                 "windows": _WINDOWS.value, "rules": rule_names, "schedule": "half",
-                "keep_first_block": _KEEP_FIRST.value, "block_size": base.block_size,
+                "keep_first_block": _KEEP_FIRST.value, "eliminated": _ELIMINATED.value,
+                "block_size": base.block_size,
                 "sets": {"shakespeare": "tokensparse.lemo.analysis.held_out_windows",
                          "english": "tokensparse.data.heldout.english_windows"},
                 "score_options": {k: v for k, v in lemo_dict(base).items()
@@ -321,7 +328,8 @@ def main(argv):
     if _FLOPS.value:
         flops_preset = "tiny" if smoke else _FLOPS_PRESET.value
         rows += selection_flops(flops_preset, 256 if smoke else _FLOPS_SEQ.value, rule_names,
-                                LeMoConfig(keep_first_block=_KEEP_FIRST.value))
+                                LeMoConfig(keep_first_block=_KEEP_FIRST.value,
+                                           eliminated=_ELIMINATED.value))
         save()
     if _SENSITIVITY.value:
         sets = text_windows(tokenizer, _SENS_SEQ.value, _WINDOWS.value, smoke)

@@ -15,9 +15,8 @@ sparse forward's loss above the dense one, keep 0.7 / 0.4): the exact attention-
 +2.85 → +0.23 / +0.45. Either piece alone is far weaker (sink only +0.62, own block only +0.84 at
 keep 0.7): a local-only softmax has nothing to put its attention-sink mass on.
 
-The update runs under ``jax.checkpoint``: the backward recomputes it from the layer's input, so it
-adds no activation memory beyond its output, only FLOPs (the q/k/v/o projections of the eliminated
-rows and their 2·block_size-key attention). Packed rows: the sink is the row's first block, so a
+The update runs under ``jax.checkpoint``: the backward keeps only the eliminated rows' input and
+recomputes the q/k/v/o projections of those rows and their 2·block_size-key attention. Packed rows: the sink is the row's first block, so a
 later document's blocks (another segment) see only themselves.
 """
 
@@ -60,15 +59,13 @@ def eliminated_of(selection: routing.Selection, n_blocks: int) -> routing.Select
                       shards=selection.shards)
 
 
-def _sink_local(block: DecoderBlock, x: Float[Array, "b t d"], positions: Int[Array, "b t"],
-                segment_ids: Int[Array, "b t"], eliminated: routing.Selection) -> Float[Array, "b t d"]:
-    bs = eliminated.block_size
-    b = x.shape[0]
-    e = eliminated.capacity // bs
-    pos_e = routing.gather(positions, eliminated)
-    seg_e = routing.gather(segment_ids, eliminated)
-    q, k, v = block.attn.project_qkv(block.input_norm(routing.gather(x, eliminated)), pos_e)
-    _, k_s, v_s = block.attn.project_qkv(block.input_norm(x[:, :bs]), positions[:, :bs])
+def _sink_local_rows(block: DecoderBlock, x_e, pos_e, seg_e, x_s, pos_s, seg_s):
+    """Attention output of the gathered eliminated rows ``x_e`` ([b, e·bs, d], whole blocks) over
+    the first block ``x_s`` ([b, bs, d]; ``seg_s`` per eliminated block, [b·e, bs]) and themselves."""
+    b, bs = x_s.shape[0], x_s.shape[1]
+    e = x_e.shape[1] // bs
+    q, k, v = block.attn.project_qkv(block.input_norm(x_e), pos_e)
+    _, k_s, v_s = block.attn.project_qkv(block.input_norm(x_s), pos_s)
 
     def per_block(a):  # [b, e·bs, ...] -> [b·e, bs, ...]
         return a.reshape(b * e, bs, *a.shape[2:])
@@ -77,25 +74,28 @@ def _sink_local(block: DecoderBlock, x: Float[Array, "b t d"], positions: Int[Ar
         sink = jnp.broadcast_to(sink[:, None], (b, e, *sink.shape[1:])).reshape(b * e, *sink.shape[1:])
         return jnp.concatenate([sink, per_block(own)], axis=1)
 
-    # Block 0 eliminated (keep_first_block=False) is its own sink: mask the duplicate keys.
-    is_first = eliminated.blocks[0] == 0  # [b, e]
-    seg_s = jnp.where(is_first[..., None], -2, segment_ids[:, None, :bs]).reshape(b * e, bs)
     out = block.attn.core(per_block(q), with_sink(k_s, k), with_sink(v_s, v), per_block(pos_e),
-                          per_block(seg_e), with_sink(positions[:, :bs], pos_e),
+                          per_block(seg_e), with_sink(pos_s, pos_e),
                           jnp.concatenate([seg_s, per_block(seg_e)], axis=1))
-    return routing.scatter_add(x, eliminated, block.attn.project_out(out.reshape(*q.shape[:2], -1,
-                                                                                 q.shape[-1])))
+    return block.attn.project_out(out.reshape(q.shape))
 
 
 def sink_local(block: DecoderBlock, x: Float[Array, "b t d"], positions: Int[Array, "b t"],
                segment_ids: Int[Array, "b t"] | None, eliminated: routing.Selection
                ) -> Float[Array, "b t d"]:
     """``x`` plus, at the ``eliminated`` blocks' rows, the attention output of each such block over
-    the row's first block and itself (causal by position; other rows unchanged), recomputed in the
-    backward."""
+    the row's first block and itself (causal by position; other rows unchanged). The backward
+    keeps only the eliminated rows' input and recomputes the rest."""
+    bs = eliminated.block_size
     if segment_ids is None:
         segment_ids = jnp.zeros(positions.shape, jnp.int32)
-    return checkpointed(_sink_local)(block, x, positions, segment_ids, eliminated)
+    # Block 0 eliminated (keep_first_block=False) is its own sink: mask the duplicate keys.
+    is_first = eliminated.blocks[0] == 0  # [b, e]
+    seg_s = jnp.where(is_first[..., None], -2, segment_ids[:, None, :bs]).reshape(-1, bs)
+    a = checkpointed(_sink_local_rows)(
+        block, routing.gather(x, eliminated), routing.gather(positions, eliminated),
+        routing.gather(segment_ids, eliminated), x[:, :bs], positions[:, :bs], seg_s)
+    return routing.scatter_add(x, eliminated, a)
 
 
 def reference(block: DecoderBlock, x: Float[Array, "b t d"], positions: Int[Array, "b t"],
