@@ -125,6 +125,10 @@ def test_fingerprint_tracks_the_trajectory_not_the_cadence():
         "train.b2: 0.95 -> 0.99", "train.batch_size: 8 -> 2", "train.lr: 0.0003 -> 0.01",
         "train.seed: 0 -> 7"]
     assert "model.n_layers" in base and "mesh.data" not in _fingerprint(TrainConfig(), mesh={"data": 2})
+    # A field the old run recorded but the new one lacks is no change; a field new to it is one.
+    assert fingerprint.changes({**base, "lemo.block_size": 64}, base) == []
+    assert fingerprint.changes(base, {**base, "lemo.eliminated": "sink_local"}) == [
+        'lemo.eliminated: (unset) -> "sink_local"']
 
 
 def test_fingerprint_digests_tokenizer_and_corpus():

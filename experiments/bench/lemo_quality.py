@@ -380,7 +380,8 @@ def finetune_run(s: dict, base: pathlib.Path, workdir: pathlib.Path, method: str
         return _row(method, mlp_drop, s["steps"], s["seq_len"], summary,
                     time.perf_counter() - start, selector, c.lemo.mlp_mode if method == "lemo" else None)
 
-    key = {k: v for k, v in c.to_dict().items() if k != "progress"}
+    key = {k: v for k, v in c.to_dict().items()
+           if k != "progress" and not (k == "lemo" and method != "lemo")}  # LoRA ignores lemo.*
     key["selector"] = selector  # "auto" names the library's default, which may change
     row = _reuse_or_run(workdir / name / "bench_row.json", key, compute)
     row["loss_history"] = loss_history(workdir / name)  # from the run's log, reused or not

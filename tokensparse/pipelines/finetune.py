@@ -118,6 +118,8 @@ def _finetune(config: FinetuneConfig, workdir: pathlib.Path, mesh, layout) -> di
     common.check_vocab(tokenizer, base_config)
     model_config = base_config.with_context(tc.seq_len)
     experiment = common.to_json(config)
+    if lemo_config is None:  # LeMo's options do not shape a LoRA run
+        experiment.pop("lemo", None)
     built = {"model": model_config.to_dict()}
     resume = common.check_resume(
         workdir, {**experiment, "base": _resolved(config.base),

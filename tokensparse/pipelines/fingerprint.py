@@ -93,10 +93,13 @@ def _show(value: Any) -> str:
 
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``["train.lr: 0.0003 -> 0.01", ...]`` for every field that differs, sorted by name."""
+    """``["train.lr: 0.0003 -> 0.01", ...]`` for every field that differs, sorted by name. A field
+    the old run recorded that the new fingerprint lacks (a setting that no longer exists or no
+    longer applies: a LoRA run's LeMo options) is not a change; a field new to the fingerprint is,
+    since the old run ran without it (e.g. a new option whose default changes the mathematics)."""
     missing = object()
     out = []
-    for name in sorted(set(old) | set(new)):
+    for name in sorted(new):
         a, b = old.get(name, missing), new.get(name, missing)
         if a != b:
             out.append(f"{name}: {'(unset)' if a is missing else _show(a)} -> "
