@@ -19,7 +19,7 @@ from tokensparse.llama import Llama, default_positions
 CONFIG = preset("tiny", n_layers=4)
 BLOCK, T = 16, 128
 LEMO = LeMoConfig(block_size=BLOCK, keep_ratio=0.5, selector="learned", mlp_mode="dense",
-                  keep_first_block=True)
+                  keep_first_block=True, eliminated="pass")  # the references pass eliminated rows
 SPARSE = tuple(i for i, r in enumerate(LEMO.keep_ratios(CONFIG.n_layers)) if r < 1.0)
 
 
