@@ -9,7 +9,8 @@ On SmolLM2-135M (:func:`tokensparse.zoo.load`), no training (the sparse forward 
 mean next-token loss with the ``half`` schedule (layers 14-28 of 30 sparse), 64-token blocks and
 block 0 always kept (``--keep_first_block``), eliminated blocks attending to the first block and
 themselves (``--eliminated=sink_local``, the default; ``pass``: the spec's pass-through), each layer
-selecting from its own input inside the forward; and the dense loss. On two text sets, ``--windows`` windows each, in one batch:
+selecting from its own input inside the forward; and the dense loss. On two text sets,
+``--windows`` windows each, in one batch:
 
 - ``shakespeare``: the library's held-out windows (:func:`tokensparse.lemo.analysis.
   held_out_windows`: the first ``--windows`` of the held-out works, from their middles);

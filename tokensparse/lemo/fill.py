@@ -16,8 +16,9 @@ sparse forward's loss above the dense one, keep 0.7 / 0.4): the exact attention-
 keep 0.7): a local-only softmax has nothing to put its attention-sink mass on.
 
 The update runs under ``jax.checkpoint``: the backward keeps only the eliminated rows' input and
-recomputes the q/k/v/o projections of those rows and their 2·block_size-key attention. Packed rows: the sink is the row's first block, so a
-later document's blocks (another segment) see only themselves.
+recomputes the q/k/v/o projections of those rows and their 2·block_size-key attention. Packed
+rows: the sink is the row's first block, so a later document's blocks (another segment) see only
+themselves.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jaxtyping import Array, Bool, Float, Int
 from tokensparse import routing
 from tokensparse.llama import DecoderBlock
 from tokensparse.remat import checkpointed
+
 
 def kept_blocks(selection: routing.Selection, n_blocks: int) -> Bool[Array, "b nb"]:
     """Which of the row's ``n_blocks`` blocks a block selection keeps (its valid slots)."""

@@ -5,12 +5,13 @@ A sparse layer with kept-token mask ``m`` computes (the spec's masked reference,
     p_ij = w_j · exp(l_ij) / Σ_k w_k · exp(l_ik)      (causal; w_j = m_j + δk_j, the key weight)
     h'_i = h_i + (m_i + δq_i) · a_i                    (a_i = o_proj(Σ_j p_ij v_j), the update)
 
-which at δ = 0 is exactly the layer of the LeMo forward with ``LeMoConfig.eliminated="pass"``
-(kept tokens attend among themselves, the others pass through; the default fill of eliminated
-blocks, :mod:`tokensparse.lemo.fill`, is not modelled here). The derivative of the loss with respect to ``δq_t + δk_t`` is the
-first-order change of the loss when token t's membership flips: for a kept token, minus the loss it
-would add if eliminated, both as a query (its own update ``g_t · a_t``, g = dLoss/dh') and as a key
-(what the queries that read it lose); for an eliminated one, the loss it would remove if kept. So
+which at δ = 0 is exactly the layer of the LeMo forward with ``LeMoConfig.eliminated="pass"`` (kept
+tokens attend among themselves, the others pass through; the default fill of eliminated blocks,
+:mod:`tokensparse.lemo.fill`, is not modelled here). The derivative of the loss with respect to
+``δq_t + δk_t`` is the first-order change of the loss when token t's membership flips: for a kept
+token, minus the loss it would add if eliminated, both as a query (its own update ``g_t · a_t``, g =
+dLoss/dh') and as a key (what the queries that read it lose); for an eliminated one, the loss it
+would remove if kept. So
 
     importance_t = −(dL/dδq_t + dL/dδk_t)
 
