@@ -116,3 +116,21 @@ def test_sensitivity_schedule_needs_measuring_before_it_has_keep_ratios():
         spec_lemo(schedule="sensitivity").keep_ratios(3)
     with pytest.raises(ValueError, match="loss_budget"):
         spec_lemo(schedule="sensitivity", loss_budget=-0.1)
+
+
+def test_layers_the_learned_selector_has_no_weights_for_are_never_probed_nor_made_sparse():
+    """A learned selector trained for some layers: the others cost inf (never chosen, reported as
+    None) instead of an error; without any weights the rule's own error names the command."""
+    from tokensparse.lemo import learned_selector
+
+    m = lora.add_lora(Llama(CONFIG, rngs=nnx.Rngs(3)), LoRAConfig(), rngs=nnx.Rngs(4))
+    lemo = LEMO.replace(selector="learned", keep_first_block=True)
+    with pytest.raises(ValueError, match=r"experiments\.train_selector"):
+        sensitivity.layer_costs(m, [_batch(5)], lemo, KEEP)
+    learned_selector.attach(m, learned_selector.LearnedSelector(CONFIG.n_layers, CONFIG.d_model,
+                                                                layers=[1, 2]))
+    assert sensitivity.probed_layers(m, lemo, KEEP) == [1, 2]
+    costs = sensitivity.layer_costs(m, [_batch(5)], lemo, KEEP)[0]
+    assert np.isinf(costs[0]) and np.isfinite(costs[1:]).all()
+    result = sensitivity.tune_profile(m, [_batch(5)], lemo, keep_ratio=KEEP, budget=1e9)
+    assert result.profile == (1.0, KEEP, KEEP) and result.costs[0] is None

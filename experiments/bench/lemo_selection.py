@@ -182,7 +182,8 @@ def sensitivity(model, calibration, tokens_by_set, lemo: LeMoConfig, keep: float
     run = nnx.jit(row_losses, static_argnums=(3, 4))
     out = {"kind": "sensitivity", "rule": lemo.selector, "keep": keep, "budget": budget,
            "seq_len": int(calibration.shape[1]), "profile": list(profile),
-           "layers": int(sum(r < 1.0 for r in profile)), "costs": [float(c) for c in costs]}
+           "layers": int(sum(r < 1.0 for r in profile)),
+           "costs": [float(c) if np.isfinite(c) else None for c in costs]}
     for s, toks in tokens_by_set.items():
         toks = jnp.asarray(toks)
         dense = run(model, model.embed(toks), toks, lemo.replace(schedule="all", keep_ratio=1.0), 0)

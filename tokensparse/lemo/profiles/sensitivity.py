@@ -71,10 +71,35 @@ def _probe_loss(model: Llama, h, tokens, positions, segment_ids, target, *, keep
     return _mean_loss(model, model.final_norm(h), tokens, segment_ids)
 
 
+def _one_sparse(n_layers: int, layer: int, keep_ratio: float) -> tuple[float, ...]:
+    return tuple(keep_ratio if i == layer else 1.0 for i in range(n_layers))
+
+
+def probed_layers(model: Llama, lemo: LeMoConfig, keep_ratio: float) -> list[int]:
+    """The layers ``lemo.selector`` can select in (a learned selector has weights for some layers
+    only); raises the rule's own error when it can select in none."""
+    rule, n_layers = rules.get(lemo.selector), len(model.layers)
+    if rule.check is None:
+        return list(range(n_layers))
+    layers = []
+    for layer in range(n_layers):
+        ratios = _one_sparse(n_layers, layer, keep_ratio)
+        try:
+            rule.check(model, lemo.replace(schedule="profile", profile=ratios), ratios)
+        except ValueError:
+            continue
+        layers.append(layer)
+    if not layers:  # e.g. no weights at all: the rule says what to do
+        rule.check(model, lemo.replace(schedule="all", keep_ratio=keep_ratio, profile=None),
+                   (keep_ratio,) * n_layers)
+    return layers
+
+
 def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> np.ndarray:
     """[n_batches, L]: each batch's loss with only layer l keeping ``keep_ratio`` of its blocks
     (selected as training selects them: ``lemo.selector``'s rule, ``keep_first_block``), minus
-    its dense loss. Rules with one module per layer (``predictor``) cannot be probed here."""
+    its dense loss; ``inf`` for a layer the rule cannot select in (:func:`probed_layers`: never
+    made sparse). Rules with one module per layer (``predictor``) cannot be probed here."""
     batches = list(batches)
     if not batches:
         raise ValueError("layer_costs needs at least one calibration batch.")
@@ -83,22 +108,24 @@ def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> n
                          "module per layer); measure it with selector='oracle' or another rule.")
     if not 0.0 < keep_ratio < 1.0:
         raise ValueError(f"keep_ratio={keep_ratio} must be in (0, 1): 1 eliminates nothing.")
+    probed = probed_layers(model, lemo, keep_ratio)
+    first = _one_sparse(len(model.layers), probed[0], keep_ratio)
     for b in batches:
-        check_lemo(model, lemo.replace(schedule="all", profile=None), b.tokens.shape[1],
+        check_lemo(model, lemo.replace(schedule="profile", profile=first), b.tokens.shape[1],
                    training=False)  # forwards only: no adapters needed
 
     dense = nnx.jit(_dense_inputs)
     probe = nnx.jit(functools.partial(_probe_loss, keep_ratio=keep_ratio, lemo=lemo))
     n_layers = len(model.layers)
-    costs = np.zeros((len(batches), n_layers))
+    costs = np.full((len(batches), n_layers), np.inf)
     for i, b in enumerate(batches):
         tokens = jnp.asarray(b.tokens)
         positions = default_positions(tokens) if b.positions is None else jnp.asarray(b.positions)
         segment_ids = None if b.segment_ids is None else jnp.asarray(b.segment_ids)
         inputs, dense_loss = dense(model, tokens, positions, segment_ids)
         losses = [probe(model, inputs[layer], tokens, positions, segment_ids, jnp.int32(layer))
-                  for layer in range(n_layers)]  # dispatched back to back, fetched once
-        costs[i] = np.asarray(jax.device_get(losses)) - float(dense_loss)
+                  for layer in probed]  # dispatched back to back, fetched once
+        costs[i, probed] = np.asarray(jax.device_get(losses)) - float(dense_loss)
     return costs
 
 
@@ -122,7 +149,8 @@ def budget_profile(costs, keep_ratio: float, budget: float) -> tuple[float, ...]
 @dataclasses.dataclass(frozen=True)
 class SensitivityResult:
     profile: tuple[float, ...]  # per-layer keep ratio (1.0 = dense)
-    costs: tuple[float, ...]  # per-layer mean cost (nats) of keeping keep_ratio there alone
+    costs: tuple[float | None, ...]  # per-layer mean cost (nats) of keeping keep_ratio there alone
+    # (None: a layer the rule cannot select in)
     keep_ratio: float
     budget: float
     dense_loss: float  # mean calibration loss, dense forward
@@ -141,6 +169,7 @@ def tune_profile(model: Llama, batches, lemo: LeMoConfig, *, keep_ratio: float,
         step = nnx.jit(lambda m, b: loss_fn(m, b)[0])
         return float(np.mean([float(step(model, b)) for b in batches]))
 
-    return SensitivityResult(profile, tuple(float(c) for c in costs), keep_ratio, budget,
+    return SensitivityResult(profile, tuple(float(c) if np.isfinite(c) else None for c in costs),
+                             keep_ratio, budget,
                              mean_loss(train.lm_loss),
                              mean_loss(lambda m, b: lemo_loss(m, b, lemo=sparse_lemo)))
