@@ -139,3 +139,29 @@ def test_token_level_selections_are_refused_with_the_fill():
     sel = routing.topk_select(jnp.zeros((B, T)), 32)
     with pytest.raises(ValueError, match="needs a block selection"):
         fill.eliminated_of(sel, NB)
+
+
+def test_fill_flops_equal_the_analytic_count():
+    """Compiled matmul FLOPs of the fill's forward (XLA attention, so no masked tiles are counted)
+    against a count by hand: q/k/v/o projections of the eliminated rows, the first block's k/v,
+    and each eliminated block's 16 queries over 32 keys."""
+    from tokensparse import flops
+    from tokensparse.llama import DecoderBlock
+
+    cfg = preset("tiny")
+    b = DecoderBlock(cfg, layer=0, attention_backend="xla", rngs=nnx.Rngs(0))
+    kept = np.zeros((B, NB), bool)
+    kept[:, [0, 3, 5]] = True
+    sel = _selection(kept)
+    x = jnp.ones((B, T, cfg.d_model))
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    run = nnx.jit(lambda b, x: fill.sink_local(b, x, pos, None, fill.eliminated_of(sel, NB)))
+    got = flops.compiled_flops(run.lower(b, x).compile())
+    e, d = NB - 3, cfg.d_model
+    head_dim = d // cfg.n_heads
+    rows, kv_width = B * e * BLOCK, cfg.n_kv_heads * head_dim
+    want = (2 * rows * d * (d + 2 * kv_width)  # q, k, v of the eliminated rows
+            + 2 * B * BLOCK * d * 2 * kv_width  # k, v of the first block
+            + 2 * 2 * (B * e) * BLOCK * (2 * BLOCK) * cfg.n_heads * head_dim  # scores, values
+            + 2 * rows * d * d)  # o_proj
+    assert got == want
