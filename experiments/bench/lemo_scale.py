@@ -30,7 +30,9 @@ LeMo), ``flops_ratio_causal@T``, ``activation_ratio@T``, ``total_ratio@T``,
 ``selection_share@T`` (selection's part of LeMo's FLOPs), ``flops_ratio_free_selection@T`` (the
 ratio were selection free) and the analytic ceilings ``analytic_ceiling@T`` /
 ``analytic_ceiling_causal@T`` (:func:`analytic_flops`: the layers LeMo makes sparse at their
-keep ratio, selection free, every tile / causal half).
+keep ratio, selection free, every tile / causal half; eliminated blocks passed through, so compare
+it with a run of ``--config.lemo.eliminated=pass``: the default fill adds the eliminated rows'
+projections and a 128-key attention, :mod:`tokensparse.lemo.fill`).
 
 ``max_seq_len_80gib_<row>``: the largest multiple of 4096 whose total bytes fit 80 GiB on one
 device (``--budget_gib``), for the first preset and remat ``full`` (``_remat_<p>`` for other
