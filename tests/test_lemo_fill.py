@@ -165,3 +165,12 @@ def test_fill_flops_equal_the_analytic_count():
             + 2 * 2 * (B * e) * BLOCK * (2 * BLOCK) * cfg.n_heads * head_dim  # scores, values
             + 2 * rows * d * d)  # o_proj
     assert got == want
+
+
+def test_a_selection_keeping_every_block_needs_no_fill(block):
+    """A layer that keeps all its blocks (Algorithm 1's thresholds can) is the dense layer."""
+    sel = _selection(np.ones((B, NB), bool))
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    x = jax.random.normal(jax.random.key(11), (B, T, CONFIG.d_model))
+    run = nnx.jit(lambda b, x: lemo_forward.lemo_block(b, x, pos, None, sel, eliminated="sink_local"))
+    np.testing.assert_allclose(run(block, x), nnx.jit(lambda b, x: b(x, pos))(block, x), atol=1e-5)
