@@ -20,11 +20,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # experiments/: the repository
-from experiments import run_configs  # noqa: E402
-from tokensparse.lemo import predictor, scoring  # noqa: E402
-from tokensparse.lemo import predictor_metrics as pm  # noqa: E402
-from tokensparse.lemo import predictor_training as pt  # noqa: E402
-from tokensparse.pipelines import predictors as pipeline  # noqa: E402
+from experiments import run_configs
+from tokensparse.lemo import predictor, scoring
+from tokensparse.lemo import predictor_metrics as pm
+from tokensparse.lemo import predictor_training as pt
+from tokensparse.pipelines import predictors as pipeline
 
 
 def standardise(c: np.ndarray) -> np.ndarray:
