@@ -50,14 +50,17 @@ def complement(kept: Bool[Array, "b nb"], n_fill: int, block_size: int, *, shard
     return routing.block_topk_select(scores, block_size, n_fill, ~kept, shards=shards)
 
 
-def eliminated_of(selection: routing.Selection, n_blocks: int) -> routing.Selection:
-    """The blocks a LeMo layer's kept ``selection`` eliminates (every one of them)."""
+def eliminated_of(selection: routing.Selection, n_blocks: int) -> routing.Selection | None:
+    """The blocks a LeMo layer's kept ``selection`` eliminates (every one of them); None when its
+    capacity is every block (Algorithm 1's thresholds can keep a whole layer)."""
     if selection.block_size <= 1:
         raise ValueError("LeMoConfig.eliminated='sink_local' needs a block selection (one made by "
                          "routing.block_topk_select / expand_blocks); use eliminated='pass' with "
                          "token-level selections.")
-    n_kept = selection.capacity // selection.block_size
-    return complement(kept_blocks(selection, n_blocks), n_blocks - n_kept, selection.block_size,
+    n_eliminated = n_blocks - selection.capacity // selection.block_size
+    if n_eliminated == 0:
+        return None
+    return complement(kept_blocks(selection, n_blocks), n_eliminated, selection.block_size,
                       shards=selection.shards)
 
 

@@ -84,11 +84,10 @@ def lemo_block(block: DecoderBlock, h, positions, segment_ids, selection=None, *
     the blocks (:func:`layer_selection`, or Algorithm 1's thresholds) outside any remat region, so
     recomputation never re-scores."""
     h = tag(h, "block_in")
-    n_blocks = None if selection is None else h.shape[1] // selection.block_size
-    if eliminated == "sink_local" and selection is not None and (
-            selection.capacity // selection.block_size < n_blocks):  # some block is eliminated
-        others = fill.eliminated_of(selection, n_blocks)
-        h = fill.sink_local(block, h, positions, segment_ids, others)
+    if eliminated == "sink_local" and selection is not None:
+        others = fill.eliminated_of(selection, h.shape[1] // selection.block_size)
+        if others is not None:
+            h = fill.sink_local(block, h, positions, segment_ids, others)
     core = two_d_core(block.attn) if two_d and selection is not None else None
     h, normed = block.attend_and_norm(h, positions, segment_ids, selection, core=core)
     if mlp_mode == "recompute":
