@@ -54,7 +54,7 @@ from experiments import _checks, plots  # noqa: F401  (plots: imported up front,
 from experiments.bench import inputs, write_result
 from experiments.bench.selection_losses import first_sparse, masked_row_losses, prefix, row_losses
 from tokensparse import flops, routing
-from tokensparse.config import LeMoConfig, preset
+from tokensparse.config import LEMO_ELIMINATED_MODES, LeMoConfig, preset
 from tokensparse.data import heldout
 from tokensparse.data.batching import Batch
 from tokensparse.layer_loop import Layer
@@ -73,7 +73,7 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "2048"], "Window lengths.")
 _KEEPS = flags.DEFINE_list("keeps", ["0.4", "0.55", "0.7", "0.85"], "Keep ratios.")
 _WINDOWS = flags.DEFINE_integer("windows", 2, "Windows per text set.")
 _KEEP_FIRST = flags.DEFINE_bool("keep_first_block", True, "Always keep block 0.")
-_ELIMINATED = flags.DEFINE_enum("eliminated", "sink_local", ["sink_local", "pass"],
+_ELIMINATED = flags.DEFINE_enum("eliminated", LeMoConfig().eliminated, list(LEMO_ELIMINATED_MODES),
                                 "What eliminated blocks get (LeMoConfig.eliminated): sink_local "
                                 "(the default) attends to the first block and themselves; pass: "
                                 "nothing (the spec).")
