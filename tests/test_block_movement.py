@@ -1,4 +1,4 @@
-"""Block-granular movement (issue #29 item 5): whole-block gather / scatter-add with sorted-unique
+"""Block-granular movement: whole-block gather / scatter-add with sorted-unique
 index hints, and the sparse attention sub-layer's in-place add with backward input recovery.
 
 Every fast path is checked against the token-level path (row-wise gather / scatter-add, which

@@ -1,4 +1,4 @@
-"""GGUF header fuzzing (#33): random byte flips and truncations of a small valid file either load or
+"""GGUF header fuzzing: random byte flips and truncations of a small valid file either load or
 raise ``GGUFError``, never another exception, a hang or a runaway allocation.
 
 The file is a one-layer llama with a five-token vocabulary, written here with ``gguf.GGUFWriter``,

@@ -1,4 +1,4 @@
-"""Library checks (#33): bad token ids, bad routing arguments and out-of-range routing indices, LeMo's
+"""Library checks: bad token ids, bad routing arguments and out-of-range routing indices, LeMo's
 channel-sparse MLP backward refusing trainable MLP weights, predictors read from a missing directory,
 and one- or two-file corpora that pretrain (validation taken from within the documents)."""
 

@@ -147,7 +147,7 @@ def _train_with(wrt, steps=3):
 
 
 def test_flax_lora_param_filter_trains_the_adapters():
-    # Flax's own filter must select the project's adapters (issue: a separate class trained nothing).
+    # Flax's own filter must select the project's adapters (a separate class would train nothing, silently).
     assert issubclass(lora.LoRAParam, nnx.LoRAParam) and issubclass(lora.LoRAParam, nnx.Param)
     fresh = lora.add_lora(Llama(TINY, rngs=nnx.Rngs(0)), LoRAConfig(), rngs=nnx.Rngs(1))
     flax_model = _train_with(nnx.LoRAParam)

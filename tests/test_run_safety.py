@@ -1,4 +1,4 @@
-"""Runs that cannot be corrupted (#33): the workdir lock, resume fingerprints, checkpoint fallback,
+"""Runs that cannot be corrupted: the workdir lock, resume fingerprints, checkpoint fallback,
 honest exit codes, one record per step in metrics.jsonl, and one-line user errors.
 
 The pieces are tested in-process first (fast); the slow tests drive the real command lines the way

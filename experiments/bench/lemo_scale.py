@@ -23,7 +23,7 @@ compiled; nothing is allocated, as in ``lemo_memory``. A row whose config equals
   does, where ``flops`` is what the compiled program may do;
 - ratios to the ``lora`` row of the same preset, length and remat.
 
-The summary's unqualified keys are for **the goal row** (issue 29, item 3): the first
+The summary's unqualified keys are for **the goal row**: the first
 ``--preset`` (default ``llama2-7b``), ``lemo_elimination`` (token elimination alone, the
 baseline's MLP) against ``lora``, remat ``full``: ``flops_ratio@T`` (compiled FLOPs, LoRA /
 LeMo), ``flops_ratio_causal@T``, ``activation_ratio@T``, ``total_ratio@T``,

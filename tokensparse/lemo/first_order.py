@@ -18,7 +18,7 @@ would remove if kept. So
 ranks tokens by what keeping them is worth, on the inputs and selections of the sparse forward
 itself (earlier layers already sparse), and summed over a block it is the first-order effect of
 keeping the block. Measured on SmolLM2 as fixed selections it beat the query side alone, random and
-the exact ``attention_ratio`` rule (issue #30); the selector (:mod:`tokensparse.lemo.
+the exact ``attention_ratio`` rule; the selector (:mod:`tokensparse.lemo.
 learned_selector`) learns to predict it from the layer input alone.
 
 The attention here is explicit ([T, T] logits per head, fp32): a training-data tool for short
