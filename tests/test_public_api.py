@@ -79,3 +79,38 @@ def test_readme_path_load_lora_step_lemo_export(tmp_path):
     adapter = export.save_peft(model, tmp_path / "adapter", base_model_name_or_path="base")
     assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json",
                                                    "adapter_model.safetensors"}
+
+
+def test_every_loader_returns_model_config_tokenizer(tmp_path, monkeypatch):
+    """One loader shape: hf.load_llama, gguf.load_gguf, zoo.load and runs.load_base all give
+    ``(Llama, ModelConfig, tokenizers.Tokenizer)``."""
+    import pathlib
+
+    import tokenizers
+    from test_gguf import _tiny_file
+
+    from tokensparse import config, data, gguf, hf, runs, zoo
+    from tokensparse.lemo import learned_selector
+    from tokensparse.llama import Llama
+    from tokensparse.pipelines import base
+
+    def check(loaded):
+        assert isinstance(loaded, tuple) and len(loaded) == 3
+        model, cfg, tokenizer = loaded
+        assert isinstance(model, Llama) and isinstance(cfg, config.ModelConfig)
+        assert isinstance(tokenizer, tokenizers.Tokenizer)
+        assert model.config == cfg and tokenizer.get_vocab_size() <= cfg.vocab_size
+
+    tok = data.train_tokenizer(["the quick brown fox jumps over the lazy dog. " * 20], vocab_size=300)
+    cfg = config.preset("tiny").replace(vocab_size=320)
+    hf_dir = tmp_path / "hf"
+    hf.save_llama(Llama(cfg, rngs=nnx.Rngs(0)), cfg, hf_dir, tokenizer=tok)
+    check(hf.load_llama(hf_dir))
+    check(runs.load_base(str(hf_dir)))
+    assert runs.load_base is base.load_base and runs.set_context is base.set_context
+
+    file, _ = _tiny_file(tmp_path / "tiny.gguf")
+    check(gguf.load_gguf(file))
+    monkeypatch.setattr(zoo, "fetch", lambda name: pathlib.Path(file))
+    monkeypatch.setattr(learned_selector, "shipped_path", lambda name: None)
+    check(zoo.load("smollm2-135m"))

@@ -209,3 +209,22 @@ def test_finetune_on_a_mesh_from_an_hf_directory(tmp_path):
     summary = finetune.finetune(ft, tmp_path / "run")
     assert np.isfinite(summary["val_loss"])
     assert _ids(data.load_tokenizer(tmp_path / "run")) == _ids(tok)
+
+
+def test_predictor_training_encodes_with_the_hf_directorys_tokenizer(tmp_path):
+    """train_predictors takes its tokenizer from the base too (and needs data.tokenizer without one)."""
+    import dataclasses
+
+    from tokensparse.pipelines import predictors
+
+    tok = _hf_style_tokenizer()
+    base_dir = _hf_dir(tmp_path / "base", vocab_size=320, tokenizer=tok)
+    corpus = _corpus(tmp_path / "corpus")
+    pc = predictors.PredictorsConfig(base=str(base_dir), data=config.DataConfig(source=str(corpus)),
+                                     progress=False)
+    pc = pc.replace(train=dataclasses.replace(pc.train, seq_len=128))
+    *_, used, _ = predictors._setup(pc)
+    assert _ids(used) == _ids(tok) and used.eos_token_id == tok.token_to_id("</s>")
+    bare = _hf_dir(tmp_path / "bare", vocab_size=320)
+    with pytest.raises(ValueError, match=r"--config\.data\.tokenizer=PATH"):
+        predictors._setup(pc.replace(base=str(bare)))
