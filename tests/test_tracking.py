@@ -103,6 +103,32 @@ def test_metrics_are_fetched_once_per_record_not_per_step(tmp_path, monkeypatch)
     assert fetched == [5, 5, 5, 5]  # every step's loss checked, in one transfer per record
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_several_processes_ask_about_signals_only_at_synced_steps(tmp_path, monkeypatch, processes):
+    """Whether a signal reached any process is a collective: with several processes it is asked at
+    the records, evaluations and checkpoints only (no sync of the steps between); one process asks
+    at every step (nothing to sync)."""
+    from tokensparse import sharding
+
+    asked = []
+
+    class Processes:
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        @staticmethod
+        def process_count():
+            return processes
+
+    steps = []  # the step each batch is for: the question after it is about step + 1
+    monkeypatch.setattr(Batches, "batch", lambda self, step: steps.append(step) or Batch(step))
+    monkeypatch.setattr(loop, "jax", Processes())
+    monkeypatch.setattr(sharding, "any_process", lambda flag: asked.append(steps[-1] + 1) or bool(flag))
+    _run(tmp_path, TC.replace(steps=12, log_every=4, eval_every=6, checkpoint_every=5))
+    assert asked == ([4, 5, 6, 8, 10, 12] if processes > 1 else list(range(1, 13)))
+    assert [r["step"] for r in _records(tmp_path)] == [4, 6, 8, 12]
+
+
 def test_a_nan_between_records_stops_before_the_checkpoint(tmp_path):
     def step(model, optimizer, batch):
         s = batch.tokens[0, 0]

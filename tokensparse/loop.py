@@ -175,6 +175,10 @@ def train_loop(
 
     interrupted = False
     completed = start
+    # Whether a signal reached any process is a collective (a host sync of every process); with
+    # several processes it is asked only at the steps that sync anyway (a record, an evaluation, a
+    # checkpoint), so the steps between stay asynchronous. One process asks at every step.
+    several = jax.process_count() > 1
     with InterruptGuard() as guard, tracker:
         for step in range(start, tc.steps):
             batch = batches.batch(step)
@@ -191,7 +195,9 @@ def train_loop(
             pending.append((done, metrics))
             log_now = done % tc.log_every == 0 or done == tc.steps
             eval_now = eval_fn is not None and tc.eval_every and done % tc.eval_every == 0
-            stop = sharding.any_process(guard.requested)  # a signal to one process stops all
+            boundary = log_now or eval_now or checkpointer.should_save(done) or done == tc.steps
+            # A signal to one process stops all, at the same step.
+            stop = sharding.any_process(guard.requested) if boundary or not several else False
             save_now = stop or checkpointer.should_save(done) or done == tc.steps
             if not (log_now or eval_now or save_now):
                 continue
