@@ -75,3 +75,24 @@ def test_readme_lemo_commands_use_the_recommended_recipe():
     assert lemo
     for line in lemo:
         assert f"--config.lemo.keep_ratio={keep:g}" in line, line
+
+
+def _notebook_markdown(path: pathlib.Path) -> str:
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+
+
+def test_no_section_citations_and_each_method_names_its_sources():
+    """A reader has only the repository: no "§" section numbers of a document it does not ship, and
+    each method's page says what "the spec" means by naming its public paper (arXiv id) in a Sources
+    section, which the README's results link to."""
+    texts = {str(doc.relative_to(ROOT)): doc.read_text() for doc in DOCS}
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        texts[str(nb.relative_to(ROOT))] = _notebook_markdown(nb)
+    for name, text in texts.items():
+        assert "§" not in text, f"{name} cites a section number"
+    for page, arxiv in (("docs/lemo.md", "2501.09767"), ("docs/subllm.md", "2406.06571")):
+        assert arxiv in texts[page], f"{page} does not name its paper"
+        assert re.search(r"^## Sources$", texts[page], re.M), f"{page} has no Sources section"
