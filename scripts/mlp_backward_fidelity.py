@@ -5,7 +5,7 @@ against the exact MLP backward's, on real training windows of a base model, atte
         [--drops=0.5,0.8]
 
 Variants:
-- ``channel_sparse_bwd@p``: the library's channel-sparse backward (spec §2.6) dropping fraction p;
+- ``channel_sparse_bwd@p``: the library's channel-sparse backward (LeMo's MLP) dropping fraction p;
 - ``recompute``: the library's recomputed MLP (exact: cosine 1 up to rounding);
 - ``per_token@p`` / ``per_token_equal_memory@p``: a what-if, not in the library: each token keeps
   its own top channels by |silu(g)| + |v| (C of them, or 2C/3, which with 16-bit channel indices

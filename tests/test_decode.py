@@ -1,4 +1,4 @@
-"""KV-cache decoding (dense and SUBLLM per-level caches) and generation (SUBLLM spec §2.9, §5)."""
+"""KV-cache decoding (dense and SUBLLM per-level caches) and generation (SUBLLM: prefill == decode)."""
 
 import functools
 

@@ -1,5 +1,5 @@
 """LeMo's per-layer elimination: dense equivalence, compacted == masked, pass-through, schedule,
-memory, and input validation (spec §5)."""
+memory, and input validation."""
 
 from typing import NamedTuple
 
@@ -230,7 +230,7 @@ def test_sparse_forward_loss_needs_no_adapters_and_matches_the_lemo_loss():
         lemo_api.sparse_forward_loss(plain, batch.tokens[:, :T - 1], sparse)
 
 
-# ----------------------------------------------------------------------------- spec §5, continued
+# ------------------------------------------ causality, compacted == masked VJP, dense equivalence
 
 
 def _fixed_selections(seed, ratios, t=T):

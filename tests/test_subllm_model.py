@@ -1,4 +1,4 @@
-"""SUBLLM structure parsing and the model forward (spec §2.2, §2.5, §2.8, §5)."""
+"""SUBLLM structure parsing, positions and masks across levels, and the model forward."""
 
 import functools
 import math
@@ -261,7 +261,7 @@ def test_compiled_flops_follow_the_per_component_cost_model():
     assert measured == pytest.approx(model_sub / model_dense, rel=0.02)
 
 
-# --- weights as attention bias (weight_attn_bias, spec §2.6) ---------------------------------------
+# --- weights as attention bias (weight_attn_bias, icefall's upsampling variant) --------------------
 
 
 def _masked_attention(q, k, v, bias, kept, pos):
@@ -373,7 +373,7 @@ def test_train_mode_without_a_step_has_balancer_off_and_c_min_zero(monkeypatch):
     assert any(np.abs(step_zero[p] - neither[p]).max() > 1e-6 for p in scorer)
 
 
-# --- initialisation (spec §2.1) ---------------------------------------------------------------------
+# --- initialisation (the official code's) -----------------------------------------------------------
 
 
 def test_spec_init_draws_the_official_scheme():

@@ -1,4 +1,5 @@
-"""SUBLLM building blocks against the spec (SUBLLM specification §2.3–2.7, §5) and NumPy references."""
+"""SUBLLM building blocks against the spec (scorer, Balancer, selection, upsampling, bypass) and NumPy
+references."""
 
 import math
 
@@ -608,7 +609,7 @@ def test_a_narrower_margin_acts_inside_the_spec_band():
     np.testing.assert_array_equal(correction(_skewed_scores(0.64), 0.01), 0.0)
 
 
-# --- weights as attention bias (option weight_attn_bias, spec §2.6) ----------------------------------
+# --- weights as attention bias (option weight_attn_bias, icefall's upsampling variant) --------------
 
 
 def _biased_reference(q, k, v, bias, pos, seg):

@@ -1,5 +1,5 @@
 """SUBLLM training: the step-aware loss, evaluation modes, scorer learning rate, the Balancer's control
-loop, and pretraining runs (SUBLLM and its dense twin) end to end (spec §2.3, §2.8, §4)."""
+loop, and pretraining runs (SUBLLM and its dense twin) end to end (Balancer, training forward, recipe)."""
 
 import json
 import warnings

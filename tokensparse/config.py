@@ -437,7 +437,7 @@ def lemo_selectors() -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class LeMoConfig:
-    """Contextual token elimination (LeMo spec §2): which layers are sparse and how much they keep."""
+    """Contextual token elimination (LeMo's algorithm): which layers are sparse and how much they keep."""
 
     block_size: int = 64
     """Tokens per block: attention keeps or drops whole blocks of keys and queries."""

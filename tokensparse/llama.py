@@ -340,9 +340,9 @@ def _recovers(block: DecoderBlock, selection: Selection) -> bool:
 
 
 def _recovering_attend(block: DecoderBlock, x, rows_pos, rows_seg, selection: Selection, core):
-    """``attend_and_norm`` on a selection with LeMo's in-place add and backward input recovery
-    (spec §2.8): ``h = x + scatter(a)`` adds the attention output ``a`` at the kept rows of ``x``,
-    which is dead afterwards (so XLA updates it in place, no copy); the backward keeps ``h`` (not
+    """``attend_and_norm`` on a selection with LeMo's in-place add and backward input recovery (the paper's
+    permutation-free movement): ``h = x + scatter(a)`` adds the attention output ``a`` at the kept rows of
+    ``x``, which is dead afterwards (so XLA updates it in place, no copy); the backward keeps ``h`` (not
     ``x``), recovers the kept rows ``x_k = h_k − a`` and adds their gradient in place into ``∂h``.
 
     Saved: ``h``, the attention output and the core's own residuals (q, k, v, logsumexp); the norms

@@ -3,7 +3,7 @@
 The loss is next-token cross-entropy with padding and document boundaries masked, normalised by the
 number of valid targets. Its segmented form runs the LM head and the CE in checkpointed chunks under
 ``lax.map`` so the full [T, V] logits never exist at once: in backward each chunk's logits are
-recomputed (LeMo §2.7).
+recomputed (LeMo's segmented loss).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LeMo vs LoRA: held-out perplexity after equal-step long-context fine-tuning (LeMo spec §2.9, §4.7).
+"""LeMo vs LoRA: held-out perplexity after equal-step long-context fine-tuning (LeMo's dense evaluation).
 
     python -m experiments.bench.lemo_quality --out bench_results/lemo_quality.json \\
         [--preset=small --base_seq_len=512 --base_steps=400 --seq_len=2048 --steps=1000]
@@ -19,7 +19,7 @@
 2. **Fine-tune** it at ``--seq_len`` for ``--steps`` (RoPE linear scaling; LoRA r=8, α=16 on
    q,k,v,o; AdamW β=(0.9, 0.95), 20 warm-up steps then constant: ``finetune_small.py``) with
    ``method=lora`` and ``method=lemo`` (default LeMoConfig: keep 0.4 in layers L/2-1..L-2, MLP
-   backward drops 80% of channels), plus LeMo with ``mlp_drop=0.5`` (spec §4.7;
+   backward drops 80% of channels), plus LeMo with ``mlp_drop=0.5`` (the paper's runs do not say which;
    ``--nomlp_drop_ablation`` skips it) and LeMo with ``mlp_mode="recompute"`` (the exact MLP
    backward from the MLP's input, a library option; ``--nomlp_recompute`` skips it). Every run has
    the same steps, data order and seed.
@@ -30,7 +30,7 @@
    ``--config.lemo.profile="[1.0, 0.5, ...]"``, or the ``"profile"`` of the JSON file
    ``--lemo_profile``), ``algorithm1`` (a per-layer keep profile tuned on
    ``--config.lemo.calibration_windows`` training windows for ``--config.lemo.tune_rounds`` rounds
-   before fine-tuning; spec §2.4) or ``sensitivity`` (the keep ratio in the layers where it costs the
+   before fine-tuning; paper Algorithm 1) or ``sensitivity`` (the keep ratio in the layers where it costs the
    least calibration loss, within ``--config.lemo.loss_budget`` nats;
    :mod:`tokensparse.lemo.profiles.sensitivity`). Each variant is its own run
    (``lemo_algorithm1_mlp_drop0.8``, ``lemo_keep0.7_mlp_drop0.8``, ...), so one ``--workdir`` holds
@@ -55,7 +55,7 @@ the same for mlp_drop 0.5, ``ppl_ratio_mlp_recompute`` for the recomputed (exact
 With ``--config.lemo.predictors=DIR`` LeMo is also fine-tuned selecting with trained predictors
 (``predictor_ppl_ratio`` = that / LeMo with the chosen rule; the target is <= 1.01). Unlike the speed
 and memory ratios these are method / baseline: smaller is better, and the library's target is
-``ppl_ratio <= 1.03`` (spec §3). ``base_ppl@<T>`` (no RoPE scaling) or
+``ppl_ratio <= 1.03`` (the paper's PPL cost on PG19: +2–3%). ``base_ppl@<T>`` (no RoPE scaling) or
 ``base_ppl_rope_scaled@<T>`` name the base's perplexity at each context it was scored at.
 
 Cost: the defaults (``small``, 1000 steps at 2048, three runs) are hours on a CPU: a ``small`` LoRA
@@ -97,7 +97,7 @@ _BASE = flags.DEFINE_string(
     "base", "", "A real pretrained base instead of pretraining --preset: a tokensparse.zoo name "
     "(e.g. smollm2-135m) or a directory tokensparse.pipelines.base.load_base accepts.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Fine-tuning and evaluation context.")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (spec §4.11).")
+_STEPS = flags.DEFINE_integer("steps", 1000, "Fine-tuning steps of every run (a library budget).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Validation windows of seq_len.")
 _MLP_ABLATION = flags.DEFINE_bool("mlp_drop_ablation", True, "Also fine-tune LeMo with mlp_drop=0.5.")
 _MLP_RECOMPUTE = flags.DEFINE_bool("mlp_recompute", True, "Also fine-tune LeMo with "
@@ -482,7 +482,7 @@ def main(argv):
         "lora": c.lora.to_dict(), "lemo": c.lemo.to_dict(), "lr": c.train.lr,
         "warmup_steps": c.train.warmup_steps, "schedule": c.train.schedule,
         "batch_size": c.train.batch_size, "seed": c.train.seed,
-        "eval": "dense with the trained LoRA (spec §2.9); sparse = the LeMo forward",
+        "eval": "dense with the trained LoRA (the paper's protocol); sparse = the LeMo forward",
         "ratios": "perplexity ratios are method / LoRA: smaller is better"})
 
 

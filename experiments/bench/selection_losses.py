@@ -28,7 +28,7 @@ def row_losses(model: Llama, hidden, tokens, lemo: LeMoConfig, start: int):
 
 def masked_row_losses(model: Llama, hidden, tokens, lemo: LeMoConfig, start: int, k_blocks):
     """:func:`row_losses` with the spec's masked reference of each sparse layer instead of the
-    compacted one (equal: spec §5, tested): the rule's top ``k_blocks`` blocks (a traced int, so
+    compacted one (the two are equal, as tested): the rule's top ``k_blocks`` blocks (a traced int, so
     one compiled program serves every keep ratio; ``n_b`` keeps all: the dense forward) attend among
     themselves, the other tokens see nothing and are seen by nothing: they pass through, or with
     ``lemo.eliminated="sink_local"`` get that fill (:mod:`tokensparse.lemo.fill`) first

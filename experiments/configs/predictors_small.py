@@ -1,4 +1,4 @@
-"""LeMo predictor training for a `small` base (spec §2.3, scaled to CPU): 2K windows of the train
+"""LeMo predictor training for a `small` base (the paper's predictors, scaled to CPU): 2K windows of the train
 split, 800 steps at batch 1, elastic pruning every 100 steps; recall measured at keep 0.4.
 
 Set ``--config.base`` to a pretraining workdir (e.g. from pretrain_small.py) or a Hugging Face

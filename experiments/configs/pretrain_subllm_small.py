@@ -5,7 +5,7 @@
     python -m experiments.pretrain --config=experiments/configs/pretrain_subllm_small.py \
         --config.model=dense --workdir=workdirs/subllm_small_dense
 
-Both get the same data, seed and recipe (spec §4.10, lr scaled for the small preset).
+Both get the same data, seed and recipe (the library's recipe, lr scaled for the small preset).
 """
 
 from experiments.run_configs import pretrain_dict, subllm_dict

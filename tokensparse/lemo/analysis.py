@@ -1,4 +1,4 @@
-"""Contextual sparsity statistics of a pretrained model's attention (LeMo's premise, spec §1).
+"""Contextual sparsity statistics of a pretrained model's attention (LeMo's premise).
 
 Pure functions behind ``python -m experiments.analyze_sparsity``: per layer, the fraction of 64-token
 blocks whose oracle block score is below 10% of the layer maximum, the fraction of LeMo

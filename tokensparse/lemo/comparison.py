@@ -29,7 +29,7 @@ ROW_HELP = {
 
 def baseline_mlp_mode(lemo: LeMoConfig) -> str:
     """The MLP treatment the baseline gets: ``recompute`` (rematerialisation) when LeMo uses it,
-    else the plain MLP. The channel-sparse backward is LeMo's own approximation (spec §2.6)."""
+    else the plain MLP. The channel-sparse backward is LeMo's own approximation."""
     return "recompute" if lemo.mlp_mode == "recompute" else "dense"
 
 

@@ -2,8 +2,8 @@
 
 They answer "how well can a cheap function of the layer's own q and k rank blocks?", the yardstick
 for the learned predictors (:mod:`tokensparse.lemo.predictor`), which see only the normed input X.
-The oracle tile (spec §2.2) is max over the b×b query/key pairs of Σ_h ReLU(q·k); each estimator
-replaces one or both sides of the pair by a summary of its block:
+The oracle tile (the spec's block score) is max over the b×b query/key pairs of Σ_h ReLU(q·k);
+each estimator replaces one or both sides of the pair by a summary of its block:
 
 - ``block_mean``: the block means q̄_m, k̄_n; one pair per tile. O(n_b² · H · d).
 - ``query_mean``: q̄_m against every key token, the max taken over the key block. O(n_b · T · H · d),

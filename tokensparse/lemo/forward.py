@@ -1,11 +1,11 @@
-"""LeMo's forward pass: per-layer contextual token elimination on a LoRA-adapted Llama (spec §2.5).
+"""LeMo's forward pass: per-layer contextual token elimination on a LoRA-adapted Llama.
 
 In a sparse layer l the attention sub-layer runs only on the blocks :mod:`tokensparse.lemo.selection`
 keeps, at their original positions; the other blocks attend only to the row's first block and to
 themselves (``LeMoConfig.eliminated="sink_local"``, :mod:`tokensparse.lemo.fill`) or, as in the
 spec (``"pass"``), pass through on the residual (h = x exactly).
 The MLP runs on every token, with an exact forward and, by default, a backward through only the top
-20% channels (spec §2.6; :mod:`tokensparse.lemo.mlp`). The next layer re-scores all tokens:
+20% channels (:mod:`tokensparse.lemo.mlp`). The next layer re-scores all tokens:
 elimination is per layer, not permanent. Evaluation is dense (the plain model with the trained
 LoRA). The forward is the model's own layer loop with LeMo's router and layer function.
 """

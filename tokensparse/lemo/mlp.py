@@ -1,4 +1,4 @@
-"""LeMo's SwiGLU MLP: exact forward, channel-sparse backward (spec §2.6).
+"""LeMo's SwiGLU MLP: exact forward, channel-sparse backward (the paper's MLP approximation).
 
 The forward runs on every token and every channel, so outputs are exactly the dense MLP's. The
 backward flows only through the ``keep`` intermediate channels with the largest

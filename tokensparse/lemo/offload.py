@@ -1,4 +1,4 @@
-"""Jenga's sparsity-sensitive activation offload (LeMo spec §2.11), as per-layer remat policies.
+"""Jenga's sparsity-sensitive activation offload (a paper extension), as per-layer remat policies.
 
 With ``remat="names"`` a decoder layer keeps its ``remat_names`` tensors (by default q, k, v and the
 attention output) for the backward and recomputes the rest. Offload moves some of them to host

@@ -1,4 +1,4 @@
-"""LeMo pattern predictors (spec §2.3): each layer's informative blocks, predicted from its input.
+"""LeMo's learned pattern predictors: each layer's informative blocks, predicted from its input.
 
 The oracle (:mod:`tokensparse.lemo.scoring`) costs a q·kᵀ pass per sparse layer, as much as attention
 itself. A predictor replaces it with two small MLPs over *blocks* of the layer's normed input X

@@ -1,7 +1,8 @@
 """Held-out quality of LeMo's predictors: how well predicted column scores rank the oracle's blocks.
 
 Recall of the oracle's kept set at a keep ratio, ``|TopK(ĉ) ∩ TopK(c)| / K`` with
-K = floor(ratio · n_b) (spec §2.3), and the Spearman correlation of ĉ with c, per window row.
+K = floor(ratio · n_b) (the library's definition of recall), and the Spearman correlation of ĉ
+with c, per window row.
 """
 
 from __future__ import annotations

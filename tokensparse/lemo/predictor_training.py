@@ -1,4 +1,5 @@
-"""Training LeMo's pattern predictors (spec §2.3) on the oracle scores of a frozen model.
+"""Training LeMo's pattern predictors on the oracle scores of a frozen model.
+(The spec: the published method, see docs/lemo.md#sources.)
 
 1. **Targets.** For each training window the frozen model runs dense; at every predictor layer the
    layer's normed input X and the oracle tile matrix of its pre-RoPE q, k (the artifact's target
@@ -18,7 +19,7 @@
    exceeds τ_k = ``prune_start_tau`` − ``prune_tau_step``·(k−1), with the matching input rows of the
    next linear, and slices the Adam moments alike (shapes change: the step recompiles).
 4. **Held-out metrics** (:func:`evaluate`): per layer, recall of the oracle's kept set at a keep
-   ratio, ``|TopK(ĉ) ∩ TopK(c)| / K`` with K = floor(ratio · n_b) (spec §2.3), and the Spearman
+   ratio, ``|TopK(ĉ) ∩ TopK(c)| / K`` with K = floor(ratio · n_b) (a library definition), and the Spearman
    correlation of ĉ with c; each averaged over windows.
 
 Checkpoints (``workdir/checkpoints``) hold weights, Adam state and zero counters, with the widths
@@ -61,7 +62,7 @@ LOSSES = ("smooth_l1", "mse", "column")
 
 @dataclasses.dataclass(frozen=True)
 class PredictorTrainConfig:
-    """How predictors are trained (spec §2.3; the spec's lr 2e-5 is for 7B-scale 16K windows)."""
+    """How predictors are trained (the spec's lr 2e-5 is for 7B-scale 16K windows)."""
 
     seq_len: int = 2048
     """Window length the predictors are trained and scored at: the fine-tuning context (RoPE-scaled

@@ -1,4 +1,4 @@
-"""LeMo block informativeness (spec §2.2): which 64-token blocks receive the most attention mass.
+"""LeMo block informativeness (the oracle score): which 64-token blocks receive the most attention mass.
 
 For query heads h, tokens i (query) and j (key)::
 
@@ -15,7 +15,7 @@ The library default (``ScoreOptions.post_rope=False``, recorded with every resul
 per-head projections *before* RoPE, as the artifact does; ``LeMoConfig.score_post_rope=True`` makes
 selection and predictor targets pass the rotated ones (:func:`tokensparse.lemo.rules.scoring_qk`).
 
-**Padding** (spec §4.6): T need not be a multiple of ``block_size``; the sequence is padded up to
+**Padding** (a library choice): T need not be a multiple of ``block_size``; the sequence is padded up to
 ``n_b = ceil(T / block_size)`` blocks. Padding tokens, and tokens with ``valid=False``, contribute
 nothing: every entry A_ij with an invalid i or j is 0 (it never raises a tile max, and a tile with
 no valid entry is 0). A key block with no valid token at all scores −inf, so top-k never picks
@@ -58,7 +58,8 @@ class ScoreOptions:
     - ``scale_by_sqrt_d``: multiply logits by 1/√head_dim (the artifact's ablation oracle).
     - ``divide_by_heads``: average instead of sum over heads (the paper's A_ij).
     - ``causal``: only tiles with query block m ≥ key block n contribute (tile-level mask; the
-      diagonal tile is whole). The default ranks the whole sequence, future queries included (§4.4).
+      diagonal tile is whole). The default ranks the whole sequence, future queries included
+      (non-causal, faithful to the published method).
     - ``exclude_diagonal``: drop the token-level entries i == j (the paper's Σ_{i≠j}); the artifact
       includes them.
     - ``normalizer``: divides every tile (the artifact's 1024 = 64·16); ranking is unaffected.

@@ -1,4 +1,4 @@
-"""LeMo's block selection (spec §2.2, §2.5): which 64-token blocks a sparse layer keeps.
+"""LeMo's block selection (the oracle score and the sparse layer): which 64-token blocks a sparse layer keeps.
 
 A sparse layer keeps its top ``floor(ρ_l · n_b)`` blocks, scored from the layer's own input under
 ``stop_gradient`` by the rule ``LeMoConfig.selector`` names (:mod:`tokensparse.lemo.rules`: the

@@ -1,4 +1,4 @@
-"""Predictor training targets (spec §2.3): per layer, the normed input X and the oracle tile matrix
+"""Targets for LeMo's pattern predictors: per layer, the normed input X and the oracle tile matrix
 of one dense forward of the frozen model, collected per window and kept in memory or on disk.
 
 On disk (``TargetCache(..., directory=DIR)``) each window is one ``DIR/<index>.npz``, written

@@ -1,4 +1,4 @@
-"""Jenga's two-dimensional sparsity (LeMo spec §2.11): shifted sparse attention on the kept tokens.
+"""Jenga's two-dimensional sparsity (a paper extension): shifted sparse attention on the kept tokens.
 
 Token elimination makes a sparse layer attend over its K kept tokens only (the *compacted*
 sequence). Two-dimensional sparsity adds LongLoRA's shifted sparse attention (S²-Attn) on top:

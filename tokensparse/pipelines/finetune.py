@@ -2,7 +2,7 @@
 
 A run is described by a :class:`FinetuneConfig` and resumes from its ``workdir``. The context is
 extended with RoPE linear scaling when ``train.seq_len`` exceeds the base's; evaluation is dense
-perplexity on validation windows (LeMo spec §2.9), and LeMo runs are also scored with the sparse
+perplexity on validation windows (LeMo's evaluation protocol), and LeMo runs are also scored with the sparse
 forward they trained with.
 """
 
@@ -91,7 +91,7 @@ def finetune(config: FinetuneConfig, workdir: str | pathlib.Path) -> dict:
     """LoRA fine-tuning of ``config.base`` at ``config.train.seq_len`` on long-document windows, with
     RoPE linear scaling to the target length when it exceeds the base's context.
 
-    The summary's ``val_*`` keys are the dense evaluation (the LeMo spec's protocol, §2.9). With
+    The summary's ``val_*`` keys are the dense evaluation (the LeMo paper's protocol). With
     ``method="lemo"`` the same windows are also scored with the LeMo forward the model was trained
     with (``val_sparse_loss``, ``val_sparse_ppl``, ``val_sparse_tokens``): the train/eval gap.
     Holds the workdir's lock throughout; a resume with other settings is refused before anything is
@@ -142,7 +142,7 @@ def _finetune(config: FinetuneConfig, workdir: pathlib.Path, mesh, layout) -> di
     common.write_json(workdir / "config.json", {"experiment": experiment, **built})
     common.record_run(workdir, resume)
 
-    def loss_fn(model, batch):  # evaluation is always dense (LeMo spec §2.9)
+    def loss_fn(model, batch):  # evaluation is always dense (the LeMo paper's protocol)
         return train.lm_loss(model, batch, loss_segment=tc.loss_segment)
 
     if lemo_config is not None and lemo_config.schedule in TUNED_SCHEDULES:

@@ -32,12 +32,12 @@ class SubLLMTrainConfig:
     """How a SUBLLM is trained and evaluated, beyond the shared :class:`TrainConfig` recipe."""
 
     scorer_lr_scale: float = 0.5
-    """The scorers' learning rate is the run's times this (spec §4.9: halved)."""
+    """The scorers' learning rate is the run's times this (the spec's: halved)."""
     scorer_warmup: bool = True
     """The scorers' learning rate warms up with the rest (the spec's); False runs them at the peak
     rate from step 0."""
     schedule_step_multiplier: float = 1.0
-    """The Balancer's and the bypass's schedules see the step times this (spec §4.7)."""
+    """Balancer and bypass schedules see the step times this (icefall's duration-adjusted batch count)."""
     eval_modes: tuple[str, ...] = ("infer", "topk")
     """Evaluation modes, the first one's loss reported as val_loss, the others as val_<mode>_loss:
     infer (threshold selection, causal) and topk (deterministic top-k at the training capacity)."""

@@ -1,10 +1,10 @@
 """SUBLLM's Balancer: an identity on the scores whose backward nudges their statistics into a band.
 
-SUBLLM specification §2.3 (from icefall's ``Balancer``). The scorer must make about ``keep``
-of the scores positive, because inference keeps ``s > 0``. There is no loss term: the backward adds
-``|g| ⊙ g_b`` to the incoming gradient ``g``, where ``g_b`` is the gradient of a band penalty on the
-scores' mean/std and rms, rescaled to a fixed rms. A descent step on ``s`` thus moves the statistics
-towards the band, by an amount proportional to how hard the loss is already pushing each token.
+SUBLLM's scorer Balancer (from icefall's ``Balancer``; see docs/subllm.md#sources). The scorer must make about
+``keep`` of the scores positive, because inference keeps ``s > 0``. There is no loss term: the backward adds
+``|g| ⊙ g_b`` to the incoming gradient ``g``, where ``g_b`` is the gradient of a band penalty on the scores'
+mean/std and rms, rescaled to a fixed rms. A descent step on ``s`` thus moves the statistics towards the band,
+by an amount proportional to how hard the loss is already pushing each token.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _proportion_to_mean_std(p: float) -> float:
 def balancer_bands(
     keep: float, *, margin: float = 0.05, min_abs: float = 1.0, max_abs: float = 4.0
 ) -> BalancerBands:
-    """Bands for a subsampler keeping ``keep`` of its tokens (the repo's choice, spec §2.3).
+    """Bands for a subsampler keeping ``keep`` of its tokens (the official repo's choice).
 
     The proportion-positive band ``[keep − margin, keep + margin]`` becomes a μ/σ band (for keep 0.64:
     [0.148125, 0.325630]); the mean-abs band ``[min_abs, max_abs]`` becomes an rms band

@@ -1,4 +1,4 @@
-"""SUBLLM decoding with per-level KV caches (spec §2.9).
+"""SUBLLM decoding with per-level KV caches (the official code's decoding scheme).
 
 Cache groups: group 0 is the full-length stream (its layers cache every token); group ``j + 1``
 belongs to subsampler ``j`` and its layers cache only the tokens that subsampler kept. A group's

@@ -1,10 +1,11 @@
 """The SUBLLM model (NNX): a Llama backbone whose middle layers run on learned token subsets.
 
-SUBLLM specification §2.8. The forward walks the parsed structure with a stack: at ``(`` the
-scorer picks a static-capacity subset (train: top-k + discard penalty; infer: first-come threshold),
-the hidden states, positions and segment ids are gathered; at ``)`` the short stream is upsampled into
-the stream saved at ``(`` and mixed with it by the bypass. Positions travel with the tokens, so RoPE
-always sees original positions (composed across levels) and padding slots (segment −1) see nothing.
+SUBLLM's training forward (the spec: the published method, see docs/subllm.md#sources). The forward walks the
+parsed structure with a stack: at ``(`` the scorer picks a static-capacity subset (train: top-k + discard
+penalty; infer: first-come threshold), the hidden states, positions and segment ids are gathered; at ``)`` the
+short stream is upsampled into the stream saved at ``(`` and mixed with it by the bypass. Positions travel
+with the tokens, so RoPE always sees original positions (composed across levels) and padding slots (segment
+−1) see nothing.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ class SubLLM(Llama):
 
     def hidden_states(self, tokens, positions=None, segment_ids=None, *, mode: str = "train",
                       step=None, rng: Array | None = None, force_unit_weights: bool = False):
-        """Final-normed hidden states (before the LM head), spec §2.8."""
+        """Final-normed hidden states (before the LM head): the spec's training forward."""
         return self.forward(tokens, positions, segment_ids, mode=mode, step=step, rng=rng,
                             force_unit_weights=force_unit_weights)[0]
 
@@ -242,7 +243,7 @@ def key_biased_layer(block, carry, layer, selection):
 
 
 def spec_init(model: Llama, key: Array) -> None:
-    """Redraw the backbone's weights as the official SUBLLM code does (spec §2.1), in place.
+    """Redraw the backbone's weights as the official SUBLLM code does, in place.
 
     Every projection (q, k, v, gate, up and an untied LM head) is truncated normal at ±3σ with
     σ = ``init_std``; the output projections (o, down) use σ/√(2(l+1)) for 0-based layer l (the same

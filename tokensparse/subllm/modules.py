@@ -1,9 +1,9 @@
 """SUBLLM building blocks: schedules, scorer, selection, upsampling and bypass.
 
-SUBLLM specification §2.3–2.7. The math is pure functions over arrays; :class:`Scorer` and
-:class:`Bypass` only own parameters (tagged :class:`ScorerParam` / :class:`BypassParam` so the
-optimiser can treat them apart, e.g. the scorer's ×0.5 learning rate). The Balancer lives in
-:mod:`tokensparse.subllm.balancer`.
+The published SUBLLM's scorer, selection, upsampling and bypass (see docs/subllm.md#sources). The math is pure
+functions over arrays; :class:`Scorer` and :class:`Bypass` only own parameters (tagged :class:`ScorerParam` /
+:class:`BypassParam` so the optimiser can treat them apart, e.g. the scorer's ×0.5 learning rate). The
+Balancer lives in :mod:`tokensparse.subllm.balancer`.
 
 Selections are integer indices (no gradient); the scorer learns only through the weights ``w``:
 ``∂out/∂w_j = y_j − x[idx_j]`` in :func:`upsample`, and through the discard penalty in training.
@@ -101,7 +101,7 @@ def train_select(
     flip: bool | Bool[Array, ""] | None = None,
     discard_penalty: bool = True,
 ) -> tuple[Selection, Float[Array, "b k"]]:
-    """icefall's training selection (spec §2.4): top-``capacity`` by score plus the discard penalty.
+    """icefall's training selection: top-``capacity`` by score plus the discard penalty.
 
     With sorted weights ``w = clamp(s, 0, 1)``, kept rank j gets ``w[j] − D_j`` where ``D_j = w[k+j]``
     (0 past the end), reversed when ``flip`` (one coin per call). The penalty is what pushes the best
@@ -162,7 +162,7 @@ def infer_select(
 def upsample(
     x: Float[Array, "b n d"], y: Float[Array, "b k d"], sel: Selection, w: Float[Array, "b k"]
 ) -> Float[Array, "b n d"]:
-    """out = x, except kept rows become ``w·y + (1 − w)·x`` (spec §2.6).
+    """out = x, except kept rows become ``w·y + (1 − w)·x`` (the spec's upsampling).
 
     Written as ``x + scatter_add(w·(y − x[idx]))`` so dropped rows are x bit-for-bit and padding slots
     write nothing even when their index repeats a real one.
@@ -172,8 +172,8 @@ def upsample(
 
 
 def key_bias(w: Float[Array, "b k"]) -> Float[Array, "b k"]:
-    """log(w + 1e-3) in fp32: the attention bias of a kept key of weight w (spec §2.6, icefall's
-    variant; option ``weight_attn_bias``). A key of weight 0 is damped by e^-6.9, not removed."""
+    """log(w + 1e-3) in fp32: the attention bias of a kept key of weight w (icefall's
+    upsampling variant; option ``weight_attn_bias``). A key of weight 0 is damped by e^-6.9, not removed."""
     return jnp.log(w.astype(jnp.float32) + KEY_BIAS_EPS)
 
 

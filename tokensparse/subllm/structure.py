@@ -1,9 +1,9 @@
 """SUBLLM structure strings and configuration.
 
-SUBLLM specification §2.1–2.2. A structure such as ``TTTTT(TTTTT(TTTT)TTTTT)TTTTT`` reads left
-to right: ``T`` is one decoder layer, ``(`` a subsampler (scorer + selection), ``)`` the matching
-upsampler followed by a bypass. Parsing turns it into a flat list of ops in execution order, so the
-model's forward is one loop with a stack, whatever the nesting.
+The structure string of the published SUBLLM (see docs/subllm.md#sources). A structure such as
+``TTTTT(TTTTT(TTTT)TTTTT)TTTTT`` reads left to right: ``T`` is one decoder layer, ``(`` a subsampler (scorer +
+selection), ``)`` the matching upsampler followed by a bypass. Parsing turns it into a flat list of ops in
+execution order, so the model's forward is one loop with a stack, whatever the nesting.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def parse_structure(s: str, keep: float | Sequence[float] = 0.64) -> Structure:
 
 @dataclasses.dataclass(frozen=True)
 class SubLLMConfig:
-    """A SUBLLM: the dense backbone ``model`` plus its structure and routing options (spec §4)."""
+    """A SUBLLM: the dense backbone ``model`` plus its structure and routing options."""
 
     model: ModelConfig
     """The dense backbone; its n_layers must equal the structure's number of T's."""
@@ -136,7 +136,7 @@ class SubLLMConfig:
     relative to the level above."""
     discard_penalty: bool = True
     """Training subtracts the best discarded tokens' weights from the kept ones' (icefall's discard
-    penalty, spec §2.4), which pushes the discarded scores below 0."""
+    penalty in its training selection), which pushes the discarded scores below 0."""
     infer_threshold: float | tuple[float, ...] = 0.0
     """Inference (threshold mode) keeps a token when its score exceeds this (the spec's 0), or one
     threshold per nesting level (outermost first; see tokensparse.subllm.calibrate)."""

@@ -1,4 +1,5 @@
-"""Training a SUBLLM (spec §2.8, §4.7–4.10): the step-aware loss, evaluation modes and the optimiser.
+"""Training a SUBLLM (the published training forward; the library's recipe): the step-aware loss,
+evaluation modes and the optimiser.
 
 The loss is plain shifted CE: the Balancer and the bypass limit act only through gradients, driven
 by the optimiser's step (their schedules) and a per-step key (their per-call coins). The scorer's
@@ -26,7 +27,7 @@ def train_loss(*, seed: int = 0, loss_segment: int = 0, step_multiplier: float =
                layout: Callable | None = None) -> Callable:
     """``loss_fn(model, batch, step)`` for :func:`tokensparse.train.make_train_step` (``pass_step``).
 
-    Schedules see ``step · step_multiplier`` (icefall's duration-adjusted batch count, §4.7); the
+    Schedules see ``step · step_multiplier`` (icefall's duration-adjusted batch count); the
     coins use ``fold_in(key(seed), step)``, so a resumed run draws the same coins. ``layout``: see
     :func:`tokensparse.train.lm_loss` (it needs ``level_positions="composed"``: the "parent" ranks
     are counted in array order).

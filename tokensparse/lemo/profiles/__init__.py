@@ -6,7 +6,7 @@
   cost of going sparse alone, layers made sparse cheapest first within a loss budget.
 
 - :mod:`~tokensparse.lemo.profiles.named`: profiles that ship with the library, e.g.
-  ``named("llama2-7b-artifact")`` (the artifact's Llama-2-7B attention profile, spec §2.4).
+  ``named("llama2-7b-artifact")`` (the artifact's Llama-2-7B attention profile).
 
 All return a profile that training uses through ``LeMoConfig(schedule="profile", profile=...)``.
 """

@@ -1,4 +1,4 @@
-"""LeMo's per-layer threshold tuning (paper Algorithm 1; spec §2.4 option ``"algorithm1"``, §4.2).
+"""LeMo's per-layer threshold tuning (paper Algorithm 1; schedule option ``"algorithm1"``, library constants).
 
 Each layer l keeps the blocks whose oracle score, normalised by the row's largest block score, is at
 least τ_l ∈ [0, 1]. Starting from τ_l = the layer's mean normalised block score on calibration data,

@@ -1,4 +1,4 @@
-"""Named keep-ratio profiles that ship with the library (spec §2.4, option ``"profile"``).
+"""Named keep-ratio profiles that ship with the library (schedule option ``"profile"``).
 
 ``llama2-7b-artifact``: the Jenga artifact's Llama-2-7B attention profile. The spec gives its
 eliminated fractions at anchor layers: 0.01 (layer 0), 0.14 (6), 0.29 (10), 0.39 (14), 0.50 (18),

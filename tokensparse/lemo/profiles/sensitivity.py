@@ -1,5 +1,5 @@
 """A keep-ratio profile from measured per-layer costs under a loss budget (LeMo option
-``schedule="sensitivity"``; a library choice, spec §2.4's "can re-profile").
+``schedule="sensitivity"``; a library choice).
 
 Algorithm 1 (:mod:`tokensparse.lemo.profiles.algorithm1`) climbs a finite-difference gradient of the
 calibration loss from thresholds that start out eliminating about half of every layer; on a model
