@@ -2,7 +2,7 @@
 
     python -m experiments.train_selector --base=smollm2-135m --out=selector.npz \\
         [--target=attention_ratio --windows=48 --seq_len=1024 --steps=3000 --layers=14-28 \\
-         --sparse_keeps=0.7,0.4,0.55,0.85]
+         --sparse_keeps=0.7,0.4,0.55,0.85 --hidden=64 --loss=block]
 
 Per layer, a per-token MLP on the layer's normed input learns to predict the exact query-side
 importance (``--target=attention_ratio``: ‖attention output‖ / ‖residual input‖) or each token's
@@ -20,6 +20,9 @@ with the library (``tokensparse/lemo/weights/``) and ``zoo.load`` attaches it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pathlib
 import time
 
 import numpy as np
@@ -28,6 +31,7 @@ from absl import app, flags
 from experiments import _checks
 from tokensparse import data
 from tokensparse.config import LeMoConfig
+from tokensparse.data import heldout
 from tokensparse.lemo import learned_selector as ls
 
 _BASE = flags.DEFINE_string("base", "smollm2-135m", "A zoo model name, a pretraining workdir or a "
@@ -35,10 +39,25 @@ _BASE = flags.DEFINE_string("base", "smollm2-135m", "A zoo model name, a pretrai
 _OUT = flags.DEFINE_string("out", None, "Where to write the selector (.npz).", required=True)
 _WINDOWS = flags.DEFINE_integer("windows", 48, "Training windows (Shakespeare train split).")
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 4, "Validation windows for recall/Spearman.")
+_ENGLISH = flags.DEFINE_integer(
+    "english_windows", 4, "Held-out English windows (tokensparse.data.heldout; never trained on) "
+    "on which recall/Spearman are also reported; 0: none.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per window (a multiple of --block_size).")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "LeMo block size the quality metrics use.")
 _STEPS = flags.DEFINE_integer("steps", 3000, "Adam steps.")
-_BATCH = flags.DEFINE_integer("batch", 2048, "Tokens per step (per layer).")
+_BATCH = flags.DEFINE_integer("batch", 4096, "Tokens per step (per layer); --loss=block takes "
+                              "batch // seq_len whole windows.")
+_HIDDEN = flags.DEFINE_integer("hidden", ls.HIDDEN, "Width of the selector's hidden layer.")
+_LOSS = flags.DEFINE_enum("loss", "block", list(ls.LOSSES), "block: fit each window's block "
+                          "ranking (centred block log-scores, plus 0.1 x the token loss); token: "
+                          "regress every token's target.")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.")
+_DATA_CACHE = flags.DEFINE_string(
+    "data_cache", None, "A directory for the collected training and validation data (one .npz per "
+    "setting of base, windows, lengths, layers, target and sparse keeps): reused when present, so "
+    "refitting with other --steps/--hidden/--loss/--lr skips the collection.")
+_DTYPE = flags.DEFINE_enum("weights_dtype", "float16", ["float16", "float32"],
+                           "Storage type of the saved weights (read back as float32).")
 _LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate (cosine decay).")
 _LAYERS = flags.DEFINE_string("layers", "all", "Layers to train: all, a range a-b (inclusive) or a "
                               "comma list of indices.")
@@ -52,8 +71,10 @@ _SPARSE_KEEPS = flags.DEFINE_list(
 
 _checks.at_least(_WINDOWS, 1)
 _checks.at_least(_EVAL_WINDOWS, 1)
+_checks.at_least(_ENGLISH, 0)
 _checks.at_least(_STEPS, 1)
 _checks.at_least(_BATCH, 1)
+_checks.at_least(_HIDDEN, 1)
 
 
 def split_windows(tokenizer, split: str, seq_len: int, count: int, seed: int) -> list[np.ndarray]:
@@ -104,6 +125,32 @@ def collect(model, windows, layers, sparse, t0: float) -> dict[str, np.ndarray]:
     return {key: np.concatenate([p[key] for p in parts], axis=1) for key in parts[0]}
 
 
+def held_out_quality(params, data: dict[str, np.ndarray]) -> dict[str, float]:
+    """Recall of the exact rule's top blocks per keep ratio and Spearman, on collected ``data``."""
+    exact = data["target"].reshape(data["target"].shape[0], -1, _BLOCK.value).mean(-1)
+    predicted = ls.predicted_blocks(params, data, _BLOCK.value, _TARGET.value)
+    return ls.ranking_metrics(predicted, exact, blocks_per_window=_SEQ_LEN.value // _BLOCK.value,
+                              keeps=(0.4, 0.55, 0.7, 0.85))
+
+
+def cached(name: str, settings: dict, make) -> dict[str, np.ndarray]:
+    """``make()``'s data, read from / written to ``--data_cache`` when that flag is set."""
+    if _DATA_CACHE.value is None:
+        return make()
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = pathlib.Path(_DATA_CACHE.value) / f"{name}-{key}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            print(f"read {name} data from {path}", flush=True)
+            return {k: f[k] for k in f.files}
+    out = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: v.astype(np.float16) if k == "u" else v for k, v in out.items()})
+    tmp.replace(path)  # a partial file is never read back
+    return out
+
+
 def main(argv):
     del argv
     from tokensparse.pipelines.base import load_base
@@ -117,27 +164,41 @@ def main(argv):
     valid = split_windows(tokenizer, "validation", _SEQ_LEN.value, _EVAL_WINDOWS.value, _SEED.value)
     sparse = [LeMoConfig(keep_ratio=float(k), selector="attention_ratio", mlp_mode="dense",
                          keep_first_block=True, block_size=_BLOCK.value) for k in _SPARSE_KEEPS.value]
-    train_data = collect(model, train, layers, sparse, t0)
-    valid_data = collect(model, valid, layers, sparse, t0)
+    settings = {"base": _BASE.value, "seq_len": _SEQ_LEN.value, "seed": _SEED.value,
+                "layers": list(layers), "target": _TARGET.value, "block": _BLOCK.value,
+                "sparse_keeps": list(_SPARSE_KEEPS.value)}
+    train_data = cached("train", {**settings, "windows": _WINDOWS.value},
+                        lambda: collect(model, train, layers, sparse, t0))
+    valid_data = cached("validation", {**settings, "windows": _EVAL_WINDOWS.value},
+                        lambda: collect(model, valid, layers, sparse, t0))
     params, losses = ls.fit(train_data, target=_TARGET.value, steps=_STEPS.value,
-                            batch=_BATCH.value, lr=_LR.value, seed=_SEED.value,
+                            batch=_BATCH.value, lr=_LR.value, weight_decay=_WEIGHT_DECAY.value,
+                            seed=_SEED.value, hidden=_HIDDEN.value,
+                            loss=_LOSS.value, window=_SEQ_LEN.value, block_size=_BLOCK.value,
                             log_every=max(_STEPS.value // 10, 1))
-    nb = _SEQ_LEN.value // _BLOCK.value
-    exact = valid_data["target"].reshape(len(layers), -1, _BLOCK.value).mean(-1)
-    predicted = ls.predicted_blocks(params, valid_data, _BLOCK.value, _TARGET.value)
-    quality = ls.ranking_metrics(predicted, exact, blocks_per_window=nb,
-                                 keeps=(0.4, 0.55, 0.7, 0.85))
+    quality = held_out_quality(params, valid_data)
+    english = {}
+    if _ENGLISH.value:
+        windows = heldout.english_windows(tokenizer, _SEQ_LEN.value, _ENGLISH.value)
+        english_data = cached("english", {**settings, "windows": _ENGLISH.value},
+                              lambda: collect(model, windows, layers, sparse, t0))
+        english = {"validation_english": {"windows": _ENGLISH.value, "source": heldout.SOURCE,
+                                          **held_out_quality(params, english_data)}}
     info = {"base": _BASE.value, "corpus": "shakespeare train split", "windows": _WINDOWS.value,
             "seq_len": _SEQ_LEN.value, "steps": _STEPS.value, "batch": _BATCH.value,
-            "lr": _LR.value, "seed": _SEED.value, "final_loss": losses[-1],
+            "hidden": _HIDDEN.value, "loss": _LOSS.value, "weights_dtype": _DTYPE.value,
+            "lr": _LR.value, "weight_decay": _WEIGHT_DECAY.value, "seed": _SEED.value,
+            "final_loss": losses[-1],
             "sparse_keeps": [float(k) for k in _SPARSE_KEEPS.value], "target": _TARGET.value,
             "selector_in_collection": "attention_ratio",
-            "validation": {"windows": _EVAL_WINDOWS.value, "block_size": _BLOCK.value, **quality}}
+            "validation": {"windows": _EVAL_WINDOWS.value, "block_size": _BLOCK.value, **quality},
+            **english}
     selector = ls.LearnedSelector(config.n_layers, config.d_model, layers=layers,
-                                  target=_TARGET.value, info=info)
+                                  hidden=_HIDDEN.value, target=_TARGET.value, info=info)
     selector.set_params(ls.stacked(params, layers, config.n_layers))
-    ls.save(selector, _OUT.value)
-    print(f"wrote {_OUT.value}: validation {quality} ({time.perf_counter() - t0:.0f} s)")
+    ls.save(selector, _OUT.value, dtype=np.dtype(_DTYPE.value))
+    print(f"wrote {_OUT.value}: validation {quality} {english} "
+          f"({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def load(name, *, dtype=None, attention_backend="auto"):
 
 zoo.load = load
 sys.argv = [sys.argv[1], *sys.argv[2:]]
-runpy.run_module(f"experiments.bench.{sys.argv[0]}", run_name="__main__", alter_sys=True)
+module = sys.argv[0] if "." in sys.argv[0] else f"experiments.bench.{sys.argv[0]}"
+runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
@@ -115,6 +116,34 @@ def _bench_with_fake_zoo(name, out, *args, check=True):
         return done
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout
+
+
+@pytest.mark.slow
+def test_train_selector_on_a_zoo_base_reports_held_out_quality_and_reuses_its_data(tmp_path):
+    from tokensparse.lemo import learned_selector
+
+    args = ("--base=smollm2-135m", "--windows=4", "--eval_windows=1", "--english_windows=1",
+            "--seq_len=128", "--block_size=16", "--steps=3", "--batch=256", "--hidden=8",
+            "--layers=all", "--sparse_keeps=0.5", f"--data_cache={tmp_path / 'cache'}")
+    out = tmp_path / "sel.npz"
+    first = _bench_with_fake_zoo("experiments.train_selector", out, *args, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    selector = learned_selector.load(out)
+    assert selector.layers == (0, 1) and selector.hidden == 8
+    info = selector.info
+    assert info["loss"] == "block" and info["weights_dtype"] == "float16"
+    for key in ("validation", "validation_english"):
+        quality = info[key]
+        assert 0.0 <= quality["recall@0.4"] <= 1.0 and -1.0 <= quality["spearman"] <= 1.0
+    assert "read train data" not in first.stdout
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == [
+        "english", "train", "validation"]
+    # Refitting with other fit settings reads the collected data back instead of collecting it.
+    again = _bench_with_fake_zoo("experiments.train_selector", out, *args, "--loss=token",
+                                 check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "collected" not in again.stdout and again.stdout.count("data from") == 3
+    assert learned_selector.load(out).info["loss"] == "token"
 
 
 def _quality_with_fake_zoo(out, *args):

@@ -204,6 +204,42 @@ def test_fit_learns_a_synthetic_target():
     assert final < 0.1 * variance
 
 
+def test_block_loss_learns_each_windows_block_ranking():
+    rng = np.random.default_rng(1)
+    n_layers, window, block, d = 2, 64, 8, 16
+    n = 96 * window
+    u = rng.normal(size=(n_layers, n, d)).astype(np.float32)
+    log_rms = rng.normal(size=(n_layers, n)).astype(np.float32)
+    w = rng.normal(size=(n_layers, d)) / np.sqrt(d)
+    log_t = np.maximum(np.einsum("lnd,ld->ln", u, w), 0.0) - 0.5 * log_rms
+    data = {"u": u, "log_rms": log_rms, "target": np.exp(log_t)}
+    params, losses = ls.fit(data, steps=300, batch=8 * window, lr=1e-2, hidden=32, loss="block",
+                            window=window, block_size=block)
+    assert params["w1"].shape == (n_layers, d, 32)
+    assert losses[-1] < 0.2 * losses[0]
+    u2 = rng.normal(size=(n_layers, 16 * window, d)).astype(np.float32)  # held-out windows
+    r2 = rng.normal(size=(n_layers, 16 * window)).astype(np.float32)
+    t2 = np.exp(np.maximum(np.einsum("lnd,ld->ln", u2, w), 0.0) - 0.5 * r2)
+    predicted = ls.predicted_blocks(params, {"u": u2, "log_rms": r2}, block)
+    exact = t2.reshape(n_layers, -1, block).mean(-1)
+    quality = ls.ranking_metrics(predicted, exact, blocks_per_window=window // block, keeps=(0.5,))
+    assert quality["spearman"] > 0.9 and quality["recall@0.5"] > 0.8
+    with pytest.raises(ValueError, match="loss='block' needs window"):
+        ls.fit(data, steps=1, loss="block", window=60, block_size=block)
+    with pytest.raises(ValueError, match="unknown learned-selector loss"):
+        ls.fit(data, steps=1, loss="pairs")
+
+
+def test_saved_weights_may_be_stored_in_half_precision(tmp_path):
+    sel = _selector(6)
+    ls.save(sel, tmp_path / "half.npz", dtype=np.float16)
+    back = ls.load(tmp_path / "half.npz", CONFIG)
+    for name in ls.WEIGHTS:
+        assert back.params()[name].dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(back.params()[name]), np.asarray(sel.params()[name]),
+                                   rtol=1e-3, atol=1e-4)
+
+
 def test_collect_dense_and_sparse_inputs():
     model = _model(9, with_selector=False)
     windows = [np.asarray(_tokens(9, b=1)[0]), np.asarray(_tokens(10, b=1)[0])]

@@ -2,7 +2,7 @@
 attention matters to each token, trained offline on the frozen model (``selector="learned"``).
 
 Why: on SmolLM2-135M the spec's key-side oracle selects worse than random, and the best rule
-measured (issue #30) is query-side: an eliminated token loses its own attention update, so keep the
+measured (docs/lemo.md) is query-side: an eliminated token loses its own attention update, so keep the
 tokens whose update matters most to their residual. Computing that exactly needs a dense attention
 pass per sparse layer. This selector predicts it from the layer's input alone, per token::
 
@@ -180,9 +180,10 @@ def check_shape(spec: dict, config: ModelConfig, source: str = "the learned sele
                          f"this model has {ours}. Train one for it: {TRAIN_COMMAND}.")
 
 
-def save(selector: LearnedSelector, path: str | os.PathLike) -> None:
-    """Write ``selector`` to ``path`` (``.npz``: its weights and ``spec`` as JSON)."""
-    arrays = {name: np.asarray(value) for name, value in selector.params().items()}
+def save(selector: LearnedSelector, path: str | os.PathLike, dtype=np.float32) -> None:
+    """Write ``selector`` to ``path`` (``.npz``: its weights, stored as ``dtype``, and ``spec`` as
+    JSON; :func:`load` reads them back as fp32)."""
+    arrays = {name: np.asarray(value).astype(dtype) for name, value in selector.params().items()}
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
@@ -363,36 +364,80 @@ def regression_loss(params, u, log_rms, y, huber: float = 0.0) -> Float[Array, "
     return jnp.mean((pred - y) ** 2)
 
 
+LOSSES = ("token", "block")
+
+
+def block_loss(params, u, log_rms, target, kind: str, block_size: int, token_weight: float = 0.1
+               ) -> Float[Array, ""]:
+    """The ``"block"`` loss of :func:`fit`: over whole windows ``u`` [L, W, T, D] (``log_rms``,
+    ``target`` [L, W, T]), the squared error of each block's predicted score against its exact one,
+    centred per window (only the ranking within a window matters to selection), plus
+    ``token_weight`` × the token loss. Scores are compared as logs for a positive target, as they
+    are for a signed one."""
+    pred = jax.vmap(token_logits)(params, u.astype(jnp.float32), log_rms)
+    y = target if kind in SIGNED else jnp.log(jnp.maximum(target, 1e-8))
+    lead = pred.shape[:-1]
+    blocks = lambda x: x.reshape(*lead, -1, block_size).mean(-1)
+    if kind in SIGNED:
+        pb, yb = blocks(pred), blocks(target)
+        token = optax.huber_loss(pred, y, delta=1.0)
+    else:
+        pb = jnp.log(blocks(token_values(pred, kind)))
+        yb = jnp.log(jnp.maximum(blocks(target), 1e-8))
+        token = (pred - y) ** 2
+    centred = lambda x: x - x.mean(-1, keepdims=True)
+    return jnp.mean((centred(pb) - centred(yb)) ** 2) + token_weight * jnp.mean(token)
+
+
 def fit(data: dict[str, np.ndarray], *, target: str = "attention_ratio", steps: int = 2000,
         batch: int = 2048, lr: float = 3e-3, weight_decay: float = 1e-4, seed: int = 0,
+        hidden: int = HIDDEN, loss: str = "token", window: int | None = None, block_size: int = 64,
         log_every: int = 0) -> tuple[dict, list[float]]:
     """Train stacked weights for the layers in ``data`` (from :func:`collect` with ``target``) by
-    Adam on :func:`regression_loss` (Huber, threshold 1, for a signed target) over random token
-    minibatches: ``(params [L, ...], losses)``."""
+    Adam over random minibatches: ``(params [L, ...], losses)``.
+
+    ``loss="token"``: :func:`regression_loss` (Huber, threshold 1, for a signed target) on ``batch``
+    random tokens. ``loss="block"``: :func:`block_loss` on ``batch // window`` random whole windows
+    (``window`` tokens each, the length ``data`` was collected at): it fits what selection uses,
+    the ranking of blocks within a window, and measured better on SmolLM2 (docs/lemo.md)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown learned-selector loss {loss!r}; known: {LOSSES}.")
     u, log_rms = data["u"], data["log_rms"]
     y = regression_target(data["target"], target)
     huber = 1.0 if target in SIGNED else 0.0
     n_layers, n, d = u.shape
-    params = init_params(n_layers, d, seed=seed)
+    if loss == "block" and (window is None or window % block_size or n % window):
+        raise ValueError(f"loss='block' needs window, a multiple of block_size={block_size} that "
+                         f"divides the {n} tokens of data, got window={window}.")
+    params = init_params(n_layers, d, hidden=hidden, seed=seed)
     params["b2"] = jnp.asarray(y.mean(axis=1))
     opt = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=weight_decay)
     state = opt.init(params)
+    u_dev, r_dev = jnp.asarray(u), jnp.asarray(log_rms)
+    t_dev = jnp.asarray(y if loss == "token" else data["target"], jnp.float32)
+
+    def loss_of(params, idx):
+        if loss == "token":
+            take = lambda x: jnp.take(x, idx, axis=1)
+            return regression_loss(params, take(u_dev), take(r_dev), take(t_dev), huber)
+        take = lambda x: jnp.take(x.reshape(n_layers, n // window, window, *x.shape[2:]), idx, axis=1)
+        return block_loss(params, take(u_dev), take(r_dev), take(t_dev), target, block_size)
 
     @jax.jit
     def step(params, state, idx):
-        take = lambda x: jnp.take(x, idx, axis=1)
-        loss, grads = jax.value_and_grad(regression_loss)(
-            params, take(u_dev), take(r_dev), take(y_dev), huber)
+        value, grads = jax.value_and_grad(loss_of)(params, idx)
         updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
+        return optax.apply_updates(params, updates), state, value
 
-    u_dev, r_dev, y_dev = jnp.asarray(u), jnp.asarray(log_rms), jnp.asarray(y)
     rng = np.random.default_rng(seed)
     losses = []
     for i in range(steps):
-        idx = jnp.asarray(rng.integers(0, n, size=min(batch, n)))
-        params, state, loss = step(params, state, idx)
-        losses.append(float(loss))
+        if loss == "token":
+            idx = rng.integers(0, n, size=min(batch, n))
+        else:
+            idx = rng.choice(n // window, size=min(max(batch // window, 1), n // window), replace=False)
+        params, state, value = step(params, state, jnp.asarray(idx))
+        losses.append(float(value))
         if log_every and (i % log_every == 0 or i == steps - 1):
             print(f"step {i}: loss {losses[-1]:.4f}", flush=True)
     return params, losses
