@@ -416,16 +416,16 @@ def fit(data: dict[str, np.ndarray], *, target: str = "attention_ratio", steps: 
     u_dev, r_dev = jnp.asarray(u), jnp.asarray(log_rms)
     t_dev = jnp.asarray(y if loss == "token" else data["target"], jnp.float32)
 
-    def loss_of(params, idx):
+    def loss_of(params, idx, u, r, t):
         if loss == "token":
             take = lambda x: jnp.take(x, idx, axis=1)
-            return regression_loss(params, take(u_dev), take(r_dev), take(t_dev), huber)
+            return regression_loss(params, take(u), take(r), take(t), huber)
         take = lambda x: jnp.take(x.reshape(n_layers, n // window, window, *x.shape[2:]), idx, axis=1)
-        return block_loss(params, take(u_dev), take(r_dev), take(t_dev), target, block_size)
+        return block_loss(params, take(u), take(r), take(t), target, block_size)
 
     @jax.jit
-    def step(params, state, idx):
-        value, grads = jax.value_and_grad(loss_of)(params, idx)
+    def step(params, state, idx, u, r, t):  # the data are arguments, not captured constants
+        value, grads = jax.value_and_grad(loss_of)(params, idx, u, r, t)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, value
 
@@ -436,7 +436,7 @@ def fit(data: dict[str, np.ndarray], *, target: str = "attention_ratio", steps: 
             idx = rng.integers(0, n, size=min(batch, n))
         else:
             idx = rng.choice(n // window, size=min(max(batch // window, 1), n // window), replace=False)
-        params, state, value = step(params, state, jnp.asarray(idx))
+        params, state, value = step(params, state, jnp.asarray(idx), u_dev, r_dev, t_dev)
         losses.append(float(value))
         if log_every and (i % log_every == 0 or i == steps - 1):
             print(f"step {i}: loss {losses[-1]:.4f}", flush=True)
