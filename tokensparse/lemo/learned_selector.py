@@ -13,7 +13,9 @@ pass per sparse layer. This selector predicts it from the layer's input alone, p
 
 Cost per token and sparse layer: ≈ 2·(D+1)·64 FLOPs (0.5 MFLOP on a 4096-wide model), no q·kᵀ.
 ``s_t`` is trained (:func:`fit`) on a per-token target measured on the frozen model inside the
-LeMo sparse forward (:func:`collect`), one of :data:`TARGETS`:
+LeMo sparse forward (:func:`collect`), either per token (``loss="token"``) or, as the shipped
+weights were, on each window's block ranking (``loss="block"``, :func:`block_loss`), one of
+:data:`TARGETS`:
 
 - ``attention_ratio`` (the default; the shipped SmolLM2 weights): ‖a_t‖ / ‖h_t‖, the exact
   query-side rule; positive, ``s_t`` regresses its log and the block's score is the mean of
