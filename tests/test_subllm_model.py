@@ -261,7 +261,7 @@ def test_compiled_flops_follow_the_per_component_cost_model():
     assert measured == pytest.approx(model_sub / model_dense, rel=0.02)
 
 
-# --- weights as attention bias (weight_attn_bias, icefall's upsampling variant) --------------------
+# --- weights as attention bias (weight_attn_bias, icefall's log-weight key bias) ---------------------
 
 
 def _masked_attention(q, k, v, bias, kept, pos):

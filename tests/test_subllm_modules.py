@@ -609,7 +609,7 @@ def test_a_narrower_margin_acts_inside_the_spec_band():
     np.testing.assert_array_equal(correction(_skewed_scores(0.64), 0.01), 0.0)
 
 
-# --- weights as attention bias (option weight_attn_bias, icefall's upsampling variant) --------------
+# --- weights as attention bias (option weight_attn_bias, icefall's log-weight key bias) ---------------
 
 
 def _biased_reference(q, k, v, bias, pos, seg):
