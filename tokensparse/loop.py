@@ -195,10 +195,11 @@ def train_loop(
             pending.append((done, metrics))
             log_now = done % tc.log_every == 0 or done == tc.steps
             eval_now = eval_fn is not None and tc.eval_every and done % tc.eval_every == 0
-            boundary = log_now or eval_now or checkpointer.should_save(done) or done == tc.steps
+            save_due = checkpointer.should_save(done) or done == tc.steps
             # A signal to one process stops all, at the same step.
-            stop = sharding.any_process(guard.requested) if boundary or not several else False
-            save_now = stop or checkpointer.should_save(done) or done == tc.steps
+            stop = (log_now or eval_now or save_due or not several) and sharding.any_process(
+                guard.requested)
+            save_now = stop or save_due
             if not (log_now or eval_now or save_now):
                 continue
             last = fetch()  # waits for the device: the clock below covers all of its work

@@ -439,10 +439,10 @@ def fit(data: dict[str, np.ndarray], *, target: str = "attention_ratio", steps: 
         else:
             idx = rng.choice(n // window, size=min(max(batch // window, 1), n // window), replace=False)
         params, state, value = step(params, state, jnp.asarray(idx), u_dev, r_dev, t_dev)
-        losses.append(float(value))
+        losses.append(value)  # on the device: fetched once at the end, not every step
         if log_every and (i % log_every == 0 or i == steps - 1):
-            print(f"step {i}: loss {losses[-1]:.4f}", flush=True)
-    return params, losses
+            print(f"step {i}: loss {float(value):.4f}", flush=True)
+    return params, [float(v) for v in jax.device_get(losses)]
 
 
 def stacked(params_for_layers: dict[str, Array], layers: Sequence[int], n_layers: int

@@ -19,7 +19,7 @@
    exceeds τ_k = ``prune_start_tau`` − ``prune_tau_step``·(k−1), with the matching input rows of the
    next linear, and slices the Adam moments alike (shapes change: the step recompiles).
 4. **Held-out metrics** (:func:`evaluate`): per layer, recall of the oracle's kept set at a keep
-   ratio, ``|TopK(ĉ) ∩ TopK(c)| / K`` with K = floor(ratio · n_b) (a library definition), and the Spearman
+   ratio, ``|TopK(ĉ) ∩ TopK(c)| / K`` with K = floor(ratio · n_b) (the paper's recall), and the Spearman
    correlation of ĉ with c; each averaged over windows.
 
 Checkpoints (``workdir/checkpoints``) hold weights, Adam state and zero counters, with the widths
