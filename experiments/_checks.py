@@ -248,10 +248,11 @@ def one_of(holder: flags.FlagHolder, allowed: Sequence[str]) -> None:
     flags.register_validator(holder, check)
 
 
-def in_range(holder: flags.FlagHolder, low: float, high: float) -> None:
-    """Validate a float flag in the open interval (``low``, ``high``)."""
-    flags.register_validator(holder, lambda v: low < v < high,
-                             f"must be in ({low:g}, {high:g}).")
+def in_range(holder: flags.FlagHolder, low: float, high: float, *, include_high: bool = False) -> None:
+    """Validate a float flag in the open interval (``low``, ``high``), or (``low``, ``high``] with
+    ``include_high``."""
+    flags.register_validator(holder, lambda v: low < v < high or (include_high and v == high),
+                             f"must be in ({low:g}, {high:g}{']' if include_high else ')'}.")
 
 
 def same_length(a: flags.FlagHolder, b: flags.FlagHolder) -> None:

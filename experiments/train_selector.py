@@ -20,6 +20,7 @@ with the library (``tokensparse/lemo/weights/``) and ``zoo.load`` attaches it.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import pathlib
@@ -42,6 +43,12 @@ _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 4, "Validation windows for 
 _ENGLISH = flags.DEFINE_integer(
     "english_windows", 4, "Held-out English windows (tokensparse.data.heldout; never trained on) "
     "on which recall/Spearman are also reported; 0: none.")
+_EXTRA_TEXT = flags.DEFINE_list(
+    "extra_text", [], "Text files (globs, UTF-8) whose windows join the training data beside "
+    "Shakespeare's: more varied English for a selector that must generalise. The held-out English "
+    "(tokensparse.data.heldout) is refused.")
+_EXTRA_WINDOWS = flags.DEFINE_integer("extra_windows", 0, "Training windows drawn from --extra_text "
+                                      "(random offsets in its files, concatenated in name order).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per window (a multiple of --block_size).")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "LeMo block size the quality metrics use.")
 _STEPS = flags.DEFINE_integer("steps", 3000, "Adam steps.")
@@ -75,6 +82,13 @@ _checks.at_least(_ENGLISH, 0)
 _checks.at_least(_STEPS, 1)
 _checks.at_least(_BATCH, 1)
 _checks.at_least(_HIDDEN, 1)
+_checks.at_least(_EXTRA_WINDOWS, 0)
+
+
+@flags.multi_flags_validator(["extra_text", "extra_windows"],
+                             "--extra_text and --extra_windows go together: give both or neither.")
+def _extra_pair(values) -> bool:
+    return bool(values["extra_text"]) == bool(values["extra_windows"])
 
 
 def split_windows(tokenizer, split: str, seq_len: int, count: int, seed: int) -> list[np.ndarray]:
@@ -93,6 +107,34 @@ def split_windows(tokenizer, split: str, seq_len: int, count: int, seed: int) ->
         start = int(rng.integers(0, len(doc) - seq_len + 1))
         out.append(doc[start:start + seq_len])
     return out
+
+
+def extra_files(patterns: list[str]) -> list[pathlib.Path]:
+    """The files ``patterns`` (globs) name, sorted and de-duplicated; the held-out English refused."""
+    files = sorted({pathlib.Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True)
+                    if pathlib.Path(p).is_file()})
+    if not files:
+        raise app.UsageError(f"--extra_text={','.join(patterns)} names no file.")
+    heldout_text = heldout.english_text()
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace").strip()
+        if text and text in heldout_text:
+            raise app.UsageError(f"--extra_text: {f} is (part of) the held-out English text, which "
+                                 "the selector must never train on.")
+    return files
+
+
+def extra_windows(tokenizer, files: list[pathlib.Path], seq_len: int, count: int, seed: int
+                  ) -> list[np.ndarray]:
+    """``count`` windows of ``seq_len`` tokens at random offsets of ``files``' text (concatenated in
+    order, blank lines between)."""
+    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    ids = np.asarray(tokenizer.encode(text).ids, np.int32)
+    if len(ids) < seq_len:
+        raise app.UsageError(f"--extra_text has {len(ids)} tokens, fewer than --seq_len={seq_len}.")
+    rng = np.random.default_rng(seed + 1)
+    starts = rng.integers(0, len(ids) - seq_len + 1, size=count)
+    return [ids[int(a):int(a) + seq_len] for a in starts]
 
 
 def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
@@ -157,6 +199,7 @@ def main(argv):
 
     if _SEQ_LEN.value % _BLOCK.value:
         raise app.UsageError(f"--seq_len={_SEQ_LEN.value} must be a multiple of --block_size.")
+    files = extra_files(_EXTRA_TEXT.value) if _EXTRA_WINDOWS.value else []  # bad input fails first
     t0 = time.perf_counter()
     model, config, tokenizer = load_base(_BASE.value)  # a base without a tokenizer is refused
     layers = parse_layers(_LAYERS.value, config.n_layers)
@@ -169,6 +212,14 @@ def main(argv):
                 "sparse_keeps": list(_SPARSE_KEEPS.value)}
     train_data = cached("train", {**settings, "windows": _WINDOWS.value},
                         lambda: collect(model, train, layers, sparse, t0))
+    corpus = "shakespeare train split"
+    if files:
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+        extra = extra_windows(tokenizer, files, _SEQ_LEN.value, _EXTRA_WINDOWS.value, _SEED.value)
+        extra_data = cached("extra", {**settings, "windows": _EXTRA_WINDOWS.value, "text": digest},
+                            lambda: collect(model, extra, layers, sparse, t0))
+        train_data = {k: np.concatenate([train_data[k], extra_data[k]], axis=1) for k in train_data}
+        corpus += f" + {_EXTRA_WINDOWS.value} windows of {len(files)} extra text files (sha256 {digest})"
     valid_data = cached("validation", {**settings, "windows": _EVAL_WINDOWS.value},
                         lambda: collect(model, valid, layers, sparse, t0))
     params, losses = ls.fit(train_data, target=_TARGET.value, steps=_STEPS.value,
@@ -184,7 +235,7 @@ def main(argv):
                               lambda: collect(model, windows, layers, sparse, t0))
         english = {"validation_english": {"windows": _ENGLISH.value, "source": heldout.SOURCE,
                                           **held_out_quality(params, english_data)}}
-    info = {"base": _BASE.value, "corpus": "shakespeare train split", "windows": _WINDOWS.value,
+    info = {"base": _BASE.value, "corpus": corpus, "windows": _WINDOWS.value,
             "seq_len": _SEQ_LEN.value, "steps": _STEPS.value, "batch": _BATCH.value,
             "hidden": _HIDDEN.value, "loss": _LOSS.value, "weights_dtype": _DTYPE.value,
             "lr": _LR.value, "weight_decay": _WEIGHT_DECAY.value, "seed": _SEED.value,

@@ -144,6 +144,29 @@ def test_train_selector_on_a_zoo_base_reports_held_out_quality_and_reuses_its_da
     assert again.returncode == 0, again.stderr[-3000:]
     assert "collected" not in again.stdout and again.stdout.count("data from") == 3
     assert learned_selector.load(out).info["loss"] == "token"
+    # More varied training text: its windows are collected (once) and join the training data.
+    extra = tmp_path / "extra.txt"
+    extra.write_text("The selector should see modern prose as well as verse. " * 60)
+    mixed = _bench_with_fake_zoo("experiments.train_selector", out, *args, f"--extra_text={extra}",
+                                 "--extra_windows=2", check=False)
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    assert mixed.stdout.count("collected") == 1 and mixed.stdout.count("data from") == 3
+    assert "+ 2 windows of 1 extra text files" in learned_selector.load(out).info["corpus"]
+
+
+def test_train_selector_refuses_the_held_out_english_as_extra_text(tmp_path):
+    from tokensparse.data import heldout
+
+    topic = tmp_path / "topic.txt"
+    topic.write_text(heldout.english_text()[5000:9000])
+    done = subprocess.run([sys.executable, "-m", "experiments.train_selector", f"--out={tmp_path / 'x.npz'}",
+                           f"--extra_text={topic}", "--extra_windows=1"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "is (part of) the held-out English text" in done.stderr
+    alone = subprocess.run([sys.executable, "-m", "experiments.train_selector", f"--out={tmp_path / 'x.npz'}",
+                            f"--extra_text={topic}"], cwd=ROOT, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and "--extra_text and --extra_windows go together" in alone.stderr
 
 
 def _quality_with_fake_zoo(out, *args):

@@ -25,7 +25,9 @@ def test_subllm_speed_smoke(tmp_path):
     assert set(summary) == {f"{k}@128" for k in (
         "train_throughput_ratio", "train_flops_ratio", "train_activation_ratio", "prefill_flops_ratio",
         "decode_speedup", "decode_cpu_speedup", "kv_allocated_ratio", "kv_occupied_ratio", "overflow_rate_1",
-        "overflow_rate_2")}
+        "overflow_rate_2", "decode_keep_rate_1", "decode_keep_rate_2")}
+    assert len(sub["decode_keep_rates"]) == 2 and dense["decode_keep_rates"] == []
+    assert all(0.0 <= rate <= 1.0 for rate in sub["decode_keep_rates"])
     assert summary["kv_occupied_ratio@128"] == sub["kv_occupied_bytes"] / dense["kv_occupied_bytes"]
     assert summary["prefill_flops_ratio@128"] == dense["prefill_flops"] / sub["prefill_flops"]
     assert "train_throughput_ratio" in stdout

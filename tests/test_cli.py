@@ -101,6 +101,24 @@ def test_other_validators():
         _parse(_lists, _checks.same_length, "--seq_lens=64,128")
 
 
+@pytest.mark.parametrize(("include_high", "value", "ok"), [
+    (False, "1.0", False), (True, "1.0", True), (True, "0.75", True), (True, "0.0", False),
+    (True, "1.5", False)])
+def test_in_range_may_include_its_upper_end(include_high, value, ok):
+    def capacity(fv):
+        return (flags.DEFINE_float("infer_capacity", 0.75, "", flag_values=fv),)
+
+    def parse():
+        return _parse(capacity, lambda c: _checks.in_range(c, 0.0, 1.0, include_high=include_high),
+                      f"--infer_capacity={value}")[0].value
+    if ok:
+        assert parse() == float(value)
+    else:
+        with pytest.raises(flags.IllegalFlagValueError,
+                           match=r"must be in \(0, 1\]" if include_high else r"must be in \(0, 1\)"):
+            parse()
+
+
 # Config checks, in-process: each error names the flag that set the bad value.
 def _config_error(kind, c):
     with pytest.raises(ValueError) as e:

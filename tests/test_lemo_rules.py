@@ -359,6 +359,15 @@ def test_selection_benchmark_smoke(tmp_path):
     subprocess.run([sys.executable, "-m", "experiments.bench.lemo_selection",
                     f"--merge={out},{out}", f"--out={merged}"], check=True, capture_output=True)
     assert len(json.loads(merged.read_text())["rows"]) == 2 * len(result["rows"])
+    # By default every rule runs, the library's default (learned) first.
+    every = tmp_path / "every.json"
+    subprocess.run([sys.executable, "-m", "experiments.bench.lemo_selection", "--smoke", "--seq_lens=128",
+                    "--keeps=0.5", "--nosensitivity", "--noflops", f"--out={every}"],
+                   check=True, capture_output=True)
+    rules_run = [r["rule"] for r in json.loads(every.read_text())["rows"] if r["kind"] == "loss"]
+    assert rules_run[0] == LeMoConfig().selector == "learned"
+    assert set(rules_run) == {"learned", "oracle", "random", "attention_ratio", "attention_mass", "recent",
+                              "ratio_mass"}
 
 
 def test_the_default_is_the_learned_rule_with_the_first_block_kept():

@@ -67,8 +67,9 @@ from tokensparse.llama import DecoderBlock, Llama
 # change under it.
 
 _OUT = flags.DEFINE_string("out", "bench_results/lemo_selection.json", "Where to write the JSON.")
-_RULES = flags.DEFINE_list("rules", ["oracle", "random", "attention_ratio", "attention_mass",
-                                     "recent", "ratio_mass"], "Selection rules to measure.")
+_RULES = flags.DEFINE_list("rules", ["learned", "oracle", "random", "attention_ratio", "attention_mass",
+                                     "recent", "ratio_mass"], "Selection rules to measure (learned: "
+                           "the library's default).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "2048"], "Window lengths.")
 _KEEPS = flags.DEFINE_list("keeps", ["0.4", "0.55", "0.7", "0.85"], "Keep ratios.")
 _WINDOWS = flags.DEFINE_integer("windows", 2, "Windows per text set.")
@@ -107,7 +108,10 @@ def load_model(smoke: bool):
                 return type("Enc", (), {"ids": list(text.encode("utf-8"))})()
 
         config = preset("tiny")  # vocab 256: bytes
-        return Llama(config, rngs=nnx.Rngs(0)), Bytes(), "tiny"
+        model = Llama(config, rngs=nnx.Rngs(0))
+        learned_selector.attach(model, learned_selector.LearnedSelector(  # untrained: runs, means nothing
+            config.n_layers, config.d_model, layers=range(config.n_layers)))
+        return model, Bytes(), "tiny"
     from tokensparse import zoo
 
     model, _, tokenizer = zoo.load("smollm2-135m")

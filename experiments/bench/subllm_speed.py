@@ -26,11 +26,15 @@ found the level full (first-come capacity turned them away); ``overflow_rate_<le
 
 ``prefill_flops_ratio@<T>`` = dense / SUBLLM loop-aware compiled matmul FLOPs of the prefill of a
 ``T``-token prompt (:mod:`tokensparse.flops`; compile only). **Decoding**: batch ``--decode_batch``;
-prefill a prompt of ``T − decode_tokens`` random tokens, then time ``decode_tokens`` steps (per-token
-latency, first token excluded: it comes from the prefill), AB then BA. Decode attends only over each
-cache's filled prefix (:func:`tokensparse.decode.length_bounded`). ``decode_speedup@<T>`` = dense /
-SUBLLM per-token time. ``kv_allocated_ratio@<T>`` and ``kv_occupied_ratio@<T>`` = SUBLLM / dense KV
-bytes allocated (cache buffers) and occupied (tokens held after the prefill).
+prefill the first ``T − decode_tokens`` of ``T`` random tokens, then time ``decode_tokens`` steps that
+feed the rest (teacher forcing: greedy tokens of random weights repeat one token, which a level then
+keeps every time or never, so greedy decoding would time the levels at the wrong keep rates; per-token
+latency, first token excluded: it comes from the prefill), AB then BA. The rows report each level's
+keep rate over the decoded tokens (``decode_keep_rates``; ``decode_keep_rate_<level>@<T>``). Decode
+attends only over each cache's filled prefix (:func:`tokensparse.decode.length_bounded`).
+``decode_speedup@<T>`` = dense / SUBLLM per-token time. ``kv_allocated_ratio@<T>`` and
+``kv_occupied_ratio@<T>`` = SUBLLM / dense KV bytes allocated (cache buffers) and occupied (tokens
+held after the prefill).
 Absolute times mean something only on a GPU or TPU; on a CPU read the ratios.
 """
 
@@ -90,7 +94,7 @@ _checks.at_least(_REPS, 0)
 _checks.at_least(_WARMUP, 0)
 _checks.at_least(_DECODE_TOKENS, 0)
 _checks.at_least(_DECODE_BATCH, 1)
-_checks.in_range(_CAPACITY, 0.0, 1.0)
+_checks.in_range(_CAPACITY, 0.0, 1.0, include_high=True)
 _checks.one_of(_ATTENTION, _checks.attention_backends())
 _checks.one_of(_DTYPE, ("auto", *DTYPES))
 _checks.one_of(_REMAT, REMAT_POLICIES)
@@ -145,20 +149,34 @@ def measure_training(seq_len: int) -> dict[str, dict]:
     return rows
 
 
-def decode_tokens_timed(decoder: Decoder, prompt: np.ndarray, n: int) -> tuple[list[float], list[float]]:
-    """Per-token wall-clock and process CPU seconds of ``n`` greedy decode steps after a prefill of
-    ``prompt`` (CPU time, all threads, is the steadier cost measure on a shared machine)."""
+def decode_tokens_timed(decoder: Decoder, prompt: np.ndarray, continuation: np.ndarray
+                        ) -> tuple[list[float], list[float], list[int]]:
+    """Per-token wall-clock and process CPU seconds of decode steps that feed ``continuation``
+    [B, n] after a prefill of ``prompt`` (teacher forcing: the decoded tokens come from the same
+    distribution as the prompt, so the levels keep them at the calibrated rates; greedy tokens of a
+    random-weight model repeat and would not), and how many tokens each cache group gained. CPU
+    time, all threads, is the steadier cost measure on a shared machine."""
     lengths = np.full(prompt.shape[0], prompt.shape[1], np.int32)
-    logits, cache = decoder.prefill(prompt, lengths)
-    tokens = np.asarray(jnp.argmax(logits, -1), np.int32)
+    _, cache = decoder.prefill(prompt, lengths)
+    before = [int(np.sum(x)) for x in cache.lengths]
     times, cpu = [], []
-    for i in range(n):
+    for i in range(continuation.shape[1]):
         start, start_cpu = time.perf_counter(), time.process_time()
-        logits, cache = decoder.step(cache, tokens, lengths + i)
-        tokens = np.asarray(jnp.argmax(logits, -1), np.int32)  # blocks: the next step needs it
+        logits, cache = decoder.step(cache, continuation[:, i].astype(np.int32), lengths + i)
+        jax.block_until_ready(logits)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return times, cpu
+    return times, cpu, [int(np.sum(x)) - b for x, b in zip(cache.lengths, before, strict=True)]
+
+
+def decode_keep_rates(model: SubLLM, gained: list[int]) -> list[float]:
+    """Per nesting level: the decoded tokens its groups kept / those their parent groups kept."""
+    parents = subllm_decode.parent_groups(model.structure)
+    levels = [op.level for op in model.structure.ops if op.kind == "down"]
+    counts = {level: np.zeros(2) for level in sorted(set(levels))}  # parents' tokens, kept
+    for j, (level, parent) in enumerate(zip(levels, parents, strict=True)):
+        counts[level] += [gained[parent], gained[j + 1]]
+    return [float(kept / max(total, 1)) for total, kept in counts.values()]
 
 
 def level_rates(model: SubLLM, prompt: np.ndarray, max_len: int) -> dict[str, list[float]]:
@@ -194,17 +212,19 @@ def prefill_flops(decoder: Decoder, seq_len: int) -> float:
 def measure_inference(seq_len: int) -> dict[str, dict]:
     n = _DECODE_TOKENS.value
     probe = build(configs(seq_len)["subllm"])
-    prompt = np.asarray(random_batch(probe.config.vocab_size, _DECODE_BATCH.value, seq_len - n).tokens)
+    tokens = np.asarray(random_batch(probe.config.vocab_size, _DECODE_BATCH.value, seq_len).tokens)
+    prompt, continuation = tokens[:, :seq_len - n], tokens[:, seq_len - n:]
     thetas = calibrate_thresholds(probe, prompt)
     rows, decoders = {}, {}
     for name, config in configs(seq_len, thetas).items():
         decoders[name] = Decoder(build(config), seq_len)
-        decode_tokens_timed(decoders[name], prompt, 2)  # compile + warm up
+        decode_tokens_timed(decoders[name], prompt, continuation[:, :2])  # compile + warm up
     per_token: dict[str, list[float]] = {name: [] for name in MODELS}
     per_token_cpu: dict[str, list[float]] = {name: [] for name in MODELS}
+    gained: dict[str, list[int]] = {}
     for rep in range(2):  # AB then BA, each a full run of n tokens
         for name in (MODELS if rep == 0 else MODELS[::-1]):
-            times, cpu = decode_tokens_timed(decoders[name], prompt, n)
+            times, cpu, gained[name] = decode_tokens_timed(decoders[name], prompt, continuation)
             per_token[name] += times
             per_token_cpu[name] += cpu
     for name, decoder in decoders.items():
@@ -221,7 +241,8 @@ def measure_inference(seq_len: int) -> dict[str, dict]:
             "prefill_flops": prefill_flops(decoder, seq_len),
             "decode_token_s": statistics.median(per_token[name]), "decode_times_s": per_token[name],
             "decode_token_cpu_s": statistics.median(per_token_cpu[name]),
-            **level_rates(model, prompt, seq_len)}
+            **level_rates(model, prompt, seq_len),
+            "decode_keep_rates": decode_keep_rates(model, gained[name])}
     return rows
 
 
@@ -260,11 +281,14 @@ def main(argv):
             summary[f"kv_occupied_ratio@{seq_len}"] = ratio(infer_rows, "kv_occupied_bytes", inverse=True)
             for level, rate in enumerate(infer_rows["subllm"]["level_overflow_rates"], start=1):
                 summary[f"overflow_rate_{level}@{seq_len}"] = rate
+            for level, rate in enumerate(infer_rows["subllm"]["decode_keep_rates"], start=1):
+                summary[f"decode_keep_rate_{level}@{seq_len}"] = rate
     print(json.dumps(summary, indent=1))
     write_result(_OUT.value, "subllm_speed", rows, summary, settings={
         "preset": _PRESET.value, "reps": _REPS.value, "warmup": max(_WARMUP.value, 1),
         "infer_capacity": _CAPACITY.value, "threshold_calibration": "per level, to the structure's keep",
-        "timing": "median, ABBA-interleaved, compile excluded; decode: per token, first excluded"})
+        "timing": "median, ABBA-interleaved, compile excluded; decode: per token, first excluded",
+        "decode_tokens": "teacher-forced: the random continuation of the prompt"})
 
 
 if __name__ == "__main__":
