@@ -185,10 +185,11 @@ def cached(name: str, settings: dict, make) -> dict[str, np.ndarray]:
         with np.load(path) as f:
             print(f"read {name} data from {path}", flush=True)
             return {k: f[k] for k in f.files}
-    out = make()
+    # Stored as read back (inputs in float16), so fresh and cached data always concatenate.
+    out = {k: v.astype(np.float16) if k == "u" else v for k, v in make().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: v.astype(np.float16) if k == "u" else v for k, v in out.items()})
+    np.savez(tmp, **out)
     tmp.replace(path)  # a partial file is never read back
     return out
 

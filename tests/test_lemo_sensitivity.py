@@ -66,6 +66,19 @@ def test_layer_costs_equal_the_lemo_forward_with_one_sparse_layer(model):
     assert np.all(np.abs(costs) > 1e-4)  # eliminating half the blocks changes every layer's loss
 
 
+def test_layer_costs_over_given_candidate_layers_probe_only_those(model):
+    """Comparing rules on the same candidates: the given layers cost what they cost when every
+    layer is probed; the others are never probed (inf)."""
+    batches = [_batch(0)]
+    every = sensitivity.layer_costs(model, batches, LEMO, KEEP)[0]
+    some = sensitivity.layer_costs(model, batches, LEMO, KEEP, layers=[2, 1])[0]
+    assert np.isinf(some[0]) and np.isfinite(some[1:]).all()
+    np.testing.assert_allclose(some[1:], every[1:], atol=1e-6)
+    assert sensitivity.budget_profile(some, KEEP, 1e9)[0] == 1.0  # never made sparse
+    with pytest.raises(ValueError, match="at least one candidate layer"):
+        sensitivity.layer_costs(model, batches, LEMO, KEEP, layers=[])
+
+
 def test_budget_profile_takes_the_cheapest_layers_until_the_budget_is_spent():
     costs = [0.03, -0.01, 0.5, 0.02]
     assert sensitivity.budget_profile(costs, 0.4, 0.05) == (0.4, 0.4, 1.0, 0.4)
@@ -132,5 +145,7 @@ def test_layers_the_learned_selector_has_no_weights_for_are_never_probed_nor_mad
     assert sensitivity.probed_layers(m, lemo, KEEP) == [1, 2]
     costs = sensitivity.layer_costs(m, [_batch(5)], lemo, KEEP)[0]
     assert np.isinf(costs[0]) and np.isfinite(costs[1:]).all()
+    with pytest.raises(ValueError, match=r"cannot select in layers \[0\]"):
+        sensitivity.layer_costs(m, [_batch(5)], lemo, KEEP, layers=[0, 1])
     result = sensitivity.tune_profile(m, [_batch(5)], lemo, keep_ratio=KEEP, budget=1e9)
     assert result.profile == (1.0, KEEP, KEEP) and result.costs[0] is None

@@ -23,7 +23,11 @@ each rule runs only the rest (the same numbers as the whole sparse forward; a te
 ``--sensitivity``: per rule, the ``sensitivity`` profile (:mod:`tokensparse.lemo.profiles.
 sensitivity`) at keep ``--sensitivity_keep`` within ``--loss_budget`` nats, calibrated on the
 shakespeare windows at ``--sensitivity_seq_len``: how many layers fit, and the profile's loss on
-both sets. ``--flops``: each rule's selection cost, compile-only, on the ``--flops_preset`` shape at
+both sets. The candidates are the same for every rule, the half schedule's sparse layers
+(``--sensitivity_layers=schedule``; ``all``: every layer a rule can select in, which differs
+between rules: the learned selector has weights for layers 14-28 only).
+
+``--flops``: each rule's selection cost, compile-only, on the ``--flops_preset`` shape at
 ``--flops_seq_len``: compiled matmul FLOPs (:func:`tokensparse.flops.compiled_flops`) of one layer's
 scores, times the sparse layers of the default schedule, against the compiled FLOPs of the LeMo
 LoRA step (default LeMoConfig, ``random`` selection: nearly free) to which it would be added
@@ -85,6 +89,11 @@ _SENS_WINDOWS = flags.DEFINE_integer("sensitivity_windows", 2,
 _SENS_SEQ = flags.DEFINE_integer("sensitivity_seq_len", 1024, "Calibration window length.")
 _SENS_KEEP = flags.DEFINE_float("sensitivity_keep", 0.5, "Keep ratio of the sensitivity profile.")
 _BUDGET = flags.DEFINE_float("loss_budget", 0.05, "Nats the sensitivity profile may cost.")
+_SENS_LAYERS = flags.DEFINE_enum(
+    "sensitivity_layers", "schedule", ["schedule", "all"], "Candidate layers of the sensitivity "
+    "profile: schedule, the half schedule's sparse layers for every rule (the same candidates for "
+    "each, and the layers the shipped learned selector has weights for); all, every layer a rule "
+    "can select in (about 4x the probes on SmolLM2).")
 _FLOPS = flags.DEFINE_bool("flops", True, "Measure each rule's selection cost (compile-only).")
 _FLOPS_PRESET = flags.DEFINE_string("flops_preset", "llama2-7b", "Shape for the selection cost.")
 _FLOPS_SEQ = flags.DEFINE_integer("flops_seq_len", 8192, "Sequence length for the selection cost.")
@@ -177,15 +186,18 @@ def losses(model, tokens_by_set, lemo_for, keeps, rule_names, rows: list, save=l
             save()
 
 
-def sensitivity(model, calibration, tokens_by_set, lemo: LeMoConfig, keep: float, budget: float):
-    """The sensitivity profile for ``lemo.selector`` and its loss on every set."""
+def sensitivity(model, calibration, tokens_by_set, lemo: LeMoConfig, keep: float, budget: float,
+                layers=None):
+    """The sensitivity profile for ``lemo.selector`` over the candidate ``layers`` (None: every
+    layer the rule can select in) and its loss on every set."""
     batch = Batch(jnp.asarray(calibration), None, None)
-    costs = sensitivity_profile.layer_costs(model, [batch], lemo, keep)[0]
+    costs = sensitivity_profile.layer_costs(model, [batch], lemo, keep, layers=layers)[0]
     profile = sensitivity_profile.budget_profile(costs, keep, budget)
     profiled = lemo.replace(schedule="profile", profile=profile)
     run = nnx.jit(row_losses, static_argnums=(3, 4))
     out = {"kind": "sensitivity", "rule": lemo.selector, "keep": keep, "budget": budget,
            "seq_len": int(calibration.shape[1]), "profile": list(profile),
+           "candidates": None if layers is None else sorted(layers),
            "layers": int(sum(r < 1.0 for r in profile)),
            "costs": [float(c) if np.isfinite(c) else None for c in costs]}
     for s, toks in tokens_by_set.items():
@@ -340,12 +352,16 @@ def main(argv):
     if _SENSITIVITY.value:
         sets = text_windows(tokenizer, _SENS_SEQ.value, _WINDOWS.value, smoke)
         calibration = sets["shakespeare"][:_SENS_WINDOWS.value]
+        candidates = None if _SENS_LAYERS.value == "all" else [
+            layer for layer, ratio in enumerate(base.replace(keep_ratio=_SENS_KEEP.value).keep_ratios(
+                len(model.layers))) if ratio < 1.0]
+        settings["sensitivity_candidates"] = candidates
         for r in rule_names:
             if rules.get(r).per_layer:
                 continue
             t0 = time.perf_counter()
             rows.append(sensitivity(model, calibration, sets, lemo_for(r, 1.0),
-                                    _SENS_KEEP.value, _BUDGET.value))
+                                    _SENS_KEEP.value, _BUDGET.value, candidates))
             print(f"sensitivity {r}: {rows[-1]['layers']} layers, english "
                   f"{rows[-1]['delta_english']:+.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
             save()

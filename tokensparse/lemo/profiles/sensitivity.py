@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,11 +96,14 @@ def probed_layers(model: Llama, lemo: LeMoConfig, keep_ratio: float) -> list[int
     return layers
 
 
-def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> np.ndarray:
+def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float,
+                layers: Sequence[int] | None = None) -> np.ndarray:
     """[n_batches, L]: each batch's loss with only layer l keeping ``keep_ratio`` of its blocks
     (selected as training selects them: ``lemo.selector``'s rule, ``keep_first_block``), minus
     its dense loss; ``inf`` for a layer the rule cannot select in (:func:`probed_layers`: never
-    made sparse). Rules with one module per layer (``predictor``) cannot be probed here."""
+    made sparse) and, when ``layers`` is given, for every layer outside it (the candidates: e.g.
+    the same layers for every rule compared). Rules with one module per layer (``predictor``)
+    cannot be probed here."""
     batches = list(batches)
     if not batches:
         raise ValueError("layer_costs needs at least one calibration batch.")
@@ -109,6 +113,14 @@ def layer_costs(model: Llama, batches, lemo: LeMoConfig, keep_ratio: float) -> n
     if not 0.0 < keep_ratio < 1.0:
         raise ValueError(f"keep_ratio={keep_ratio} must be in (0, 1): 1 eliminates nothing.")
     probed = probed_layers(model, lemo, keep_ratio)
+    if layers is not None:
+        outside = sorted(set(layers) - set(probed))
+        if outside:
+            raise ValueError(f"selector={lemo.selector!r} cannot select in layers {outside}; it can "
+                             f"in {probed}.")
+        probed = sorted(set(layers))
+        if not probed:
+            raise ValueError("layer_costs needs at least one candidate layer.")
     first = _one_sparse(len(model.layers), probed[0], keep_ratio)
     for b in batches:
         check_lemo(model, lemo.replace(schedule="profile", profile=first), b.tokens.shape[1],
