@@ -195,11 +195,10 @@ def dense_set_losses(model, tokens_by_set, lemo: LeMoConfig) -> dict[str, float]
 
 
 def sensitivity(model, calibration, tokens_by_set, lemo: LeMoConfig, keep: float, budget: float,
-                layers=None, dense: dict[str, float] | None = None):
+                layers, dense: dict[str, float]):
     """The sensitivity profile for ``lemo.selector`` over the candidate ``layers`` (None: every
-    layer the rule can select in) and its loss on every set (minus ``dense``, the sets' dense
-    losses, measured here when not given)."""
-    dense = dense_set_losses(model, tokens_by_set, lemo) if dense is None else dense
+    layer the rule can select in) and its loss on every set, and that minus ``dense``
+    (:func:`dense_set_losses`)."""
     batch = Batch(jnp.asarray(calibration), None, None)
     costs = sensitivity_profile.layer_costs(model, [batch], lemo, keep, layers=layers)[0]
     profile = sensitivity_profile.budget_profile(costs, keep, budget)

@@ -169,13 +169,17 @@ def decode_tokens_timed(decoder: Decoder, prompt: np.ndarray, continuation: np.n
     return times, cpu, [int(np.sum(x)) - b for x, b in zip(cache.lengths, before, strict=True)]
 
 
+def subsamplers(model: SubLLM) -> list[tuple[int, int]]:
+    """Per subsampler (group ``j + 1``): its nesting level and the cache group it scores."""
+    levels = [op.level for op in model.structure.ops if op.kind == "down"]
+    return list(zip(levels, subllm_decode.parent_groups(model.structure), strict=True))
+
+
 def decode_keep_rates(model: SubLLM, gained: list[int]) -> list[float]:
     """Per nesting level: the decoded tokens its groups kept / those their parent groups kept."""
-    parents = subllm_decode.parent_groups(model.structure)
-    levels = [op.level for op in model.structure.ops if op.kind == "down"]
-    counts = {level: np.zeros(2) for level in sorted(set(levels))}  # parents' tokens, kept
-    for j, (level, parent) in enumerate(zip(levels, parents, strict=True)):
-        counts[level] += [gained[parent], gained[j + 1]]
+    counts: dict[int, np.ndarray] = {}  # level: parents' tokens, kept
+    for j, (level, parent) in enumerate(subsamplers(model)):
+        counts[level] = counts.get(level, np.zeros(2)) + [gained[parent], gained[j + 1]]
     return [float(kept / max(total, 1)) for total, kept in counts.values()]
 
 
@@ -190,14 +194,13 @@ def level_rates(model: SubLLM, prompt: np.ndarray, max_len: int) -> dict[str, li
         return m.forward(tokens, mode="infer", capacities=lay.group_sizes[1:])[1]
 
     aux = run(model, jnp.asarray(prompt))
-    parents = subllm_decode.parent_groups(model.structure)
-    levels = [op.level for op in model.structure.ops if op.kind == "down"]
-    counts = {level: np.zeros(3) for level in sorted(set(levels))}  # input, wanted, kept
-    for j, (level, parent) in enumerate(zip(levels, parents, strict=True)):
+    counts: dict[int, np.ndarray] = {}  # level: input, wanted, kept
+    for j, (level, parent) in enumerate(subsamplers(model)):
         segs = np.zeros(prompt.shape, np.int32) if parent == 0 else np.asarray(aux["segment_ids"][parent - 1])
         valid = segs >= 0
         wanted = valid & (np.asarray(aux["scores"][j]) > model.subllm_config.level_threshold(level))
-        counts[level] += [valid.sum(), wanted.sum(), np.asarray(aux["selections"][j].valid).sum()]
+        counts[level] = counts.get(level, np.zeros(3)) + [
+            valid.sum(), wanted.sum(), np.asarray(aux["selections"][j].valid).sum()]
     return {"level_keep_rates": [float(c[2] / c[0]) for c in counts.values()],
             "level_overflow_rates": [float((c[1] - c[2]) / max(c[1], 1)) for c in counts.values()]}
 
