@@ -154,6 +154,22 @@ def test_train_selector_on_a_zoo_base_reports_held_out_quality_and_reuses_its_da
     assert "+ 2 windows of 1 extra text files" in learned_selector.load(out).info["corpus"]
 
 
+def test_window_agreement_reproduces_the_exact_rule_without_a_window(tmp_path):
+    """The probe's windowed attention with no window is the exact rule (Spearman 1, recall 1); a
+    window of none of the blocks before the query's own agrees less; every (set, heads, window)
+    has a row."""
+    result, _ = _bench("lemo_window_agreement", tmp_path / "w.json", "--smoke", "--layers=0-1",
+                       "--seq_len=256", "--block_size=32", "--windows=2", "--window_blocks=0,all",
+                       "--heads=all,0+1")
+    rows = {(r["set"], r["window_blocks"], None if r["heads"] is None else tuple(r["heads"])): r
+            for r in result["rows"]}
+    assert set(rows) == {("english", w, h) for w in (0, None) for h in (None, (0, 1))}
+    exact = rows[("english", None, None)]
+    assert exact["spearman"] > 0.999 and all(exact[f"recall@{k}"] == 1.0 for k in (0.4, 0.55, 0.7, 0.85))
+    assert rows[("english", 0, None)]["spearman"] < 0.99
+    assert rows[("english", None, (0, 1))]["spearman"] < 0.999  # half the heads: not the exact rule
+
+
 def test_train_selector_refuses_the_held_out_english_as_extra_text(tmp_path):
     from tokensparse.data import heldout
 

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from tokensparse import data, lora, train
-from tokensparse.config import LeMoConfig, LoRAConfig, ModelConfig
+from tokensparse.config import LeMoConfig, LoRAConfig, ModelConfig, preset
 from tokensparse.lemo import learned_selector
 from tokensparse.lemo.comparison import ROWS, comparison_configs, is_plain_lora
 from tokensparse.lemo.forward import group_layers, lemo_loss
@@ -89,3 +89,22 @@ def lowered_lora_step(config: ModelConfig, seq_len: int, method: str, **kwargs):
     loss, lora_state, rest = lora_step(config, seq_len, method, **kwargs)
     ints = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     return jax.jit(jax.grad(loss)).lower(lora_state, rest, AbstractBatch(ints, ints, ints))
+
+
+def selection_model(smoke: bool):
+    """``(model, tokenizer, name)`` of the selection benchmarks: SmolLM2-135M (its shipped selector
+    attached), or with ``smoke`` a tiny random model with a byte tokenizer."""
+    if smoke:
+        class Bytes:
+            def encode(self, text):
+                return type("Enc", (), {"ids": list(text.encode("utf-8"))})()
+
+        config = preset("tiny")  # vocab 256: bytes
+        model = Llama(config, rngs=nnx.Rngs(0))
+        learned_selector.attach(model, learned_selector.LearnedSelector(  # untrained: runs, means nothing
+            config.n_layers, config.d_model, layers=range(config.n_layers)))
+        return model, Bytes(), "tiny"
+    from tokensparse import zoo
+
+    model, _, tokenizer = zoo.load("smollm2-135m")
+    return model, tokenizer, "smollm2-135m"

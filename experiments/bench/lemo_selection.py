@@ -65,7 +65,7 @@ from tokensparse.layer_loop import Layer
 from tokensparse.lemo import analysis, learned_selector, rules
 from tokensparse.lemo.forward import check_lemo
 from tokensparse.lemo.profiles import sensitivity as sensitivity_profile
-from tokensparse.llama import DecoderBlock, Llama
+from tokensparse.llama import DecoderBlock
 
 # Every module a stage uses is imported up front: a long run does not import from a tree that may
 # change under it.
@@ -107,24 +107,6 @@ _MERGE = flags.DEFINE_list("merge", [], "Instead of measuring: merge these resul
 _checks.int_list(_SEQ_LENS, multiple_of=64, why="LeMo keeps whole 64-token blocks")
 
 SETS = ("shakespeare", "english")
-
-
-def load_model(smoke: bool):
-    """``(model, tokenizer, name)``: SmolLM2-135M, or a tiny random model with a byte tokenizer."""
-    if smoke:
-        class Bytes:
-            def encode(self, text):
-                return type("Enc", (), {"ids": list(text.encode("utf-8"))})()
-
-        config = preset("tiny")  # vocab 256: bytes
-        model = Llama(config, rngs=nnx.Rngs(0))
-        learned_selector.attach(model, learned_selector.LearnedSelector(  # untrained: runs, means nothing
-            config.n_layers, config.d_model, layers=range(config.n_layers)))
-        return model, Bytes(), "tiny"
-    from tokensparse import zoo
-
-    model, _, tokenizer = zoo.load("smollm2-135m")
-    return model, tokenizer, "smollm2-135m"
 
 
 def text_windows(tokenizer, seq_len: int, count: int, smoke: bool) -> dict[str, np.ndarray]:
@@ -315,7 +297,7 @@ def main(argv):
         return
     start_time = time.perf_counter()
     smoke = _SMOKE.value
-    model, tokenizer, name = load_model(smoke)
+    model, tokenizer, name = inputs.selection_model(smoke)
     if _SELECTOR_WEIGHTS.value:
         learned_selector.attach(model, learned_selector.load(_SELECTOR_WEIGHTS.value, model.config))
     rule_names = list(_RULES.value)

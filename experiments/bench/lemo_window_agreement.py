@@ -1,0 +1,143 @@
+"""How local is LeMo's exact query-side rule? Its block ranking from a windowed attention.
+
+    python -m experiments.bench.lemo_window_agreement --out bench_results/lemo_window_agreement.json
+    python -m experiments.bench.lemo_window_agreement --smoke --out /tmp/window.json  # tiny, random
+
+The exact ``attention_ratio`` rule scores a token by ‖a_t‖ / ‖h_t‖ with ``a_t`` the layer's causal
+attention output over the whole prefix. This probe recomputes ``a_t`` with each query restricted
+to the row's first block (the attention sink), its own block and the ``w`` blocks before it
+(``--window_blocks``; ``all``: no restriction, which must reproduce the exact rule: a built-in
+check), optionally with only some query heads (``--heads``), and reports how well each version
+ranks blocks like the exact rule: Spearman per (layer, window) and recall of its kept blocks per
+keep ratio (:func:`tokensparse.lemo.learned_selector.ranking_metrics`, block 0 kept in both).
+
+The layer inputs are those of the LeMo sparse forward with the exact rule selecting at
+``--sparse_keep`` (as ``experiments.train_selector`` collects them), on ``--windows`` windows of
+``--seq_len`` tokens of the held-out English (:func:`tokensparse.data.heldout.english_windows`)
+and of Shakespeare's validation split, for layers ``--layers``. It answers what a cheap selector
+must see: a rule that agrees with the exact one needs the layer's own attention over a few blocks,
+while a per-token predictor sees none of it (docs/lemo.md, "Learned selector").
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import _checks
+from experiments.bench import inputs, write_result
+from experiments.selector_windows import parse_layers, split_windows
+from tokensparse.config import LeMoConfig
+from tokensparse.data import heldout
+from tokensparse.lemo import learned_selector as ls
+
+_OUT = flags.DEFINE_string("out", "bench_results/lemo_window_agreement.json", "Output JSON.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "A tiny random model with a byte tokenizer (a test).")
+_WINDOWS = flags.DEFINE_integer("windows", 4, "Windows per text set.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per window (a multiple of --block_size).")
+_BLOCK = flags.DEFINE_integer("block_size", 64, "LeMo block size.")
+_LAYERS = flags.DEFINE_string("layers", "14-28", "Layers: a range a-b (inclusive) or a comma list.")
+_WINDOW_BLOCKS = flags.DEFINE_list("window_blocks", ["0", "1", "2", "4", "all"],
+                                   "Blocks before the query's own that it attends to (besides the "
+                                   "first block); all: the whole prefix (the exact rule).")
+_HEADS = flags.DEFINE_list("heads", ["all"], "Query-head subsets, each a '+'-joined list of head "
+                           "indices (e.g. 0+3+6) or all; every subset is measured with every window.")
+_SPARSE_KEEP = flags.DEFINE_float("sparse_keep", 0.7, "Keep ratio of the sparse forward whose layer "
+                                  "inputs are probed (the exact rule selecting).")
+
+_checks.at_least(_WINDOWS, 1)
+_checks.in_range(_SPARSE_KEEP, 0.0, 1.0, include_high=True)
+
+
+def windowed_ratio(attn, u, log_rms, window_blocks: int | None, block_size: int, heads=None):
+    """‖a_t‖ / ‖h_t‖ with ``a_t`` the attention output of ``attn`` over the first block, the
+    query's own block and the ``window_blocks`` before it (None: the whole causal prefix), from the
+    query heads ``heads`` only (None: all); ``u`` [T, D] the normed layer input, ``log_rms`` [T]."""
+    t, d = u.shape
+    positions = jnp.arange(t)[None]
+    q, k, v = (x.astype(jnp.float32)[0] for x in attn.project_qkv(u[None], positions))
+    group = attn.n_heads // attn.n_kv_heads
+    k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
+    i = jnp.arange(t)
+    allowed = i[None, :] <= i[:, None]
+    if window_blocks is not None:
+        near = (i[:, None] // block_size - i[None, :] // block_size <= window_blocks)
+        allowed = allowed & (near | (i[None, :] < block_size))
+    scores = jnp.einsum("qhd,khd->hqk", q, k) / np.sqrt(attn.head_dim)
+    out = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), -1), v)
+    if heads is not None:
+        out = out * jnp.zeros(attn.n_heads).at[jnp.asarray(heads)].set(1.0)[None, :, None]
+    a = attn.project_out(out[None].astype(u.dtype))[0].astype(jnp.float32)
+    return jnp.linalg.norm(a, axis=-1) / (jnp.exp(log_rms) * np.sqrt(d))
+
+
+def agreement(model, data: dict, layers, window_blocks, heads, block_size: int, seq_len: int) -> dict:
+    """Ranking metrics of the windowed ratio against the exact one over ``data`` (from
+    :func:`learned_selector.collect`)."""
+    n_layers, n = data["target"].shape
+    predicted = np.zeros((n_layers, n), np.float32)
+    for i, layer in enumerate(layers):
+        attn = model.layers[layer].attn
+        for w in range(n // seq_len):
+            rows = slice(w * seq_len, (w + 1) * seq_len)
+            predicted[i, rows] = np.asarray(windowed_ratio(attn, jnp.asarray(data["u"][i, rows], jnp.float32),
+                                                  jnp.asarray(data["log_rms"][i, rows]),
+                                                  window_blocks, block_size, heads))
+    blocks = lambda x: x.reshape(n_layers, -1, block_size).mean(-1)
+    return ls.ranking_metrics(blocks(predicted), blocks(data["target"]),
+                              blocks_per_window=seq_len // block_size, keeps=(0.4, 0.55, 0.7, 0.85))
+
+
+def main(argv):
+    del argv
+    t0 = time.perf_counter()
+    block, seq_len = _BLOCK.value, _SEQ_LEN.value
+    if seq_len % block:
+        raise app.UsageError(f"--seq_len={seq_len} must be a multiple of --block_size={block}.")
+    windows = [None if w == "all" else int(w) for w in _WINDOW_BLOCKS.value]
+    if any(w is not None and w < 0 for w in windows):
+        raise app.UsageError(f"--window_blocks={_WINDOW_BLOCKS.value}: each is >= 0 or all.")
+    model, tokenizer, name = inputs.selection_model(_SMOKE.value)
+    n_heads = model.config.n_heads
+    try:
+        subsets = [None if h == "all" else tuple(sorted({int(x) for x in h.split("+")}))
+                   for h in _HEADS.value]
+    except ValueError:
+        raise app.UsageError(f"--heads={_HEADS.value}: '+'-joined head indices or all.") from None
+    if any(s is not None and not 0 <= s[0] <= s[-1] < n_heads for s in subsets):
+        raise app.UsageError(f"--heads={_HEADS.value}: the model has heads 0..{n_heads - 1}.")
+    layers = parse_layers(_LAYERS.value, model.config.n_layers)
+    sparse = [LeMoConfig(keep_ratio=_SPARSE_KEEP.value, selector="attention_ratio", mlp_mode="dense",
+                         keep_first_block=True, block_size=block)]
+    sets = {"english": heldout.english_windows(tokenizer, seq_len, _WINDOWS.value)}
+    if not _SMOKE.value:  # the byte-level smoke model has no Shakespeare split worth probing
+        sets["shakespeare"] = split_windows(tokenizer, "validation", seq_len, _WINDOWS.value, 0)
+    rows, summary = [], {}
+    for set_name, set_windows in sets.items():
+        data = ls.collect(model, set_windows, layers, "attention_ratio", sparse=sparse,
+                          block_size=block)
+        for heads in subsets:
+            for w in windows:
+                metrics = agreement(model, data, layers, w, heads, block, seq_len)
+                label = f"{'all' if w is None else w}@{'all' if heads is None else '+'.join(map(str, heads))}"
+                rows.append({"kind": "agreement", "set": set_name, "window_blocks": w,
+                             "heads": heads, **metrics})
+                summary[f"spearman_{set_name}@{label}"] = metrics["spearman"]
+                print(f"{set_name:>11} window {label:>10}: " + " ".join(
+                    f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({time.perf_counter() - t0:.0f}s)",
+                    flush=True)
+    write_result(_OUT.value, "lemo_window_agreement", rows, summary, png=False,
+                 settings={"model": name, "windows": _WINDOWS.value, "seq_len": seq_len,
+                           "block_size": block, "layers": list(layers),
+                           "sparse_keep": _SPARSE_KEEP.value,
+                           "window": "the row's first block + the query's own block + "
+                                     "window_blocks blocks before it, causal"})
+    print(f"wrote {_OUT.value} ({time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    app.run(main)
