@@ -10,6 +10,7 @@ to the row's first block (the attention sink), its own block and the ``w`` block
 check), optionally with only some query heads (``--heads``), and reports how well each version
 ranks blocks like the exact rule: Spearman per (layer, window) and recall of its kept blocks per
 keep ratio (:func:`tokensparse.lemo.learned_selector.ranking_metrics`, block 0 kept in both).
+``--output_norms`` also measures cheaper norms of ``a_t`` than through the output projection.
 
 The layer inputs are those of the LeMo sparse forward with the exact rule selecting at
 ``--sparse_keep`` (as ``experiments.train_selector`` collects them), on ``--windows`` windows of
@@ -21,6 +22,7 @@ while a per-token predictor sees none of it (docs/lemo.md, "Learned selector").
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import jax
@@ -46,6 +48,11 @@ _WINDOW_BLOCKS = flags.DEFINE_list("window_blocks", ["0", "1", "2", "4", "all"],
                                    "first block); all: the whole prefix (the exact rule).")
 _HEADS = flags.DEFINE_list("heads", ["all"], "Query-head subsets, each a '+'-joined list of head "
                            "indices (e.g. 0+3+6) or all; every subset is measured with every window.")
+_OUTPUT_NORMS = flags.DEFINE_list(
+    "output_norms", ["exact"], "How ‖a_t‖ is computed from the heads' outputs o_h: exact (through "
+    "o_proj), head_gram (Σ_h ‖o_h W_o,h‖², the cross-head terms dropped: each head's dh × dh Gram "
+    "matrix of W_o instead of the D × D projection), head (Σ_h ‖o_h‖², W_o ignored); every norm is "
+    "measured with every window and head subset.")
 _SPARSE_KEEP = flags.DEFINE_float("sparse_keep", 0.7, "Keep ratio of the sparse forward whose layer "
                                   "inputs are probed (the exact rule selecting).")
 
@@ -53,10 +60,15 @@ _checks.at_least(_WINDOWS, 1)
 _checks.in_range(_SPARSE_KEEP, 0.0, 1.0, include_high=True)
 
 
-def windowed_ratio(attn, u, log_rms, window_blocks: int | None, block_size: int, heads=None):
+OUTPUT_NORMS = ("exact", "head_gram", "head")
+
+
+def windowed_ratio(attn, u, log_rms, window_blocks: int | None, block_size: int, heads=None,
+                   output_norm: str = "exact"):
     """‖a_t‖ / ‖h_t‖ with ``a_t`` the attention output of ``attn`` over the first block, the
     query's own block and the ``window_blocks`` before it (None: the whole causal prefix), from the
-    query heads ``heads`` only (None: all); ``u`` [T, D] the normed layer input, ``log_rms`` [T]."""
+    query heads ``heads`` only (None: all), its norm computed as ``output_norm`` says (see
+    ``--output_norms``); ``u`` [T, D] the normed layer input, ``log_rms`` [T]."""
     t, d = u.shape
     positions = jnp.arange(t)[None]
     q, k, v = (x.astype(jnp.float32)[0] for x in attn.project_qkv(u[None], positions))
@@ -71,11 +83,20 @@ def windowed_ratio(attn, u, log_rms, window_blocks: int | None, block_size: int,
     out = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), -1), v)
     if heads is not None:
         out = out * jnp.zeros(attn.n_heads).at[jnp.asarray(heads)].set(1.0)[None, :, None]
-    a = attn.project_out(out[None].astype(u.dtype))[0].astype(jnp.float32)
-    return jnp.linalg.norm(a, axis=-1) / (jnp.exp(log_rms) * np.sqrt(d))
+    if output_norm == "exact":
+        norm = jnp.linalg.norm(attn.project_out(out[None].astype(u.dtype))[0].astype(jnp.float32),
+                               axis=-1)
+    elif output_norm == "head_gram":
+        w_o = attn.o_proj.kernel[...].astype(jnp.float32).reshape(attn.n_heads, attn.head_dim, d)
+        gram = jnp.einsum("hde,hfe->hdf", w_o, w_o)
+        norm = jnp.sqrt(jnp.einsum("qhd,hdf,qhf->q", out, gram, out))
+    else:
+        norm = jnp.sqrt(jnp.sum(out * out, axis=(1, 2)))
+    return norm / (jnp.exp(log_rms) * np.sqrt(d))
 
 
-def agreement(model, data: dict, layers, window_blocks, heads, block_size: int, seq_len: int) -> dict:
+def agreement(model, data: dict, layers, window_blocks, heads, block_size: int, seq_len: int,
+              output_norm: str = "exact") -> dict:
     """Ranking metrics of the windowed ratio against the exact one over ``data`` (from
     :func:`learned_selector.collect`)."""
     n_layers, n = data["target"].shape
@@ -86,7 +107,8 @@ def agreement(model, data: dict, layers, window_blocks, heads, block_size: int, 
             rows = slice(w * seq_len, (w + 1) * seq_len)
             predicted[i, rows] = np.asarray(windowed_ratio(attn, jnp.asarray(data["u"][i, rows], jnp.float32),
                                                   jnp.asarray(data["log_rms"][i, rows]),
-                                                  window_blocks, block_size, heads))
+                                                  window_blocks, block_size, heads,
+                                                  output_norm))
     blocks = lambda x: x.reshape(n_layers, -1, block_size).mean(-1)
     return ls.ranking_metrics(blocks(predicted), blocks(data["target"]),
                               blocks_per_window=seq_len // block_size, keeps=(0.4, 0.55, 0.7, 0.85))
@@ -99,6 +121,9 @@ def main(argv):
     if seq_len % block:
         raise app.UsageError(f"--seq_len={seq_len} must be a multiple of --block_size={block}.")
     windows = [None if w == "all" else int(w) for w in _WINDOW_BLOCKS.value]
+    unknown = set(_OUTPUT_NORMS.value) - set(OUTPUT_NORMS)
+    if unknown:
+        raise app.UsageError(f"--output_norms: unknown {sorted(unknown)}; known: {OUTPUT_NORMS}.")
     if any(w is not None and w < 0 for w in windows):
         raise app.UsageError(f"--window_blocks={_WINDOW_BLOCKS.value}: each is >= 0 or all.")
     model, tokenizer, name = inputs.selection_model(_SMOKE.value)
@@ -120,16 +145,17 @@ def main(argv):
     for set_name, set_windows in sets.items():
         data = ls.collect(model, set_windows, layers, "attention_ratio", sparse=sparse,
                           block_size=block)
-        for heads in subsets:
-            for w in windows:
-                metrics = agreement(model, data, layers, w, heads, block, seq_len)
-                label = f"{'all' if w is None else w}@{'all' if heads is None else '+'.join(map(str, heads))}"
-                rows.append({"kind": "agreement", "set": set_name, "window_blocks": w,
-                             "heads": heads, **metrics})
-                summary[f"spearman_{set_name}@{label}"] = metrics["spearman"]
-                print(f"{set_name:>11} window {label:>10}: " + " ".join(
-                    f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({time.perf_counter() - t0:.0f}s)",
-                    flush=True)
+        for norm, heads, w in itertools.product(_OUTPUT_NORMS.value, subsets, windows):
+            metrics = agreement(model, data, layers, w, heads, block, seq_len, norm)
+            label = f"{'all' if w is None else w}@{'all' if heads is None else '+'.join(map(str, heads))}"
+            if norm != "exact":
+                label += f"@{norm}"
+            rows.append({"kind": "agreement", "set": set_name, "window_blocks": w, "heads": heads,
+                         "output_norm": norm, **metrics})
+            summary[f"spearman_{set_name}@{label}"] = metrics["spearman"]
+            print(f"{set_name:>11} window {label:>10}: " + " ".join(
+                f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({time.perf_counter() - t0:.0f}s)",
+                flush=True)
     write_result(_OUT.value, "lemo_window_agreement", rows, summary, png=False,
                  settings={"model": name, "windows": _WINDOWS.value, "seq_len": seq_len,
                            "block_size": block, "layers": list(layers),
