@@ -57,6 +57,8 @@ _SPARSE_KEEP = flags.DEFINE_float("sparse_keep", 0.7, "Keep ratio of the sparse 
                                   "inputs are probed (the exact rule selecting).")
 
 _checks.at_least(_WINDOWS, 1)
+_checks.at_least(_SEQ_LEN, 1)
+_checks.at_least(_BLOCK, 1)
 _checks.in_range(_SPARSE_KEEP, 0.0, 1.0, include_high=True)
 
 
