@@ -38,6 +38,7 @@ HELP = {
     "experiments.bench.lemo_quality": ("perplexity", "--steps", "--seq_len", "--out"),
     "experiments.bench.lemo_predictor": ("recall", "--config", "--base_seq_len", "--out"),
     "experiments.bench.subllm_speed": ("throughput", "--seq_lens", "--decode_tokens", "--out"),
+    "experiments.bench.lemo_window_agreement": ("local", "--window_blocks", "--output_norms", "--out"),
     "experiments.bench.subllm_quality": ("held-out loss", "--steps", "--seq_len", "--out"),
     "experiments.bench.sharded_memory": ("mesh", "--meshes", "--seq_len", "--out"),
     "experiments.bench.kernels": ("correctness sweep", "--seq_lens", "--kernels", "--out"),
