@@ -27,8 +27,9 @@ def split_windows(tokenizer, split: str, seq_len: int, count: int, seed: int) ->
     return out
 
 
-
 def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """``--layers``: all, a range a-b (inclusive) or a comma list of indices, checked against
+    ``n_layers``."""
     if spec == "all":
         return tuple(range(n_layers))
     try:

@@ -65,55 +65,62 @@ _checks.in_range(_SPARSE_KEEP, 0.0, 1.0, include_high=True)
 OUTPUT_NORMS = ("exact", "head_gram", "head")
 
 
-def windowed_ratio(attn, u, log_rms, window_blocks: int | None, block_size: int, heads=None,
-                   output_norm: str = "exact"):
-    """‖a_t‖ / ‖h_t‖ with ``a_t`` the attention output of ``attn`` over the first block, the
-    query's own block and the ``window_blocks`` before it (None: the whole causal prefix), from the
-    query heads ``heads`` only (None: all), its norm computed as ``output_norm`` says (see
-    ``--output_norms``); ``u`` [T, D] the normed layer input, ``log_rms`` [T]."""
+def windowed_ratios(attn, u, log_rms, variants, block_size: int) -> dict:
+    """``{(window_blocks, heads, output_norm): ‖a_t‖ / ‖h_t‖ [T]}`` for every variant, with ``a_t``
+    the attention output of ``attn`` over the first block, the query's own block and the
+    ``window_blocks`` before it (None: the whole causal prefix), from the query heads ``heads`` only
+    (None: all), its norm computed as ``output_norm`` says (see ``--output_norms``). The projections
+    and scores are computed once for all variants; ``u`` [T, D] the normed layer input, ``log_rms``
+    [T]."""
     t, d = u.shape
-    positions = jnp.arange(t)[None]
-    q, k, v = (x.astype(jnp.float32)[0] for x in attn.project_qkv(u[None], positions))
+    q, k, v = (x.astype(jnp.float32)[0] for x in attn.project_qkv(u[None], jnp.arange(t)[None]))
     group = attn.n_heads // attn.n_kv_heads
     k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
-    i = jnp.arange(t)
-    allowed = i[None, :] <= i[:, None]
-    if window_blocks is not None:
-        near = (i[:, None] // block_size - i[None, :] // block_size <= window_blocks)
-        allowed = allowed & (near | (i[None, :] < block_size))
     scores = jnp.einsum("qhd,khd->hqk", q, k) / np.sqrt(attn.head_dim)
-    out = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), -1), v)
-    if heads is not None:
-        out = out * jnp.zeros(attn.n_heads).at[jnp.asarray(heads)].set(1.0)[None, :, None]
-    if output_norm == "exact":
-        norm = jnp.linalg.norm(attn.project_out(out[None].astype(u.dtype))[0].astype(jnp.float32),
-                               axis=-1)
-    elif output_norm == "head_gram":
-        w_o = attn.o_proj.kernel[...].astype(jnp.float32).reshape(attn.n_heads, attn.head_dim, d)
-        gram = jnp.einsum("hde,hfe->hdf", w_o, w_o)
-        norm = jnp.sqrt(jnp.einsum("qhd,hdf,qhf->q", out, gram, out))
-    else:
-        norm = jnp.sqrt(jnp.sum(out * out, axis=(1, 2)))
-    return norm / (jnp.exp(log_rms) * np.sqrt(d))
+    i = jnp.arange(t)
+    causal = i[None, :] <= i[:, None]
+    near = lambda w: (i[:, None] // block_size - i[None, :] // block_size <= w) | (i[None, :] < block_size)
+    w_o = attn.o_proj.kernel[...].astype(jnp.float32).reshape(attn.n_heads, attn.head_dim, d)
+    gram = jnp.einsum("hde,hfe->hdf", w_o, w_o)
+    residual = jnp.exp(log_rms) * np.sqrt(d)
+    outputs, ratios = {}, {}
+    for window_blocks, heads, output_norm in variants:
+        if window_blocks not in outputs:
+            allowed = causal if window_blocks is None else causal & near(window_blocks)
+            weights = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), -1)
+            outputs[window_blocks] = jnp.einsum("hqk,khd->qhd", weights, v)
+        out = outputs[window_blocks]
+        if heads is not None:
+            out = out * jnp.zeros(attn.n_heads).at[jnp.asarray(heads)].set(1.0)[None, :, None]
+        if output_norm == "exact":
+            a = attn.project_out(out[None].astype(u.dtype))[0].astype(jnp.float32)
+            norm = jnp.linalg.norm(a, axis=-1)
+        elif output_norm == "head_gram":
+            norm = jnp.sqrt(jnp.einsum("qhd,hdf,qhf->q", out, gram, out))
+        else:
+            norm = jnp.sqrt(jnp.sum(out * out, axis=(1, 2)))
+        ratios[(window_blocks, heads, output_norm)] = np.asarray(norm / residual)
+    return ratios
 
 
-def agreement(model, data: dict, layers, window_blocks, heads, block_size: int, seq_len: int,
-              output_norm: str = "exact") -> dict:
-    """Ranking metrics of the windowed ratio against the exact one over ``data`` (from
-    :func:`learned_selector.collect`)."""
+def agreements(model, data: dict, layers, variants, block_size: int, seq_len: int) -> dict:
+    """Per variant, the ranking metrics of its windowed ratio against the exact one over ``data``
+    (from :func:`learned_selector.collect`)."""
     n_layers, n = data["target"].shape
-    predicted = np.zeros((n_layers, n), np.float32)
+    predicted = {variant: np.zeros((n_layers, n), np.float32) for variant in variants}
     for i, layer in enumerate(layers):
         attn = model.layers[layer].attn
         for w in range(n // seq_len):
             rows = slice(w * seq_len, (w + 1) * seq_len)
-            predicted[i, rows] = np.asarray(windowed_ratio(attn, jnp.asarray(data["u"][i, rows], jnp.float32),
-                                                  jnp.asarray(data["log_rms"][i, rows]),
-                                                  window_blocks, block_size, heads,
-                                                  output_norm))
+            ratios = windowed_ratios(attn, jnp.asarray(data["u"][i, rows], jnp.float32),
+                                     jnp.asarray(data["log_rms"][i, rows]), variants, block_size)
+            for variant, ratio in ratios.items():
+                predicted[variant][i, rows] = ratio
     blocks = lambda x: x.reshape(n_layers, -1, block_size).mean(-1)
-    return ls.ranking_metrics(blocks(predicted), blocks(data["target"]),
-                              blocks_per_window=seq_len // block_size, keeps=(0.4, 0.55, 0.7, 0.85))
+    return {variant: ls.ranking_metrics(blocks(p), blocks(data["target"]),
+                                        blocks_per_window=seq_len // block_size,
+                                        keeps=(0.4, 0.55, 0.7, 0.85))
+            for variant, p in predicted.items()}
 
 
 def main(argv):
@@ -147,8 +154,10 @@ def main(argv):
     for set_name, set_windows in sets.items():
         data = ls.collect(model, set_windows, layers, "attention_ratio", sparse=sparse,
                           block_size=block)
-        for norm, heads, w in itertools.product(_OUTPUT_NORMS.value, subsets, windows):
-            metrics = agreement(model, data, layers, w, heads, block, seq_len, norm)
+        variants = [(w, heads, norm) for norm, heads, w
+                    in itertools.product(_OUTPUT_NORMS.value, subsets, windows)]
+        for (w, heads, norm), metrics in agreements(model, data, layers, variants, block,
+                                                    seq_len).items():
             label = f"{'all' if w is None else w}@{'all' if heads is None else '+'.join(map(str, heads))}"
             if norm != "exact":
                 label += f"@{norm}"
