@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokensparse import attention, decode
+from tokensparse import attention, decode, decode_attention
 from tokensparse.config import preset
 from tokensparse.generate import Decoder, generate, pad_prompts, sample
 from tokensparse.llama import Llama
@@ -263,12 +263,12 @@ def test_bad_prompts(gen_model):
 
 def test_bucket_sizes_cover_every_filled_length():
     for size in (1, 5, 40, 2304, 3072, 4096):
-        sizes = decode.bucket_sizes(size)
+        sizes = decode_attention.bucket_sizes(size)
         assert sizes[-1] == size and list(sizes) == sorted(set(sizes))
-        assert len(sizes) <= decode.DECODE_BUCKETS
+        assert len(sizes) <= decode_attention.DECODE_BUCKETS
         for n in range(1, size + 1):  # the bucket for n filled slots wastes < size/buckets + multiple
             bucket = min(x for x in sizes if x >= n)
-            assert bucket - n < size / decode.DECODE_BUCKETS + decode.BUCKET_MULTIPLE
+            assert bucket - n < size / decode_attention.DECODE_BUCKETS + decode_attention.BUCKET_MULTIPLE
 
 
 def _core(backend):
@@ -278,37 +278,53 @@ def _core(backend):
     return core
 
 
-@pytest.mark.parametrize("filled", [[3, 17, 29], [1, 2, 9], [40, 5, 12]])
-@pytest.mark.parametrize("backend", ["reference", "xla"])
-def test_length_bounded_attention_equals_full_buffer(backend, filled):
-    """Forward and gradient of attention over the filled prefix (ragged per row) equal the full
-    buffer's with the unfilled slots masked; those slots hold large garbage, which a cut at too
-    short a bucket or a mask leak would show."""
-    b, s, h, hkv, d = 3, 40, 4, 2, 8
-    keys = jax.random.split(jax.random.key(0), 4)
+@pytest.mark.parametrize("filled", [[3, 17, 29], [1, 2, 9], [40, 5, 0]])
+@pytest.mark.parametrize("core", [None, "reference", "xla"])
+def test_stacked_attention_equals_full_buffer(core, filled):
+    """Attention over the filled prefix of layer 1 of a head-major stack (ragged per row; grouped
+    queries; two queries per row, at positions that need not be slots) equals the reference over
+    that layer's full token-major buffer with the unfilled slots masked, forward and gradient, with
+    the plain-JAX slice attention (``None``) and with a backend core. The unfilled slots hold large
+    garbage, which a cut at too short a bucket or a mask leak would show; a query that sees no key
+    returns zeros."""
+    n, b, s, h, hkv, d, tq = 3, 3, 40, 4, 2, 8, 2
+    keys = jax.random.split(jax.random.key(1), 4)
     filled = jnp.asarray(filled, jnp.int32)
-    unfilled = (jnp.arange(s)[None, :] >= filled[:, None])[..., None, None]
-    q = jax.random.normal(keys[0], (b, 1, h, d))
-    k = jnp.where(unfilled, 30.0, jax.random.normal(keys[1], (b, s, hkv, d)))
-    v = jnp.where(unfilled, 1e3, jax.random.normal(keys[2], (b, s, hkv, d)))
-    cot = jax.random.normal(keys[3], (b, 1, h, d))
-    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    kv_seg = jnp.where(unfilled[..., 0, 0], -1, 0).astype(jnp.int32)
-    pos, seg = (filled - 1)[:, None], jnp.zeros((b, 1), jnp.int32)
-    full_core, bounded_core = _core(backend), decode.length_bounded(_core(backend), filled)
+    unfilled = (jnp.arange(s)[None, :] >= filled[:, None])[None, :, None, :, None]
+    key_stack = jnp.where(unfilled, 30.0, jax.random.normal(keys[0], (n, b, hkv, s, d)))
+    value_stack = jnp.where(unfilled, 1e3, jax.random.normal(keys[1], (n, b, hkv, s, d)))
+    q = jax.random.normal(keys[2], (b, tq, h, d))
+    cot = jax.random.normal(keys[3], (b, tq, h, d))
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) * 2, (b, s))
+    kv_seg = jnp.where(unfilled[0, :, 0, :, 0], -1, 0).astype(jnp.int32)
+    pos = jnp.stack([2 * filled - 3, 2 * filled - 2], axis=1)  # the second query sees one key more
+    q_seg = jnp.zeros((b, tq), jnp.int32)
 
-    def loss(core, q, k, v):
-        out = core(q, k, v, pos, seg, kv_pos, kv_seg)
+    def bounded(q, ks, vs):
+        return decode_attention.stacked_attention(
+            q, ks, vs, jnp.int32(1), q_positions=pos, kv_positions=kv_pos, kv_segment_ids=kv_seg,
+            filled=filled, core=None if core is None else _core(core))
+
+    def full(q, ks, vs):
+        return attention.reference_attention(
+            q, jnp.swapaxes(ks[1], 1, 2), jnp.swapaxes(vs[1], 1, 2), q_positions=pos,
+            kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+
+    def loss(fn, *args):
+        out = fn(*args)
         return jnp.sum(out * cot), out
 
-    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, full_core), (0, 1, 2),
-                                               has_aux=True)(q, k, v)
-    (_, got), got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, bounded_core), (0, 1, 2),
-                                                     has_aux=True))(q, k, v)
+    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, full), (0, 1, 2),
+                                               has_aux=True)(q, key_stack, value_stack)
+    (_, got), got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, bounded), (0, 1, 2),
+                                                     has_aux=True))(q, key_stack, value_stack)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     assert float(jnp.max(jnp.abs(want))) < 10  # the garbage values stayed out of both
     for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    # a query sees a key iff its row holds one at a position <= its own (slot 0 sits at position 0)
+    sees = (np.asarray(filled)[:, None] > 0) & (np.asarray(pos) >= 0)
+    assert np.all(np.asarray(got)[~sees] == 0) and np.all(np.abs(np.asarray(got)[sees]).sum(-1) > 0)
 
 
 def test_decoding_past_the_end_raises_eagerly_and_is_flagged_under_jit():

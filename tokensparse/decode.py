@@ -1,7 +1,8 @@
 """KV-cache decoding for the dense Llama, and the per-layer pieces SUBLLM's decoder reuses.
 
 A :class:`DecodeCache` holds, per *cache group*, its layers' key/value buffers (stacked, so the
-layer loop scans over them), the positions of the cached tokens and a per-sequence length pointer.
+layer loop scans over them; head-major, so a decode step reads each head's keys contiguously), the
+positions of the cached tokens and a per-sequence length pointer.
 The dense model has one group (every layer caches every token); SUBLLM
 (:mod:`tokensparse.subllm.decode`) has one group per subsampler, whose layers cache only the tokens
 that subsampler kept. Buffers are compact: slot ``j < length`` holds the group's j-th kept token,
@@ -14,12 +15,14 @@ attention backend, so prefill and decode compute attention the same way on every
 stored after RoPE, so a cached token never needs its position again except for the causal mask.
 
 **Length-bounded decode.** A decode step attends only over the filled prefix of each cache, not
-the whole allocated buffer: :func:`length_bounded` slices the buffer to the smallest of a few
-static lengths (:func:`bucket_sizes`) that covers the longest filled prefix in the batch and runs
-the backend on that slice (one ``lax.switch`` branch per length). The per-token attention cost
-follows occupancy (within ``1/DECODE_BUCKETS`` of the buffer), which is what lets SUBLLM's shorter
-inner caches save time. Its reference is the same backend over the full buffer with the mask
-hiding the unfilled slots; the two agree exactly in what they attend to.
+the whole allocated buffer, so its attention cost follows occupancy, which is what lets SUBLLM's
+shorter inner caches save time: :func:`tokensparse.decode_attention.stacked_attention` slices the
+layer's keys and values straight out of the group's stack, at the smallest of a few static lengths
+that covers the longest filled prefix in the batch. The plain-JAX backends (``xla``,
+``reference``, ``chunked``: what runs on a CPU) attend on that head-major slice directly; any
+other backend (a kernel: Pallas on a GPU) runs itself on it, so prefill and decode compute
+attention with the same kernel. Both are tested against the reference over the full buffer with
+the mask hiding the unfilled slots.
 
 **Past the end.** A cache of ``max_len`` slots holds ``max_len`` tokens. With a concrete cache
 (eager calls) :func:`decode_step` raises when a row's cache is full. Under ``jit`` the lengths are
@@ -31,14 +34,14 @@ wrapped) and leaves ``lengths[0] > max_len``, which :func:`overflowed` reports a
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from tokensparse.attention import resolve
+from tokensparse.decode_attention import stacked_attention
 from tokensparse.layer_loop import Layer
 from tokensparse.llama import Llama
 
@@ -46,8 +49,8 @@ from tokensparse.llama import Llama
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeCache:
-    """Per cache group g: its layers' K/V buffers stacked ``[n_g, B, S_g, kv_heads, head_dim]``
-    (in layer order), the positions [B, S_g] and lengths [B] of the tokens it holds.
+    """Per cache group g: its layers' K/V buffers stacked head-major, ``[n_g, B, kv_heads, S_g,
+    head_dim]`` (in layer order), the positions [B, S_g] and lengths [B] of the tokens it holds.
     ``layer_groups`` (static) gives each layer's group."""
 
     key_stacks: tuple[Array, ...]
@@ -58,12 +61,14 @@ class DecodeCache:
 
     @property
     def keys(self) -> tuple[Array, ...]:
-        """Each layer's key buffer [B, S_g, kv_heads, head_dim]."""
-        return tuple(self.key_stacks[g][j] for g, j in layer_slots(self.layer_groups))
+        """Each layer's key buffer [B, S_g, kv_heads, head_dim] (a copy, token-major)."""
+        return tuple(jnp.swapaxes(self.key_stacks[g][j], 1, 2) for g, j in layer_slots(self.layer_groups))
 
     @property
     def values(self) -> tuple[Array, ...]:
-        return tuple(self.value_stacks[g][j] for g, j in layer_slots(self.layer_groups))
+        """Each layer's value buffer [B, S_g, kv_heads, head_dim] (a copy, token-major)."""
+        return tuple(jnp.swapaxes(self.value_stacks[g][j], 1, 2)
+                     for g, j in layer_slots(self.layer_groups))
 
     def nbytes(self) -> int:
         """Bytes allocated for keys and values."""
@@ -83,8 +88,9 @@ def layer_slots(layer_groups: tuple[int, ...]) -> list[tuple[int, int]]:
 def occupied_bytes(cache: DecodeCache, layer_groups: tuple[int, ...]) -> Array:
     """Bytes of keys and values actually holding tokens (summed over the batch)."""
     total = jnp.zeros((), jnp.float32)
-    for k, g in zip(cache.keys, layer_groups, strict=True):
-        per_token = 2 * k.shape[2] * k.shape[3] * k.dtype.itemsize
+    for g, _ in layer_slots(layer_groups):
+        k = cache.key_stacks[g]
+        per_token = 2 * k.shape[2] * k.shape[4] * k.dtype.itemsize
         total = total + per_token * jnp.sum(cache.lengths[g]).astype(jnp.float32)
     return total
 
@@ -116,45 +122,6 @@ def prefill_layer(block, h, layer: Layer, selection):
     return block(h, layer.positions, layer.segment_ids, selection, kv_cache=record), recorded[0]
 
 
-DECODE_BUCKETS = 8
-"""How many static key lengths a decode step chooses between (see :func:`bucket_sizes`)."""
-BUCKET_MULTIPLE = 16
-"""Bucket lengths are rounded up to a multiple of this (attention kernel tiles)."""
-
-
-def bucket_sizes(size: int, buckets: int = DECODE_BUCKETS, multiple: int = BUCKET_MULTIPLE
-                 ) -> tuple[int, ...]:
-    """The static key lengths a decode step over a ``size``-slot buffer may attend over:
-    ``ceil(size·i/buckets)`` for i = 1..buckets, rounded up to ``multiple``, capped at ``size``."""
-    out: list[int] = []
-    for i in range(1, buckets + 1):
-        n = min(size, math.ceil(math.ceil(size * i / buckets) / multiple) * multiple)
-        if not out or n > out[-1]:
-            out.append(n)
-    return tuple(out)
-
-
-def length_bounded(core, filled: Int[Array, " b"], buckets: int = DECODE_BUCKETS,
-                   multiple: int = BUCKET_MULTIPLE):
-    """An attention core (:meth:`~tokensparse.llama.Attention.core`'s signature) that runs ``core``
-    on the first ``n`` key slots only, ``n`` the smallest of :func:`bucket_sizes` that is at least
-    ``max(filled)`` (``filled[b]``: slots of row b that may be visible). Slots at or past
-    ``filled[b]`` must be masked out by ``kv_segment_ids`` already: cutting them changes nothing."""
-
-    def bounded(q, k, v, positions, segment_ids, kv_positions, kv_segment_ids):
-        sizes = bucket_sizes(k.shape[1], buckets, multiple)
-        index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(filled).astype(jnp.int32))
-
-        def branch(n):
-            return core(q, k[:, :n], v[:, :n], positions, segment_ids, kv_positions[:, :n],
-                        kv_segment_ids[:, :n])
-        if len(sizes) == 1:
-            return branch(sizes[0])
-        return jax.lax.switch(jnp.minimum(index, len(sizes) - 1),
-                              [functools.partial(branch, n) for n in sizes])
-    return bounded
-
-
 def overflowed(cache: DecodeCache) -> Array:
     """Per row: True when a decode step ran past the end of its full-length cache (under ``jit``
     such a step drops the token's keys and values instead of raising)."""
@@ -180,7 +147,7 @@ def decode_layer(slots: Int[Array, " l"], kv_positions: Int[Array, "b s"], slot:
     carry ``(h, key_stack, value_stack)``; ``slots[layer]`` is the layer's place in the stack).
 
     The token's key/value go to ``slot`` where ``write``; it attends to slots ``<= slot`` (the cache
-    plus itself), over the cache's filled prefix only (:func:`length_bounded`). Rows with
+    plus itself), over the cache's filled prefix only (:func:`stacked_attention`). Rows with
     ``write=False`` compute garbage that the caller must discard."""
     visible = jnp.arange(kv_positions.shape[1])[None, :] <= slot[:, None]
     kv_segments = jnp.where(visible, 0, -1).astype(jnp.int32)
@@ -190,25 +157,46 @@ def decode_layer(slots: Int[Array, " l"], kv_positions: Int[Array, "b s"], slot:
         j = slots[layer.index]
         stacks = {}
 
-        def cache(k, v):
+        def cache(k, v):  # hands the core the whole stacks; it reads layer j's filled prefix
             stacks["k"] = _write_layer_slot(key_stack, j, k[:, 0], slot, write)
             stacks["v"] = _write_layer_slot(value_stack, j, v[:, 0], slot, write)
-            return stacks["k"][j], stacks["v"][j], kv_positions, kv_segments
+            return stacks["k"], stacks["v"], kv_positions, kv_segments
 
         h, normed = block.attend_and_norm(h, layer.positions, jnp.zeros(layer.positions.shape, jnp.int32),
                                           selection, kv_cache=cache,
-                                          core=length_bounded(block.attn.core, slot + 1))
+                                          core=_stacked_core(block.attn, j, slot + 1))
         h = block.feed_forward(h, normed)
         return (h, stacks["k"], stacks["v"]), None
     return layer_fn
 
 
+PLAIN_JAX_BACKENDS = frozenset({"reference", "xla", "chunked"})
+"""Attention backends written in plain JAX: decoding with them runs
+:func:`~tokensparse.decode_attention.head_major_attention` (the same mathematics, without
+transposing the cached keys); any other backend (a kernel) runs itself on the slice."""
+
+
+def _stacked_core(attn, layer: Array, filled: Int[Array, " b"]):
+    """An attention core whose keys and values are the group's whole head-major stacks: it attends
+    to ``layer``'s buffer over its first ``max(filled)`` slots (:func:`stacked_attention`)."""
+
+    def core(q, key_stack, value_stack, positions, segment_ids, kv_positions, kv_segment_ids):
+        _, b, hkv, s, d = key_stack.shape
+        kv = jax.ShapeDtypeStruct((b, s, hkv, d), key_stack.dtype)
+        kernel = None if resolve(attn.backend, q, kv, kv) in PLAIN_JAX_BACKENDS else attn.core
+        return stacked_attention(q, key_stack, value_stack, layer, q_positions=positions,
+                                 kv_positions=kv_positions, kv_segment_ids=kv_segment_ids,
+                                 filled=filled, core=kernel)
+    return core
+
+
 def _write_layer_slot(stack, j, values, slot, write):
-    """``stack[j, b, slot[b]] = values[b]`` where ``write[b]``, in place in a loop carry."""
-    size = stack.shape[2]
+    """``stack[j, b, :, slot[b]] = values[b]`` (values [B, kv_heads, head_dim]) where ``write[b]``,
+    in place in a loop carry."""
+    size = stack.shape[3]
     slot = jnp.where(write, slot, size)
     rows = jnp.arange(stack.shape[1])
-    return stack.at[j, rows, slot].set(values.astype(stack.dtype), mode="drop")
+    return stack.at[j, rows, :, slot].set(values.astype(stack.dtype), mode="drop")
 
 
 def prompt_segments(lengths: Int[Array, " b"], width: int) -> Int[Array, "b t"]:
@@ -233,8 +221,11 @@ def filled_cache(kv: list[tuple[Array, Array]], layer_groups: tuple[int, ...],
         shape = (b, group_sizes[g], *k.shape[2:])
         stacks["k"][g].append(compact(jnp.zeros(shape, dtype), k, group_valid[g]))
         stacks["v"][g].append(compact(jnp.zeros(shape, dtype), v, group_valid[g]))
+    def head_major(buffers):
+        return jnp.stack([jnp.swapaxes(x, 1, 2) for x in buffers])
+
     return DecodeCache(
-        tuple(jnp.stack(x) for x in stacks["k"]), tuple(jnp.stack(x) for x in stacks["v"]),
+        tuple(head_major(x) for x in stacks["k"]), tuple(head_major(x) for x in stacks["v"]),
         tuple(compact(jnp.zeros((b, size), jnp.int32), pos, valid)
               for size, pos, valid in zip(group_sizes, group_positions, group_valid, strict=True)),
         tuple(jnp.sum(valid, axis=1, dtype=jnp.int32) for valid in group_valid),

@@ -29,9 +29,10 @@ found the level full (first-come capacity turned them away); ``overflow_rate_<le
 prefill the first ``T − decode_tokens`` of ``T`` random tokens, then time ``decode_tokens`` steps that
 feed the rest (teacher forcing: greedy tokens of random weights repeat one token, which a level then
 keeps every time or never, so greedy decoding would time the levels at the wrong keep rates; per-token
-latency, first token excluded: it comes from the prefill), AB then BA. The rows report each level's
-keep rate over the decoded tokens (``decode_keep_rates``; ``decode_keep_rate_<level>@<T>``). Decode
-attends only over each cache's filled prefix (:func:`tokensparse.decode.length_bounded`).
+latency, first token excluded: it comes from the prefill), the two models alternating token by token
+(two runs; the order flips every token). The rows report each level's keep rate over the decoded
+tokens (``decode_keep_rates``; ``decode_keep_rate_<level>@<T>``). Decode attends only over each
+cache's filled prefix (:mod:`tokensparse.decode`).
 ``decode_speedup@<T>`` = dense / SUBLLM per-token time. ``kv_allocated_ratio@<T>`` and
 ``kv_occupied_ratio@<T>`` = SUBLLM / dense KV bytes allocated (cache buffers) and occupied (tokens
 held after the prefill).
@@ -149,24 +150,39 @@ def measure_training(seq_len: int) -> dict[str, dict]:
     return rows
 
 
-def decode_tokens_timed(decoder: Decoder, prompt: np.ndarray, continuation: np.ndarray
-                        ) -> tuple[list[float], list[float], list[int]]:
-    """Per-token wall-clock and process CPU seconds of decode steps that feed ``continuation``
-    [B, n] after a prefill of ``prompt`` (teacher forcing: the decoded tokens come from the same
-    distribution as the prompt, so the levels keep them at the calibrated rates; greedy tokens of a
-    random-weight model repeat and would not), and how many tokens each cache group gained. CPU
+def decode_tokens_timed(decoders: dict[str, Decoder], prompt: np.ndarray, continuation: np.ndarray,
+                        flip: bool = False
+                        ) -> dict[str, tuple[list[float], list[float], list[int], list[int]]]:
+    """Per model: per-token wall-clock and process CPU seconds of decode steps that feed
+    ``continuation`` [B, n] after a prefill of ``prompt`` (teacher forcing: the decoded tokens come
+    from the same distribution as the prompt, so the levels keep them at the calibrated rates;
+    greedy tokens of a random-weight model repeat and would not), how many tokens each cache
+    group gained, and per token its depth (how many inner groups it entered in some row: at batch
+    1, how many nested levels kept it). The models alternate token by token (their order flips
+    every token, and ``flip`` starts with the other one), so both see the same machine state. CPU
     time, all threads, is the steadier cost measure on a shared machine."""
     lengths = np.full(prompt.shape[0], prompt.shape[1], np.int32)
-    _, cache = decoder.prefill(prompt, lengths)
-    before = [int(np.sum(x)) for x in cache.lengths]
-    times, cpu = [], []
+    caches, before, held, out = {}, {}, {}, {}
+    for name, decoder in decoders.items():
+        caches[name] = decoder.prefill(prompt, lengths)[1]
+        before[name] = [int(np.sum(x)) for x in caches[name].lengths]
+        held[name] = before[name][1:]  # tokens the inner groups hold so far
+        out[name] = ([], [], [], [])
+    names = list(decoders)
     for i in range(continuation.shape[1]):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        logits, cache = decoder.step(cache, continuation[:, i].astype(np.int32), lengths + i)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return times, cpu, [int(np.sum(x)) - b for x, b in zip(cache.lengths, before, strict=True)]
+        for name in (names if (i % 2 == 0) != flip else names[::-1]):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            logits, caches[name] = decoders[name].step(caches[name], continuation[:, i].astype(np.int32),
+                                                       lengths + i)
+            jax.block_until_ready(logits)
+            out[name][0].append(time.perf_counter() - start)
+            out[name][1].append(time.process_time() - start_cpu)
+            now = [int(np.sum(x)) for x in caches[name].lengths[1:]]
+            out[name][3].append(sum(n > was for n, was in zip(now, held[name], strict=True)))
+            held[name] = now
+    for name, cache in caches.items():
+        out[name][2].extend(int(np.sum(x)) - b for x, b in zip(cache.lengths, before[name], strict=True))
+    return out
 
 
 def subsamplers(model: SubLLM) -> list[tuple[int, int]]:
@@ -221,15 +237,17 @@ def measure_inference(seq_len: int) -> dict[str, dict]:
     rows, decoders = {}, {}
     for name, config in configs(seq_len, thetas).items():
         decoders[name] = Decoder(build(config), seq_len)
-        decode_tokens_timed(decoders[name], prompt, continuation[:, :2])  # compile + warm up
+    decode_tokens_timed(decoders, prompt, continuation[:, :2])  # compile + warm up
     per_token: dict[str, list[float]] = {name: [] for name in MODELS}
     per_token_cpu: dict[str, list[float]] = {name: [] for name in MODELS}
+    per_token_depth: dict[str, list[int]] = {name: [] for name in MODELS}
     gained: dict[str, list[int]] = {}
-    for rep in range(2):  # AB then BA, each a full run of n tokens
-        for name in (MODELS if rep == 0 else MODELS[::-1]):
-            times, cpu, gained[name] = decode_tokens_timed(decoders[name], prompt, continuation)
+    for rep in range(2):  # two full runs of n tokens, each token timed AB then BA alternately
+        for name, (times, cpu, gained[name], depths) in decode_tokens_timed(
+                decoders, prompt, continuation, flip=rep == 1).items():
             per_token[name] += times
             per_token_cpu[name] += cpu
+            per_token_depth[name] += depths
     for name, decoder in decoders.items():
         model = decoder.model
         lay = subllm_decode.layout(model, seq_len)
@@ -244,9 +262,18 @@ def measure_inference(seq_len: int) -> dict[str, dict]:
             "prefill_flops": prefill_flops(decoder, seq_len),
             "decode_token_s": statistics.median(per_token[name]), "decode_times_s": per_token[name],
             "decode_token_cpu_s": statistics.median(per_token_cpu[name]),
+            "decode_token_s_by_depth": by_depth(per_token[name], per_token_depth[name]),
             **level_rates(model, prompt, seq_len),
             "decode_keep_rates": decode_keep_rates(model, gained[name])}
     return rows
+
+
+def by_depth(times: list[float], depths: list[int]) -> dict[str, dict[str, float]]:
+    """Per token depth (how many nested levels kept the token; always 0 for the dense twin): how
+    many decoded tokens went that deep, and their median seconds."""
+    return {str(d): {"tokens": depths.count(d),
+                     "median_s": statistics.median(t for t, e in zip(times, depths, strict=True) if e == d)}
+            for d in sorted(set(depths))}
 
 
 def ratio(rows: dict, key: str, inverse: bool = False) -> float:
@@ -290,7 +317,8 @@ def main(argv):
     write_result(_OUT.value, "subllm_speed", rows, summary, settings={
         "preset": _PRESET.value, "reps": _REPS.value, "warmup": max(_WARMUP.value, 1),
         "infer_capacity": _CAPACITY.value, "threshold_calibration": "per level, to the structure's keep",
-        "timing": "median, ABBA-interleaved, compile excluded; decode: per token, first excluded",
+        "timing": "median, ABBA-interleaved, compile excluded; decode: per token, first excluded, "
+                  "the models alternating token by token (order flipped every token)",
         "decode_tokens": "teacher-forced: the random continuation of the prompt"})
 
 

@@ -15,7 +15,7 @@ A decode step walks the structure as a tree. At a subsampler the new token's own
 (``s > θ_level`` and room in the cache); the inner region runs under ``lax.cond`` only when some sequence
 in the batch keeps the token, and sequences that dropped it write nothing and keep their state
 (upsampling returns ``x`` exactly at a dropped token, and so does the bypass). Every group's
-attention runs over its filled prefix only (:func:`tokensparse.decode.length_bounded`), so a level's
+attention runs over its filled prefix only (:mod:`tokensparse.decode`), so a level's
 per-token cost follows its occupancy. A full inner cache is the capacity rule (first-come: the token
 is dropped), not an error; a full root cache is, as in :func:`tokensparse.decode.decode_step`.
 """
