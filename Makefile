@@ -75,14 +75,14 @@ plots: $(STAMP)  ## redraw every bench_results/*.png from the committed JSONs (r
 	$(BIN)/python -m experiments.plots bench_results
 
 # Accelerator evidence (docs/kernels.md): kernel tests on the GPU, the kernels benchmark, LoRA vs LeMo
-# and SUBLLM vs dense step times into bench_results/gpu_*.json, in about 8 minutes on one H100. No
+# and SUBLLM vs dense step and decode times into bench_results/gpu_*.json, in about 9 minutes on one H100. No
 # set-up step: GPU machines often have no network, so it runs the venv's Python when there is one and
 # the machine's python3 (with JAX for CUDA) otherwise. A copy of the tree without .git needs
 # TOKENSPARSE_GIT_COMMIT=<sha> for the JSONs' `git`. GPU_EVIDENCE_FLAGS=--dry_run: CPU, tiny shapes.
 GPU_EVIDENCE_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_EVIDENCE_FLAGS ?=
 
-gpu-evidence:  ## ~8 min on one GPU: kernel tests, kernel/LeMo/SUBLLM timings -> bench_results/gpu_*.json
+gpu-evidence:  ## ~9 min on one GPU: kernel tests, kernel/LeMo/SUBLLM timings -> bench_results/gpu_*.json
 	HF_HUB_OFFLINE=1 $(GPU_EVIDENCE_PYTHON) -m experiments.bench.gpu_evidence $(GPU_EVIDENCE_FLAGS)
 
 clean:

@@ -13,7 +13,8 @@ from _env import subprocess_env
 from experiments.bench import gpu_evidence as ge
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FILES = ("gpu_evidence", "gpu_kernel_tests", "gpu_kernels", "gpu_lemo_speed", "gpu_subllm_speed")
+FILES = ("gpu_evidence", "gpu_kernel_tests", "gpu_kernels", "gpu_lemo_speed", "gpu_subllm_speed",
+         "gpu_subllm_decode")
 
 FAKE_TESTS = """
 import pytest
@@ -111,7 +112,8 @@ def test_the_gpu_plans_commands_parse(tmp_path):
     here): with an invalid --reps appended, each fails on that flag alone, after parsing the rest
     (--reps=-1: no benchmark accepts it; subllm_speed takes 0, compile-only)."""
     out = tmp_path / "x.json"
-    commands = [ge.kernels_cmd(ge.GPU, out), ge.subllm_cmd(ge.GPU, ge.GPU.subllm_runs[-1], out)]
+    commands = [ge.kernels_cmd(ge.GPU, out), ge.subllm_cmd(ge.GPU, ge.GPU.subllm_runs[-1], out),
+                ge.subllm_decode_cmd(ge.GPU, out)]
     commands += [ge.lemo_cmd(ge.GPU, t, remat, 8, ["lora", "lemo_elimination"], out)
                  for t, remat in (ge.GPU.lemo_runs[0], ge.GPU.lemo_runs[-1])]
     for cmd in commands:
@@ -152,7 +154,7 @@ def test_dry_run_writes_every_json_with_device_commit_settings_and_goals(tmp_pat
     evidence = results["gpu_evidence"]
     stages = {row["stage"]: row for row in evidence["rows"]}
     assert set(stages) == {"probe", "kernel_tests", "kernels", "lemo_speed@128_remat_none",
-                           "lemo_speed@256_remat_full", "subllm_speed@128"}
+                           "lemo_speed@256_remat_full", "subllm_speed@128", "subllm_decode@128"}
     assert all(row["status"] == "ok" and row["wall_s"] <= row["timeout_s"]
                for row in stages.values()), stages
     assert evidence["dry_run"] is True and evidence["summary"]["stages_not_ok"] == []
@@ -177,4 +179,8 @@ def test_dry_run_writes_every_json_with_device_commit_settings_and_goals(tmp_pat
     subllm = results["gpu_subllm_speed"]
     assert {r["model"] for r in subllm["rows"]} == {"dense", "subllm"}
     assert subllm["summary"]["train_throughput_ratio@128"] > 0
+    decode = results["gpu_subllm_decode"]
+    assert {(r["model"], r["seq_len"]) for r in decode["rows"]} == {("dense", 128), ("subllm", 128)}
+    assert decode["summary"]["decode_speedup@128"] > 0 and "kv_allocated_ratio@128" in decode["summary"]
+    assert evidence["summary"]["subllm_decode:decode_speedup@128"] == decode["summary"]["decode_speedup@128"]
     assert results["gpu_kernels"]["config_source"] == "default_config"

@@ -1,4 +1,4 @@
-"""Accelerator evidence in one command, ``make gpu-evidence``: about 8 minutes on one H100.
+"""Accelerator evidence in one command, ``make gpu-evidence``: about 9 minutes on one H100.
 
     python -m experiments.bench.gpu_evidence                 # on a GPU: bench_results/gpu_*.json
     python -m experiments.bench.gpu_evidence --dry_run       # anywhere, CPU, tiny shapes, ~2 min
@@ -16,7 +16,10 @@ its own time limit, its failure recorded and the next stage run:
    per length. Step times, tokens/s and the device's ``peak_bytes_in_use``:
    ``gpu_lemo_speed.json``.
 3. ``subllm_speed``: :mod:`experiments.bench.subllm_speed`, ``subllm-1.3b`` vs its dense twin,
-   training throughput at 4K and 8K (no decoding): ``gpu_subllm_speed.json``.
+   training throughput at 4K and 8K (no decoding): ``gpu_subllm_speed.json``; then the decode rows
+   of ``subllm-small`` vs its twin at 2K and 4K (the CPU benchmark's setting: capacity 0.75, θ
+   per level, 48 teacher-forced tokens, the models alternating token by token; per-token speedup,
+   per-depth medians, KV bytes): ``gpu_subllm_decode.json``.
 4. ``kernel_tests``: pytest on the kernel test files with ``TOKENSPARSE_TEST_PLATFORM=gpu`` (the
    kernels compiled for the GPU, not interpreted): ``gpu_kernel_tests.json`` holds each test's
    outcome and the pass/fail counts. Last, so that it gets whatever time the others left
@@ -55,7 +58,7 @@ from experiments.bench import GIT_COMMIT_ENV, git_sha
 DRY_RUN_ENV = "TOKENSPARSE_GPU_EVIDENCE_DRY_RUN"
 STAGES = ("kernels", "lemo_speed", "subllm_speed", "kernel_tests")  # the order they run in
 
-GPU_BUDGET_S = 475  # 8 minutes, less a few seconds for the orchestration around the stages
+GPU_BUDGET_S = 515  # 8.6 minutes, less a few seconds for the orchestration around the stages
 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "CPU, tiny shapes: check the script end to end "
                              f"(also ${DRY_RUN_ENV}=1).")
@@ -64,7 +67,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the gpu_*.json files go (
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Logs, per-run JSONs and the compilation cache "
                                 "(default: workdirs/gpu_evidence[_dry_run]).")
 _BUDGET = flags.DEFINE_integer("budget_s", None, "Wall-clock budget of all stages together, seconds "
-                               "(default 475 on a GPU, 900 for the dry run); a stage's limit is its "
+                               "(default 515 on a GPU, 900 for the dry run); a stage's limit is its "
                                "share plus whatever earlier stages left unused.")
 _STAGES = flags.DEFINE_list("stages", list(STAGES), "Stages to run.")
 _N_LAYERS = flags.DEFINE_integer("lemo_n_layers", 8, "Layers of the llama2-7b-width model of the "
@@ -95,6 +98,10 @@ class Plan:
     subllm_preset: str
     subllm_runs: tuple[int, ...]
     subllm_flags: tuple[str, ...]
+    subllm_decode_preset: str
+    subllm_decode_lens: tuple[int, ...]
+    """One decode-only run (``--train=false``) at these lengths, after the training runs."""
+    subllm_decode_flags: tuple[str, ...]
     shares: dict
     """Seconds per stage run (a lemo or subllm run each), and for the device probe."""
 
@@ -111,9 +118,12 @@ GPU = Plan(
     lemo_flags=("--reps=5", "--warmup=1"),
     subllm_preset="subllm-1.3b", subllm_runs=(4096, 8192),
     subllm_flags=("--reps=5", "--warmup=1", "--decode_tokens=0"),
+    subllm_decode_preset="subllm-small", subllm_decode_lens=(2048, 4096),
+    subllm_decode_flags=("--train=false", "--decode_tokens=48"),
     # Estimates (no GPU run yet): each lemo/subllm run is dominated by compiling its two steps
-    # (~20-40 s each at these widths); the tests come last and also get whatever is left.
-    shares={"probe": 20, "kernels": 60, "lemo_speed": (75, 75, 90), "subllm_speed": (50, 50),
+    # (~20-40 s each at these widths), the decode run by compiling prefills and steps; the tests
+    # come last and also get whatever is left.
+    shares={"probe": 20, "kernels": 60, "lemo_speed": (75, 75, 90), "subllm_speed": (50, 50, 40),
             "kernel_tests": 50},
 )
 
@@ -129,7 +139,9 @@ DRY = Plan(
     lemo_flags=("--reps=1", "--warmup=1"),
     subllm_preset="subllm-tiny", subllm_runs=(128,),
     subllm_flags=("--reps=1", "--warmup=1", "--decode_tokens=0"),
-    shares={"probe": 120, "kernels": 150, "lemo_speed": (150, 150), "subllm_speed": (150,),
+    subllm_decode_preset="subllm-tiny", subllm_decode_lens=(128,),
+    subllm_decode_flags=("--train=false", "--decode_tokens=4"),
+    shares={"probe": 120, "kernels": 150, "lemo_speed": (150, 150), "subllm_speed": (150, 150),
             "kernel_tests": 150},
 )
 
@@ -400,6 +412,12 @@ def subllm_cmd(plan: Plan, t: int, out: pathlib.Path) -> list:
                    f"--seq_lens={t}", f"--out={out}", *plan.subllm_flags)
 
 
+def subllm_decode_cmd(plan: Plan, out: pathlib.Path) -> list:
+    return _python("-m", "experiments.bench.subllm_speed", f"--preset={plan.subllm_decode_preset}",
+                   f"--seq_lens={','.join(map(str, plan.subllm_decode_lens))}", f"--out={out}",
+                   *plan.subllm_decode_flags)
+
+
 def kernels_stage(run: Run) -> None:
     path = run.out_dir / "gpu_kernels.json"
     path.unlink(missing_ok=True)
@@ -439,6 +457,13 @@ def subllm_stage(run: Run) -> None:
         runs.append(({"seq_len": t}, stage, _load(path)))
     run.results["subllm_speed"] = merge_runs("gpu_subllm_speed", runs, run.info, run.commit)
     _write(run.out_dir / "gpu_subllm_speed.json", run.results["subllm_speed"])
+    path = run.work / "subllm_decode.json"
+    path.unlink(missing_ok=True)
+    lens = ",".join(map(str, plan.subllm_decode_lens))
+    stage = run.stage(f"subllm_decode@{lens}", subllm_decode_cmd(plan, path), "subllm_decode.log")
+    run.results["subllm_decode"] = merge_runs("gpu_subllm_decode", [({"seq_lens": lens}, stage, _load(path))],
+                                              run.info, run.commit)
+    _write(run.out_dir / "gpu_subllm_decode.json", run.results["subllm_decode"])
 
 
 def kernel_tests_stage(run: Run) -> None:
