@@ -185,14 +185,20 @@ def reference_attention(
     logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32)) * scale
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                           causal=causal)[:, None, None]
+    probs = masked_softmax(logits, mask)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, tq, h, d).astype(q.dtype)
+
+
+def masked_softmax(logits: Float[Array, "... s"], mask: Bool[Array, "... s"]) -> Float[Array, "... s"]:
+    """Softmax over the last axis of the entries where ``mask`` (broadcast against ``logits``);
+    masked entries get 0, and so does every entry of a row with none unmasked."""
     row_max = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     # Mask before exp: a large masked logit must not overflow (inf * 0 = NaN in the gradient).
     weights = jnp.exp(jnp.where(mask, logits - row_max, -jnp.inf))
     denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(jnp.float32))
-    return out.reshape(b, tq, h, d).astype(q.dtype)
+    return weights / jnp.where(denom > 0, denom, 1.0)
 
 
 # ----------------------------------------------------------------------------- dense block scores

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas.reference import attention_mask
+from kernels_pallas.reference import attention_mask, masked_softmax
 
 DECODE_BUCKETS = 8
 """How many static key lengths a decode step chooses between (see :func:`bucket_sizes`)."""
@@ -62,8 +62,9 @@ def head_major_attention(
     kv_positions: Int[Array, "b s"],
     kv_segment_ids: Int[Array, "b s"],
 ) -> Float[Array, "b tq h d"]:
-    """Causal grouped-query attention of ``q`` (segment 0) over head-major keys and values, with a
-    float32 softmax (the ``reference`` backend's mathematics, without transposing the keys)."""
+    """Causal grouped-query attention of ``q`` (segment 0) over head-major keys and values in
+    float32: the ``reference`` backend's mathematics (its ``masked_softmax``), without transposing
+    the keys."""
     b, tq, h, d = q.shape
     hkv = k.shape[1]
     g = h // hkv
@@ -72,12 +73,8 @@ def head_major_attention(
     qg = qg.astype(jnp.float32) * (1.0 / math.sqrt(d))
     q_pos = jnp.tile(q_positions, (1, g))  # row r: query r % tq
     mask = attention_mask(q_pos, kv_positions, jnp.zeros(q_pos.shape, jnp.int32), kv_segment_ids)
-    s = jnp.where(mask[:, None], jnp.einsum("bkrd,bksd->bkrs", qg, k.astype(jnp.float32)), -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    total = p.sum(-1, keepdims=True)
-    out = jnp.einsum("bkrs,bksd->bkrd", p, v.astype(jnp.float32))
-    out = jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
+    probs = masked_softmax(jnp.einsum("bkrd,bksd->bkrs", qg, k.astype(jnp.float32)), mask[:, None])
+    out = jnp.einsum("bkrs,bksd->bkrd", probs, v.astype(jnp.float32))
     out = jnp.moveaxis(out.reshape(b, hkv, g, tq, d), 3, 1)  # b tq hkv g d
     return out.reshape(b, tq, h, d).astype(q.dtype)
 
