@@ -160,15 +160,23 @@ def test_window_agreement_reproduces_the_exact_rule_without_a_window(tmp_path):
     has a row."""
     result, _ = _bench("lemo_window_agreement", tmp_path / "w.json", "--smoke", "--layers=0-1",
                        "--seq_len=256", "--block_size=32", "--windows=2", "--window_blocks=0,all",
-                       "--heads=all,0+1,2", "--output_norms=exact,head_gram")
+                       "--heads=all,0+1,2", "--output_norms=exact,head_gram,rank1,rank4096")
+    norms = ("exact", "head_gram", "rank1", "rank4096")
     every = {(r["set"], r["window_blocks"], None if r["heads"] is None else tuple(r["heads"]),
               r["output_norm"]): r for r in result["rows"]}
     assert set(every) == {("english", w, h, n) for w in (0, None) for h in (None, (0, 1), (2,))
-                          for n in ("exact", "head_gram")}
+                          for n in norms}
     # One head has no cross-head terms: its Gram norm is the exact norm.
     for w in (0, None):
         one = [every[("english", w, (2,), n)] for n in ("exact", "head_gram")]
         assert one[0]["spearman"] == pytest.approx(one[1]["spearman"], abs=1e-6)
+    # W_o at full rank (4096 >= D) is W_o; at rank 1 it ranks blocks differently.
+    for key, row in every.items():
+        if key[3] == "rank4096":
+            exact = every[(*key[:3], "exact")]
+            assert all(row[m] == pytest.approx(exact[m], abs=1e-6)
+                       for m in exact if m.startswith(("spearman", "recall")))
+    assert every[("english", None, None, "rank1")]["spearman"] < 0.99
     rows = {key[:3]: r for key, r in every.items() if key[3] == "exact"}
     exact = rows[("english", None, None)]
     assert exact["spearman"] > 0.999 and all(exact[f"recall@{k}"] > 0.99 for k in (0.4, 0.55, 0.7, 0.85))

@@ -202,6 +202,16 @@ def test_bad_values_fail_before_anything_is_built(tmp_path, module, args, flag):
     assert time.perf_counter() - start < 60
 
 
+def test_window_agreement_output_norms_parse_rank_r():
+    from experiments.bench.lemo_window_agreement import output_norm_rank
+
+    assert [output_norm_rank(n) for n in ("exact", "head_gram", "head", "rank1", "rank192")] == [
+        None, None, None, 1, 192]
+    for bad in ("rank", "rank0", "rank-3", "rankx", "svd64", "Exact"):
+        with pytest.raises(ValueError, match=f"unknown '{bad}'"):
+            output_norm_rank(bad)
+
+
 # Ctrl-C: the interrupted run leaves a checkpoint and a rerun continues from it.
 @pytest.mark.slow
 def test_ctrl_c_leaves_a_checkpoint_the_predictor_run_resumes_from(tmp_path):

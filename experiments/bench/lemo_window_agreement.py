@@ -10,7 +10,8 @@ to the row's first block (the attention sink), its own block and the ``w`` block
 check), optionally with only some query heads (``--heads``), and reports how well each version
 ranks blocks like the exact rule: Spearman per (layer, window) and recall of its kept blocks per
 keep ratio (:func:`tokensparse.lemo.learned_selector.ranking_metrics`, block 0 kept in both).
-``--output_norms`` also measures cheaper norms of ``a_t`` than through the output projection.
+``--output_norms`` also measures cheaper norms of ``a_t`` than through the output projection
+(per-head Gram matrices, or W_o cut to its r largest singular directions).
 
 The layer inputs are those of the LeMo sparse forward with the exact rule selecting at
 ``--sparse_keep`` (as ``experiments.train_selector`` collects them), on ``--windows`` windows of
@@ -51,8 +52,9 @@ _HEADS = flags.DEFINE_list("heads", ["all"], "Query-head subsets, each a '+'-joi
 _OUTPUT_NORMS = flags.DEFINE_list(
     "output_norms", ["exact"], "How ‖a_t‖ is computed from the heads' outputs o_h: exact (through "
     "o_proj), head_gram (Σ_h ‖o_h W_o,h‖², the cross-head terms dropped: each head's dh × dh Gram "
-    "matrix of W_o instead of the D × D projection), head (Σ_h ‖o_h‖², W_o ignored); every norm is "
-    "measured with every window and head subset.")
+    "matrix of W_o instead of the D × D projection), head (Σ_h ‖o_h‖², W_o ignored), rank<r> "
+    "(through W_o's r largest singular directions: an r-column projection instead of D, e.g. "
+    "rank192); every norm is measured with every window and head subset.")
 _SPARSE_KEEP = flags.DEFINE_float("sparse_keep", 0.7, "Keep ratio of the sparse forward whose layer "
                                   "inputs are probed (the exact rule selecting).")
 
@@ -62,7 +64,18 @@ _checks.at_least(_BLOCK, 1)
 _checks.in_range(_SPARSE_KEEP, 0.0, 1.0, include_high=True)
 
 
-OUTPUT_NORMS = ("exact", "head_gram", "head")
+OUTPUT_NORMS = ("exact", "head_gram", "head", "rank<r>")
+
+
+def output_norm_rank(output_norm: str) -> int | None:
+    """r of a ``rank<r>`` output norm (None for the others); a ValueError for an unknown one."""
+    if output_norm in OUTPUT_NORMS[:3]:
+        return None
+    digits = output_norm.removeprefix("rank")
+    if output_norm.startswith("rank") and digits.isdigit() and int(digits) > 0:
+        return int(digits)
+    raise ValueError(f"--output_norms: unknown {output_norm!r}; known: {', '.join(OUTPUT_NORMS)} "
+                     "(r a positive integer).")
 
 
 def windowed_ratios(attn, u, log_rms, variants, block_size: int) -> dict:
@@ -82,6 +95,7 @@ def windowed_ratios(attn, u, log_rms, variants, block_size: int) -> dict:
     near = lambda w: (i[:, None] // block_size - i[None, :] // block_size <= w) | (i[None, :] < block_size)
     w_o = attn.o_proj.kernel[...].astype(jnp.float32).reshape(attn.n_heads, attn.head_dim, d)
     gram = jnp.einsum("hde,hfe->hdf", w_o, w_o)
+    left, singular, _ = jnp.linalg.svd(w_o.reshape(-1, d), full_matrices=False)  # W_o = L S Rᵀ
     residual = jnp.exp(log_rms) * np.sqrt(d)
     outputs, ratios = {}, {}
     for window_blocks, heads, output_norm in variants:
@@ -97,6 +111,8 @@ def windowed_ratios(attn, u, log_rms, variants, block_size: int) -> dict:
             norm = jnp.linalg.norm(a, axis=-1)
         elif output_norm == "head_gram":
             norm = jnp.sqrt(jnp.einsum("qhd,hdf,qhf->q", out, gram, out))
+        elif (rank := output_norm_rank(output_norm)) is not None:  # ‖o W_o‖ = ‖o L S‖ (R orthogonal)
+            norm = jnp.linalg.norm(out.reshape(t, -1) @ left[:, :rank] * singular[:rank], axis=-1)
         else:
             norm = jnp.sqrt(jnp.sum(out * out, axis=(1, 2)))
         ratios[(window_blocks, heads, output_norm)] = np.asarray(norm / residual)
@@ -130,9 +146,11 @@ def main(argv):
     if seq_len % block:
         raise app.UsageError(f"--seq_len={seq_len} must be a multiple of --block_size={block}.")
     windows = [None if w == "all" else int(w) for w in _WINDOW_BLOCKS.value]
-    unknown = set(_OUTPUT_NORMS.value) - set(OUTPUT_NORMS)
-    if unknown:
-        raise app.UsageError(f"--output_norms: unknown {sorted(unknown)}; known: {OUTPUT_NORMS}.")
+    try:
+        for norm in _OUTPUT_NORMS.value:
+            output_norm_rank(norm)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if any(w is not None and w < 0 for w in windows):
         raise app.UsageError(f"--window_blocks={_WINDOW_BLOCKS.value}: each is >= 0 or all.")
     model, tokenizer, name = inputs.selection_model(_SMOKE.value)
