@@ -16,12 +16,15 @@ Three conveniences exist only in this command-line form:
   SubLLMTrainConfig fields;
 - ``config.lemo.predictors`` (``FinetuneConfig.predictors``) with ``config.lemo.selector="auto"``:
   the predictors when a directory is given, the library's default rule (``LeMoConfig().selector``,
-  the learned selector) otherwise.
+  the learned selector) otherwise; ``config.lemo.selector_weights``
+  (``FinetuneConfig.selector_weights``) gives that rule its weights for a base the library ships
+  none for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from ml_collections import config_dict
@@ -93,11 +96,16 @@ def pretrain_dict(*, model: config_dict.ConfigDict | str, train: TrainConfig,
     return c
 
 
+LEMO_PATHS = ("predictors", "selector_weights")  # FinetuneConfig fields shown under config.lemo
+ALIASES = {"finetune": {name: f"lemo.{name}" for name in LEMO_PATHS}}  # field: its config path
+
+
 def finetune_dict(run: FinetuneConfig) -> config_dict.ConfigDict:
-    """A fine-tuning config file's dict: ``run``'s fields, with ``predictors`` under ``lemo`` and
-    ``lemo.selector`` ``"auto"`` unless ``run`` chose one."""
-    c = section(run, exclude=("predictors",))
-    c.lemo.predictors = run.predictors
+    """A fine-tuning config file's dict: ``run``'s fields, with ``predictors`` and
+    ``selector_weights`` under ``lemo`` and ``lemo.selector`` ``"auto"`` unless ``run`` chose one."""
+    c = section(run, exclude=LEMO_PATHS)
+    for name in LEMO_PATHS:
+        c.lemo[name] = getattr(run, name)
     if run.lemo.selector == LeMoConfig().selector and not run.predictors:
         c.lemo.selector = "auto"
     return c
@@ -173,11 +181,12 @@ def finetune_config(c) -> FinetuneConfig:
     """The :class:`FinetuneConfig` of a fine-tuning ConfigDict (see :func:`finetune_dict`)."""
     values = _as_dict(c)
     lemo = dict(values.get("lemo") or {})
-    values["predictors"] = lemo.pop("predictors", "")
+    for name in LEMO_PATHS:
+        values[name] = lemo.pop(name, "")
     if lemo.get("selector") == "auto":
         lemo["selector"] = "predictor" if values["predictors"] else LeMoConfig().selector
     values["lemo"] = lemo
-    return from_dict(FinetuneConfig, values, "config", aliases={"predictors": "lemo.predictors"})
+    return from_dict(FinetuneConfig, values, "config", aliases=ALIASES["finetune"])
 
 
 def predictors_config(c) -> PredictorsConfig:
@@ -208,6 +217,8 @@ def build(kind: str, c):
         message = str(e)
         if message.startswith(f"{cls.__name__}."):
             message = "config." + message.removeprefix(f"{cls.__name__}.")
+            for field, path in ALIASES.get(kind, {}).items():
+                message = re.sub(rf"config\.{field}\b", f"config.{path}", message)
         raise ValueError(message) from None
     return run
 
@@ -230,6 +241,7 @@ _EXTRA_HELP = {
                      f"default).",
     "lemo.predictors": f"{field_docs(FinetuneConfig)['predictors']} Setting it selects them "
                        "(selector=auto).",
+    "lemo.selector_weights": field_docs(FinetuneConfig)["selector_weights"],
 }
 _OVERRIDE_NOTE = "Unset: the preset's. "
 _SCHEMAS = {

@@ -13,9 +13,10 @@ layer inputs of the LeMo sparse forward with the exact ``attention_ratio`` rule 
 windows come from the training split of the library's Shakespeare corpus, tokenised with the
 base's tokenizer; quality (recall of the target's top blocks and Spearman, per keep ratio) is
 measured on windows of the validation split, run the same way, and stored in the file's ``info``
-beside the data and settings. Deterministic for a given ``--seed`` on one machine. Attach the result
-with ``learned_selector.attach(model, learned_selector.load(path, config))``; SmolLM2-135M's ships
-with the library (``tokensparse/lemo/weights/``) and ``zoo.load`` attaches it.
+beside the data and settings. Deterministic for a given ``--seed`` on one machine. Fine-tune with the
+result with ``experiments.finetune --config.lemo.selector_weights=PATH``, or attach it with
+``learned_selector.attach(model, learned_selector.load(path, config))``; SmolLM2-135M's ships with
+the library (``tokensparse/lemo/weights/``) and ``zoo.load`` attaches it.
 """
 
 from __future__ import annotations

@@ -283,7 +283,7 @@ def finetune_config(s: dict, base: pathlib.Path, method: str, mlp_drop: float | 
             c.lemo[name] = value
         c.lemo.mlp_mode = mlp_mode
         if predictors:
-            c.lemo.selector = "predictor"
+            c.lemo.selector, c.lemo.selector_weights = "predictor", ""
     if mlp_drop is not None:
         c.lemo.mlp_drop = mlp_drop
     if "vocab_size" in s:  # a --base brings its own tokenizer, which finetune uses instead
@@ -317,6 +317,9 @@ def lemo_variant(*, selector: bool = True) -> str:
         if field == "selector":  # e.g. lemo_oracle; a predictor run is named by its predictors
             name += "" if not selector or value in ("auto", default.selector) else f"_{value}"
             continue
+        if field == "selector_weights":  # a file for the learned selector: named by its stem
+            name += f"_selector-{pathlib.Path(value).stem}" if selector and value else ""
+            continue
         if field not in NAMED and value != getattr(default, field):
             name += f"_{field}{value:g}" if isinstance(value, float) else f"_{field}{value}"
     return name
@@ -329,7 +332,8 @@ def kept_fractions(workdir: pathlib.Path, lemo_dict) -> list[float]:
     if tuned.exists():
         return list(json.loads(tuned.read_text())["profile"])
     n_layers = json.loads((workdir / "config.json").read_text())["model"]["n_layers"]
-    values = {k: v for k, v in lemo_dict.to_dict().items() if k not in ("predictors", "selector")}
+    values = {k: v for k, v in lemo_dict.to_dict().items()
+              if k not in (*run_configs.LEMO_PATHS, "selector")}
     return list(config_dicts.from_dict(LeMoConfig, values, "config.lemo").keep_ratios(n_layers))
 
 

@@ -228,17 +228,24 @@ def shipped_path(name: str) -> pathlib.Path | None:
 # ----------------------------------------------------------------------------- the rule
 
 
-def check(model, lemo: LeMoConfig, ratios: Sequence[float]) -> None:
-    """``ValueError`` unless ``model`` carries a selector trained for every sparse layer (a schedule
-    with no sparse layer selects nothing and needs none)."""
-    if all(r >= 1.0 for r in ratios):
-        return
+def require_attached(model) -> LearnedSelector:
+    """The selector attached to ``model``; a ``ValueError`` naming how to get one if none is."""
     selector = attached(model)
     if selector is None:
         raise ValueError("LeMoConfig.selector='learned' needs learned-selector weights on the model "
                          "(tokensparse.zoo.load attaches SmolLM2-135M's); for other models train "
                          f"them with `{TRAIN_COMMAND}` and attach them with "
-                         "tokensparse.lemo.learned_selector.attach(model, load(path)).")
+                         "tokensparse.lemo.learned_selector.attach(model, load(path)), or pass "
+                         "--config.lemo.selector_weights=<file.npz> to experiments.finetune.")
+    return selector
+
+
+def check(model, lemo: LeMoConfig, ratios: Sequence[float]) -> None:
+    """``ValueError`` unless ``model`` carries a selector trained for every sparse layer (a schedule
+    with no sparse layer selects nothing and needs none)."""
+    if all(r >= 1.0 for r in ratios):
+        return
+    selector = require_attached(model)
     missing = [i for i, r in enumerate(ratios) if r < 1.0 and i not in selector.layers]
     if missing:
         raise ValueError(f"layers {missing} are sparse but the learned selector was trained for "

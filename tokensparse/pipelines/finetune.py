@@ -9,6 +9,7 @@ forward they trained with.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import pathlib
@@ -19,7 +20,7 @@ from flax import nnx
 
 from tokensparse import data, lora, train
 from tokensparse.config import DataConfig, LeMoConfig, LoRAConfig, MeshConfig, TrainConfig
-from tokensparse.lemo import predictor
+from tokensparse.lemo import learned_selector, predictor
 from tokensparse.lemo.forward import check_lemo, group_layers, lemo_loss
 from tokensparse.loop import train_loop
 from tokensparse.pipelines import common
@@ -44,6 +45,10 @@ class FinetuneConfig:
     """LeMo's options (method=lemo)."""
     predictors: str = ""
     """With lemo.selector=predictor: the predictors/ directory of a train_predictors run."""
+    selector_weights: str = ""
+    """With lemo.selector=learned: the .npz an experiments.train_selector run wrote for this base.
+    Not needed for a zoo base whose weights ship with the library (smollm2-135m); given, it replaces
+    them."""
     data: DataConfig = DataConfig()
     """The corpus. The base's own tokenizer encodes it (data.vocab_size is unused); data.tokenizer
     supplies one for a base that ships none."""
@@ -68,6 +73,11 @@ class FinetuneConfig:
                          f"FinetuneConfig.lemo.selector={self.lemo.selector!r} needs "
                          "FinetuneConfig.predictors=DIR (the predictors/ directory of an "
                          "experiments.train_predictors run).")
+        common.check(not self.selector_weights or (self.method == "lemo"
+                                                   and self.lemo.selector == "learned"),
+                     f"FinetuneConfig.selector_weights={self.selector_weights!r} is for "
+                     f"method='lemo' with lemo.selector='learned' (this run: method={self.method!r}, "
+                     f"lemo.selector={self.lemo.selector!r}).")
         common.check_attention_backend("FinetuneConfig", self.attention_backend)
 
     @property
@@ -79,10 +89,18 @@ class FinetuneConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_paths(config: FinetuneConfig) -> None:
+    """The base and the learned-selector weights exist."""
+    check_base(config.base)
+    common.check(not config.selector_weights or pathlib.Path(config.selector_weights).is_file(),
+                 f"FinetuneConfig.selector_weights={config.selector_weights!r} is not a file (an "
+                 "experiments.train_selector --out).")
+
+
 def check(config: FinetuneConfig) -> None:
     """What can be checked without reading weights or data: the base exists, the mesh fits the
     devices and the sequence layout fits the mesh."""
-    check_base(config.base)
+    check_paths(config)
     multiple = config.lemo.block_size if config.method == "lemo" else 1
     common.sequence_layout(config.train, common.make_mesh(config.mesh, "FinetuneConfig"), multiple)
 
@@ -98,7 +116,7 @@ def finetune(config: FinetuneConfig, workdir: str | pathlib.Path) -> dict:
     written (``train.allow_changed_resume``); a run stopped by SIGTERM / Ctrl-C saves a checkpoint
     and returns ``common.interrupted_summary`` (no evaluation, no ``summary.json``)."""
     tc, lemo_config = config.train, config.lemo_config
-    check_base(config.base)
+    check_paths(config)
     mesh = common.make_mesh(config.mesh, "FinetuneConfig")
     layout = common.sequence_layout(tc, mesh, lemo_config.block_size if lemo_config else 1)
     with common.run_directory(workdir) as workdir:
@@ -108,6 +126,25 @@ def finetune(config: FinetuneConfig, workdir: str | pathlib.Path) -> dict:
 def _resolved(path: str) -> str:
     """An existing path as an absolute one (the same base however it is spelled); names as given."""
     return str(pathlib.Path(path).resolve()) if path and pathlib.Path(path).exists() else path
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def attach_selection(model, config: FinetuneConfig, model_config) -> None:
+    """Attach what ``config.lemo``'s selector reads (predictors, learned-selector weights) and check
+    the LeMo run as far as it can be before training: all of it for a fixed schedule, that the
+    selector has weights at all for a tuned one (its sparse layers are known only once tuned)."""
+    lemo = config.lemo
+    if lemo.selector == "predictor":
+        predictor.attach(model, predictor.load_predictors(config.predictors, model_config))
+    if config.selector_weights:
+        learned_selector.attach(model, learned_selector.load(config.selector_weights, model_config))
+    if lemo.schedule not in TUNED_SCHEDULES:
+        check_lemo(model, lemo, config.train.seq_len, training=False)
+    elif lemo.selector == "learned":
+        learned_selector.require_attached(model)
 
 
 def _finetune(config: FinetuneConfig, workdir: pathlib.Path, mesh, layout) -> dict:
@@ -121,14 +158,18 @@ def _finetune(config: FinetuneConfig, workdir: pathlib.Path, mesh, layout) -> di
     if lemo_config is None:  # LeMo's options do not shape a LoRA run
         experiment.pop("lemo", None)
     built = {"model": model_config.to_dict()}
-    resume = common.check_resume(
-        workdir, {**experiment, "base": _resolved(config.base),
-                  "predictors": _resolved(config.predictors)},
-        built, allow=tc.allow_changed_resume, tokenizer=tokenizer, corpus=corpus)
+    paths = {"base": _resolved(config.base), "predictors": _resolved(config.predictors)}
+    if config.selector_weights:  # unset, it is not recorded: runs from before it existed resume
+        paths["selector_weights"] = _resolved(config.selector_weights)
+        built["selector_weights_sha256"] = _file_digest(config.selector_weights)
+    else:
+        experiment.pop("selector_weights", None)
+    if lemo_config is not None:  # everything LeMo needs, checked before the workdir is written
+        attach_selection(model, config, model_config)
+    resume = common.check_resume(workdir, {**experiment, **paths}, built,
+                                 allow=tc.allow_changed_resume, tokenizer=tokenizer, corpus=corpus)
     set_context(model, model_config)
     model.remat, model.remat_names = tc.remat, tc.remat_names
-    if lemo_config is not None and lemo_config.selector == "predictor":
-        predictor.attach(model, predictor.load_predictors(config.predictors, model_config))
     lora.add_lora(model, config.lora, rngs=nnx.Rngs(tc.seed))
 
     train_docs = data.encode_documents(tokenizer, corpus.train)
