@@ -172,10 +172,14 @@ def config_path_message(message: str, cls, where: str, aliases: dict[str, str] |
     name = cls.__name__
     if not re.match(rf"{name}\.[\w.]+=", message):
         return f"{where}: {message}"
-    out = message.replace(f"{name}.", f"{where}.")
+    return with_aliases(message.replace(f"{name}.", f"{where}."), where, aliases)
+
+
+def with_aliases(message: str, where: str, aliases: dict[str, str] | None) -> str:
+    """``message`` with each ``where.field`` of ``aliases`` renamed to the config path that sets it."""
     for field, path in (aliases or {}).items():
-        out = re.sub(rf"{re.escape(where)}\.{field}\b", f"{where}.{path}", out)
-    return out
+        message = re.sub(rf"{re.escape(where)}\.{field}\b", f"{where}.{path}", message)
+    return message
 
 
 def _construct(cls, values: dict, where: str, aliases=None):

@@ -24,7 +24,6 @@ Three conveniences exist only in this command-line form:
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 from ml_collections import config_dict
@@ -216,9 +215,8 @@ def build(kind: str, c):
     except ValueError as e:
         message = str(e)
         if message.startswith(f"{cls.__name__}."):
-            message = "config." + message.removeprefix(f"{cls.__name__}.")
-            for field, path in ALIASES.get(kind, {}).items():
-                message = re.sub(rf"config\.{field}\b", f"config.{path}", message)
+            message = config_dicts.with_aliases("config." + message.removeprefix(f"{cls.__name__}."),
+                                                "config", ALIASES.get(kind))
         raise ValueError(message) from None
     return run
 

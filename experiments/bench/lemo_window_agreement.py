@@ -95,7 +95,8 @@ def windowed_ratios(attn, u, log_rms, variants, block_size: int) -> dict:
     near = lambda w: (i[:, None] // block_size - i[None, :] // block_size <= w) | (i[None, :] < block_size)
     w_o = attn.o_proj.kernel[...].astype(jnp.float32).reshape(attn.n_heads, attn.head_dim, d)
     gram = jnp.einsum("hde,hfe->hdf", w_o, w_o)
-    left, singular, _ = jnp.linalg.svd(w_o.reshape(-1, d), full_matrices=False)  # W_o = L S Rᵀ
+    if any(output_norm_rank(norm) for _, _, norm in variants):  # W_o = L S Rᵀ
+        left, singular, _ = jnp.linalg.svd(w_o.reshape(-1, d), full_matrices=False)
     residual = jnp.exp(log_rms) * np.sqrt(d)
     outputs, ratios = {}, {}
     for window_blocks, heads, output_norm in variants:
